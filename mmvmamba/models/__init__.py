@@ -1,0 +1,5 @@
+"""Models of mmvmamba, registered in mmengine's root MODELS registry."""
+from .backbones import VMamba
+from .checkpoint import convert_authors_state_dict, load_pretrained_backbone
+
+__all__ = ['VMamba', 'convert_authors_state_dict', 'load_pretrained_backbone']

@@ -1,0 +1,372 @@
+"""VMamba backbone (paper version 1, January 2024)."""
+import math
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmvmamba.ops import cross_selective_scan
+from mmvmamba.ops.checks import check_tensor
+from ..checkpoint import load_pretrained_backbone
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    Args:
+        drop_prob (float): Probability of dropping a sample's branch.
+    """
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
+        return x * mask.bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+class SS2D(nn.Module):
+    """2D selective scan: the token mixer of a VSS block.
+
+    ``in_proj`` -> (x, z); x -> depthwise 3x3 conv -> SiLU -> four-direction
+    selective scan (:func:`mmvmamba.ops.cross_selective_scan`) -> ``out_norm``
+    -> times SiLU(z) -> ``out_proj``. Works on channels-last maps.
+
+    Args:
+        embed_dims (int): Channels C of the block.
+        d_state (int): State size N. Defaults to 16.
+        ssm_ratio (float): Inner width ``d_inner = ssm_ratio * C``.
+            Defaults to 2.0.
+        dt_rank (int | str): Rank R of the step-size projection; ``'auto'``
+            is ``ceil(C / 16)``. Defaults to 'auto'.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 d_state: int = 16,
+                 ssm_ratio: float = 2.0,
+                 dt_rank: Union[int, str] = 'auto'):
+        super().__init__()
+        d_inner = int(ssm_ratio * embed_dims)
+        if dt_rank == 'auto':
+            dt_rank = math.ceil(embed_dims / 16)
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        k = 4
+        self.in_proj = nn.Linear(embed_dims, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(
+            d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(k, dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, embed_dims, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self,
+                             dt_min: float = 1e-3,
+                             dt_max: float = 1e-1,
+                             dt_floor: float = 1e-4) -> None:
+        """Initialise the SSM parameters as the authors do.
+
+        ``x_proj`` as ``nn.Linear``'s default; ``dt_projs_weight`` uniform in
+        ``±R^-0.5``; ``dt_projs_bias`` the inverse softplus of a step drawn
+        log-uniformly in ``[dt_min, dt_max]`` (at least ``dt_floor``);
+        ``A_logs = log(1..N)``; ``Ds = 1``.
+        """
+        for weight in self.x_proj_weight:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_projs_weight, -bound, bound)
+        dt = torch.exp(
+            torch.rand_like(self.dt_projs_bias) *
+            (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        states = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
+        self.Ds.fill_(1.)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
+        y = cross_selective_scan(x, self.x_proj_weight, self.dt_projs_weight,
+                                 self.dt_projs_bias, self.A_logs, self.Ds)
+        # float32 from the scan; a half-precision model gets its own dtype.
+        y = y.permute(0, 2, 3, 1).to(self.out_norm.weight.dtype)
+        y = self.out_norm(y) * F.silu(z)
+        return self.out_proj(y)
+
+
+class VSSBlock(nn.Module):
+    """VSS block: ``x + DropPath(SS2D(LayerNorm(x)))`` on channels-last maps.
+
+    Args:
+        embed_dims (int): Channels of the block.
+        drop_path (float): Stochastic depth rate. Defaults to 0.
+        with_cp (bool): Use gradient checkpointing. Defaults to False.
+        **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank`` of :class:`SS2D`.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 drop_path: float = 0.,
+                 with_cp: bool = False,
+                 **ssm_cfg):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dims)
+        self.ss2d = SS2D(embed_dims, **ssm_cfg)
+        self.drop_path = DropPath(drop_path)
+        self.with_cp = with_cp
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.ss2d(self.norm(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class PatchEmbed(nn.Module):
+    """4x4 patch embedding: conv (stride 4) -> channels-last -> LayerNorm.
+
+    The input is zero-padded at the bottom and right to a multiple of 4.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int, patch_size: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(
+            in_channels, embed_dims, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, C_in, H, W)`` -> ``(B, ceil(H/4), ceil(W/4), C)``."""
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """2x2 patch merging: ``C -> 2C`` channels, half the resolution.
+
+    The four neighbours are concatenated in the order of (row, col) offsets
+    (0, 0), (1, 0), (0, 1), (1, 1), then LayerNorm(4C) and a Linear to 2C
+    without bias. Odd sizes are zero-padded at the bottom and right.
+    """
+
+    def __init__(self, embed_dims: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * embed_dims)
+        self.reduction = nn.Linear(4 * embed_dims, 2 * embed_dims, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``."""
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+        x = torch.cat([
+            x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2,
+                                                                    1::2]
+        ], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class VSSStage(nn.Module):
+    """A stage: VSS blocks, then an optional patch merging."""
+
+    def __init__(self, embed_dims: int, depth: int, drop_paths: Sequence[float],
+                 downsample: bool, with_cp: bool, **ssm_cfg):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            VSSBlock(embed_dims, drop_paths[i], with_cp, **ssm_cfg)
+            for i in range(depth)
+        ])
+        self.downsample = PatchMerging(embed_dims) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@MODELS.register_module()
+class VMamba(BaseModule):
+    """VMamba: Visual State Space Model (paper version 1).
+
+    A implementation of `VMamba: Visual State Space Model
+    <https://arxiv.org/abs/2401.10166v1>`_ that loads the authors' weights
+    (converted by ``tools/model_converters/vmamba2mmvmamba.py``).
+
+    Args:
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``,
+            ``'s'``, ``'b'``), or a dict with ``embed_dims`` (stage-0 width),
+            ``depths`` and optionally ``d_state`` (16), ``ssm_ratio`` (2.0)
+            and ``dt_rank`` ('auto' = ceil(C / 16)). Defaults to 'tiny'.
+        in_channels (int): Input channels. Defaults to 3.
+        out_indices (Sequence[int] | int): Stages whose outputs are returned,
+            each after its own LayerNorm. Defaults to (3, ).
+        drop_path_rate (float): Stochastic depth, linear from 0 over all
+            blocks. Defaults to 0.2.
+        frozen_stages (int): Freeze the patch embedding and stages
+            ``0 .. frozen_stages - 1`` (with their patch merging and output
+            norms). -1 freezes nothing. Defaults to -1.
+        norm_eval (bool): Keep normalisation layers with running statistics
+            in eval mode while training (VMamba itself has none; this
+            reaches layers added by subclasses). Defaults to False.
+        with_cp (bool): Gradient checkpointing of every block, saving memory
+            at the cost of a second forward. Defaults to False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
+            prefix='backbone.')`` loads converted weights strictly (see
+            :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
+
+    Returns (forward):
+        tuple[Tensor]: ``(B, C_i, H_i, W_i)`` for each index in
+        ``out_indices``, with ``C_i = C_0 * 2**i`` at stride ``4 * 2**i``.
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {'embed_dims': 96, 'depths': [2, 2, 9, 2]}),
+        **dict.fromkeys(['s', 'small'], {'embed_dims': 96, 'depths': [2, 2, 27, 2]}),
+        **dict.fromkeys(['b', 'base'], {'embed_dims': 128, 'depths': [2, 2, 27, 2]}),
+    }  # yapf: disable
+    ssm_keys = ('d_state', 'ssm_ratio', 'dt_rank')
+
+    def __init__(self,
+                 arch: Union[str, Dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Union[int, Sequence[int]] = (3, ),
+                 drop_path_rate: float = 0.2,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        arch = self._parse_arch(arch)
+        embed_dims, depths = arch['embed_dims'], list(arch['depths'])
+        ssm_cfg = {k: arch[k] for k in self.ssm_keys if k in arch}
+        self.num_stages = len(depths)
+        self.embed_dims = embed_dims
+        self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
+
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        out_indices = [i % self.num_stages if i < 0 else i for i in out_indices]
+        for i in out_indices:
+            if not 0 <= i < self.num_stages:
+                raise ValueError(f'out_indices must lie in [0, '
+                                 f'{self.num_stages}), got {i}')
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must lie in [-1, '
+                             f'{self.num_stages}], got {frozen_stages}')
+        self.out_indices = tuple(out_indices)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+
+        self.patch_embed = PatchEmbed(in_channels, embed_dims)
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            self.stages.append(
+                VSSStage(
+                    self.num_features[i],
+                    depth,
+                    drop_paths[first:first + depth],
+                    downsample=i < self.num_stages - 1,
+                    with_cp=with_cp,
+                    **ssm_cfg))
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+
+        self.apply(self._init_module)
+        self._freeze_stages()
+
+    def _parse_arch(self, arch: Union[str, Dict]) -> Dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in self.arch_zoo:
+                raise ValueError(f'arch must be one of '
+                                 f'{sorted(self.arch_zoo)} or a dict, '
+                                 f'got {arch!r}')
+            return dict(self.arch_zoo[key])
+        if not isinstance(arch, dict):
+            raise ValueError(f'arch must be a str or a dict, got {arch!r}')
+        missing = {'embed_dims', 'depths'} - set(arch)
+        unknown = set(arch) - {'embed_dims', 'depths', *self.ssm_keys}
+        if missing or unknown:
+            raise ValueError(f'arch dict needs embed_dims and depths and may '
+                             f'set {self.ssm_keys}; missing {sorted(missing)},'
+                             f' unknown {sorted(unknown)}')
+        return dict(arch)
+
+    @staticmethod
+    def _init_module(m: nn.Module) -> None:
+        """Linear: truncated normal (std 0.02), zero bias; LayerNorm: 1, 0."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s pretrained weights strictly, if any."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            load_pretrained_backbone(self, cfg['checkpoint'],
+                                     cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages <= 0:
+            return
+        frozen = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        check_tensor('x', x, (None, self.patch_embed.proj.in_channels, None,
+                              None), labels='(batch, in_channels, H, W)')
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return tuple(outs)

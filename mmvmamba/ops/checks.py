@@ -1,0 +1,48 @@
+"""Argument checks shared by the ops: clear ``ValueError`` s, never a crash."""
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT = (torch.float32, torch.float64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ', '.join(str(d).replace('torch.', '') for d in dtypes)
+
+
+def check_tensor(name: str,
+                 value,
+                 shape: Sequence[Optional[int]],
+                 dtypes: Optional[Sequence[torch.dtype]] = None,
+                 labels: Optional[str] = None) -> None:
+    """Check that ``value`` is a tensor of the expected rank, sizes and dtype.
+
+    Args:
+        name (str): Argument name used in the error message.
+        value: The argument.
+        shape (Sequence[int | None]): Expected sizes; ``None`` matches any.
+        dtypes (Sequence[torch.dtype], optional): Accepted dtypes.
+        labels (str, optional): Names of the dimensions, e.g.
+            ``'(batch, channels, L)'``, for the error message.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f'{name} must be a torch.Tensor, got {type(value).__name__}')
+    expected = '(' + ', '.join('*' if s is None else str(s) for s in shape) + ')'
+    if labels:
+        expected = f'{labels} = {expected}'
+    if value.dim() != len(shape) or any(
+            s is not None and s != v for s, v in zip(shape, value.shape)):
+        raise ValueError(f'{name} must have shape {expected}, '
+                         f'got {tuple(value.shape)}')
+    if dtypes is not None and value.dtype not in dtypes:
+        raise ValueError(f'{name} must have dtype in ({_dtype_names(dtypes)}), '
+                         f'got {str(value.dtype).replace("torch.", "")}')
+
+
+def check_same_device(**tensors) -> None:
+    """Check that all given (non-None) tensors lie on one device."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ', '.join(f'{n} on {d}' for n, d in devices.items())
+        raise ValueError(f'all tensors must be on one device, got {listing}')
