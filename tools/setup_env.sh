@@ -66,10 +66,21 @@ else
     echo "$want_stamp" > "$stamp"
 fi
 
-# The project itself, editable (compiles csrc/ when torch is a CUDA build and
-# nvcc is found; MMVMAMBA_BUILD_EXT=0 skips it).
+# The project itself, editable. It compiles csrc/ when torch is a CUDA build
+# and nvcc is found (MMVMAMBA_BUILD_EXT=0 skips it); skipped when this
+# checkout, setup.py and csrc/ are unchanged since the last install and the
+# built library is in place.
 if [[ -f "$repo/setup.py" ]]; then
-    log "installing mmvmamba (editable) from $repo"
-    pip install -q --no-deps --no-build-isolation -e "$repo"
+    project_stamp="$env_dir/.mmvmamba-project"
+    want_project="$( (echo "$repo ${MMVMAMBA_BUILD_EXT:-1}"; \
+        cat "$repo/setup.py" "$repo"/csrc/* 2>/dev/null) | sha1sum | cut -d' ' -f1)"
+    if [[ -f "$project_stamp" && "$(cat "$project_stamp")" == "$want_project" ]] \
+        && (cd / && python -c 'import mmvmamba, mmvmamba._C') 2>/dev/null; then
+        log "mmvmamba already installed from $repo"
+    else
+        log "installing mmvmamba (editable) from $repo"
+        MAX_JOBS="${MAX_JOBS:-2}" pip install -q --no-deps --no-build-isolation -e "$repo"
+        echo "$want_project" > "$project_stamp"
+    fi
 fi
 log "ready: source $env_dir/bin/activate"
