@@ -4,11 +4,14 @@
 tensor's device when one was built (``mmvmamba._C``), else the reference.
 ``MMVMAMBA_SCAN_BACKEND`` overrides the choice: ``auto`` (default),
 ``reference`` (always the reference) or ``kernel`` (the kernel or an error).
+:func:`selective_scan_override` reroutes every call within a block (the FLOP
+counter uses it to make the scan one traced op).
 """
+import contextlib
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,28 @@ from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
 
 BACKENDS = ('auto', 'reference', 'kernel')
 _warned = set()
+_override: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def selective_scan_override(fn: Callable) -> Iterator[None]:
+    """Within the block, :func:`selective_scan` calls ``fn`` instead.
+
+    ``fn`` takes the arguments of :func:`selective_scan` (after its checks)
+    and returns ``y``. Used by :mod:`mmvmamba.analysis.flops`; not
+    thread-safe, and blocks do not nest.
+
+    Args:
+        fn (Callable): The replacement.
+    """
+    global _override
+    if _override is not None:
+        raise RuntimeError('selective_scan_override blocks do not nest')
+    _override = fn
+    try:
+        yield
+    finally:
+        _override = None
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -188,6 +213,8 @@ def selective_scan(u: torch.Tensor,
         state and the sums are float32.
     """
     check_selective_scan_args(u, delta, A, B, C, D, delta_bias)
+    if _override is not None:
+        return _override(u, delta, A, B, C, D, delta_bias, delta_softplus)
     if u.dtype != torch.float64 and _choose_backend(u, A) == 'kernel':
         return _ext.selective_scan_kernel(u, delta, A, B, C, D, delta_bias,
                                           delta_softplus)

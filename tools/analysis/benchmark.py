@@ -2,52 +2,31 @@
 
     python tools/analysis/benchmark.py models [--device cpu] [--size 224]
         [--batch 1] [--archs tiny small base] [--repeat 10]
+    python tools/analysis/benchmark.py throughput [--device cuda]
+        [--models vmamba-t swin-t convnext-t resnet-50 deit-s]
+        [--modes infer-fp32 infer-bf16 train-bf16] [--size 224] [--batch 128]
 
 ``models``: forward time of VMamba-T/S/B backbones against mmpretrain's
 Swin-T/S/B at one input size and batch, in eval mode without gradients, with
 the ratio of each VMamba to the Swin of the same size.
+
+``throughput``: classifiers (names of ``mmvmamba.analysis.models.MODEL_ZOO``
+or classifier configs) in inference (fp32, bf16 autocast) and training steps
+(bf16 autocast, forward + backward + AdamW step): median time per iteration
+after warm-up (CUDA events on a GPU), images per second and peak GPU memory;
+a mode that runs out of GPU memory reads OOM. The table names the device and
+which selective scan ran (compiled kernel or PyTorch reference).
 """
 import argparse
-import statistics
-import time
-from typing import Callable, List
 
 import torch
 
+from mmvmamba.analysis.models import (MODEL_ZOO, build_classifier,
+                                      model_label, tensor_forward)
+from mmvmamba.analysis.timing import (MODES, device_name, measure,
+                                      print_table, scan_backend, time_mode)
+
 SWIN_OF = {'tiny': 'tiny', 'small': 'small', 'base': 'base'}
-
-
-def measure(fn: Callable[[], object], device: torch.device, warmup: int,
-            repeat: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == 'cuda':
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def print_table(title: str, header: List[str], rows: List[List]) -> None:
-    """Print a plain-text table with right-aligned columns."""
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f'\n{title}')
-    for i, row in enumerate(cells):
-        print('  '.join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print('  '.join('-' * w for w in widths))
 
 
 def build_backbone(kind: str, arch: str) -> torch.nn.Module:
@@ -57,7 +36,7 @@ def build_backbone(kind: str, arch: str) -> torch.nn.Module:
         return VMamba(arch, out_indices=(3, ), drop_path_rate=0.)
     from mmpretrain.models import SwinTransformer
     return SwinTransformer(arch=SWIN_OF[arch], out_indices=(3, ),
-                           drop_path_rate=0.)
+                           drop_path_rate=0., pad_small_map=True)
 
 
 def bench_models(args) -> None:
@@ -82,16 +61,48 @@ def bench_models(args) -> None:
             ])
         rows[-2][-1] = f'{times["VMamba"] / times["Swin"]:.2f}'
         rows[-1][-1] = '1.00'
-    name = (torch.cuda.get_device_name(device)
-            if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} '
-            f'threads')
     print_table(
         f'Backbone forward, {args.size}x{args.size}, batch {args.batch}, '
-        f'{name}, fp32, median of {args.repeat}',
+        f'{device_name(device)}, fp32, median of {args.repeat}',
         ['model', 'params (M)', 'ms', 'img/s', 'time / Swin'], rows)
 
 
-def main(argv=None) -> None:
+def _fmt(value, spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def bench_throughput(args) -> list:
+    """Time each model in each mode; print and return the table rows."""
+    device = torch.device(args.device)
+    rows = []
+    for name in args.models:
+        model = tensor_forward(build_classifier(name), 'mmpretrain',
+                               args.batch, (args.size, args.size))
+        model.to(device)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        for mode in args.modes:
+            r = time_mode(model, mode, args.batch, args.size, device,
+                          args.warmup, args.repeat)
+            rows.append([
+                model_label(name), f'{params:.1f}', mode, args.batch,
+                _fmt(r['ms'], '.1f') if r['status'] == 'ok' else r['status'],
+                _fmt(r['img_per_s'], '.1f'),
+                _fmt(r['peak_gib'], '.2f')
+            ])
+            print('  '.join(map(str, rows[-1])), flush=True)  # progress
+        del model
+    print_table(
+        f'Classifier throughput, {args.size}x{args.size}, '
+        f'{device_name(device)}, torch {torch.__version__}, selective scan: '
+        f'{scan_backend(device)}; median of {args.repeat} after '
+        f'{args.warmup} warm-up'
+        f'{", CUDA events" if device.type == "cuda" else ""}',
+        ['model', 'params (M)', 'mode', 'batch', 'ms/iter', 'img/s',
+         'peak mem (GiB)'], rows)
+    return rows
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='mode', required=True)
     models = sub.add_parser('models', help='VMamba vs Swin forward time')
@@ -104,8 +115,23 @@ def main(argv=None) -> None:
     models.add_argument('--warmup', type=int, default=2)
     models.add_argument('--repeat', type=int, default=10)
     models.set_defaults(func=bench_models)
+
+    thr = sub.add_parser(
+        'throughput', help='classifiers: inference and training img/s')
+    thr.add_argument('--device', default='cuda' if torch.cuda.is_available()
+                     else 'cpu')
+    thr.add_argument(
+        '--models', nargs='+',
+        default=['vmamba-t', 'swin-t', 'convnext-t', 'resnet-50', 'deit-s'],
+        help=f'names of {sorted(MODEL_ZOO)} or classifier configs')
+    thr.add_argument('--modes', nargs='+', choices=MODES, default=MODES)
+    thr.add_argument('--size', type=int, default=224)
+    thr.add_argument('--batch', type=int, default=128)
+    thr.add_argument('--warmup', type=int, default=5)
+    thr.add_argument('--repeat', type=int, default=20)
+    thr.set_defaults(func=bench_throughput)
     args = parser.parse_args(argv)
-    args.func(args)
+    return args.func(args)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,228 @@
+"""Models for the analysis tools: named classifiers, configs, dummy inputs.
+
+A model is named either by a key of :data:`MODEL_ZOO` (ImageNet classifiers:
+VMamba-T/S/B and mmpretrain's Swin, ConvNeXt, ResNet-50 and DeiT-S), by a
+config file, or by a package config such as
+``mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py``. Configs of
+mmpretrain, mmdet and mmseg models are built under their ``default_scope``.
+"""
+import copy
+import logging
+import os.path as osp
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.logging import MMLogger
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, DefaultScope
+
+import mmvmamba  # noqa: F401 -- registers VMamba in the root registry
+
+
+def _classifier(backbone: dict, channels: int, neck: bool = True,
+                head: str = 'LinearClsHead') -> dict:
+    return dict(
+        type='ImageClassifier',
+        backbone=backbone,
+        neck=dict(type='GlobalAveragePooling') if neck else None,
+        head=dict(type=head, num_classes=1000, in_channels=channels))
+
+
+#: ImageNet-1k classifiers as in their papers (drop-path of training).
+MODEL_ZOO: Dict[str, dict] = {
+    'vmamba-t': _classifier(dict(type='VMamba', arch='tiny',
+                                 drop_path_rate=0.2), 768),
+    'vmamba-s': _classifier(dict(type='VMamba', arch='small',
+                                 drop_path_rate=0.3), 768),
+    'vmamba-b': _classifier(dict(type='VMamba', arch='base',
+                                 drop_path_rate=0.5), 1024),
+    'swin-t': _classifier(dict(type='SwinTransformer', arch='tiny',
+                               pad_small_map=True, drop_path_rate=0.2), 768),
+    'swin-s': _classifier(dict(type='SwinTransformer', arch='small',
+                               pad_small_map=True, drop_path_rate=0.3), 768),
+    'swin-b': _classifier(dict(type='SwinTransformer', arch='base',
+                               pad_small_map=True, drop_path_rate=0.5), 1024),
+    'convnext-t': _classifier(dict(type='ConvNeXt', arch='tiny',
+                                   drop_path_rate=0.1), 768, neck=False),
+    'convnext-s': _classifier(dict(type='ConvNeXt', arch='small',
+                                   drop_path_rate=0.4), 768, neck=False),
+    'convnext-b': _classifier(dict(type='ConvNeXt', arch='base',
+                                   drop_path_rate=0.5), 1024, neck=False),
+    'resnet-50': _classifier(dict(type='ResNet', depth=50), 2048),
+    'deit-s': _classifier(dict(type='VisionTransformer', arch='deit-small',
+                               patch_size=16, drop_path_rate=0.1), 384,
+                          neck=False, head='VisionTransformerClsHead'),
+}
+
+#: (H, W) that the papers count FLOPs at, per OpenMMLab scope.
+DEFAULT_SHAPES = {
+    'mmpretrain': (224, 224),
+    'mmdet': (800, 1280),
+    'mmseg': (512, 2048),
+}
+
+#: Backbone options that make the last stage's output a feature map.
+FEATURE_MAP_OPTIONS = {
+    'ConvNeXt': dict(gap_before_final_norm=False),
+    'VisionTransformer': dict(out_type='featmap'),
+}
+
+
+def load_config(name: str) -> Config:
+    """A config from a :data:`MODEL_ZOO` key, a file, or ``pkg::path``."""
+    if name in MODEL_ZOO:
+        return Config(
+            dict(model=copy.deepcopy(MODEL_ZOO[name]),
+                 default_scope='mmpretrain'))
+    if '::' in name:
+        from mmengine.hub import get_config
+        return get_config(name)
+    if not osp.isfile(name):
+        raise FileNotFoundError(f'{name!r} is neither a config file nor one '
+                                f'of {sorted(MODEL_ZOO)}')
+    return Config.fromfile(name)
+
+
+def scope_of(cfg: Config) -> Optional[str]:
+    """The config's OpenMMLab scope (``'mmdet'``, ...), if it names one."""
+    return cfg.get('default_scope')
+
+
+def _drop_pretrained(module_cfg: dict) -> None:
+    """Remove ``Pretrained`` init_cfgs (weights are loaded explicitly)."""
+    for value in module_cfg.values():
+        if isinstance(value, dict):
+            _drop_pretrained(value)
+    init = module_cfg.get('init_cfg')
+    if isinstance(init, dict) and init.get('type') == 'Pretrained':
+        module_cfg['init_cfg'] = None
+
+
+def build(module_cfg: dict, scope: Optional[str],
+          init_weights: bool = False) -> nn.Module:
+    """Build a model (or backbone) config in eval mode, on the CPU.
+
+    ``Pretrained`` init_cfgs are dropped, SyncBN becomes BN (one process).
+
+    Args:
+        module_cfg (dict): The config of the module.
+        scope (str, optional): The registry scope (``cfg.default_scope``).
+        init_weights (bool): Run ``init_weights()`` (the config's
+            initialisation, as a runner would). Defaults to False.
+    """
+    module_cfg = copy.deepcopy(dict(module_cfg))
+    _drop_pretrained(module_cfg)
+    if scope is None:
+        model = MODELS.build(module_cfg)
+    else:
+        with DefaultScope.overwrite_default_scope(scope):
+            model = MODELS.build(module_cfg)
+    if init_weights and hasattr(model, 'init_weights'):
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # init_weights logs every tensor
+        try:
+            model.init_weights()
+        finally:
+            logger.setLevel(level)
+    model = revert_sync_batchnorm(model)
+    model.eval()  # some mmpretrain backbones' train() returns None
+    return model
+
+
+def build_classifier(name: str) -> nn.Module:
+    """A classifier from a :data:`MODEL_ZOO` name or a config, eval, CPU."""
+    cfg = load_config(name)
+    return build(cfg.model, scope_of(cfg) or 'mmpretrain')
+
+
+def model_label(name: str) -> str:
+    """A short label: the zoo name, or the config file's stem."""
+    return name if name in MODEL_ZOO else osp.splitext(osp.basename(name))[0]
+
+
+class TensorForward(nn.Module):
+    """``model(inputs, data_samples, mode='tensor')`` as a one-input module.
+
+    OpenMMLab models take data samples beside the image batch; the tracer
+    and the timing loops want ``module(images)``.
+    """
+
+    def __init__(self, model: nn.Module, data_samples: Optional[List] = None):
+        super().__init__()
+        self.model = model
+        self.data_samples = data_samples
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        if self.data_samples is None:
+            return self.model(inputs, mode='tensor')
+        return self.model(inputs, self.data_samples, mode='tensor')
+
+
+def dummy_data_samples(scope: Optional[str], batch: int,
+                       shape: Tuple[int, int]) -> Optional[List]:
+    """Data samples a ``mode='tensor'`` forward needs (mmdet's RPN does)."""
+    if scope != 'mmdet':
+        return None
+    from mmdet.structures import DetDataSample
+    meta = dict(img_shape=tuple(shape), ori_shape=tuple(shape),
+                pad_shape=tuple(shape), batch_input_shape=tuple(shape),
+                scale_factor=(1., 1.))
+    return [DetDataSample(metainfo=meta) for _ in range(batch)]
+
+
+def tensor_forward(model: nn.Module, scope: Optional[str], batch: int,
+                   shape: Sequence[int]) -> nn.Module:
+    """Wrap an OpenMMLab model so that ``module(images)`` runs it.
+
+    A model without a ``data_preprocessor`` (a plain backbone) is returned
+    as it is.
+    """
+    if not hasattr(model, 'data_preprocessor'):
+        return model
+    return TensorForward(model,
+                         dummy_data_samples(scope, batch, tuple(shape)))
+
+
+def last_stage_backbone(cfg: Union[Config, dict],
+                        init_weights: bool = True) -> nn.Module:
+    """The config's backbone, returning feature maps (last one is used).
+
+    Options in :data:`FEATURE_MAP_OPTIONS` turn pooled or token outputs
+    into maps (ConvNeXt's pooling, ViT's class token).
+    """
+    backbone = copy.deepcopy(dict(cfg['model']['backbone']))
+    short_type = str(backbone['type']).split('.')[-1]
+    backbone.update(FEATURE_MAP_OPTIONS.get(short_type, {}))
+    return build(backbone, cfg.get('default_scope'), init_weights)
+
+
+def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> str:
+    """Load a classifier's (or a bare backbone's) weights into ``backbone``.
+
+    VMamba goes through :func:`mmvmamba.models.load_pretrained_backbone`
+    (strict; converted or the authors' files); other backbones take the keys
+    under ``backbone.`` (or all keys, if none has that prefix) non-strictly.
+    The file is unpickled in full: name only files you trust.
+
+    Returns:
+        str: A line saying what was loaded.
+    """
+    from mmvmamba.models import VMamba, load_pretrained_backbone
+    from mmvmamba.models.checkpoint import load_user_checkpoint
+    ckpt = load_user_checkpoint(checkpoint)
+    state_dict = ckpt.get('state_dict', ckpt) if isinstance(ckpt,
+                                                            dict) else ckpt
+    prefix = 'backbone.' if any(
+        str(k).startswith('backbone.') for k in state_dict) else None
+    if isinstance(backbone, VMamba):
+        load_pretrained_backbone(backbone, checkpoint, prefix)
+        return f'{checkpoint}: all VMamba weights loaded'
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
+                      if k.startswith(prefix)}
+    missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
+    return (f'{checkpoint}: {len(state_dict) - len(unexpected)} tensors '
+            f'loaded, {len(missing)} missing, {len(unexpected)} unexpected')

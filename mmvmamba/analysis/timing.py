@@ -1,0 +1,150 @@
+"""Timing of models: medians after warm-up, CUDA events on GPUs.
+
+Modes of :func:`time_mode` (a model from :mod:`mmvmamba.analysis.models`):
+
+- ``infer-fp32``: forward in eval mode without gradients, float32;
+- ``infer-bf16``: the same under bfloat16 autocast;
+- ``train-bf16``: one training step in train mode under bfloat16 autocast:
+  forward, cross-entropy on random labels, backward, AdamW step.
+
+Inputs are fresh standard-normal images, never zeros. On a GPU, cuDNN's
+autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
+"""
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ('infer-fp32', 'infer-bf16', 'train-bf16')
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int,
+            repeat: int) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def print_table(title: str, header: List[str], rows: List[List]) -> None:
+    """Print a plain-text table with right-aligned columns."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f'\n{title}')
+    for i, row in enumerate(cells):
+        print('  '.join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print('  '.join('-' * w for w in widths))
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name, or the CPU with its thread count."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU, {torch.get_num_threads()} threads'
+
+
+def scan_backend(device: torch.device) -> str:
+    """Which selective scan :func:`mmvmamba.ops.selective_scan` will run."""
+    from mmvmamba.ops import _ext
+    wanted = os.environ.get('MMVMAMBA_SCAN_BACKEND', 'auto').lower()
+    if wanted != 'reference' and _ext.has_kernel(device.type):
+        return f'compiled {device.type} kernel'
+    return 'PyTorch reference scan'
+
+
+def _step(model: nn.Module, mode: str, x: torch.Tensor) -> Callable:
+    """One iteration of ``mode`` on ``model`` (``model(x)`` gives logits)."""
+    device_type = x.device.type
+    if mode == 'train-bf16':
+        model.train()
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        labels = []  # random classes, drawn once the class count is known
+
+        def train_step():
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                logits = model(x)
+            if not labels:
+                labels.append(
+                    torch.randint(0, logits.shape[1], (x.shape[0], ),
+                                  device=x.device))
+            loss = F.cross_entropy(logits.float(), labels[0])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return train_step
+    model.eval()
+    dtype = torch.bfloat16 if mode == 'infer-bf16' else None
+
+    @torch.no_grad()
+    def infer_step():
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16,
+                            enabled=dtype is not None):
+            model(x)
+
+    return infer_step
+
+
+def time_mode(model: nn.Module, mode: str, batch: int, size: int,
+              device: torch.device, warmup: int = 5,
+              repeat: int = 20) -> Dict[str, Optional[float]]:
+    """Time one mode of a classifier at ``batch`` images of ``size``.
+
+    Args:
+        model (nn.Module): ``model(images)`` returns logits (wrap OpenMMLab
+            models with :func:`mmvmamba.analysis.models.tensor_forward`);
+            already on ``device``.
+        mode (str): One of :data:`MODES`.
+        batch (int): Images per iteration.
+        size (int): Image height and width.
+        device (torch.device): Where to run.
+        warmup (int): Untimed iterations first.
+        repeat (int): Timed iterations; the median is reported.
+
+    Returns:
+        dict: ``ms`` (median per iteration), ``img_per_s``, ``peak_gib``
+        (peak allocated GPU memory, None on the CPU) and ``status``
+        (``'ok'`` or ``'OOM'``, when the GPU ran out of memory).
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok')
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fastest conv algorithms
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        x = torch.randn(batch, 3, size, size, device=device)
+        ms = measure(_step(model, mode, x), device, warmup, repeat)
+    except torch.OutOfMemoryError:
+        result['status'] = 'OOM'
+    else:
+        result.update(ms=ms, img_per_s=batch * 1e3 / ms)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    if cuda:
+        result['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.empty_cache()
+    return result
