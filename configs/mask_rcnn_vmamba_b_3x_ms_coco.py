@@ -1,0 +1,11 @@
+# Mask R-CNN + FPN, VMamba-B, COCO, 3x schedule with multi-scale training
+# (the paper reports no B 3x result). Backbone weights:
+# checkpoints/vmamba_b_in1k.pth (see README).
+_base_ = './mask_rcnn_vmamba_t_3x_ms_coco.py'
+custom_imports = dict(imports=['mmvmamba'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        arch='base',
+        init_cfg=dict(checkpoint='checkpoints/vmamba_b_in1k.pth')),
+    neck=dict(in_channels=[128, 256, 512, 1024]))

@@ -1,0 +1,40 @@
+// Shared declarations of the selective-scan ops: shapes, argument checks and
+// the per-device implementations registered in ops.cpp / scan_cuda.cu.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace mmvmamba {
+
+// Largest state size N the kernels cover.
+constexpr int64_t kMaxDState = 64;
+// The CUDA forward saves the state every kChunk steps; the backward restarts
+// from those checkpoints. The fake kernels in mmvmamba/ops/_ext.py mirror it.
+constexpr int64_t kChunk = 64;
+
+struct ScanShape {
+  int64_t batch, channels, length, groups, per_group, d_state;
+};
+
+// Checks every argument (ranks, sizes, dtypes, devices, N <= kMaxDState) with
+// TORCH_CHECK and returns the sizes. `device` is the device the kernel runs on.
+ScanShape check_scan_args(const at::Tensor& u, const at::Tensor& delta,
+                          const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& C,
+                          const std::optional<at::Tensor>& D,
+                          const std::optional<at::Tensor>& delta_bias,
+                          c10::DeviceType device);
+
+// Checks the extra arguments of the backward (gradient and checkpoints).
+void check_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
+                          const at::Tensor& checkpoints,
+                          const ScanShape& shape, bool cuda);
+
+using FwdResult = std::tuple<at::Tensor, at::Tensor>;
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor>;
+
+}  // namespace mmvmamba

@@ -1,0 +1,10 @@
+"""Runner helpers shared by ``tools/train.py`` and ``tools/test.py``."""
+from .runner import (add_common_args, build_runner, enable_amp,
+                     enable_show_dir, enable_tta, load_config, set_local_rank,
+                     set_resume, trusted_checkpoint_loading)
+
+__all__ = [
+    'add_common_args', 'build_runner', 'enable_amp', 'enable_show_dir',
+    'enable_tta', 'load_config', 'set_local_rank', 'set_resume',
+    'trusted_checkpoint_loading'
+]

@@ -1,0 +1,176 @@
+"""Loader of the compiled selective-scan kernels (``mmvmamba._C``).
+
+Importing this module tries to load the extension once and never raises: when
+it is missing or was built for another torch, :func:`ext_status` says why and
+how to rebuild. When it loads, its ops ``torch.ops.mmvmamba.selective_scan_fwd``
+and ``selective_scan_bwd`` get fake (meta) kernels and autograd here, so that
+:func:`selective_scan_kernel` is differentiable, works under
+``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+"""
+import glob
+import math
+import os
+import re
+from typing import Optional, Tuple
+
+import torch
+
+REBUILD_HINT = ('rebuild it with `pip install --no-deps --no-build-isolation '
+                '-e .` in the mmvmamba source tree')
+# Mirrors csrc/scan.h: the largest d_state, and the CUDA checkpoint interval.
+MAX_D_STATE = 64
+CHUNK = 64
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FWD = 'mmvmamba::selective_scan_fwd'
+_BWD = 'mmvmamba::selective_scan_bwd'
+
+
+def _library_files() -> list:
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return sorted(glob.glob(os.path.join(package_dir, '_C.*.so')) +
+                  glob.glob(os.path.join(package_dir, '_C.*.pyd')))
+
+
+def _built_torch_version(path: str) -> Optional[str]:
+    """Read the torch version recorded in a library file (csrc/ops.cpp)."""
+    try:
+        with open(path, 'rb') as f:
+            found = re.search(rb'mmvmamba-built-with-torch=([0-9A-Za-z.+_-]*);',
+                              f.read())
+    except OSError:
+        return None
+    return found.group(1).decode() if found else None
+
+
+def _torch_release(version: str) -> str:
+    return version.split('+')[0]
+
+
+def _explain_load_failure(error: BaseException) -> str:
+    files = _library_files()
+    if not files:
+        return ('mmvmamba._C is not built (installed with MMVMAMBA_BUILD_EXT=0, '
+                'without a C++ compiler, or not installed with pip); build it '
+                'with `pip install --no-deps --no-build-isolation -e .` '
+                '(MMVMAMBA_BUILD_EXT=1, the default, with torch installed)')
+    running = _torch_release(torch.__version__)
+    built = _built_torch_version(files[0])
+    if built is not None and built != running:
+        return (f'{os.path.basename(files[0])} was built against torch '
+                f'{built} but torch {running} is installed; {REBUILD_HINT}')
+    if 'undefined symbol' in str(error):
+        return (f'{os.path.basename(files[0])} does not match the installed '
+                f'torch {torch.__version__} ({error}); {REBUILD_HINT}')
+    return f'mmvmamba._C failed to load ({error}); {REBUILD_HINT}'
+
+
+def _load() -> Tuple[bool, str]:
+    try:
+        from mmvmamba import _C
+    except Exception as error:  # noqa: BLE001 -- any failure means no kernel
+        return False, _explain_load_failure(error)
+    built = getattr(_C, '__torch_version__', '?')
+    parts = 'CPU and CUDA' if getattr(_C, 'with_cuda', 0) else 'CPU'
+    return True, (f'mmvmamba._C loaded ({parts} kernels, built against '
+                  f'torch {built})')
+
+
+def _register() -> None:
+    """Fake kernels and autograd of the compiled ops."""
+
+    @torch.library.register_fake(_FWD)
+    def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus):
+        batch, channels, length = u.shape
+        if u.device.type == 'cuda':
+            chunks = math.ceil(length / CHUNK)
+            checkpoints = u.new_empty((batch, channels, chunks, A.shape[1]),
+                                      dtype=torch.float32)
+        else:
+            checkpoints = u.new_empty((0, ), dtype=torch.float32)
+        return u.new_empty(u.shape), checkpoints
+
+    @torch.library.register_fake(_BWD)
+    def _bwd_fake(grad_out, u, delta, A, B, C, D, delta_bias, delta_softplus,
+                  checkpoints):
+        channels = u.shape[1]
+        return (u.new_empty(u.shape), u.new_empty(u.shape),
+                A.new_empty(A.shape, dtype=torch.float32),
+                B.new_empty(B.shape), C.new_empty(C.shape),
+                u.new_empty((channels, ), dtype=torch.float32),
+                u.new_empty((channels, ), dtype=torch.float32))
+
+    def _setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+        ctx.delta_softplus = delta_softplus
+
+    def _backward(ctx, grad_out, grad_checkpoints):
+        u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias = torch.ops.mmvmamba.\
+            selective_scan_bwd(grad_out, u, delta, A, B, C, D, delta_bias,
+                               ctx.delta_softplus, checkpoints)
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None,
+                ddelta_bias if delta_bias is not None else None, None)
+
+    torch.library.register_autograd(_FWD, _backward,
+                                    setup_context=_setup_context)
+
+
+_LOADED, _STATUS = _load()
+if _LOADED:
+    try:
+        _register()
+    except Exception as error:  # noqa: BLE001 -- report, never raise here
+        _LOADED, _STATUS = False, (f'mmvmamba._C loaded but its ops could not '
+                                   f'be registered with this torch ({error})')
+
+
+def ext_status() -> Tuple[bool, str]:
+    """Return whether ``mmvmamba._C`` is usable, and a sentence saying why."""
+    return _LOADED, _STATUS
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the compiled kernel exists for ``device_type`` ('cpu', 'cuda')."""
+    if not _LOADED:
+        return False
+    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        _FWD, key)
+
+
+def kernel_unsupported_reason(u: torch.Tensor,
+                              A: torch.Tensor) -> Optional[str]:
+    """Say why the kernel cannot run these inputs, or ``None`` if it can."""
+    if u.dtype not in KERNEL_DTYPES:
+        return f'dtype {str(u.dtype).replace("torch.", "")}'
+    d_state = A.shape[-1]
+    if not 1 <= d_state <= MAX_D_STATE:
+        return f'd_state N={d_state} outside 1..{MAX_D_STATE}'
+    return None
+
+
+def selective_scan_kernel(u: torch.Tensor,
+                          delta: torch.Tensor,
+                          A: torch.Tensor,
+                          B: torch.Tensor,
+                          C: torch.Tensor,
+                          D: Optional[torch.Tensor] = None,
+                          delta_bias: Optional[torch.Tensor] = None,
+                          delta_softplus: bool = False) -> torch.Tensor:
+    """Selective scan on the compiled kernel (arguments as ``selective_scan``).
+
+    ``A``, ``D`` and ``delta_bias`` are cast to float32 (their gradients come
+    back in their own dtype). Raises ``RuntimeError`` if the kernel is not
+    loaded and, from the op, on invalid arguments.
+    """
+    if not _LOADED:
+        raise RuntimeError(f'no compiled selective-scan kernel: {_STATUS}')
+
+    def f32(t):
+        return t if t is None or t.dtype == torch.float32 else t.float()
+
+    out, _ = torch.ops.mmvmamba.selective_scan_fwd(u, delta, f32(A), B, C,
+                                                   f32(D), f32(delta_bias),
+                                                   bool(delta_softplus))
+    return out

@@ -1,0 +1,203 @@
+"""Selective-scan kernel timings at VMamba-T's four stage shapes.
+
+    python tools/analysis/scan_benchmark.py [--device cuda] [--batch 128]
+        [--dtype float32] [--repeat 20]
+
+For each stage (4 directions x 2C channels, N = 16, L = H*W at 224 input):
+forward and forward+backward time of the compiled kernel and of the PyTorch
+reference (median of CUDA-event timings after warm-up; '-' where the
+reference ran out of memory), the bytes the kernel must move (each input read
+once, each output written once, checkpoints included), the achieved GB/s,
+and the kernel's time over two floors: bytes / copy bandwidth measured in the
+same run, and exponentials / special-function rate (16 per clock per SM).
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from mmvmamba.ops import _ext, selective_scan_reference
+
+# (C, L) of VMamba-T's stages at 224 x 224; the scan runs on 4 x 2C channels.
+STAGES = ((96, 3136), (192, 784), (384, 196), (768, 49))
+D_STATE = 16
+EXPS_PER_CLOCK_PER_SM = 16
+CHUNK = 64
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int,
+             repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read and written."""
+    src = torch.randn(int(gib * 2**30) // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, 3, 10)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def exp_rate(device: torch.device) -> float:
+    """Exponentials per second of the special-function units (GPU only)."""
+    props = torch.cuda.get_device_properties(device)
+    clock_hz = 1.98e9  # H100 / H200 SXM boost clock
+    try:
+        clock_hz = torch.cuda.clock_rate(device) * 1e6 or clock_hz
+    except Exception:  # noqa: BLE001 -- pynvml missing: keep the boost clock
+        pass
+    return props.multi_processor_count * EXPS_PER_CLOCK_PER_SM * clock_hz
+
+
+def _inputs(batch, C, L, dtype, device, requires_grad):
+    channels = 4 * 2 * C
+    g = torch.Generator(device='cpu').manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    args = dict(u=rand(batch, channels, L).to(dtype),
+                delta=(rand(batch, channels, L, scale=0.5) - 3).to(dtype),
+                A=-torch.exp(rand(channels, D_STATE, scale=0.5)),
+                B=rand(batch, 4, D_STATE, L).to(dtype),
+                C=rand(batch, 4, D_STATE, L).to(dtype),
+                D=rand(channels), delta_bias=rand(channels, scale=0.3))
+    return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
+
+
+def scan_bytes(batch, C, L, dtype) -> Dict[str, int]:
+    """Bytes the kernel must move, forward and backward."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    channels = 8 * C
+    row = batch * channels * L * size
+    bc = batch * 4 * D_STATE * L * size
+    checkpoints = batch * channels * -(-L // CHUNK) * D_STATE * 4
+    forward = 3 * row + 2 * bc + checkpoints  # u, delta, B, C in; y out
+    backward = 5 * row + 4 * bc + checkpoints  # + dy in; du, ddelta, dB, dC out
+    return {'fwd': forward, 'fwd+bwd': forward + backward}
+
+
+def _run(fn, args, backward):
+    y = fn(**args, delta_softplus=True)
+    if backward:
+        torch.autograd.grad(y, list(args.values()), torch.ones_like(y))
+
+
+def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
+                warmup: int = 3, repeat: int = 20,
+                reference: bool = True) -> List[Dict]:
+    """Time the kernel (and the reference) at VMamba-T's stage shapes.
+
+    Returns one dict per (stage, pass) with the times in ms (``None`` when
+    the reference ran out of memory or was skipped), bytes, GB/s and the
+    ratios to the bandwidth and exponential floors.
+    """
+    device = torch.device(device)
+    if not _ext.has_kernel(device.type):
+        raise RuntimeError(f'no compiled kernel for {device.type}: '
+                           f'{_ext.ext_status()[1]}')
+    bandwidth = copy_bandwidth(device)
+    exps_per_s = exp_rate(device) if device.type == 'cuda' else None
+    rows = []
+    for C, L in STAGES:
+        exps = batch * 8 * C * L * D_STATE
+        moved = scan_bytes(batch, C, L, dtype)
+        for name, backward, exp_passes in (('fwd', False, 1),
+                                           ('fwd+bwd', True, 4)):
+            args = _inputs(batch, C, L, dtype, device, backward)
+            kernel_ms = _time_ms(
+                lambda: _run(_ext.selective_scan_kernel, args, backward),
+                device, warmup, repeat)
+            reference_ms = None
+            if reference:
+                try:
+                    reference_ms = _time_ms(
+                        lambda: _run(selective_scan_reference, args, backward),
+                        device, 1, 3)
+                except torch.OutOfMemoryError:
+                    pass
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+            floor_bw = moved[name] / bandwidth * 1e3
+            floor_exp = (exp_passes * exps / exps_per_s * 1e3
+                         if exps_per_s else None)
+            rows.append(
+                dict(stage=f'C={C} L={L}', pass_=name, kernel_ms=kernel_ms,
+                     reference_ms=reference_ms, bytes=moved[name],
+                     gb_per_s=moved[name] / kernel_ms / 1e6,
+                     over_bandwidth_floor=kernel_ms / floor_bw,
+                     over_exp_floor=kernel_ms / floor_exp
+                     if floor_exp else None))
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9,
+                     exps_per_s=exps_per_s))
+    return rows
+
+
+def format_rows(rows: List[Dict]) -> List[List[str]]:
+    """Rows of strings for a table (the last dict of ``rows`` is metadata)."""
+
+    def fmt(v, spec):
+        return '-' if v is None else format(v, spec)
+
+    return [[
+        r['stage'], r['pass_'], fmt(r['kernel_ms'], '.3f'),
+        fmt(r['reference_ms'], '.2f'), f'{r["bytes"] / 1e9:.3f}',
+        f'{r["gb_per_s"]:.0f}', f'{r["over_bandwidth_floor"]:.2f}',
+        fmt(r['over_exp_floor'], '.2f')
+    ] for r in rows[:-1]]
+
+
+HEADER = [
+    'stage', 'pass', 'kernel ms', 'reference ms', 'GB moved', 'GB/s',
+    'x bw floor', 'x exp floor'
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--dtype', default='float32',
+                        choices=['float32', 'float16', 'bfloat16'])
+    parser.add_argument('--repeat', type=int, default=20)
+    parser.add_argument('--no-reference', action='store_true')
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    rows = kernel_rows(args.device, args.batch, dtype, repeat=args.repeat,
+                       reference=not args.no_reference)
+    meta = rows[-1]
+    device = torch.device(args.device)
+    name = (torch.cuda.get_device_name(device)
+            if device.type == 'cuda' else 'CPU')
+    title = (f'Selective scan, VMamba-T stages, batch {args.batch}, '
+             f'{args.dtype}, N={D_STATE}, {name}; copy bandwidth '
+             f'{meta["copy_gb_per_s"]:.0f} GB/s')
+    if meta['exps_per_s']:
+        title += f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s'
+    table = [HEADER] + format_rows(rows)
+    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+    print(title)
+    for r in table:
+        print('  '.join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == '__main__':
+    main()
