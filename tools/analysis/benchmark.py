@@ -2,6 +2,8 @@
 
     python tools/analysis/benchmark.py models [--device cpu] [--size 224]
         [--batch 1] [--archs tiny small base] [--repeat 10]
+    python tools/analysis/benchmark.py scan [--device cuda] [--batch 128]
+        [--dtype float32] [--no-reference]
     python tools/analysis/benchmark.py throughput [--device cuda]
         [--models vmamba-t swin-t convnext-t resnet-50 deit-s]
         [--modes infer-fp32 infer-bf16 train-bf16] [--size 224] [--batch 128]
@@ -9,6 +11,11 @@
 ``models``: forward time of VMamba-T/S/B backbones against mmpretrain's
 Swin-T/S/B at one input size and batch, in eval mode without gradients, with
 the ratio of each VMamba to the Swin of the same size.
+
+``scan``: the selective-scan kernel at VMamba-T's four stage shapes, forward
+and forward+backward, against the PyTorch reference, with bytes moved, GB/s
+and the ratios to the bandwidth and exponential floors
+(:mod:`mmvmamba.analysis.scan_timing`).
 
 ``throughput``: classifiers (names of ``mmvmamba.analysis.models.MODEL_ZOO``
 or classifier configs) in inference (fp32, bf16 autocast) and training steps
@@ -23,6 +30,8 @@ import torch
 
 from mmvmamba.analysis.models import (MODEL_ZOO, build_classifier,
                                       model_label, tensor_forward)
+from mmvmamba.analysis.scan_timing import (D_STATE, HEADER, format_rows,
+                                           kernel_rows)
 from mmvmamba.analysis.timing import (MODES, device_name, measure,
                                       print_table, scan_backend, time_mode)
 
@@ -102,6 +111,21 @@ def bench_throughput(args) -> list:
     return rows
 
 
+def bench_scan(args) -> list:
+    """Print and return the kernel table of :func:`kernel_rows`."""
+    device = torch.device(args.device)
+    rows = kernel_rows(device, args.batch, getattr(torch, args.dtype),
+                       args.warmup, args.repeat, not args.no_reference)
+    meta = rows[-1]
+    title = (f'Selective scan, VMamba-T stages, batch {args.batch}, '
+             f'{args.dtype}, N={D_STATE}, {device_name(device)}; copy '
+             f'bandwidth {meta["copy_gb_per_s"]:.0f} GB/s')
+    if meta['exps_per_s']:
+        title += f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s'
+    print_table(title, HEADER, format_rows(rows))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='mode', required=True)
@@ -115,6 +139,17 @@ def main(argv=None):
     models.add_argument('--warmup', type=int, default=2)
     models.add_argument('--repeat', type=int, default=10)
     models.set_defaults(func=bench_models)
+
+    scan = sub.add_parser('scan', help='selective-scan kernel vs floors')
+    scan.add_argument('--device', default='cuda')
+    scan.add_argument('--batch', type=int, default=128)
+    scan.add_argument('--dtype', default='float32',
+                      choices=['float32', 'float16', 'bfloat16'])
+    scan.add_argument('--warmup', type=int, default=3)
+    scan.add_argument('--repeat', type=int, default=20)
+    scan.add_argument('--no-reference', action='store_true',
+                      help='time the kernel only')
+    scan.set_defaults(func=bench_scan)
 
     thr = sub.add_parser(
         'throughput', help='classifiers: inference and training img/s')

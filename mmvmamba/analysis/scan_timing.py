@@ -1,24 +1,20 @@
 """Selective-scan kernel timings at VMamba-T's four stage shapes.
 
-    python tools/analysis/scan_benchmark.py [--device cuda] [--batch 128]
-        [--dtype float32] [--repeat 20]
-
 For each stage (4 directions x 2C channels, N = 16, L = H*W at 224 input):
 forward and forward+backward time of the compiled kernel and of the PyTorch
-reference (median of CUDA-event timings after warm-up; '-' where the
+reference (median after warm-up, CUDA events on a GPU; '-' where the
 reference ran out of memory), the bytes the kernel must move (each input read
 once, each output written once, checkpoints included), the achieved GB/s,
 and the kernel's time over two floors: bytes / copy bandwidth measured in the
 same run, and exponentials / special-function rate (16 per clock per SM).
+Run it through ``tools/analysis/benchmark.py scan``.
 """
-import argparse
-import statistics
-import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
 from mmvmamba.ops import _ext, selective_scan_reference
+from .timing import measure
 
 # (C, L) of VMamba-T's stages at 224 x 224; the scan runs on 4 x 2C channels.
 STAGES = ((96, 3136), (192, 784), (384, 196), (768, 49))
@@ -27,32 +23,11 @@ EXPS_PER_CLOCK_PER_SM = 16
 CHUNK = 64
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int,
-             repeat: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == 'cuda':
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
     """Device copy bandwidth in bytes/s, counting bytes read and written."""
     src = torch.randn(int(gib * 2**30) // 4, device=device)
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), device, 3, 10)
+    ms = measure(lambda: dst.copy_(src), device, 3, 10)
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
@@ -123,13 +98,13 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
         for name, backward, exp_passes in (('fwd', False, 1),
                                            ('fwd+bwd', True, 4)):
             args = _inputs(batch, C, L, dtype, device, backward)
-            kernel_ms = _time_ms(
+            kernel_ms = measure(
                 lambda: _run(_ext.selective_scan_kernel, args, backward),
                 device, warmup, repeat)
             reference_ms = None
             if reference:
                 try:
-                    reference_ms = _time_ms(
+                    reference_ms = measure(
                         lambda: _run(selective_scan_reference, args, backward),
                         device, 1, 3)
                 except torch.OutOfMemoryError:
@@ -169,35 +144,3 @@ HEADER = [
     'stage', 'pass', 'kernel ms', 'reference ms', 'GB moved', 'GB/s',
     'x bw floor', 'x exp floor'
 ]
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cuda')
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--dtype', default='float32',
-                        choices=['float32', 'float16', 'bfloat16'])
-    parser.add_argument('--repeat', type=int, default=20)
-    parser.add_argument('--no-reference', action='store_true')
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    rows = kernel_rows(args.device, args.batch, dtype, repeat=args.repeat,
-                       reference=not args.no_reference)
-    meta = rows[-1]
-    device = torch.device(args.device)
-    name = (torch.cuda.get_device_name(device)
-            if device.type == 'cuda' else 'CPU')
-    title = (f'Selective scan, VMamba-T stages, batch {args.batch}, '
-             f'{args.dtype}, N={D_STATE}, {name}; copy bandwidth '
-             f'{meta["copy_gb_per_s"]:.0f} GB/s')
-    if meta['exps_per_s']:
-        title += f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s'
-    table = [HEADER] + format_rows(rows)
-    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
-    print(title)
-    for r in table:
-        print('  '.join(c.rjust(w) for c, w in zip(r, widths)))
-
-
-if __name__ == '__main__':
-    main()
