@@ -23,6 +23,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <string>
+
 #include "scan.h"
 
 namespace mmvmamba {
@@ -548,6 +551,8 @@ int shared_bytes(bool backward) {
 template <typename T, int Q>
 void launch(const ScanParams& p, bool backward) {
   const int64_t blocks = p.batch * p.groups * p.channel_blocks;
+  TORCH_CHECK(blocks <= INT32_MAX, "selective_scan: batch x channels too "
+              "large for one launch (", std::to_string(blocks), " blocks)");
   const int smem = shared_bytes<Q>(backward);
   auto kernel = backward ? scan_bwd_kernel<T, Q> : scan_fwd_kernel<T, Q>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(

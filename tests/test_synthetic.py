@@ -119,3 +119,13 @@ def test_real_configs_read_it(data):
     # reduce_zero_label: "other" (0) -> 255, class k + 1 -> k
     assert set(seg.unique().tolist()) <= (
         {255} | set(ADE_INDEX.values()))
+
+
+def test_demo_config_names_the_classes():
+    from mmengine.config import Config
+    cfg = Config.fromfile(
+        osp.join(REPO, 'configs/demo/mask_rcnn_vmamba_demo_synthetic.py'))
+    classes = tuple(cfg.train_dataloader.dataset.metainfo.classes)
+    assert classes == SYNTHETIC_COCO_CLASSES
+    assert cfg.model.roi_head.bbox_head.num_classes == len(classes)
+    assert cfg.model.roi_head.mask_head.num_classes == len(classes)

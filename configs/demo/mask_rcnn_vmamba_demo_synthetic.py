@@ -83,3 +83,7 @@ param_scheduler = [
 default_hooks = dict(
     logger=dict(interval=20),
     checkpoint=dict(interval=1, max_keep_ckpts=1))
+
+# a fixed seed, so that runs repeat their figures (nearly: CPU threads may
+# sum in another order)
+randomness = dict(seed=0)
