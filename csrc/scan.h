@@ -2,6 +2,7 @@
 // the per-device implementations registered in ops.cpp / scan_cuda.cu.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -32,6 +33,19 @@ ScanShape check_scan_args(const at::Tensor& u, const at::Tensor& delta,
 void check_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
                           const at::Tensor& checkpoints,
                           const ScanShape& shape, bool cuda);
+
+// A contiguous copy (or the tensor itself) of an optional argument, or an
+// undefined tensor when it is absent.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// The input dtypes the kernels are instantiated for.
+#define MMVMAMBA_DISPATCH_SCAN_TYPES(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)            \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 using FwdResult = std::tuple<at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,

@@ -599,16 +599,6 @@ ScanParams make_params(const ScanShape& s, const at::Tensor& u,
   return p;
 }
 
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-#define MMVMAMBA_DISPATCH_SCAN_TYPES(TYPE, NAME, ...)                     \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)            \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 FwdResult selective_scan_fwd_cuda(const at::Tensor& u_in,
                                   const at::Tensor& delta_in,
                                   const at::Tensor& A_in,
