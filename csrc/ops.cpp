@@ -12,8 +12,6 @@
 
 namespace mmvmamba {
 
-namespace {
-
 // Messages hold strings only: numbers are formatted with std::to_string, as
 // streaming an integer into TORCH_CHECK's message crashed an extension built
 // against torch 2.11 (libstdc++ mismatch). "(2, 3, 4)" for a tensor's sizes.
@@ -24,6 +22,8 @@ std::string shape_str(const at::Tensor& t) {
   }
   return out + (t.dim() == 1 ? ",)" : ")");
 }
+
+namespace {
 
 void check_float32_vector(const std::optional<at::Tensor>& t, const char* name,
                           const at::Tensor& u, int64_t channels) {
@@ -122,6 +122,91 @@ void check_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
               checkpoints.scalar_type(), " ", shape_str(checkpoints));
 }
 
+namespace {
+
+void check_float32(const at::Tensor& t, const char* name, const at::Tensor& u,
+                   std::initializer_list<int64_t> shape, const char* labels) {
+  TORCH_CHECK(t.device() == u.device(), "cross_scan: ", name, " is on ",
+              t.device().str(), " but u is on ", u.device().str());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "cross_scan: ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), "cross_scan: ", name, " must have shape ",
+              labels, ", got ", shape_str(t));
+}
+
+}  // namespace
+
+CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
+                                 const at::Tensor& dt_weight,
+                                 const at::Tensor& dt_bias, const at::Tensor& A,
+                                 const at::Tensor& D, int64_t height,
+                                 int64_t width) {
+  TORCH_CHECK(u.is_cuda(), "cross_scan: u is on ", u.device().str(),
+              ", expected a CUDA tensor");
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16,
+              "cross_scan: u must be float32 or bfloat16, got ", u.scalar_type());
+  TORCH_CHECK(u.dim() == 3, "cross_scan: u must be (batch, H*W, D), got shape ",
+              shape_str(u));
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width == u.size(1) &&
+                  u.size(1) <= INT32_MAX,
+              "cross_scan: height x width = ", std::to_string(height), " x ",
+              std::to_string(width), " does not match u's length ",
+              std::to_string(u.size(1)));
+  CrossShape s;
+  s.batch = u.size(0);
+  s.height = height;
+  s.width = width;
+  s.d_inner = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == kDirections * s.d_inner,
+              "cross_scan: A must be (4*D, N) = (", std::to_string(4 * s.d_inner),
+              ", N), got ", shape_str(A));
+  s.d_state = A.size(1);
+  TORCH_CHECK(s.d_state >= 1 && s.d_state <= kMaxCrossDState,
+              "cross_scan: the fused kernel covers 1 <= N <= ",
+              std::to_string(kMaxCrossDState), ", got N = ",
+              std::to_string(s.d_state));
+  TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kDirections &&
+                  dt_weight.size(1) == s.d_inner && dt_weight.size(2) >= 1,
+              "cross_scan: dt_weight must be (4, D, R) with D = ",
+              std::to_string(s.d_inner), ", got ", shape_str(dt_weight));
+  s.rank = dt_weight.size(2);
+  check_float32(A, "A", u, {kDirections * s.d_inner, s.d_state}, "(4*D, N)");
+  check_float32(dt_weight, "dt_weight", u, {kDirections, s.d_inner, s.rank},
+                "(4, D, R)");
+  check_float32(dt_bias, "dt_bias", u, {kDirections, s.d_inner}, "(4, D)");
+  check_float32(D, "D", u, {kDirections * s.d_inner}, "(4*D,)");
+  TORCH_CHECK(x_dbl.device() == u.device() && x_dbl.scalar_type() == u.scalar_type(),
+              "cross_scan: x_dbl must be a ", u.scalar_type(), " tensor on ",
+              u.device().str(), ", got ", x_dbl.scalar_type(), " on ",
+              x_dbl.device().str());
+  TORCH_CHECK(x_dbl.sizes().equals({s.batch, u.size(1), kDirections,
+                                    s.rank + 2 * s.d_state}),
+              "cross_scan: x_dbl must be (batch, H*W, 4, R + 2N) = (",
+              std::to_string(s.batch), ", ", std::to_string(u.size(1)), ", 4, ",
+              std::to_string(s.rank + 2 * s.d_state), "), got ", shape_str(x_dbl));
+  return s;
+}
+
+void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
+                                const at::Tensor& checkpoints,
+                                const CrossShape& shape) {
+  TORCH_CHECK(grad_out.device() == u.device() &&
+                  grad_out.scalar_type() == at::kFloat &&
+                  grad_out.sizes().equals(u.sizes()),
+              "cross_scan backward: grad_out must be float32 of u's shape ",
+              shape_str(u), " on ", u.device().str(), ", got ",
+              grad_out.scalar_type(), ", ", shape_str(grad_out));
+  const int64_t chunks = (shape.height * shape.width + kChunk - 1) / kChunk;
+  TORCH_CHECK(checkpoints.device() == u.device() &&
+                  checkpoints.scalar_type() == at::kFloat &&
+                  checkpoints.sizes().equals({shape.batch,
+                                              kDirections * shape.d_inner, chunks,
+                                              shape.d_state}),
+              "cross_scan backward: checkpoints must be the forward's float32 "
+              "(batch, 4*D, chunks, N) tensor, got ",
+              checkpoints.scalar_type(), " ", shape_str(checkpoints));
+}
+
 }  // namespace mmvmamba
 
 TORCH_LIBRARY(mmvmamba, m) {
@@ -138,6 +223,18 @@ TORCH_LIBRARY(mmvmamba, m) {
       "Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, bool "
       "delta_softplus, Tensor checkpoints) -> (Tensor du, Tensor ddelta, "
       "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor ddelta_bias)");
+  // SS2D's four-direction scan of a channels-last map u (batch, H*W, D),
+  // fused (CUDA): x_dbl (batch, H*W, 4, R + 2N) holds each position's
+  // (dt_low, B, C) per scan order; out is the merged float32 (batch, H*W, D).
+  m.def(
+      "cross_scan_fwd(Tensor u, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, "
+      "Tensor A, Tensor D, int height, int width) -> (Tensor out, Tensor "
+      "checkpoints)");
+  m.def(
+      "cross_scan_bwd(Tensor grad_out, Tensor u, Tensor x_dbl, Tensor "
+      "dt_weight, Tensor dt_bias, Tensor A, Tensor D, int height, int width, "
+      "Tensor checkpoints) -> (Tensor du, Tensor dx_dbl, Tensor ddt_weight, "
+      "Tensor ddt_bias, Tensor dA, Tensor dD)");
 }
 
 // The torch version the library was compiled against; also kept as a plain

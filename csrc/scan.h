@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 
 namespace mmvmamba {
@@ -15,6 +16,9 @@ constexpr int64_t kMaxDState = 64;
 // The CUDA forward saves the state every kChunk steps; the backward restarts
 // from those checkpoints. The fake kernels in mmvmamba/ops/_ext.py mirror it.
 constexpr int64_t kChunk = 64;
+
+// "(2, 3, 4)" for a tensor's sizes, for error messages.
+std::string shape_str(const at::Tensor& t);
 
 struct ScanShape {
   int64_t batch, channels, length, groups, per_group, d_state;
@@ -50,5 +54,32 @@ inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 using FwdResult = std::tuple<at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor>;
+
+// The fused four-direction scan of SS2D (cross_scan_fwd / _bwd, CUDA only).
+constexpr int64_t kDirections = 4;
+// Largest state size N of the fused kernel (VMamba uses 16).
+constexpr int64_t kMaxCrossDState = 16;
+
+struct CrossShape {
+  int64_t batch, height, width, d_inner, rank, d_state;
+};
+
+// Checks the fused op's arguments: u (batch, H*W, D) float32 / bfloat16,
+// x_dbl (batch, H*W, 4, R + 2N) of u's dtype, float32 dt_weight (4, D, R),
+// dt_bias (4, D), A (4D, N) and D (4D,), all on one CUDA device.
+CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
+                                 const at::Tensor& dt_weight,
+                                 const at::Tensor& dt_bias, const at::Tensor& A,
+                                 const at::Tensor& D, int64_t height,
+                                 int64_t width);
+
+// Checks the backward's gradient (float32, like u) and checkpoints.
+void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
+                                const at::Tensor& checkpoints,
+                                const CrossShape& shape);
+
+// du, dx_dbl, d dt_weight, d dt_bias, dA, dD.
+using CrossBwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
 
 }  // namespace mmvmamba

@@ -1,14 +1,16 @@
-// CUDA implementation of mmvmamba::selective_scan_fwd / _bwd.
+// CUDA implementation of mmvmamba::selective_scan_fwd / _bwd and of the
+// fused four-direction scan mmvmamba::cross_scan_fwd / _bwd.
 //
 // Layout: Q lanes of a warp share one channel (a (batch, channel) row), each
 // lane holding P = 4 of its N <= 4Q states in registers (Q = 4 for N <= 16,
 // Q = 16 for N <= 64). A block of 128 threads runs 128 / Q channels of one
 // group, so the group's B and C serve all of them. Time is walked in tiles
-// of kChunk = 64 steps staged through shared memory (loads coalesced along
-// L, the next tile's loads in flight during the forward's scan). Each lane
-// scans its states sequentially; sums over a channel's lanes (y, and the
-// backward's <dh, B> and <dh, A dA h>) go through a small per-warp buffer
-// and are finished every few steps, off the scan's dependency chain.
+// of kChunk = 64 steps staged through shared memory (the next tile's loads
+// in flight during the forward's scan). Each lane scans its states
+// sequentially; sums over a channel's lanes (y, and the backward's <dh, B>
+// and <dh, A dA h>) go through a small per-warp buffer and are finished
+// every few steps, off the scan's dependency chain. Per-step outputs are
+// gathered in shared memory and written once per tile.
 //
 // The forward saves every row's state at the end of each chunk. The backward
 // walks the chunks in reverse: it restarts from the saved state, recomputes
@@ -16,6 +18,19 @@
 // each 8-step piece recomputes its states (registers) and runs the reverse
 // scan. dB / dC are summed over the warp's channels by a butterfly of
 // shuffles, over the block in shared memory, and over blocks by float atomics.
+//
+// The kernels are written once and read / write their tensors through an
+// "Io" policy:
+// * SeqIo: the plain op, u / delta / y of shape (batch, channels, L) and
+//   B / C of shape (batch, groups, N, L).
+// * CrossIo: SS2D's four scan orders of one channels-last map. u is
+//   (batch, L = H*W, D) and read in direction k's order by index (no copies);
+//   the group of a block is its direction. x_dbl (batch, L, 4, R + 2N) holds
+//   each position's projections per direction: the step size is computed in
+//   the kernel from its low-rank part (delta = dt_weight[k] @ dt_low), and
+//   the four outputs are summed into one float32 (batch, L, D) map with
+//   atomics. The backward likewise sums du over directions, and leaves the
+//   step-size gradient (batch, L, 4, D) to two matmuls on the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -57,6 +72,10 @@ struct ScanParams {
   int64_t batch, channels, length, groups, per_group, d_state, chunks;
   int channel_blocks;
   bool softplus;
+  // CrossIo only: x_dbl (in `delta`), its gradient, dt_weight (4, D, R).
+  float* dx_dbl;
+  const float* dt_weight;
+  int height, width, rank, row_stride, dt_pitch;  // row_stride = 4 (R + 2N)
 };
 
 struct BlockPos {
@@ -89,88 +108,330 @@ __device__ __forceinline__ float softplus(float x) {
   return x > 20.0f ? x : sp;
 }
 
-// One tile's loads for a block: u, delta (and dy) of its channels for steps
-// [l0, l0 + kSteps), and the group's B and C. fetch() issues every load at
-// once into registers; stage() converts them and stores them in shared memory
-// (step sizes after bias and softplus; B, C as [step][state]). Entries past
-// L, past the group or past N are zero, and a zero step is the identity.
-// A row (channel or state) is read by kThreads / rows threads, thread j of
-// them taking steps j, j + R, j + 2R, ...: one base address per row.
-template <typename T, int Q, bool kWithDy>
-struct TileLoad {
+// Shared-memory tiles of a block, kSteps steps deep: per channel (rows of
+// kRow) u, step sizes and dy; per step (rows of state_row) B and C.
+struct TileSmem {
+  float *u, *dt, *dy, *B, *C;
+};
+
+// The plain op's tensors. One tile's loads: u, delta (and dy) of the block's
+// channels for steps [l0, l0 + kSteps), and the group's B and C. fetch()
+// issues every load at once into registers; stage() converts them and stores
+// them in shared memory (step sizes after bias and softplus; B, C as
+// [step][state]). Entries past L, past the group or past N are zero, and a
+// zero step is the identity. A row (channel or state) is read by
+// kThreads / rows threads, thread j of them taking steps j, j + R, j + 2R,
+// ...: one base address per row.
+template <typename T_, int Q_>
+struct SeqIo {
+  using T = T_;
+  static constexpr int Q = Q_;
   using Tl = Tile<Q>;
   static constexpr int kRowThreads = kThreads / Tl::channels;
   static constexpr int kRowLoads = kSteps / kRowThreads;
   static constexpr int kStateThreads = kThreads / Tl::states;
   static constexpr int kStateLoads = kSteps / kStateThreads;
-  T u[kRowLoads], delta[kRowLoads], dy[kWithDy ? kRowLoads : 1];
-  T B[kStateLoads], C[kStateLoads];
 
-  __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0) {
-    const T zero = T(0.0f);
-    {
-      const int c = threadIdx.x / kRowThreads;
-      const int64_t l = l0 + threadIdx.x % kRowThreads;
-      const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      const bool row_ok = d_in_group < p.per_group;
-      const int64_t at =
-          (pos.b * p.channels + pos.g * p.per_group + (row_ok ? d_in_group : 0)) *
-              p.length + l;
-      const T* u_row = static_cast<const T*>(p.u) + at;
-      const T* delta_row = static_cast<const T*>(p.delta) + at;
-      const T* dy_row = static_cast<const T*>(p.dy) + at;
+  static int extra_floats(const ScanParams&) { return 0; }
+  __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
+
+  template <bool kWithDy>
+  struct Loads {
+    T u[kRowLoads], delta[kRowLoads], dy[kWithDy ? kRowLoads : 1];
+    T B[kStateLoads], C[kStateLoads];
+
+    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0) {
+      const T zero = T(0.0f);
+      {
+        const int c = threadIdx.x / kRowThreads;
+        const int64_t l = l0 + threadIdx.x % kRowThreads;
+        const int64_t d_in_group = pos.cblock * Tl::channels + c;
+        const bool row_ok = d_in_group < p.per_group;
+        const int64_t at = (pos.b * p.channels + pos.g * p.per_group +
+                            (row_ok ? d_in_group : 0)) * p.length + l;
+        const T* u_row = static_cast<const T*>(p.u) + at;
+        const T* delta_row = static_cast<const T*>(p.delta) + at;
+        const T* dy_row = static_cast<const T*>(p.dy) + at;
 #pragma unroll
-      for (int k = 0; k < kRowLoads; ++k) {
-        const bool ok = row_ok && l + k * kRowThreads < p.length;
-        u[k] = ok ? u_row[k * kRowThreads] : zero;
-        delta[k] = ok ? delta_row[k * kRowThreads] : zero;
-        if constexpr (kWithDy) dy[k] = ok ? dy_row[k * kRowThreads] : zero;
+        for (int k = 0; k < kRowLoads; ++k) {
+          const bool ok = row_ok && l + k * kRowThreads < p.length;
+          u[k] = ok ? u_row[k * kRowThreads] : zero;
+          delta[k] = ok ? delta_row[k * kRowThreads] : zero;
+          if constexpr (kWithDy) dy[k] = ok ? dy_row[k * kRowThreads] : zero;
+        }
+      }
+      const int n = threadIdx.x / kStateThreads;
+      const int64_t l = l0 + threadIdx.x % kStateThreads;
+      const bool row_ok = n < p.d_state;
+      const int64_t at =
+          ((pos.b * p.groups + pos.g) * p.d_state + (row_ok ? n : 0)) * p.length + l;
+      const T* B_row = static_cast<const T*>(p.B) + at;
+      const T* C_row = static_cast<const T*>(p.C) + at;
+#pragma unroll
+      for (int k = 0; k < kStateLoads; ++k) {
+        const bool ok = row_ok && l + k * kStateThreads < p.length;
+        B[k] = ok ? B_row[k * kStateThreads] : zero;
+        C[k] = ok ? C_row[k * kStateThreads] : zero;
       }
     }
-    const int n = threadIdx.x / kStateThreads;
-    const int64_t l = l0 + threadIdx.x % kStateThreads;
-    const bool row_ok = n < p.d_state;
-    const int64_t at =
-        ((pos.b * p.groups + pos.g) * p.d_state + (row_ok ? n : 0)) * p.length + l;
-    const T* B_row = static_cast<const T*>(p.B) + at;
-    const T* C_row = static_cast<const T*>(p.C) + at;
+
+    __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                          const TileSmem& s, float*) const {
+      {
+        const int c = threadIdx.x / kRowThreads;
+        const int j = threadIdx.x % kRowThreads;
+        const int64_t d_in_group = pos.cblock * Tl::channels + c;
+        const bool row_ok = d_in_group < p.per_group;
+        const float bias = p.delta_bias != nullptr && row_ok
+                               ? p.delta_bias[pos.g * p.per_group + d_in_group]
+                               : 0.0f;
 #pragma unroll
-    for (int k = 0; k < kStateLoads; ++k) {
-      const bool ok = row_ok && l + k * kStateThreads < p.length;
-      B[k] = ok ? B_row[k * kStateThreads] : zero;
-      C[k] = ok ? C_row[k * kStateThreads] : zero;
+        for (int k = 0; k < kRowLoads; ++k) {
+          const int t = j + k * kRowThreads;
+          // Padding keeps a zero step: no bias, no softplus.
+          const float x = static_cast<float>(delta[k]) + bias;
+          const float dt = p.softplus ? softplus(x) : x;
+          s.u[c * kRow + t] = static_cast<float>(u[k]);
+          s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? dt : 0.0f;
+          if constexpr (kWithDy) s.dy[c * kRow + t] = static_cast<float>(dy[k]);
+        }
+      }
+      const int n = threadIdx.x / kStateThreads;
+      const int j = threadIdx.x % kStateThreads;
+#pragma unroll
+      for (int k = 0; k < kStateLoads; ++k) {
+        const int t = j + k * kStateThreads;
+        s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
+        s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+      }
+    }
+  };
+
+  // y of the tile's steps (in `y_s`, rows of kRow per channel).
+  __device__ static void store_y(const ScanParams& p, const BlockPos& pos,
+                                 int64_t l0, const float* y_s) {
+    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
+      const int c = i / kSteps, t = i % kSteps;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      if (d_in_group < p.per_group && l0 + t < p.length) {
+        const int64_t at = (pos.b * p.channels + pos.g * p.per_group + d_in_group) *
+                               p.length + l0 + t;
+        static_cast<T*>(p.y)[at] = static_cast<T>(y_s[c * kRow + t]);
+      }
     }
   }
 
-  __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
-                        float* u_s, float* dt_s, float* dy_s, float* B_s,
-                        float* C_s) const {
-    {
-      const int c = threadIdx.x / kRowThreads;
-      const int j = threadIdx.x % kRowThreads;
+  // du and d(delta) of the tile (rows of kRow), and dB / dC ([step][state]),
+  // which it also zeroes for the next tile.
+  __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
+                                     int64_t l0, const float* du_s,
+                                     const float* dd_s, float* dB_s, float* dC_s) {
+    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
+      const int c = i / kSteps, t = i % kSteps;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      const bool row_ok = d_in_group < p.per_group;
-      const float bias = p.delta_bias != nullptr && row_ok
-                             ? p.delta_bias[pos.g * p.per_group + d_in_group]
-                             : 0.0f;
-#pragma unroll
-      for (int k = 0; k < kRowLoads; ++k) {
-        const int t = j + k * kRowThreads;
-        // Padding keeps a zero step: no bias, no softplus.
-        const float x = static_cast<float>(delta[k]) + bias;
-        const float dt = p.softplus ? softplus(x) : x;
-        u_s[c * kRow + t] = static_cast<float>(u[k]);
-        dt_s[c * kRow + t] = row_ok && l0 + t < p.length ? dt : 0.0f;
-        if constexpr (kWithDy) dy_s[c * kRow + t] = static_cast<float>(dy[k]);
+      if (d_in_group < p.per_group && l0 + t < p.length) {
+        const int64_t at = (pos.b * p.channels + pos.g * p.per_group + d_in_group) *
+                               p.length + l0 + t;
+        static_cast<T*>(p.du)[at] = static_cast<T>(du_s[c * kRow + t]);
+        static_cast<T*>(p.ddelta)[at] = static_cast<T>(dd_s[c * kRow + t]);
       }
     }
-    const int n = threadIdx.x / kStateThreads;
-    const int j = threadIdx.x % kStateThreads;
+    const int64_t bc = (pos.b * p.groups + pos.g) * p.d_state;
+    for (int i = threadIdx.x; i < Tl::states * kSteps; i += kThreads) {
+      const int n = i / kSteps, t = i % kSteps;
+      const int64_t l = l0 + t;
+      if (n < p.d_state && l < p.length) {
+        atomicAdd(p.dB + (bc + n) * p.length + l, dB_s[t * Tl::states + n]);
+        atomicAdd(p.dC + (bc + n) * p.length + l, dC_s[t * Tl::states + n]);
+      }
+      dB_s[t * Tl::states + n] = 0.0f;
+      dC_s[t * Tl::states + n] = 0.0f;
+    }
+  }
+};
+
+// Row-major position of step l of scan order k on an H x W map: k = 0 rows,
+// 1 columns (l = w H + h), 2 and 3 the same reversed.
+__device__ __forceinline__ int cross_position(int k, int l, int H, int W) {
+  if (k >= 2) l = H * W - 1 - l;
+  if (k & 1) return (l % H) * W + l / H;
+  return l;
+}
+
+// SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
+// reads 32 channels of one position (coalesced in every scan order); the
+// extra shared memory holds dt_weight of the block's channels and the
+// tile's dt_low, both in rows of dt_pitch (odd) floats.
+template <typename T_>
+struct CrossIo {
+  using T = T_;
+  static constexpr int Q = 4;
+  using Tl = Tile<Q>;
+  static constexpr int kStepThreads = kThreads / Tl::channels;  // 4
+  static constexpr int kRowLoads = kSteps / kStepThreads;
+  static constexpr int kStateThreads = kThreads / Tl::states;   // 8
+  static constexpr int kStateLoads = kSteps / kStateThreads;
+
+  static int extra_floats(const ScanParams& p) {
+    return (Tl::channels + kSteps) * p.dt_pitch;
+  }
+
+  __device__ static int position(const ScanParams& p, const BlockPos& pos,
+                                 int64_t l) {
+    return cross_position(static_cast<int>(pos.g), static_cast<int>(l),
+                          p.height, p.width);
+  }
+
+  // Element (b, position, channel) of a (batch, L, D) map.
+  __device__ static int64_t map_index(const ScanParams& p, const BlockPos& pos,
+                                      int position, int64_t d_in_group) {
+    return (pos.b * p.length + position) * p.per_group + d_in_group;
+  }
+
+  // The block's rows of dt_weight, kept for the whole kernel.
+  __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
+                                 float* extra) {
+    for (int i = threadIdx.x; i < Tl::channels * p.rank; i += kThreads) {
+      const int c = i / p.rank, r = i % p.rank;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      extra[c * p.dt_pitch + r] =
+          d_in_group < p.per_group
+              ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
+              : 0.0f;
+    }
+  }
+
+  template <bool kWithDy>
+  struct Loads {
+    T u[kRowLoads], B[kStateLoads], C[kStateLoads];
+    float dy[kWithDy ? kRowLoads : 1];
+
+    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0) {
+      const T zero = T(0.0f);
+      {
+        const int c = threadIdx.x % Tl::channels;
+        const int j = threadIdx.x / Tl::channels;
+        const int64_t d_in_group = pos.cblock * Tl::channels + c;
+        const bool row_ok = d_in_group < p.per_group;
 #pragma unroll
-    for (int k = 0; k < kStateLoads; ++k) {
-      const int t = j + k * kStateThreads;
-      B_s[t * Tl::state_row + n] = static_cast<float>(B[k]);
-      C_s[t * Tl::state_row + n] = static_cast<float>(C[k]);
+        for (int k = 0; k < kRowLoads; ++k) {
+          const int64_t l = l0 + j + k * kStepThreads;
+          const bool ok = row_ok && l < p.length;
+          const int64_t at = ok ? map_index(p, pos, position(p, pos, l), d_in_group) : 0;
+          u[k] = ok ? static_cast<const T*>(p.u)[at] : zero;
+          if constexpr (kWithDy) dy[k] = ok ? static_cast<const float*>(p.dy)[at] : 0.0f;
+        }
+      }
+      const int n = threadIdx.x % Tl::states;
+      const int j = threadIdx.x / Tl::states;
+      const bool state_ok = n < p.d_state;
+      const T* x_dbl = static_cast<const T*>(p.delta) +
+                       pos.g * (p.rank + 2 * p.d_state) + p.rank + n;
+#pragma unroll
+      for (int k = 0; k < kStateLoads; ++k) {
+        const int64_t l = l0 + j + k * kStateThreads;
+        const bool ok = state_ok && l < p.length;
+        const T* row = x_dbl + (pos.b * p.length + (ok ? position(p, pos, l) : 0)) *
+                                   p.row_stride;
+        B[k] = ok ? row[0] : zero;
+        C[k] = ok ? row[p.d_state] : zero;
+      }
+    }
+
+    // Stores the loads, then the tile's dt_low, then computes the step sizes
+    // softplus(bias + dt_weight @ dt_low) of the block's channels.
+    __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                          const TileSmem& s, float* extra) const {
+      const int c = threadIdx.x % Tl::channels;
+      const int j = threadIdx.x / Tl::channels;
+#pragma unroll
+      for (int k = 0; k < kRowLoads; ++k) {
+        const int t = j + k * kStepThreads;
+        s.u[c * kRow + t] = static_cast<float>(u[k]);
+        if constexpr (kWithDy) s.dy[c * kRow + t] = dy[k];
+      }
+      {
+        const int n = threadIdx.x % Tl::states;
+        const int js = threadIdx.x / Tl::states;
+#pragma unroll
+        for (int k = 0; k < kStateLoads; ++k) {
+          const int t = js + k * kStateThreads;
+          s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
+          s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+        }
+      }
+      const float* w_s = extra;
+      float* dtl_s = extra + Tl::channels * p.dt_pitch;
+      {
+        // Thread: step t, ranks r0, r0 + 2, ...
+        const int t = threadIdx.x % kSteps;
+        const int r0 = threadIdx.x / kSteps;
+        const int64_t l = l0 + t;
+        const bool ok = l < p.length;
+        const T* row = static_cast<const T*>(p.delta) +
+                       (pos.b * p.length + (ok ? position(p, pos, l) : 0)) * p.row_stride +
+                       pos.g * (p.rank + 2 * p.d_state);
+        for (int r = r0; r < p.rank; r += kThreads / kSteps) {
+          dtl_s[t * p.dt_pitch + r] = ok ? static_cast<float>(row[r]) : 0.0f;
+        }
+      }
+      __syncthreads();
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      const bool row_ok = d_in_group < p.per_group;
+      const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
+      for (int k = 0; k < kRowLoads; ++k) {
+        const int t = j + k * kStepThreads;
+        float x = bias;
+        for (int r = 0; r < p.rank; ++r) {
+          x = fmaf(w_s[c * p.dt_pitch + r], dtl_s[t * p.dt_pitch + r], x);
+        }
+        s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? softplus(x) : 0.0f;
+      }
+    }
+  };
+
+  // Adds the tile's y to the merged float32 map.
+  __device__ static void store_y(const ScanParams& p, const BlockPos& pos,
+                                 int64_t l0, const float* y_s) {
+    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
+      const int c = i % Tl::channels, t = i / Tl::channels;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      if (d_in_group < p.per_group && l0 + t < p.length) {
+        const int at = position(p, pos, l0 + t);
+        atomicAdd(static_cast<float*>(p.y) + map_index(p, pos, at, d_in_group),
+                  y_s[c * kRow + t]);
+      }
+    }
+  }
+
+  // Adds du to the merged float32 map, writes the step-size gradient
+  // (batch, L, 4, D), and adds dB / dC into dx_dbl (zeroing them).
+  __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
+                                     int64_t l0, const float* du_s,
+                                     const float* dd_s, float* dB_s, float* dC_s) {
+    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
+      const int c = i % Tl::channels, t = i / Tl::channels;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      if (d_in_group < p.per_group && l0 + t < p.length) {
+        const int at = position(p, pos, l0 + t);
+        atomicAdd(static_cast<float*>(p.du) + map_index(p, pos, at, d_in_group),
+                  du_s[c * kRow + t]);
+        static_cast<float*>(p.ddelta)[((pos.b * p.length + at) * 4 + pos.g) *
+                                          p.per_group + d_in_group] =
+            dd_s[c * kRow + t];
+      }
+    }
+    for (int i = threadIdx.x; i < Tl::states * kSteps; i += kThreads) {
+      const int n = i % Tl::states, t = i / Tl::states;
+      const int64_t l = l0 + t;
+      if (n < p.d_state && l < p.length) {
+        float* row = p.dx_dbl + (pos.b * p.length + position(p, pos, l)) * p.row_stride +
+                     pos.g * (p.rank + 2 * p.d_state) + p.rank;
+        atomicAdd(row + n, dB_s[t * Tl::states + n]);
+        atomicAdd(row + p.d_state + n, dC_s[t * Tl::states + n]);
+      }
+      dB_s[t * Tl::states + n] = 0.0f;
+      dC_s[t * Tl::states + n] = 0.0f;
     }
   }
 };
@@ -206,29 +467,34 @@ struct Lane {
 // them over each channel's Q lanes (no shuffles on the scan's path).
 constexpr int kPart = 16;
 
-template <typename T, int Q>
-__global__ void __launch_bounds__(kThreads, Tile<Q>::fwd_blocks_per_sm)
+template <typename Io>
+__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     scan_fwd_kernel(const ScanParams p) {
+  constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
   constexpr int kWarpChannels = 32 / Q;
   constexpr int kOutPerLane = kWarpChannels * kPart / 32;
   extern __shared__ float smem[];
-  float* u_s = smem;
-  float* dt_s = u_s + Tl::channels * kRow;
-  float* B_s = dt_s + Tl::channels * kRow;
-  float* C_s = B_s + kSteps * Tl::state_row;
+  TileSmem s;
+  s.u = smem;
+  s.dt = s.u + Tl::channels * kRow;
+  s.dy = nullptr;
+  s.B = s.dt + Tl::channels * kRow;
+  s.C = s.B + kSteps * Tl::state_row;
   const int warp = threadIdx.x / 32, lane_id = threadIdx.x % 32;
-  float* part = C_s + kSteps * Tl::state_row + warp * kPart * 32;
+  float* part = s.C + kSteps * Tl::state_row + warp * kPart * 32;
+  float* extra = s.C + kSteps * Tl::state_row + kThreads * kPart;
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
+  Io::prepare(p, pos, extra);
   float h[kP] = {};
   // The outputs this lane sums: step lane % kPart of channels
-  // lane / kPart + 2 i of the warp.
+  // lane / kPart + 2 i of the warp. A step's y replaces its step size in
+  // s.dt (no later step of the tile reads it) until the tile is stored.
   const int out_step = lane_id % kPart;
   int out_c[kOutPerLane];
   float out_D[kOutPerLane];
-  T* out_row[kOutPerLane];
 #pragma unroll
   for (int i = 0; i < kOutPerLane; ++i) {
     out_c[i] = warp * kWarpChannels + lane_id / kPart + 2 * i;
@@ -236,17 +502,15 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::fwd_blocks_per_sm)
     const bool ok = d_in_group < p.per_group;
     const int64_t d = pos.g * p.per_group + (ok ? d_in_group : 0);
     out_D[i] = p.D != nullptr ? p.D[d] : 0.0f;
-    out_row[i] = ok ? static_cast<T*>(p.y) + (pos.b * p.channels + d) * p.length
-                    : nullptr;
   }
 
-  TileLoad<T, Q, false> tile;
+  typename Io::template Loads<false> tile;
   tile.fetch(p, pos, 0);
   for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
     const int64_t l0 = chunk * kSteps;
     const int steps = p.length - l0 < kSteps ? static_cast<int>(p.length - l0) : kSteps;
     __syncthreads();
-    tile.stage(p, pos, l0, u_s, dt_s, nullptr, B_s, C_s);
+    tile.stage(p, pos, l0, s, extra);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (chunk + 1 < p.chunks) tile.fetch(p, pos, l0 + kSteps);
@@ -255,12 +519,12 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::fwd_blocks_per_sm)
 #pragma unroll 4
       for (int k = 0; k < piece; ++k) {
         const int t = t0 + k;
-        const float dt = dt_s[lane.c * kRow + t];
-        const float dtu = dt * u_s[lane.c * kRow + t];
+        const float dt = s.dt[lane.c * kRow + t];
+        const float dtu = dt * s.u[lane.c * kRow + t];
         const float4 b4 = *reinterpret_cast<const float4*>(
-            B_s + t * Tl::state_row + lane.q * kP);
+            s.B + t * Tl::state_row + lane.q * kP);
         const float4 c4 = *reinterpret_cast<const float4*>(
-            C_s + t * Tl::state_row + lane.q * kP);
+            s.C + t * Tl::state_row + lane.q * kP);
         const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
         const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
         float acc = 0.0f;
@@ -283,8 +547,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::fwd_blocks_per_sm)
             const float4 v = *reinterpret_cast<const float4*>(lanes + q);
             y += (v.x + v.y) + (v.z + v.w);
           }
-          y += out_D[i] * u_s[out_c[i] * kRow + t];
-          if (out_row[i] != nullptr) out_row[i][l0 + t] = static_cast<T>(y);
+          s.dt[out_c[i] * kRow + t] = y + out_D[i] * s.u[out_c[i] * kRow + t];
         }
       }
       __syncwarp();
@@ -296,6 +559,8 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::fwd_blocks_per_sm)
         if (lane.q * kP + i < p.d_state) saved[lane.q * kP + i] = h[i];
       }
     }
+    __syncthreads();
+    Io::store_y(p, pos, l0, s.dt);
   }
 }
 
@@ -344,9 +609,10 @@ __device__ __forceinline__ void reduce_state_grads(const float (&vb)[kP],
   }
 }
 
-template <typename T, int Q>
-__global__ void __launch_bounds__(kThreads, Tile<Q>::bwd_blocks_per_sm)
+template <typename Io>
+__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
     scan_bwd_kernel(const ScanParams p) {
+  constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
   constexpr int kPieces = kSteps / kPiece;
   extern __shared__ float smem[];
@@ -360,22 +626,26 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::bwd_blocks_per_sm)
   const int warp = threadIdx.x / 32, lane_id = threadIdx.x % 32;
   float* part_b = dC_s + kSteps * Tl::states + warp * 2 * kPiece * 32;
   float* part_a = part_b + kPiece * 32;
+  float* extra = dC_s + kSteps * Tl::states + 2 * kThreads * kPiece;
+  const TileSmem tiles{u_s, dt_s, dy_s, B_s, C_s};
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
+  Io::prepare(p, pos, extra);
   for (int i = threadIdx.x; i < 2 * kSteps * Tl::states; i += kThreads) {
     dB_s[i] = 0.0f;
   }
   float dh[kP] = {}, decay_next[kP] = {}, dA[kP] = {};
   // The (step, channel) outputs this lane finishes for each piece: index
   // lane + 32 i of the warp's kPiece x kWarpChannels, step = index % kPiece.
+  // A step's du and d(delta) replace its u and step size in u_s / dt_s (no
+  // later step of the tile reads them) until the tile is stored.
   constexpr int kWarpChannels = 32 / Q;
   constexpr int kOuts = kPiece * kWarpChannels;
   constexpr int kOutPerLane = (kOuts + 31) / 32;
   const int out_step = lane_id % kPiece;
   int out_c[kOutPerLane];
   float out_D[kOutPerLane], dD[kOutPerLane], dbias[kOutPerLane];
-  T *du_row[kOutPerLane], *dd_row[kOutPerLane];  // null for padding channels
 #pragma unroll
   for (int i = 0; i < kOutPerLane; ++i) {
     out_c[i] = warp * kWarpChannels + (lane_id + 32 * i) / kPiece;
@@ -383,18 +653,15 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::bwd_blocks_per_sm)
     const bool ok = d_in_group < p.per_group && lane_id + 32 * i < kOuts;
     const int64_t d = pos.g * p.per_group + (ok ? d_in_group : 0);
     out_D[i] = p.D != nullptr ? p.D[d] : 0.0f;
-    const int64_t row = (pos.b * p.channels + d) * p.length;
-    du_row[i] = ok ? static_cast<T*>(p.du) + row : nullptr;
-    dd_row[i] = ok ? static_cast<T*>(p.ddelta) + row : nullptr;
     dD[i] = dbias[i] = 0.0f;
   }
 
   for (int64_t chunk = p.chunks - 1; chunk >= 0; --chunk) {
     const int64_t l0 = chunk * kSteps;
-    TileLoad<T, Q, true> tile;
+    typename Io::template Loads<true> tile;
     tile.fetch(p, pos, l0);
     __syncthreads();
-    tile.stage(p, pos, l0, u_s, dt_s, dy_s, B_s, C_s);
+    tile.stage(p, pos, l0, tiles, extra);
     __syncthreads();
     const float* urow = u_s + lane.c * kRow;
     const float* dtrow = dt_s + lane.c * kRow;
@@ -496,27 +763,14 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::bwd_blocks_per_sm)
           if (p.softplus) ddt *= -expm1f(-dt);  // sigmoid(x) = 1 - e^-softplus(x)
           dbias[i] += ddt;
           dD[i] += g * u;
-          if (du_row[i] != nullptr && l0 + t < p.length) {
-            du_row[i][l0 + t] = static_cast<T>(sb * dt + out_D[i] * g);
-            dd_row[i][l0 + t] = static_cast<T>(ddt);
-          }
+          u_s[c * kRow + t] = sb * dt + out_D[i] * g;
+          dt_s[c * kRow + t] = ddt;
         }
       }
       __syncwarp();
     }
     __syncthreads();
-
-    const int64_t bc = (pos.b * p.groups + pos.g) * p.d_state;
-    for (int i = threadIdx.x; i < Tl::states * kSteps; i += kThreads) {
-      const int n = i / kSteps, t = i % kSteps;
-      const int64_t l = l0 + t;
-      if (n < p.d_state && l < p.length) {
-        atomicAdd(p.dB + (bc + n) * p.length + l, dB_s[t * Tl::states + n]);
-        atomicAdd(p.dC + (bc + n) * p.length + l, dC_s[t * Tl::states + n]);
-      }
-      dB_s[t * Tl::states + n] = 0.0f;
-      dC_s[t * Tl::states + n] = 0.0f;
-    }
+    Io::store_grads(p, pos, l0, u_s, dt_s, dB_s, dC_s);
   }
   if (lane.valid) {
 #pragma unroll
@@ -535,10 +789,10 @@ __global__ void __launch_bounds__(kThreads, Tile<Q>::bwd_blocks_per_sm)
   }
 }
 
-template <int Q>
-int shared_bytes(bool backward) {
-  using Tl = Tile<Q>;
-  int floats = 2 * kSteps * Tl::state_row;
+template <typename Io>
+int shared_bytes(const ScanParams& p, bool backward) {
+  using Tl = Tile<Io::Q>;
+  int floats = 2 * kSteps * Tl::state_row + Io::extra_floats(p);
   if (backward) {
     floats += 3 * Tl::channels * kRow + 2 * kSteps * Tl::states +
               2 * kThreads * kPiece;
@@ -548,13 +802,15 @@ int shared_bytes(bool backward) {
   return floats * static_cast<int>(sizeof(float));
 }
 
-template <typename T, int Q>
-void launch(const ScanParams& p, bool backward) {
+template <typename Io>
+void launch(ScanParams& p, bool backward) {
+  p.channel_blocks = static_cast<int>(
+      (p.per_group + Tile<Io::Q>::channels - 1) / Tile<Io::Q>::channels);
   const int64_t blocks = p.batch * p.groups * p.channel_blocks;
   TORCH_CHECK(blocks <= INT32_MAX, "selective_scan: batch x channels too "
               "large for one launch (", std::to_string(blocks), " blocks)");
-  const int smem = shared_bytes<Q>(backward);
-  auto kernel = backward ? scan_bwd_kernel<T, Q> : scan_fwd_kernel<T, Q>;
+  const int smem = shared_bytes<Io>(p, backward);
+  auto kernel = backward ? scan_bwd_kernel<Io> : scan_fwd_kernel<Io>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem,
@@ -565,13 +821,9 @@ void launch(const ScanParams& p, bool backward) {
 template <typename T>
 void launch_for_state(ScanParams& p, bool backward) {
   if (p.d_state <= 16) {
-    p.channel_blocks = static_cast<int>((p.per_group + Tile<4>::channels - 1) /
-                                        Tile<4>::channels);
-    launch<T, 4>(p, backward);
+    launch<SeqIo<T, 4>>(p, backward);
   } else {
-    p.channel_blocks = static_cast<int>(
-        (p.per_group + Tile<16>::channels - 1) / Tile<16>::channels);
-    launch<T, 16>(p, backward);
+    launch<SeqIo<T, 16>>(p, backward);
   }
 }
 
@@ -670,10 +922,125 @@ BwdResult selective_scan_bwd_cuda(
           dbias};
 }
 
+// The fused SS2D core: parameters of a (batch, L, D) map and its x_dbl.
+ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
+                             const at::Tensor& x_dbl, const at::Tensor& dt_weight,
+                             const at::Tensor& dt_bias, const at::Tensor& A,
+                             const at::Tensor& D) {
+  ScanParams p{};
+  p.u = u.const_data_ptr();
+  p.delta = x_dbl.const_data_ptr();
+  p.A = A.const_data_ptr<float>();
+  p.D = D.const_data_ptr<float>();
+  p.delta_bias = dt_bias.const_data_ptr<float>();
+  p.dt_weight = dt_weight.const_data_ptr<float>();
+  p.batch = s.batch;
+  p.groups = kDirections;
+  p.per_group = s.d_inner;
+  p.channels = kDirections * s.d_inner;
+  p.length = s.height * s.width;
+  p.d_state = s.d_state;
+  p.chunks = (p.length + kChunk - 1) / kChunk;
+  p.softplus = true;
+  p.height = static_cast<int>(s.height);
+  p.width = static_cast<int>(s.width);
+  p.rank = static_cast<int>(s.rank);
+  p.row_stride = static_cast<int>(kDirections * (s.rank + 2 * s.d_state));
+  p.dt_pitch = p.rank | 1;  // odd: conflict-free rows in shared memory
+  return p;
+}
+
+#define MMVMAMBA_DISPATCH_CROSS_TYPES(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+FwdResult cross_scan_fwd_cuda(const at::Tensor& u_in, const at::Tensor& x_dbl_in,
+                              const at::Tensor& dt_weight_in,
+                              const at::Tensor& dt_bias_in, const at::Tensor& A_in,
+                              const at::Tensor& D_in, int64_t height,
+                              int64_t width) {
+  const CrossShape s = check_cross_scan_args(u_in, x_dbl_in, dt_weight_in,
+                                             dt_bias_in, A_in, D_in, height, width);
+  const c10::cuda::CUDAGuard guard(u_in.device());
+  const at::Tensor u = u_in.contiguous(), x_dbl = x_dbl_in.contiguous(),
+                   dt_weight = dt_weight_in.contiguous(),
+                   dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
+                   D = D_in.contiguous();
+  ScanParams p = make_cross_params(s, u, x_dbl, dt_weight, dt_bias, A, D);
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor y = at::zeros(u.sizes(), f32);
+  at::Tensor checkpoints =
+      at::empty({s.batch, p.channels, p.chunks, s.d_state}, f32);
+  if (u.numel() == 0) return {y, checkpoints};
+  p.y = y.mutable_data_ptr();
+  p.checkpoints = checkpoints.mutable_data_ptr<float>();
+  MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_fwd_cuda", [&] {
+    launch<CrossIo<scalar_t>>(p, /*backward=*/false);
+  });
+  return {y, checkpoints};
+}
+
+CrossBwdResult cross_scan_bwd_cuda(
+    const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& x_dbl_in,
+    const at::Tensor& dt_weight_in, const at::Tensor& dt_bias_in,
+    const at::Tensor& A_in, const at::Tensor& D_in, int64_t height, int64_t width,
+    const at::Tensor& checkpoints_in) {
+  const CrossShape s = check_cross_scan_args(u_in, x_dbl_in, dt_weight_in,
+                                             dt_bias_in, A_in, D_in, height, width);
+  check_cross_scan_grad_args(grad_in, u_in, checkpoints_in, s);
+  const c10::cuda::CUDAGuard guard(u_in.device());
+  const at::Tensor dy = grad_in.contiguous(), u = u_in.contiguous(),
+                   x_dbl = x_dbl_in.contiguous(),
+                   dt_weight = dt_weight_in.contiguous(),
+                   dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
+                   D = D_in.contiguous(), checkpoints = checkpoints_in.contiguous();
+  const auto f32 = u.options().dtype(at::kFloat);
+  const int64_t length = s.height * s.width;
+  at::Tensor du = at::zeros(u.sizes(), f32);
+  at::Tensor dx_dbl = at::zeros(x_dbl.sizes(), f32);
+  at::Tensor ddelta = at::empty({s.batch, length, kDirections, s.d_inner}, f32);
+  at::Tensor dA = at::zeros(A.sizes(), f32);
+  at::Tensor dD = at::zeros(D.sizes(), f32);
+  at::Tensor dbias = at::zeros(dt_bias.sizes(), f32);
+  if (u.numel() == 0) {
+    return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()),
+            at::zeros(dt_weight.sizes(), f32), dbias, dA, dD};
+  }
+  ScanParams p = make_cross_params(s, u, x_dbl, dt_weight, dt_bias, A, D);
+  p.dy = dy.const_data_ptr();
+  p.checkpoints = const_cast<float*>(checkpoints.const_data_ptr<float>());
+  p.du = du.mutable_data_ptr();
+  p.ddelta = ddelta.mutable_data_ptr();
+  p.dx_dbl = dx_dbl.mutable_data_ptr<float>();
+  p.dA = dA.mutable_data_ptr<float>();
+  p.dD = dD.mutable_data_ptr<float>();
+  p.ddelta_bias = dbias.mutable_data_ptr<float>();
+  MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_bwd_cuda", [&] {
+    launch<CrossIo<scalar_t>>(p, /*backward=*/true);
+  });
+  // delta = dt_low @ dt_weight[k]^T per direction: its two gradients.
+  const at::Tensor dd = ddelta.view({s.batch * length, kDirections, s.d_inner})
+                            .transpose(0, 1);  // (4, batch L, D)
+  const at::Tensor dt_low = x_dbl.view({s.batch * length, kDirections, -1})
+                                .narrow(2, 0, s.rank)
+                                .transpose(0, 1)
+                                .to(at::kFloat);  // (4, batch L, R)
+  at::Tensor ddt_low = at::bmm(dd, dt_weight);    // (4, batch L, R)
+  dx_dbl.view({s.batch * length, kDirections, -1})
+      .narrow(2, 0, s.rank)
+      .copy_(ddt_low.transpose(0, 1));
+  at::Tensor ddt_weight = at::bmm(dd.transpose(1, 2), dt_low);  // (4, D, R)
+  return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()), ddt_weight, dbias,
+          dA, dD};
+}
+
 }  // namespace
 }  // namespace mmvmamba
 
 TORCH_LIBRARY_IMPL(mmvmamba, CUDA, m) {
   m.impl("selective_scan_fwd", &mmvmamba::selective_scan_fwd_cuda);
   m.impl("selective_scan_bwd", &mmvmamba::selective_scan_bwd_cuda);
+  m.impl("cross_scan_fwd", &mmvmamba::cross_scan_fwd_cuda);
+  m.impl("cross_scan_bwd", &mmvmamba::cross_scan_bwd_cuda);
 }

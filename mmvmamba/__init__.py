@@ -1,9 +1,10 @@
 """mmvmamba: VMamba for OpenMMLab (mmpretrain, mmdet, mmseg).
 
 ``import mmvmamba`` (or ``custom_imports=dict(imports=['mmvmamba'])`` in a
-config) registers the ``VMamba`` backbone in mmengine's root registry.
+config) registers the ``VMamba`` backbone in mmengine's root registry, and the
+``MeanLossAcrossRanksHook`` (:mod:`mmvmamba.engine`) in its root ``HOOKS``.
 """
-from . import models, ops
+from . import engine, models, ops
 from .version import __version__
 
-__all__ = ['models', 'ops', '__version__']
+__all__ = ['engine', 'models', 'ops', '__version__']

@@ -9,7 +9,9 @@ mmpretrain, mmdet and mmseg models are built under their ``default_scope``.
 import copy
 import logging
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import (Any, Dict, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 import torch.nn as nn
@@ -56,6 +58,15 @@ MODEL_ZOO: Dict[str, dict] = {
                           neck=False, head='VisionTransformerClsHead'),
 }
 
+#: The Swin of each zoo classifier's size class (T/S/B); ResNet-50 and
+#: DeiT-S compute about as much as Swin-T.
+SWIN_OF: Dict[str, str] = {
+    **{f'{family}-{size}': f'swin-{size}'
+       for family in ('vmamba', 'swin', 'convnext') for size in 'tsb'},
+    'resnet-50': 'swin-t',
+    'deit-s': 'swin-t',
+}
+
 #: (H, W) that the papers count FLOPs at, per OpenMMLab scope.
 DEFAULT_SHAPES = {
     'mmpretrain': (224, 224),
@@ -100,6 +111,18 @@ def _drop_pretrained(module_cfg: dict) -> None:
         module_cfg['init_cfg'] = None
 
 
+@contextmanager
+def quiet_logger(level: int = logging.WARNING) -> Iterator[None]:
+    """Raise mmengine's current logger to ``level`` inside the block."""
+    logger = MMLogger.get_current_instance()
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def build(module_cfg: dict, scope: Optional[str],
           init_weights: bool = False) -> nn.Module:
     """Build a model (or backbone) config in eval mode, on the CPU.
@@ -120,13 +143,8 @@ def build(module_cfg: dict, scope: Optional[str],
         with DefaultScope.overwrite_default_scope(scope):
             model = MODELS.build(module_cfg)
     if init_weights and hasattr(model, 'init_weights'):
-        logger = MMLogger.get_current_instance()
-        level = logger.level
-        logger.setLevel(logging.WARNING)  # init_weights logs every tensor
-        try:
+        with quiet_logger():  # init_weights logs every tensor
             model.init_weights()
-        finally:
-            logger.setLevel(level)
     model = revert_sync_batchnorm(model)
     model.eval()  # some mmpretrain backbones' train() returns None
     return model

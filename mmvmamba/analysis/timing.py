@@ -9,11 +9,13 @@ Modes of :func:`time_mode` (a model from :mod:`mmvmamba.analysis.models`):
 
 Inputs are fresh standard-normal images, never zeros. On a GPU, cuDNN's
 autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
+:func:`timed` is the guard around any step (peak memory, OOM) and
+:func:`relative_to` the ratios of a table's rows to reference rows.
 """
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -105,6 +107,50 @@ def _step(model: nn.Module, mode: str, x: torch.Tensor) -> Callable:
     return infer_step
 
 
+def timed(make_step: Callable[[], Callable[[], object]],
+          batch: int,
+          device: torch.device,
+          warmup: int = 5,
+          repeat: int = 20,
+          cudnn_benchmark: bool = True) -> Dict[str, Optional[float]]:
+    """Time the step that ``make_step()`` returns, catching GPU OOM.
+
+    ``make_step`` is called inside the timed region's guard, so that
+    allocating its inputs may run out of memory too. The peak of allocated
+    GPU memory is reset first.
+
+    Args:
+        make_step (Callable): Returns the step, a callable of no arguments.
+        batch (int): Images per step (for ``img_per_s``).
+        device (torch.device): Where the step runs.
+        warmup (int): Untimed steps first.
+        repeat (int): Timed steps; the median is reported.
+        cudnn_benchmark (bool): Value of ``torch.backends.cudnn.benchmark``
+            (the autotuner) on a GPU. Defaults to True.
+
+    Returns:
+        dict: ``ms`` (median per step), ``img_per_s``, ``peak_gib`` (peak
+        allocated GPU memory, None on the CPU) and ``status`` (``'ok'`` or
+        ``'OOM'``, when the GPU ran out of memory).
+    """
+    result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok')
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        ms = measure(make_step(), device, warmup, repeat)
+    except torch.OutOfMemoryError:
+        result['status'] = 'OOM'
+    else:
+        result.update(ms=ms, img_per_s=batch * 1e3 / ms)
+    if cuda:
+        result['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.empty_cache()
+    return result
+
+
 def time_mode(model: nn.Module, mode: str, batch: int, size: int,
               device: torch.device, warmup: int = 5,
               repeat: int = 20) -> Dict[str, Optional[float]]:
@@ -122,29 +168,39 @@ def time_mode(model: nn.Module, mode: str, batch: int, size: int,
         repeat (int): Timed iterations; the median is reported.
 
     Returns:
-        dict: ``ms`` (median per iteration), ``img_per_s``, ``peak_gib``
-        (peak allocated GPU memory, None on the CPU) and ``status``
-        (``'ok'`` or ``'OOM'``, when the GPU ran out of memory).
+        dict: As :func:`timed`.
     """
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok')
-    cuda = device.type == 'cuda'
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fastest conv algorithms
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     try:
-        x = torch.randn(batch, 3, size, size, device=device)
-        ms = measure(_step(model, mode, x), device, warmup, repeat)
-    except torch.OutOfMemoryError:
-        result['status'] = 'OOM'
-    else:
-        result.update(ms=ms, img_per_s=batch * 1e3 / ms)
+        return timed(
+            lambda: _step(model, mode,
+                          torch.randn(batch, 3, size, size, device=device)),
+            batch, device, warmup, repeat)
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    if cuda:
-        result['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.empty_cache()
-    return result
+
+
+def relative_to(rows: List[Dict], reference_of: Dict[str, str], key: str,
+                match: Sequence[str] = ('mode', )) -> List[Optional[float]]:
+    """``row[key]`` over the same value of each row's reference row.
+
+    The reference of a row is the row whose ``model`` is
+    ``reference_of[row['model']]`` and whose ``match`` keys are equal.
+
+    Returns:
+        list: One ratio a row; None where the row, its reference or either
+        value is missing.
+    """
+    index = {(row['model'], ) + tuple(row[k] for k in match): row
+             for row in rows}
+    ratios = []
+    for row in rows:
+        ref = index.get((reference_of.get(row['model']), ) +
+                        tuple(row[k] for k in match))
+        if ref is None or row.get(key) is None or not ref.get(key):
+            ratios.append(None)
+        else:
+            ratios.append(row[key] / ref[key])
+    return ratios

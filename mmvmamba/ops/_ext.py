@@ -3,9 +3,11 @@
 Importing this module tries to load the extension once and never raises: when
 it is missing or was built for another torch, :func:`ext_status` says why and
 how to rebuild. When it loads, its ops ``torch.ops.mmvmamba.selective_scan_fwd``
-and ``selective_scan_bwd`` get fake (meta) kernels and autograd here, so that
-:func:`selective_scan_kernel` is differentiable, works under
-``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+and ``selective_scan_bwd`` (and the fused four-direction ``cross_scan_fwd`` /
+``_bwd``, CUDA only) get fake (meta) kernels and autograd here, so that
+:func:`selective_scan_kernel` and :func:`cross_scan_kernel` are
+differentiable, work under ``torch.compile(fullgraph=True)`` and pass
+``torch.library.opcheck``.
 """
 import glob
 import math
@@ -21,8 +23,12 @@ REBUILD_HINT = ('rebuild it with `pip install --no-deps --no-build-isolation '
 MAX_D_STATE = 64
 CHUNK = 64
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The fused four-direction kernel: N <= 16, float32 or bfloat16 inputs.
+CROSS_MAX_D_STATE = 16
+CROSS_DTYPES = (torch.float32, torch.bfloat16)
 _FWD = 'mmvmamba::selective_scan_fwd'
 _BWD = 'mmvmamba::selective_scan_bwd'
+_CROSS_FWD = 'mmvmamba::cross_scan_fwd'
 
 
 def _library_files() -> list:
@@ -114,6 +120,42 @@ def _register() -> None:
 
     torch.library.register_autograd(_FWD, _backward,
                                     setup_context=_setup_context)
+    _register_cross()
+
+
+def _register_cross() -> None:
+    """Fake kernels and autograd of the fused four-direction op."""
+
+    @torch.library.register_fake(_CROSS_FWD)
+    def _fwd_fake(u, x_dbl, dt_weight, dt_bias, A, D, height, width):
+        batch, length, d_inner = u.shape
+        chunks = (length + CHUNK - 1) // CHUNK
+        return (u.new_empty(u.shape, dtype=torch.float32),
+                u.new_empty((batch, 4 * d_inner, chunks, A.shape[1]),
+                            dtype=torch.float32))
+
+    @torch.library.register_fake('mmvmamba::cross_scan_bwd')
+    def _bwd_fake(grad_out, u, x_dbl, dt_weight, dt_bias, A, D, height, width,
+                  checkpoints):
+        return (u.new_empty(u.shape), x_dbl.new_empty(x_dbl.shape),
+                dt_weight.new_empty(dt_weight.shape),
+                dt_bias.new_empty(dt_bias.shape), A.new_empty(A.shape),
+                D.new_empty(D.shape))
+
+    def _setup_context(ctx, inputs, output):
+        u, x_dbl, dt_weight, dt_bias, A, D, height, width = inputs
+        ctx.save_for_backward(u, x_dbl, dt_weight, dt_bias, A, D, output[1])
+        ctx.size = (height, width)
+
+    def _backward(ctx, grad_out, grad_checkpoints):
+        u, x_dbl, dt_weight, dt_bias, A, D, checkpoints = ctx.saved_tensors
+        grads = torch.ops.mmvmamba.cross_scan_bwd(grad_out, u, x_dbl,
+                                                  dt_weight, dt_bias, A, D,
+                                                  *ctx.size, checkpoints)
+        return (*grads, None, None)
+
+    torch.library.register_autograd(_CROSS_FWD, _backward,
+                                    setup_context=_setup_context)
 
 
 _LOADED, _STATUS = _load()
@@ -132,11 +174,30 @@ def ext_status() -> Tuple[bool, str]:
 
 def has_kernel(device_type: str) -> bool:
     """Whether the compiled kernel exists for ``device_type`` ('cpu', 'cuda')."""
-    if not _LOADED:
-        return False
-    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        _FWD, key)
+    return _BUILT.get(device_type, False)
+
+
+def _kernels_built() -> dict:
+    """Which compiled kernels exist, looked up once (plain booleans keep
+    the front doors traceable by ``torch.compile``)."""
+
+    def has(op: str, key: str) -> bool:
+        return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+            op, key)
+
+    return {
+        'cpu': has(_FWD, 'CPU'),
+        'cuda': has(_FWD, 'CUDA'),
+        'cross-cuda': has(_CROSS_FWD, 'CUDA'),
+    }
+
+
+_BUILT = _kernels_built()
+
+
+def has_cross_kernel() -> bool:
+    """Whether the fused four-direction CUDA kernel was built."""
+    return _BUILT['cross-cuda']
 
 
 def kernel_unsupported_reason(u: torch.Tensor,
@@ -173,4 +234,33 @@ def selective_scan_kernel(u: torch.Tensor,
     out, _ = torch.ops.mmvmamba.selective_scan_fwd(u, delta, f32(A), B, C,
                                                    f32(D), f32(delta_bias),
                                                    bool(delta_softplus))
+    return out
+
+
+def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
+                      dt_weight: torch.Tensor, dt_bias: torch.Tensor,
+                      A: torch.Tensor, D: torch.Tensor, height: int,
+                      width: int) -> torch.Tensor:
+    """SS2D's four-direction scan on the fused CUDA kernel.
+
+    Args:
+        u (Tensor): Channels-last map ``(batch, H*W, D)``, float32 or
+            bfloat16.
+        x_dbl (Tensor): ``(batch, H*W, 4, R + 2N)`` of ``u``'s dtype: per
+            position and scan order, the low-rank step size, B and C.
+        dt_weight (Tensor): Float32 ``(4, D, R)``.
+        dt_bias (Tensor): Float32 ``(4, D)``, added before the softplus.
+        A (Tensor): Float32 ``(4*D, N)``.
+        D (Tensor): Float32 ``(4*D,)``.
+        height (int): H.
+        width (int): W.
+
+    Returns:
+        Tensor: The four outputs summed at their positions, float32
+        ``(batch, H*W, D)``.
+    """
+    if not has_cross_kernel():
+        raise RuntimeError(f'no fused CUDA cross-scan kernel: {_STATUS}')
+    out, _ = torch.ops.mmvmamba.cross_scan_fwd(u, x_dbl, dt_weight, dt_bias,
+                                               A, D, int(height), int(width))
     return out

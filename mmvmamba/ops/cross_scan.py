@@ -1,8 +1,13 @@
 """The four-direction scan of SS2D: cross scan, cross merge and the core."""
-import torch
+from typing import Optional
 
+import torch
+import torch.nn.functional as F
+
+from . import _ext
 from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
-from .selective_scan import selective_scan
+from .selective_scan import (scan_backend_override, scan_override_active,
+                             selective_scan)
 
 NUM_DIRECTIONS = 4
 
@@ -66,49 +71,136 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
                       dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
 
 
-def cross_selective_scan(x: torch.Tensor, x_proj_weight: torch.Tensor,
+def _fused_unavailable_reason(x: torch.Tensor, d_state: int,
+                              scan_dtype: torch.dtype) -> Optional[str]:
+    """Say why the fused CUDA kernel cannot run this call, or ``None``."""
+    if not x.is_cuda:
+        return f'x is on {x.device.type}, the fused kernel is CUDA only'
+    if not _ext.has_cross_kernel():
+        return 'the fused CUDA kernel was not built: ' + _ext.ext_status()[1]
+    if scan_backend_override() == 'reference':
+        return 'MMVMAMBA_SCAN_BACKEND=reference'
+    if scan_override_active():
+        return 'selective_scan_override is active'
+    if d_state > _ext.CROSS_MAX_D_STATE:
+        return f'd_state N={d_state} > {_ext.CROSS_MAX_D_STATE}'
+    if scan_dtype not in _ext.CROSS_DTYPES:
+        return f'scan dtype {str(scan_dtype).replace("torch.", "")}'
+    return None
+
+
+def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
+                                dt_projs_bias, A_logs, Ds, scan_dtype):
+    """The fused CUDA path on a channels-last map ``(batch, H, W, D)``."""
+    batch, H, W, d_inner = x.shape
+    # x_dbl as the authors compute it: in x's dtype (or autocast's), then
+    # cast for the scan.
+    x_flat = x.reshape(batch, H * W, d_inner)
+    x_dbl = F.linear(x_flat, x_proj_weight.reshape(-1, d_inner))
+    x_dbl = x_dbl.view(batch, H * W, NUM_DIRECTIONS, -1).to(scan_dtype)
+    y = _ext.cross_scan_kernel(
+        x_flat.to(scan_dtype).contiguous(), x_dbl.contiguous(),
+        dt_projs_weight.float(), dt_projs_bias.float(),
+        -torch.exp(A_logs.float()), Ds.float(), H, W)
+    return y.view(batch, H, W, d_inner)
+
+
+def _cross_selective_scan_unfused(x, x_proj_weight, dt_projs_weight,
+                                  dt_projs_bias, A_logs, Ds, scan_dtype):
+    """Cross scan, projections, :func:`selective_scan`, cross merge, on a
+    ``(batch, D, H, W)`` map."""
+    batch, d_inner, H, W = x.shape
+    d_state, dt_rank = A_logs.shape[1], dt_projs_weight.shape[2]
+    length = H * W
+    xs = cross_scan(x)
+    x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, x_proj_weight)
+    dt_low, Bs, Cs = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=2)
+    dts = torch.einsum('bkrl,kdr->bkdl', dt_low, dt_projs_weight)
+    # A, D and the bias stay float32 (float64 for a float64 scan).
+    param_dtype = torch.float64 if scan_dtype == torch.float64 else \
+        torch.float32
+    y = selective_scan(
+        xs.reshape(batch, -1, length).to(scan_dtype),
+        dts.reshape(batch, -1, length).to(scan_dtype),
+        -torch.exp(A_logs.to(param_dtype)),
+        Bs.to(scan_dtype).contiguous(),
+        Cs.to(scan_dtype).contiguous(),
+        Ds.to(param_dtype),
+        dt_projs_bias.reshape(-1).to(param_dtype),
+        delta_softplus=True)
+    y = y.view(batch, NUM_DIRECTIONS, d_inner, length)
+    y = cross_merge(y, H, W).view(batch, d_inner, H, W)
+    return y.to(param_dtype)
+
+
+def cross_selective_scan(x: torch.Tensor,
+                         x_proj_weight: torch.Tensor,
                          dt_projs_weight: torch.Tensor,
-                         dt_projs_bias: torch.Tensor, A_logs: torch.Tensor,
-                         Ds: torch.Tensor) -> torch.Tensor:
+                         dt_projs_bias: torch.Tensor,
+                         A_logs: torch.Tensor,
+                         Ds: torch.Tensor,
+                         channels_last: bool = False,
+                         scan_dtype: Optional[torch.dtype] = None,
+                         fused: Optional[bool] = None) -> torch.Tensor:
     """SS2D's core: four directional selective scans of a map, merged.
 
     Per direction ``k`` the map, read in that scan order, is projected by
     ``x_proj_weight[k]`` to ``(dt_low, B, C)``; ``delta = dt_projs_weight[k]
     @ dt_low``; the scan uses ``softplus(delta + dt_projs_bias[k])`` and
     ``A = -exp(A_logs)``; the four outputs are summed back in place.
-    As in the authors' model, the scan's inputs are float32 even under
-    autocast, and so is the result.
+
+    On CUDA the fused kernel runs it in one pass: it reads the map in the
+    four orders by index, computes the step sizes from ``dt_low`` itself and
+    sums the four outputs into one map. Elsewhere (CPU, N > 16,
+    ``MMVMAMBA_SCAN_BACKEND=reference``) the four orders are copied out and
+    scanned by :func:`selective_scan`.
 
     Args:
-        x (Tensor): Map after the depthwise conv and SiLU, ``(batch, D, H, W)``.
+        x (Tensor): Map after the depthwise conv and SiLU, ``(batch, D, H,
+            W)``, or ``(batch, H, W, D)`` with ``channels_last``.
         x_proj_weight (Tensor): ``(4, R + 2N, D)``.
         dt_projs_weight (Tensor): ``(4, D, R)``.
         dt_projs_bias (Tensor): ``(4, D)``.
         A_logs (Tensor): ``(4*D, N)``.
         Ds (Tensor): ``(4*D,)``.
+        channels_last (bool): Layout of ``x`` and of the result.
+            Defaults to False.
+        scan_dtype (torch.dtype, optional): Dtype of the scan's inputs ``u``,
+            ``delta``, ``B``, ``C``. ``None`` is float32, as in the authors'
+            model even under autocast (float64 for float64 ``x``);
+            ``torch.bfloat16`` halves the bytes read, the state and the sums
+            staying float32.
+        fused (bool, optional): ``None`` takes the fused kernel whenever it
+            can run, ``False`` never, ``True`` always (``ValueError`` saying
+            why when it cannot).
 
     Returns:
-        Tensor: ``(batch, D, H, W)``, float32 (float64 for float64 input).
+        Tensor: Same layout as ``x``, float32 (float64 for float64 input).
     """
-    check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
+    if not isinstance(channels_last, bool):
+        raise ValueError(f'channels_last must be a bool, got {channels_last!r}')
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        check_tensor('x', x, (None, None, None, None), HALF_AND_FLOAT,
+                     '(batch, H, W, D)' if channels_last else '(batch, D, H, W)')
+    x_chw = x.permute(0, 3, 1, 2) if channels_last else x
+    check_cross_selective_scan_args(x_chw, x_proj_weight, dt_projs_weight,
                                     dt_projs_bias, A_logs, Ds)
-    batch, d_inner, H, W = x.shape
-    d_state, dt_rank = A_logs.shape[1], dt_projs_weight.shape[2]
-    length = H * W
-    scan_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    xs = cross_scan(x)
-    x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, x_proj_weight)
-    dt_low, Bs, Cs = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=2)
-    dts = torch.einsum('bkrl,kdr->bkdl', dt_low, dt_projs_weight)
-    y = selective_scan(
-        xs.reshape(batch, -1, length).to(scan_dtype),
-        dts.reshape(batch, -1, length).to(scan_dtype),
-        -torch.exp(A_logs.to(scan_dtype)),
-        Bs.to(scan_dtype).contiguous(),
-        Cs.to(scan_dtype).contiguous(),
-        Ds.to(scan_dtype),
-        dt_projs_bias.reshape(-1).to(scan_dtype),
-        delta_softplus=True)
-    y = y.view(batch, NUM_DIRECTIONS, d_inner, length)
-    return cross_merge(y, H, W).view(batch, d_inner, H, W)
+    if scan_dtype is None:
+        scan_dtype = torch.float64 if x.dtype == torch.float64 else \
+            torch.float32
+    if scan_dtype not in HALF_AND_FLOAT:
+        raise ValueError(f'scan_dtype must be one of float32, bfloat16, '
+                         f'float16, float64 or None, got {scan_dtype!r}')
+    reason = _fused_unavailable_reason(x, A_logs.shape[1], scan_dtype)
+    if fused and reason is not None:
+        raise ValueError(f'fused=True, but the fused kernel cannot run: '
+                         f'{reason}')
+    if fused is not False and reason is None:
+        x_hwc = x if channels_last else x.permute(0, 2, 3, 1)
+        y = _cross_selective_scan_fused(x_hwc, x_proj_weight,
+                                        dt_projs_weight, dt_projs_bias,
+                                        A_logs, Ds, scan_dtype)
+        return y if channels_last else y.permute(0, 3, 1, 2)
+    y = _cross_selective_scan_unfused(x_chw, x_proj_weight, dt_projs_weight,
+                                      dt_projs_bias, A_logs, Ds, scan_dtype)
+    return y.permute(0, 2, 3, 1) if channels_last else y

@@ -148,12 +148,23 @@ def selective_scan_reference(u: torch.Tensor,
     return y.to(u.dtype)
 
 
-def _choose_backend(u: torch.Tensor, A: torch.Tensor) -> str:
-    """Return ``'kernel'`` or ``'reference'`` for these inputs."""
+def scan_override_active() -> bool:
+    """Whether a :func:`selective_scan_override` block is running."""
+    return _override is not None
+
+
+def scan_backend_override() -> str:
+    """``MMVMAMBA_SCAN_BACKEND``: 'auto' (default), 'reference' or 'kernel'."""
     wanted = os.environ.get('MMVMAMBA_SCAN_BACKEND', 'auto').lower()
     if wanted not in BACKENDS:
         raise ValueError(f'MMVMAMBA_SCAN_BACKEND must be one of {BACKENDS}, '
                          f'got {wanted!r}')
+    return wanted
+
+
+def _choose_backend(u: torch.Tensor, A: torch.Tensor) -> str:
+    """Return ``'kernel'`` or ``'reference'`` for these inputs."""
+    wanted = scan_backend_override()
     if wanted == 'reference':
         return 'reference'
     device = u.device.type

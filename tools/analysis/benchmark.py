@@ -5,8 +5,13 @@
     python tools/analysis/benchmark.py scan [--device cuda] [--batch 128]
         [--dtype float32] [--no-reference]
     python tools/analysis/benchmark.py throughput [--device cuda]
-        [--models vmamba-t swin-t convnext-t resnet-50 deit-s]
-        [--modes infer-fp32 infer-bf16 train-bf16] [--size 224] [--batch 128]
+        [--models vmamba-t vmamba-s vmamba-b swin-t swin-s swin-b convnext-t]
+        [--modes infer-fp32 infer-bf16 train-bf16] [--sizes 224 512 1024]
+        [--batch 128] [--batch-per-size 128 24 6]
+    python tools/analysis/benchmark.py detectors [--device cuda]
+        [--models mask-rcnn-vmamba-t mask-rcnn-swin-t upernet-vmamba-t
+        upernet-swin-t] [--modes fp32 amp] [--amp-dtype bfloat16]
+        [--batch 2] [--det-size 800 1333] [--seg-size 512]
 
 ``models``: forward time of VMamba-T/S/B backbones against mmpretrain's
 Swin-T/S/B at one input size and batch, in eval mode without gradients, with
@@ -19,21 +24,41 @@ and the ratios to the bandwidth and exponential floors
 
 ``throughput``: classifiers (names of ``mmvmamba.analysis.models.MODEL_ZOO``
 or classifier configs) in inference (fp32, bf16 autocast) and training steps
-(bf16 autocast, forward + backward + AdamW step): median time per iteration
-after warm-up (CUDA events on a GPU), images per second and peak GPU memory;
-a mode that runs out of GPU memory reads OOM. The table names the device and
+(bf16 autocast, forward + backward + AdamW step) at one or more square sizes:
+median time per iteration after warm-up (CUDA events on a GPU), images per
+second, their ratio to the Swin of the same size class (T/S/B; ConvNeXt-T,
+ResNet-50 and DeiT-S against Swin-T) in the same mode and size, and peak GPU
+memory; a mode that runs out of GPU memory reads OOM. ``--batch`` is the
+batch at 224; other sizes keep the pixels per batch (larger sizes fewer
+images, at least one; smaller sizes at most ``--batch``) unless
+``--batch-per-size`` names each size's batch. The table names the device and
 which selective scan ran (compiled kernel or PyTorch reference).
+
+``detectors``: training steps of Mask R-CNN (800x1333) and UperNet (512x512)
+with VMamba and Swin backbones (names of
+``mmvmamba.analysis.detectors.DETECTOR_ZOO`` or mmdet / mmseg configs) on
+synthetic batches, as mmengine's runner trains them (``model.train_step``:
+data preprocessor, losses, ``optim_wrapper.update_params``) with each
+config's optimizer, in fp32 (``OptimWrapper``) and mixed precision
+(``AmpOptimWrapper``, bfloat16 by default; GPU only): median ms per step,
+images per second, peak GPU memory and the ratios of time and memory to the
+Swin of the same task and size class in the same mode. No checkpoint is read
+(backbones start from their initialisation); SyncBN runs as BN. On the CPU,
+pass small sizes (``--det-size 128 128 --seg-size 64``).
 """
 import argparse
 
 import torch
 
-from mmvmamba.analysis.models import (MODEL_ZOO, build_classifier,
+from mmvmamba.analysis import detectors
+from mmvmamba.analysis.models import (MODEL_ZOO, SWIN_OF, build_classifier,
                                       model_label, tensor_forward)
+from mmvmamba.analysis.scaling import batch_for
 from mmvmamba.analysis.scan_timing import (D_STATE, HEADER, format_rows,
                                            kernel_rows)
 from mmvmamba.analysis.timing import (MODES, device_name, measure,
-                                      print_table, scan_backend, time_mode)
+                                      print_table, relative_to, scan_backend,
+                                      time_mode)
 
 SWIN_OF = {'tiny': 'tiny', 'small': 'small', 'base': 'base'}
 
@@ -80,34 +105,99 @@ def _fmt(value, spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
 
+def _ms(row: dict) -> str:
+    """Milliseconds of a timing row, or its status (OOM)."""
+    return _fmt(row['ms'], '.1f') if row['status'] == 'ok' else row['status']
+
+
+def _timing_title(what: str, device: torch.device, args) -> str:
+    return (f'{what}, {device_name(device)}, torch {torch.__version__}, '
+            f'selective scan: {scan_backend(device)}; median of '
+            f'{args.repeat} after {args.warmup} warm-up'
+            f'{", CUDA events" if device.type == "cuda" else ""}')
+
+
 def bench_throughput(args) -> list:
-    """Time each model in each mode; print and return the table rows."""
+    """Time each model at each size in each mode; print and return rows.
+
+    Returns:
+        list[dict]: ``model``, ``size``, ``params_m``, ``mode``, ``batch``,
+        the keys of :func:`time_mode` and ``x_swin`` (img/s over the img/s
+        of the Swin of the same size class, mode and size).
+    """
     device = torch.device(args.device)
+    batches = args.batch_per_size or [
+        batch_for(size, args.batch, max_batch=args.batch)
+        for size in args.sizes
+    ]
     rows = []
     for name in args.models:
-        model = tensor_forward(build_classifier(name), 'mmpretrain',
-                               args.batch, (args.size, args.size))
-        model.to(device)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        for mode in args.modes:
-            r = time_mode(model, mode, args.batch, args.size, device,
-                          args.warmup, args.repeat)
-            rows.append([
-                model_label(name), f'{params:.1f}', mode, args.batch,
-                _fmt(r['ms'], '.1f') if r['status'] == 'ok' else r['status'],
-                _fmt(r['img_per_s'], '.1f'),
-                _fmt(r['peak_gib'], '.2f')
-            ])
-            print('  '.join(map(str, rows[-1])), flush=True)  # progress
-        del model
+        classifier = build_classifier(name).to(device)
+        params = sum(p.numel() for p in classifier.parameters()) / 1e6
+        for size, batch in zip(args.sizes, batches):
+            model = tensor_forward(classifier, 'mmpretrain', batch,
+                                   (size, size))
+            for mode in args.modes:
+                r = time_mode(model, mode, batch, size, device, args.warmup,
+                              args.repeat)
+                rows.append(
+                    dict(model=model_label(name), size=size,
+                         params_m=params, mode=mode, batch=batch, **r))
+                print(f'{rows[-1]["model"]}  {size}  {mode}  batch {batch}  '
+                      f'{_ms(r)} ms', flush=True)  # progress
+        del classifier, model
+    for row, ratio in zip(rows,
+                          relative_to(rows, SWIN_OF, 'img_per_s',
+                                      ('mode', 'size'))):
+        row['x_swin'] = ratio
+    rows.sort(key=lambda row: args.sizes.index(row['size']))  # stable
     print_table(
-        f'Classifier throughput, {args.size}x{args.size}, '
-        f'{device_name(device)}, torch {torch.__version__}, selective scan: '
-        f'{scan_backend(device)}; median of {args.repeat} after '
-        f'{args.warmup} warm-up'
-        f'{", CUDA events" if device.type == "cuda" else ""}',
-        ['model', 'params (M)', 'mode', 'batch', 'ms/iter', 'img/s',
-         'peak mem (GiB)'], rows)
+        _timing_title(
+            'Classifier throughput, '
+            f'{", ".join(f"{s}x{s}" for s in args.sizes)}', device, args),
+        ['model', 'size', 'params (M)', 'mode', 'batch', 'ms/iter', 'img/s',
+         'x Swin', 'peak mem (GiB)'],
+        [[
+            r['model'], r['size'], f'{r["params_m"]:.1f}', r['mode'],
+            r['batch'], _ms(r),
+            _fmt(r['img_per_s'], '.1f'),
+            _fmt(r['x_swin'], '.2f'),
+            _fmt(r['peak_gib'], '.2f')
+        ] for r in rows])
+    return rows
+
+
+def bench_detectors(args) -> list:
+    """Time training steps of detectors and segmentors; print and return.
+
+    Returns:
+        list[dict]: The rows of :func:`mmvmamba.analysis.detectors.benchmark`
+        with ``time_vs_swin`` and ``mem_vs_swin`` (ms and peak memory over
+        those of the Swin of the same task, size class and mode).
+    """
+    device = torch.device(args.device)
+    rows = detectors.benchmark(
+        args.models, args.modes, device, args.batch, args.det_size,
+        (args.seg_size, args.seg_size), args.warmup, args.repeat,
+        args.amp_dtype, log=lambda line: print(line, flush=True))
+    for key, out in (('ms', 'time_vs_swin'), ('peak_gib', 'mem_vs_swin')):
+        for row, ratio in zip(
+                rows, relative_to(rows, detectors.REFERENCE_OF, key)):
+            row[out] = ratio
+    print_table(
+        _timing_title(
+            'Training step (data preprocessor, forward, backward, optimizer '
+            f'step), batch {args.batch}', device, args),
+        ['model', 'input', 'params (M)', 'mode', 'ms/step', 'img/s',
+         'peak mem (GiB)', 'time / Swin', 'mem / Swin'],
+        [[
+            r['model'], f'{r["shape"][0]}x{r["shape"][1]}',
+            f'{r["params_m"]:.1f}', r['mode'], _ms(r),
+            _fmt(r['img_per_s'], '.2f'),
+            _fmt(r['peak_gib'], '.2f'),
+            _fmt(r['time_vs_swin'], '.2f'),
+            _fmt(r['mem_vs_swin'], '.2f')
+        ] for r in rows])
     return rows
 
 
@@ -157,15 +247,56 @@ def main(argv=None):
                      else 'cpu')
     thr.add_argument(
         '--models', nargs='+',
-        default=['vmamba-t', 'swin-t', 'convnext-t', 'resnet-50', 'deit-s'],
+        default=['vmamba-t', 'vmamba-s', 'vmamba-b', 'swin-t', 'swin-s',
+                 'swin-b', 'convnext-t'],
         help=f'names of {sorted(MODEL_ZOO)} or classifier configs')
     thr.add_argument('--modes', nargs='+', choices=MODES, default=MODES)
-    thr.add_argument('--size', type=int, default=224)
-    thr.add_argument('--batch', type=int, default=128)
+    thr.add_argument('--sizes', '--size', nargs='+', type=int, default=[224],
+                     help='square input sizes')
+    thr.add_argument('--batch', type=int, default=128,
+                     help='batch at 224 (scaled by area for other sizes)')
+    thr.add_argument('--batch-per-size', nargs='+', type=int,
+                     help='the batch of each of --sizes instead')
     thr.add_argument('--warmup', type=int, default=5)
     thr.add_argument('--repeat', type=int, default=20)
     thr.set_defaults(func=bench_throughput)
+
+    det = sub.add_parser(
+        'detectors', help='Mask R-CNN and UperNet: training step time, memory')
+    det.add_argument('--device', default='cuda')
+    det.add_argument(
+        '--models', nargs='+',
+        default=['mask-rcnn-vmamba-t', 'mask-rcnn-swin-t', 'upernet-vmamba-t',
+                 'upernet-swin-t'],
+        help=f'names of {sorted(detectors.DETECTOR_ZOO)} or mmdet / mmseg '
+        'configs')
+    det.add_argument('--modes', nargs='+', choices=detectors.MODES,
+                     help='default: fp32 amp on a GPU, fp32 on the CPU')
+    det.add_argument('--amp-dtype', default='bfloat16',
+                     choices=['bfloat16', 'float16'],
+                     help='autocast dtype of mode amp')
+    det.add_argument('--batch', type=int, default=2, help='images per step')
+    det.add_argument('--det-size', nargs=2, type=int, metavar=('H', 'W'),
+                     default=list(detectors.TASKS['mmdet'][1]),
+                     help='Mask R-CNN input')
+    det.add_argument('--seg-size', type=int,
+                     default=detectors.TASKS['mmseg'][1][0],
+                     help='UperNet input (square)')
+    det.add_argument('--warmup', type=int, default=5)
+    det.add_argument('--repeat', type=int, default=20)
+    det.set_defaults(func=bench_detectors)
+
     args = parser.parse_args(argv)
+    if args.func is bench_throughput and args.batch_per_size and len(
+            args.batch_per_size) != len(args.sizes):
+        parser.error(f'--batch-per-size needs {len(args.sizes)} values, one '
+                     'for each of --sizes')
+    if args.func is bench_detectors:
+        cuda = torch.device(args.device).type == 'cuda'
+        if args.modes is None:
+            args.modes = list(detectors.MODES) if cuda else ['fp32']
+        if 'amp' in args.modes and not cuda:
+            parser.error('mode amp needs a GPU (mmengine\'s AmpOptimWrapper)')
     return args.func(args)
 
 

@@ -1,0 +1,376 @@
+"""Training steps of detectors and segmentors on synthetic batches.
+
+:data:`DETECTOR_ZOO` names Mask R-CNN (COCO 1x) and UperNet (ADE20K 512)
+with VMamba backbones (this repository's configs) and with Swin backbones
+(mmdet's and mmseg's stock configs; Mask R-CNN Swin-S/B are mmdet's Swin-T
+config with the backbone resized, as mmdet's own Swin-S config does).
+
+:func:`synthetic_batch` makes what a dataloader gives (uint8 images and
+packed data samples: random boxes, masks and labels for mmdet, random label
+maps for mmseg) and :func:`time_train_step` times ``model.train_step``, the
+call of mmengine's training loops: data preprocessor, forward with losses,
+``optim_wrapper.update_params`` (backward and optimizer step), with the
+config's optimizer under an ``OptimWrapper`` (``fp32``) or an
+``AmpOptimWrapper`` (``amp``: autocast to bfloat16 or float16).
+"""
+import copy
+import gc
+import os.path as osp
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.optim import OptimWrapper, build_optim_wrapper
+from mmengine.registry import DefaultScope
+
+from .models import (build, load_config, model_label, quiet_logger,
+                     scope_of)
+from .timing import timed
+
+#: This repository's configs (tools run from a checkout: configs are not
+#: installed with the package).
+CONFIG_DIR = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+    'configs')
+
+#: Training modes of :func:`time_train_step`.
+MODES = ('fp32', 'amp')
+
+#: Tasks by config scope: the task's name and its default input (H, W).
+TASKS = {'mmdet': ('Mask R-CNN', (800, 1333)), 'mmseg': ('UperNet', (512,
+                                                                     512))}
+
+
+class DetectorSpec(NamedTuple):
+    """A named model of :data:`DETECTOR_ZOO`."""
+    config: str  #: config file or ``pkg::path``
+    reference: str  #: the Swin model of the same task and size class
+    overrides: Optional[dict] = None  #: merged into the config's ``model``
+
+
+_SWIN_DET = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+_SWIN_SEG = ('mmseg::swin/swin-{}-patch4-window7-in1k-pre_upernet_8xb2-160k_'
+             'ade20k-512x512.py')
+_SWIN_S = dict(depths=[2, 2, 18, 2])
+_SWIN_B = dict(embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
+
+#: Mask R-CNN and UperNet, VMamba-T/S/B against Swin-T/S/B.
+DETECTOR_ZOO: Dict[str, DetectorSpec] = {}
+for _size, _arch in zip('tsb', ('tiny', 'small', 'base')):
+    DETECTOR_ZOO.update({
+        f'mask-rcnn-vmamba-{_size}':
+        DetectorSpec(
+            osp.join(CONFIG_DIR, f'mask_rcnn_vmamba_{_size}_1x_coco.py'),
+            f'mask-rcnn-swin-{_size}'),
+        f'upernet-vmamba-{_size}':
+        DetectorSpec(
+            osp.join(CONFIG_DIR,
+                     f'upernet_vmamba_{_size}_512x512_160k_ade20k.py'),
+            f'upernet-swin-{_size}'),
+        f'upernet-swin-{_size}':
+        DetectorSpec(_SWIN_SEG.format(_arch), f'upernet-swin-{_size}'),
+    })
+DETECTOR_ZOO['mask-rcnn-swin-t'] = DetectorSpec(_SWIN_DET, 'mask-rcnn-swin-t')
+DETECTOR_ZOO['mask-rcnn-swin-s'] = DetectorSpec(
+    _SWIN_DET, 'mask-rcnn-swin-s', dict(backbone=_SWIN_S))
+DETECTOR_ZOO['mask-rcnn-swin-b'] = DetectorSpec(
+    _SWIN_DET, 'mask-rcnn-swin-b',
+    dict(backbone=_SWIN_B, neck=dict(in_channels=[128, 256, 512, 1024])))
+
+#: The Swin model each zoo model is compared with.
+REFERENCE_OF = {name: spec.reference for name, spec in DETECTOR_ZOO.items()}
+
+
+def load_detector_config(
+        name: str,
+        shapes: Optional[Dict[str, Sequence[int]]] = None) -> Config:
+    """The config of a zoo name or an mmdet / mmseg config, for training.
+
+    The backbone's ``init_cfg`` is dropped (no checkpoints are read). A data
+    preprocessor with a fixed ``size`` (mmseg's crop) pads to the input
+    (H, W) of ``shapes`` (by scope) instead.
+    """
+    spec = DETECTOR_ZOO.get(name)
+    cfg = load_config(spec.config if spec else name)
+    if scope_of(cfg) not in TASKS:
+        raise ValueError(f'{name}: default_scope must be one of '
+                         f'{sorted(TASKS)}, got {scope_of(cfg)!r}')
+    if spec and spec.overrides:
+        cfg.merge_from_dict(dict(model=copy.deepcopy(spec.overrides)))
+    cfg.model.backbone.init_cfg = None
+    preprocessor = cfg.model.get('data_preprocessor', {})
+    if shapes and preprocessor.get('size') is not None:
+        preprocessor['size'] = tuple(shapes[scope_of(cfg)])
+    return cfg
+
+
+def build_detector(cfg: Config, device: torch.device) -> nn.Module:
+    """Build and initialise the config's model in train mode on ``device``.
+
+    SyncBN becomes BN (one process), as in ``tools/train.py``.
+    """
+    model = build(cfg.model, scope_of(cfg), init_weights=True).to(device)
+    model.train()  # not chained: some backbones' train() returns None
+    return model
+
+
+def num_classes(model: nn.Module) -> int:
+    """Classes of an mmdet detector's box head or an mmseg decode head."""
+    for path in ('roi_head.bbox_head', 'bbox_head', 'decode_head'):
+        head = model
+        for attr in path.split('.'):
+            head = getattr(head, attr, None)
+        if head is not None and hasattr(head, 'num_classes'):
+            return head.num_classes
+    raise ValueError(f'{type(model).__name__} has no head with num_classes')
+
+
+def _images(rng: np.random.Generator, batch: int,
+            shape: Sequence[int]) -> List[torch.Tensor]:
+    """Random uint8 images (3, H, W), as a dataloader packs them."""
+    return [
+        torch.from_numpy(rng.integers(0, 256, (3, *shape), dtype=np.uint8))
+        for _ in range(batch)
+    ]
+
+
+def _meta(shape: Sequence[int]) -> dict:
+    """Image metainfo of an unscaled, unpadded, unflipped image."""
+    shape = tuple(shape)
+    return dict(img_shape=shape, ori_shape=shape, pad_shape=shape,
+                batch_input_shape=shape, scale_factor=(1., 1.), flip=False,
+                flip_direction=None)
+
+
+def _ellipse_masks(boxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """uint8 masks (N, H, W) of the ellipses inscribed in ``boxes``."""
+    ys = np.arange(shape[0])[:, None] + 0.5
+    xs = np.arange(shape[1])[None] + 0.5
+    masks = np.zeros((len(boxes), *shape), dtype=np.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes):
+        rx, ry = (x2 - x1) / 2, (y2 - y1) / 2
+        mask[(((xs - x1 - rx) / rx)**2 + ((ys - y1 - ry) / ry)**2) <= 1] = 1
+    return masks
+
+
+def det_batch(batch: int,
+              shape: Sequence[int],
+              classes: int,
+              boxes_per_image: int = 5,
+              seed: int = 0) -> dict:
+    """A batch of mmdet training data: images with boxes, masks, labels.
+
+    Each image has ``boxes_per_image`` random boxes (sides 5% to 50% of the
+    image's) with the inscribed ellipse as ``BitmapMasks`` and random labels
+    in ``[0, classes)``.
+
+    Returns:
+        dict: ``inputs`` (uint8 tensors (3, H, W)) and ``data_samples``
+        (``DetDataSample`` with ``gt_instances`` and empty
+        ``ignored_instances``), as ``PackDetInputs`` and ``pseudo_collate``.
+    """
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import HorizontalBoxes
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    samples = []
+    for _ in range(batch):
+        sides = rng.uniform(0.05, 0.5, (boxes_per_image, 2)) * (w, h)
+        corners = rng.uniform(0, 1, (boxes_per_image, 2)) * ((w, h) - sides)
+        boxes = np.concatenate([corners, corners + sides],
+                               axis=1).astype(np.float32)
+        gt = InstanceData(
+            bboxes=HorizontalBoxes(torch.from_numpy(boxes)),
+            labels=torch.from_numpy(
+                rng.integers(0, classes, boxes_per_image)),
+            masks=BitmapMasks(_ellipse_masks(boxes, shape), h, w))
+        ignored = InstanceData(
+            bboxes=HorizontalBoxes(torch.zeros(0, 4)),
+            labels=torch.zeros(0, dtype=torch.long),
+            masks=BitmapMasks(np.zeros((0, h, w), np.uint8), h, w))
+        samples.append(
+            DetDataSample(
+                metainfo=_meta(shape), gt_instances=gt,
+                ignored_instances=ignored))
+    return dict(inputs=_images(rng, batch, shape), data_samples=samples)
+
+
+def seg_batch(batch: int,
+              shape: Sequence[int],
+              classes: int,
+              cell: int = 32,
+              seed: int = 0) -> dict:
+    """A batch of mmseg training data: images with random label maps.
+
+    The label maps are constant on ``cell`` x ``cell`` squares, each with a
+    random class in ``[0, classes)``.
+
+    Returns:
+        dict: ``inputs`` (uint8 tensors (3, H, W)) and ``data_samples``
+        (``SegDataSample`` with ``gt_sem_seg``), as ``PackSegInputs`` and
+        ``pseudo_collate``.
+    """
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    samples = []
+    for _ in range(batch):
+        cells = rng.integers(0, classes, (-(-h // cell), -(-w // cell)))
+        labels = cells.repeat(cell, 0).repeat(cell, 1)[:h, :w]
+        samples.append(
+            SegDataSample(
+                metainfo=_meta(shape),
+                gt_sem_seg=PixelData(data=torch.from_numpy(labels[None]))))
+    return dict(inputs=_images(rng, batch, shape), data_samples=samples)
+
+
+def synthetic_batch(model: nn.Module, scope: str, batch: int,
+                    shape: Sequence[int], seed: int = 0) -> dict:
+    """:func:`det_batch` or :func:`seg_batch` for ``model``'s classes."""
+    make = {'mmdet': det_batch, 'mmseg': seg_batch}[scope]
+    return make(batch, shape, num_classes(model), seed=seed)
+
+
+def optim_wrapper_cfg(cfg: Config, mode: str,
+                      amp_dtype: str = 'bfloat16') -> dict:
+    """The config's optim_wrapper as ``OptimWrapper`` or ``AmpOptimWrapper``.
+
+    The optimizer and its paramwise settings stay the config's.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    wrapper = copy.deepcopy(cfg.optim_wrapper.to_dict())
+    for key in ('dtype', 'loss_scale'):
+        wrapper.pop(key, None)
+    if mode == 'amp':
+        wrapper.update(
+            type='AmpOptimWrapper', dtype=amp_dtype, loss_scale='dynamic')
+    else:
+        wrapper['type'] = 'OptimWrapper'
+    return wrapper
+
+
+def mode_label(mode: str, amp_dtype: str = 'bfloat16') -> str:
+    """``'fp32'``, ``'amp-bf16'`` or ``'amp-fp16'``."""
+    if mode != 'amp':
+        return mode
+    return 'amp-' + {'bfloat16': 'bf16', 'float16': 'fp16'}[amp_dtype]
+
+
+def time_train_step(model: nn.Module,
+                    cfg: Config,
+                    mode: str,
+                    data: dict,
+                    device: torch.device,
+                    warmup: int = 5,
+                    repeat: int = 20,
+                    amp_dtype: str = 'bfloat16') -> Dict[str, Optional[float]]:
+    """Time ``model.train_step(data, optim_wrapper)`` in one mode.
+
+    A fresh optim wrapper of the config (:func:`optim_wrapper_cfg`) takes
+    every step of the run. cuDNN's autotuner follows the config's
+    ``env_cfg.cudnn_benchmark``, as the runner sets it.
+
+    Args:
+        model (nn.Module): From :func:`build_detector`, on ``device``.
+        cfg (Config): Its config (optim_wrapper, env_cfg, scope).
+        mode (str): One of :data:`MODES`; ``'amp'`` needs a GPU.
+        data (dict): A batch of :func:`synthetic_batch`, on the CPU like a
+            dataloader's (the data preprocessor moves it).
+        device (torch.device): The model's device.
+        warmup (int): Untimed steps first.
+        repeat (int): Timed steps; the median is reported.
+        amp_dtype (str): ``'bfloat16'`` or ``'float16'`` for ``'amp'``.
+
+    Returns:
+        dict: As :func:`mmvmamba.analysis.timing.timed`, plus ``loss`` (the
+        total loss of the last step; None if none finished).
+    """
+    if mode == 'amp' and device.type != 'cuda':
+        raise ValueError('mode amp needs a GPU (mmengine\'s AmpOptimWrapper)')
+    scope = scope_of(cfg)
+    last = {}
+
+    def make_step() -> Callable[[], None]:
+        # the paramwise constructor logs every parameter's options
+        with DefaultScope.overwrite_default_scope(scope), quiet_logger():
+            optim_wrapper: OptimWrapper = build_optim_wrapper(
+                model, optim_wrapper_cfg(cfg, mode, amp_dtype))
+
+        def step():
+            last['loss'] = model.train_step(data, optim_wrapper)['loss']
+
+        return step
+
+    try:
+        result = timed(
+            make_step, len(data['inputs']), device, warmup, repeat,
+            cfg.get('env_cfg', {}).get('cudnn_benchmark', False))
+    finally:
+        model.zero_grad(set_to_none=True)
+    loss = last.get('loss')
+    result['loss'] = None if loss is None else loss.item()
+    return result
+
+
+def benchmark(names: Sequence[str],
+              modes: Sequence[str],
+              device: torch.device,
+              batch: int = 2,
+              det_shape: Sequence[int] = TASKS['mmdet'][1],
+              seg_shape: Sequence[int] = TASKS['mmseg'][1],
+              warmup: int = 5,
+              repeat: int = 20,
+              amp_dtype: str = 'bfloat16',
+              log: Callable[[str], None] = print) -> List[dict]:
+    """Time the training step of each model in each mode.
+
+    Args:
+        names (Sequence[str]): Keys of :data:`DETECTOR_ZOO` or mmdet / mmseg
+            config files.
+        modes (Sequence[str]): Of :data:`MODES`.
+        device (torch.device): Where to train.
+        batch (int): Images per step.
+        det_shape, seg_shape (Sequence[int]): Input (H, W) of mmdet and
+            mmseg models.
+        warmup (int): Untimed steps.
+        repeat (int): Timed steps (median).
+        amp_dtype (str): Autocast dtype of ``'amp'``.
+        log (Callable): Called with a line per measurement.
+
+    Returns:
+        list[dict]: One row per model and mode: ``model``, ``task``,
+        ``shape``, ``params_m``, ``mode`` (:func:`mode_label`), ``batch``
+        and the keys of :func:`time_train_step`.
+    """
+    shapes = {'mmdet': tuple(det_shape), 'mmseg': tuple(seg_shape)}
+    rows = []
+    for name in names:
+        cfg = load_detector_config(name, shapes)
+        scope = scope_of(cfg)
+        shape = shapes[scope]
+        model = build_detector(cfg, device)
+        data = synthetic_batch(model, scope, batch, shape)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        for mode in modes:
+            result = time_train_step(model, cfg, mode, data, device, warmup,
+                                     repeat, amp_dtype)
+            rows.append(
+                dict(
+                    model=name if name in DETECTOR_ZOO else
+                    model_label(name),
+                    task=TASKS[scope][0],
+                    shape=shape, params_m=params,
+                    mode=mode_label(mode, amp_dtype), batch=batch, **result))
+            log(f'{name}  {rows[-1]["mode"]}  {result["status"]}  '
+                f'{result["ms"]} ms  {result["peak_gib"]} GiB')
+        del model, data
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,4 @@
+"""Training-loop helpers, registered in mmengine's root registries."""
+from .hooks import MeanLossAcrossRanksHook
+
+__all__ = ['MeanLossAcrossRanksHook']
