@@ -147,8 +147,10 @@ CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
               "cross_scan: u must be float32 or bfloat16, got ", u.scalar_type());
   TORCH_CHECK(u.dim() == 3, "cross_scan: u must be (batch, H*W, D), got shape ",
               shape_str(u));
-  TORCH_CHECK(height >= 1 && width >= 1 && height * width == u.size(1) &&
-                  u.size(1) <= INT32_MAX,
+  TORCH_CHECK(u.size(1) < kMaxCrossLength,
+              "cross_scan: the fused kernel covers H*W < 2^22, got ",
+              std::to_string(u.size(1)));
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width == u.size(1),
               "cross_scan: height x width = ", std::to_string(height), " x ",
               std::to_string(width), " does not match u's length ",
               std::to_string(u.size(1)));

@@ -59,6 +59,8 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 constexpr int64_t kDirections = 4;
 // Largest state size N of the fused kernel (VMamba uses 16).
 constexpr int64_t kMaxCrossDState = 16;
+// Positions are computed in float arithmetic, exact below this length.
+constexpr int64_t kMaxCrossLength = int64_t{1} << 22;
 
 struct CrossShape {
   int64_t batch, height, width, d_inner, rank, d_state;

@@ -29,8 +29,10 @@
 //   each position's projections per direction: the step size is computed in
 //   the kernel from its low-rank part (delta = dt_weight[k] @ dt_low), and
 //   the four outputs are summed into one float32 (batch, L, D) map with
-//   atomics. The backward likewise sums du over directions, and leaves the
-//   step-size gradient (batch, L, 4, D) to two matmuls on the host.
+//   atomics. The backward likewise sums du over directions, and turns the
+//   step-size gradient of each tile into those of dt_low (into dx_dbl) and
+//   of dt_weight in shared memory: nothing of size (batch, L, 4, D) is
+//   ever written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -72,10 +74,11 @@ struct ScanParams {
   int64_t batch, channels, length, groups, per_group, d_state, chunks;
   int channel_blocks;
   bool softplus;
-  // CrossIo only: x_dbl (in `delta`), its gradient, dt_weight (4, D, R).
-  float* dx_dbl;
+  // CrossIo only: x_dbl (in `delta`), dt_weight (4, D, R), their gradients.
+  float *dx_dbl, *ddt_weight;
   const float* dt_weight;
   int height, width, rank, row_stride, dt_pitch;  // row_stride = 4 (R + 2N)
+  float inv_height;
 };
 
 struct BlockPos {
@@ -132,8 +135,9 @@ struct SeqIo {
   static constexpr int kStateThreads = kThreads / Tl::states;
   static constexpr int kStateLoads = kSteps / kStateThreads;
 
-  static int extra_floats(const ScanParams&) { return 0; }
+  static int extra_floats(const ScanParams&, bool) { return 0; }
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
+  __device__ static void finish(const ScanParams&, const BlockPos&, float*) {}
 
   template <bool kWithDy>
   struct Loads {
@@ -225,7 +229,8 @@ struct SeqIo {
   // which it also zeroes for the next tile.
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
                                      int64_t l0, const float* du_s,
-                                     const float* dd_s, float* dB_s, float* dC_s) {
+                                     const float* dd_s, float* dB_s, float* dC_s,
+                                     float*) {
     for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
       const int c = i / kSteps, t = i % kSteps;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -251,10 +256,16 @@ struct SeqIo {
 };
 
 // Row-major position of step l of scan order k on an H x W map: k = 0 rows,
-// 1 columns (l = w H + h), 2 and 3 the same reversed.
-__device__ __forceinline__ int cross_position(int k, int l, int H, int W) {
+// 1 columns (l = w H + h), 2 and 3 the same reversed. l / H in floats is
+// exact for H W < 2^22 (checked on the host): (l + 0.5) / H lies at least
+// 0.5 / H away from an integer.
+__device__ __forceinline__ int cross_position(int k, int l, int H, int W,
+                                              float inv_h) {
   if (k >= 2) l = H * W - 1 - l;
-  if (k & 1) return (l % H) * W + l / H;
+  if (k & 1) {
+    const int w = static_cast<int>((static_cast<float>(l) + 0.5f) * inv_h);
+    return (l - w * H) * W + w;
+  }
   return l;
 }
 
@@ -272,14 +283,15 @@ struct CrossIo {
   static constexpr int kStateThreads = kThreads / Tl::states;   // 8
   static constexpr int kStateLoads = kSteps / kStateThreads;
 
-  static int extra_floats(const ScanParams& p) {
-    return (Tl::channels + kSteps) * p.dt_pitch;
+  // dt_weight rows, the tile's dt_low, and (backward) d dt_weight rows.
+  static int extra_floats(const ScanParams& p, bool backward) {
+    return ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
   }
 
   __device__ static int position(const ScanParams& p, const BlockPos& pos,
                                  int64_t l) {
     return cross_position(static_cast<int>(pos.g), static_cast<int>(l),
-                          p.height, p.width);
+                          p.height, p.width, p.inv_height);
   }
 
   // Element (b, position, channel) of a (batch, L, D) map.
@@ -288,9 +300,11 @@ struct CrossIo {
     return (pos.b * p.length + position) * p.per_group + d_in_group;
   }
 
-  // The block's rows of dt_weight, kept for the whole kernel.
+  // The block's rows of dt_weight, kept for the whole kernel; the
+  // backward's d dt_weight rows start at zero.
   __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
                                  float* extra) {
+    float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
     for (int i = threadIdx.x; i < Tl::channels * p.rank; i += kThreads) {
       const int c = i / p.rank, r = i % p.rank;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -298,6 +312,22 @@ struct CrossIo {
           d_in_group < p.per_group
               ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
               : 0.0f;
+      if (p.ddt_weight != nullptr) dw_s[c * p.dt_pitch + r] = 0.0f;
+    }
+  }
+
+  // Adds the block's d dt_weight rows to the gradient.
+  __device__ static void finish(const ScanParams& p, const BlockPos& pos,
+                                float* extra) {
+    __syncthreads();
+    const float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
+    for (int i = threadIdx.x; i < Tl::channels * p.rank; i += kThreads) {
+      const int c = i / p.rank, r = i % p.rank;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      if (d_in_group < p.per_group) {
+        atomicAdd(p.ddt_weight + (pos.g * p.per_group + d_in_group) * p.rank + r,
+                  dw_s[c * p.dt_pitch + r]);
+      }
     }
   }
 
@@ -379,13 +409,20 @@ struct CrossIo {
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
       const bool row_ok = d_in_group < p.per_group;
       const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
+      float x[kRowLoads];
+#pragma unroll
+      for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
+      for (int r = 0; r < p.rank; ++r) {
+        const float w = w_s[c * p.dt_pitch + r];
+#pragma unroll
+        for (int k = 0; k < kRowLoads; ++k) {
+          x[k] = fmaf(w, dtl_s[(j + k * kStepThreads) * p.dt_pitch + r], x[k]);
+        }
+      }
+#pragma unroll
       for (int k = 0; k < kRowLoads; ++k) {
         const int t = j + k * kStepThreads;
-        float x = bias;
-        for (int r = 0; r < p.rank; ++r) {
-          x = fmaf(w_s[c * p.dt_pitch + r], dtl_s[t * p.dt_pitch + r], x);
-        }
-        s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? softplus(x) : 0.0f;
+        s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? softplus(x[k]) : 0.0f;
       }
     }
   };
@@ -404,11 +441,15 @@ struct CrossIo {
     }
   }
 
-  // Adds du to the merged float32 map, writes the step-size gradient
-  // (batch, L, 4, D), and adds dB / dC into dx_dbl (zeroing them).
+  // Adds du to the merged float32 map; adds the gradients of dt_low
+  // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) and of B
+  // and C into dx_dbl, zeroing dB_s / dC_s; accumulates d dt_weight
+  // (dW[c] += sum_t dd[c][t] dt_low[t]). dd holds d(step size) before the
+  // softplus, zero past L and for padding channels.
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
                                      int64_t l0, const float* du_s,
-                                     const float* dd_s, float* dB_s, float* dC_s) {
+                                     const float* dd_s, float* dB_s, float* dC_s,
+                                     float* extra) {
     for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
       const int c = i % Tl::channels, t = i / Tl::channels;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -416,9 +457,41 @@ struct CrossIo {
         const int at = position(p, pos, l0 + t);
         atomicAdd(static_cast<float*>(p.du) + map_index(p, pos, at, d_in_group),
                   du_s[c * kRow + t]);
-        static_cast<float*>(p.ddelta)[((pos.b * p.length + at) * 4 + pos.g) *
-                                          p.per_group + d_in_group] =
-            dd_s[c * kRow + t];
+      }
+    }
+    const float* w_s = extra;
+    const float* dtl_s = extra + Tl::channels * p.dt_pitch;
+    float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
+    const int x_offset = static_cast<int>(pos.g) * (p.rank + 2 * p.d_state);
+    {
+      // Thread: step t, ranks r0, r0 + 2, ... (as the dt_low loads).
+      const int t = threadIdx.x % kSteps;
+      const int r0 = threadIdx.x / kSteps;
+      if (l0 + t < p.length) {
+        float* row = p.dx_dbl +
+                     (pos.b * p.length + position(p, pos, l0 + t)) * p.row_stride +
+                     x_offset;
+        for (int r = r0; r < p.rank; r += kThreads / kSteps) {
+          float sum = 0.0f;
+#pragma unroll 8
+          for (int c = 0; c < Tl::channels; ++c) {
+            sum = fmaf(dd_s[c * kRow + t], w_s[c * p.dt_pitch + r], sum);
+          }
+          atomicAdd(row + r, sum);
+        }
+      }
+    }
+    {
+      // Thread: channel c, ranks r0, r0 + 4, ...
+      const int c = threadIdx.x % Tl::channels;
+      const int r0 = threadIdx.x / Tl::channels;
+      for (int r = r0; r < p.rank; r += kThreads / Tl::channels) {
+        float sum = 0.0f;
+#pragma unroll 8
+        for (int t = 0; t < kSteps; ++t) {
+          sum = fmaf(dd_s[c * kRow + t], dtl_s[t * p.dt_pitch + r], sum);
+        }
+        dw_s[c * p.dt_pitch + r] += sum;
       }
     }
     for (int i = threadIdx.x; i < Tl::states * kSteps; i += kThreads) {
@@ -426,7 +499,7 @@ struct CrossIo {
       const int64_t l = l0 + t;
       if (n < p.d_state && l < p.length) {
         float* row = p.dx_dbl + (pos.b * p.length + position(p, pos, l)) * p.row_stride +
-                     pos.g * (p.rank + 2 * p.d_state) + p.rank;
+                     x_offset + p.rank;
         atomicAdd(row + n, dB_s[t * Tl::states + n]);
         atomicAdd(row + p.d_state + n, dC_s[t * Tl::states + n]);
       }
@@ -466,6 +539,13 @@ struct Lane {
 // writes one value per lane and step, and every kPart steps the warp sums
 // them over each channel's Q lanes (no shuffles on the scan's path).
 constexpr int kPart = 16;
+
+// Index of (step, lane) in such a scratch: rows of 32 lanes, swizzled by
+// step so that the float4 reads of 8 steps by a quarter warp (one channel's
+// lanes each) fall in different banks.
+__device__ __forceinline__ int part_index(int step, int lane) {
+  return step * 32 + (lane ^ ((step & 7) << 2));
+}
 
 template <typename Io>
 __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
@@ -533,18 +613,19 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
           h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
           acc += cv[i] * h[i];
         }
-        part[k * 32 + lane_id] = acc;
+        part[part_index(k, lane_id)] = acc;
       }
       __syncwarp();
       if (out_step < piece) {
         const int t = t0 + out_step;
 #pragma unroll
         for (int i = 0; i < kOutPerLane; ++i) {
-          const float* lanes = part + out_step * 32 + (out_c[i] % kWarpChannels) * Q;
+          const int first = (out_c[i] % kWarpChannels) * Q;
           float y = 0.0f;
 #pragma unroll
           for (int q = 0; q < Q; q += 4) {
-            const float4 v = *reinterpret_cast<const float4*>(lanes + q);
+            const float4 v = *reinterpret_cast<const float4*>(
+                part + part_index(out_step, first + q));
             y += (v.x + v.y) + (v.z + v.w);
           }
           s.dt[out_c[i] * kRow + t] = y + out_D[i] * s.u[out_c[i] * kRow + t];
@@ -739,8 +820,8 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
         }
         reduce_state_grads<Q>(vb, vc, dB_s + t * Tl::states,
                               dC_s + t * Tl::states, lane.q);
-        part_b[k * 32 + lane_id] = sum_b;
-        part_a[k * 32 + lane_id] = sum_a;
+        part_b[part_index(k, lane_id)] = sum_b;
+        part_a[part_index(k, lane_id)] = sum_a;
       }
       // du and d(delta) of the piece's steps from the lanes' partial sums.
       __syncwarp();
@@ -748,12 +829,13 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
       for (int i = 0; i < kOutPerLane; ++i) {
         if (lane_id + 32 * i < kOuts) {
           const int c = out_c[i], t = s * kPiece + out_step;
-          const int at = out_step * 32 + (c % kWarpChannels) * Q;
+          const int first = (c % kWarpChannels) * Q;
           float sb = 0.0f, sa = 0.0f;
 #pragma unroll
           for (int q = 0; q < Q; q += 4) {
-            const float4 b4 = *reinterpret_cast<const float4*>(part_b + at + q);
-            const float4 a4 = *reinterpret_cast<const float4*>(part_a + at + q);
+            const int at = part_index(out_step, first + q);
+            const float4 b4 = *reinterpret_cast<const float4*>(part_b + at);
+            const float4 a4 = *reinterpret_cast<const float4*>(part_a + at);
             sb += (b4.x + b4.y) + (b4.z + b4.w);
             sa += (a4.x + a4.y) + (a4.z + a4.w);
           }
@@ -770,8 +852,9 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
       __syncwarp();
     }
     __syncthreads();
-    Io::store_grads(p, pos, l0, u_s, dt_s, dB_s, dC_s);
+    Io::store_grads(p, pos, l0, u_s, dt_s, dB_s, dC_s, extra);
   }
+  Io::finish(p, pos, extra);
   if (lane.valid) {
 #pragma unroll
     for (int i = 0; i < kP; ++i) {
@@ -792,7 +875,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
 template <typename Io>
 int shared_bytes(const ScanParams& p, bool backward) {
   using Tl = Tile<Io::Q>;
-  int floats = 2 * kSteps * Tl::state_row + Io::extra_floats(p);
+  int floats = 2 * kSteps * Tl::state_row + Io::extra_floats(p, backward);
   if (backward) {
     floats += 3 * Tl::channels * kRow + 2 * kSteps * Tl::states +
               2 * kThreads * kPiece;
@@ -947,6 +1030,7 @@ ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
   p.rank = static_cast<int>(s.rank);
   p.row_stride = static_cast<int>(kDirections * (s.rank + 2 * s.d_state));
   p.dt_pitch = p.rank | 1;  // odd: conflict-free rows in shared memory
+  p.inv_height = 1.0f / static_cast<float>(s.height);
   return p;
 }
 
@@ -996,41 +1080,28 @@ CrossBwdResult cross_scan_bwd_cuda(
                    dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
                    D = D_in.contiguous(), checkpoints = checkpoints_in.contiguous();
   const auto f32 = u.options().dtype(at::kFloat);
-  const int64_t length = s.height * s.width;
   at::Tensor du = at::zeros(u.sizes(), f32);
   at::Tensor dx_dbl = at::zeros(x_dbl.sizes(), f32);
-  at::Tensor ddelta = at::empty({s.batch, length, kDirections, s.d_inner}, f32);
+  at::Tensor ddt_weight = at::zeros(dt_weight.sizes(), f32);
   at::Tensor dA = at::zeros(A.sizes(), f32);
   at::Tensor dD = at::zeros(D.sizes(), f32);
   at::Tensor dbias = at::zeros(dt_bias.sizes(), f32);
   if (u.numel() == 0) {
-    return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()),
-            at::zeros(dt_weight.sizes(), f32), dbias, dA, dD};
+    return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()), ddt_weight,
+            dbias, dA, dD};
   }
   ScanParams p = make_cross_params(s, u, x_dbl, dt_weight, dt_bias, A, D);
   p.dy = dy.const_data_ptr();
   p.checkpoints = const_cast<float*>(checkpoints.const_data_ptr<float>());
   p.du = du.mutable_data_ptr();
-  p.ddelta = ddelta.mutable_data_ptr();
   p.dx_dbl = dx_dbl.mutable_data_ptr<float>();
+  p.ddt_weight = ddt_weight.mutable_data_ptr<float>();
   p.dA = dA.mutable_data_ptr<float>();
   p.dD = dD.mutable_data_ptr<float>();
   p.ddelta_bias = dbias.mutable_data_ptr<float>();
   MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_bwd_cuda", [&] {
     launch<CrossIo<scalar_t>>(p, /*backward=*/true);
   });
-  // delta = dt_low @ dt_weight[k]^T per direction: its two gradients.
-  const at::Tensor dd = ddelta.view({s.batch * length, kDirections, s.d_inner})
-                            .transpose(0, 1);  // (4, batch L, D)
-  const at::Tensor dt_low = x_dbl.view({s.batch * length, kDirections, -1})
-                                .narrow(2, 0, s.rank)
-                                .transpose(0, 1)
-                                .to(at::kFloat);  // (4, batch L, R)
-  at::Tensor ddt_low = at::bmm(dd, dt_weight);    // (4, batch L, R)
-  dx_dbl.view({s.batch * length, kDirections, -1})
-      .narrow(2, 0, s.rank)
-      .copy_(ddt_low.transpose(0, 1));
-  at::Tensor ddt_weight = at::bmm(dd.transpose(1, 2), dt_low);  // (4, D, R)
   return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()), ddt_weight, dbias,
           dA, dD};
 }

@@ -149,3 +149,53 @@ def test_bad_input():
         model(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match='x must have shape'):
         model(torch.randn(3, 8, 8))
+
+
+def test_scan_dtype_option():
+    torch.manual_seed(0)
+    model = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.)
+    low = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.,
+                 scan_dtype='bfloat16')
+    low.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 40, 48)
+    for a, b in zip(model(x), low(x)):
+        err = ((a - b).norm() / a.norm()).item()
+        assert 0 < err < 3e-2
+    with pytest.raises(ValueError, match='scan_dtype must be one of'):
+        VMamba(SMALL, scan_dtype='float16')
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 3, 37, 53)
+    for a, b in zip(model(x), compiled(x)):
+        torch.testing.assert_close(b, a)
+
+
+def test_kernel_model_matches_float64_reference(monkeypatch):
+    """The whole model on the compiled scan against float64 on the reference.
+
+    The loss is a random projection of the outputs (``mean(o ** 2)`` of
+    LayerNorm outputs has a zero gradient upstream of the norms).
+    """
+    torch.manual_seed(0)
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    x = torch.randn(2, 3, 37, 53)
+    weights = None
+
+    def run(model, x):
+        nonlocal weights
+        outs = model(x)
+        if weights is None:
+            weights = [torch.randn_like(o, dtype=torch.float64) for o in outs]
+        loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights))
+        return outs, torch.autograd.grad(loss, list(model.parameters()))
+
+    outs, grads = run(model, x)
+    monkeypatch.setenv('MMVMAMBA_SCAN_BACKEND', 'reference')
+    ref_outs, ref_grads = run(model.double(), x.double())
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-4

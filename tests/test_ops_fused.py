@@ -7,6 +7,7 @@ front door is covered in ``test_ops_reference.py``.
 """
 import pytest
 import torch
+from torch.backends import cudnn
 
 from mmvmamba.models import VMamba
 from mmvmamba.ops import _ext, cross_selective_scan
@@ -154,32 +155,47 @@ def test_compiled_backbone_matches_eager(scan_dtype):
     compiled_outs = compiled(x)
     for a, b in zip(eager_outs, compiled_outs):
         assert rel_err(b, a) < 1e-4
-    eager_grads = torch.autograd.grad(sum(o.sum() for o in eager_outs),
-                                      list(model.parameters()))
-    compiled_grads = torch.autograd.grad(
-        sum(o.sum() for o in compiled(x)), list(model.parameters()))
-    for a, b in zip(eager_grads, compiled_grads):
+    # A random projection of the outputs: a plain sum of LayerNorm outputs
+    # has gradients that are rounding noise.
+    weights = [torch.randn_like(o) for o in eager_outs]
+
+    def grads(outs):
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    for a, b in zip(grads(eager_outs), grads(compiled_outs)):
         assert rel_err(b, a) < 1e-3
 
 
-def test_whole_model_fused_matches_reference():
-    """VMamba-T on the fused kernel against the float64 reference model."""
+def test_whole_model_fused_matches_reference(monkeypatch):
+    """VMamba-T on the fused kernel against the float64 reference model.
+
+    TF32 is off (cuDNN's default TF32 convolutions add ~1e-3 errors), and the
+    loss is a random projection of the outputs: ``mean(o ** 2)`` of
+    LayerNorm outputs has an exactly zero gradient upstream of the norms, so
+    its computed gradients are rounding noise (relative errors ~1e-2 in
+    float32 on any backend).
+    """
+    monkeypatch.setattr(cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     torch.manual_seed(0)
     model = VMamba('tiny', out_indices=(0, 1, 2, 3),
                    drop_path_rate=0.).cuda()
     x = torch.randn(2, 3, 163, 227, device='cuda')
     outs = model(x)
-    grads = torch.autograd.grad(sum((o * o).mean() for o in outs),
-                                list(model.parameters()))
+    weights = [torch.randn_like(o, dtype=torch.float64) for o in outs]
+
+    def grads(outs, model):
+        loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights))
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    fused_grads = grads(outs, model)
     ref = model.double()
     ref_outs = ref(x.double())
-    ref_grads = torch.autograd.grad(
-        sum((o * o).mean() for o in ref_outs), list(ref.parameters()))
+    ref_grads = grads(ref_outs, ref)
     for a, b in zip(outs, ref_outs):
-        assert rel_err(a, b) < 1e-4
-    errors = [rel_err(a, b) for a, b in zip(grads, ref_grads)]
-    # Parameters whose gradient nearly cancels (LayerNorm biases feeding a
-    # later LayerNorm) carry fp32 rounding of the whole sum; bound the bulk
-    # tightly and every one loosely.
-    assert sorted(errors)[len(errors) // 2] < 1e-4
-    assert max(errors) < 2e-2
+        assert rel_err(a, b) < 1e-5
+    errors = [rel_err(a, b) for a, b in zip(fused_grads, ref_grads)]
+    print(f'gradient rel. errors: median {sorted(errors)[len(errors) // 2]:.2e}'
+          f', max {max(errors):.2e}')
+    assert max(errors) < 1e-4

@@ -172,6 +172,37 @@ def test_cross_selective_scan_float32_under_autocast():
     assert out.dtype == torch.float32
 
 
+def test_cross_selective_scan_channels_last_and_bf16_scan():
+    torch.manual_seed(7)
+    x = torch.randn(2, 6, 5, 3)
+    params = (torch.randn(4, 2 + 2 * 4, 6) * 0.3, torch.randn(4, 6, 2) * 0.5,
+              torch.randn(4, 6), torch.randn(24, 4), torch.randn(24))
+    first = cross_selective_scan(x, *params)
+    last = cross_selective_scan(x.permute(0, 2, 3, 1), *params,
+                                channels_last=True)
+    torch.testing.assert_close(last, first.permute(0, 2, 3, 1))
+    low = cross_selective_scan(x, *params, scan_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    err = ((low - first).norm() / first.norm()).item()
+    assert 0 < err < 3e-2  # rounded inputs, float32 state
+
+
+def test_cross_selective_scan_bad_options():
+    x = torch.randn(1, 4, 3, 3)
+    params = (torch.randn(4, 1 + 2 * 2, 4), torch.randn(4, 4, 1),
+              torch.randn(4, 4), torch.randn(16, 2), torch.randn(16))
+    with pytest.raises(ValueError, match='fused=True, but the fused kernel '
+                       'cannot run: x is on cpu'):
+        cross_selective_scan(x, *params, fused=True)
+    with pytest.raises(ValueError, match='scan_dtype must be one of'):
+        cross_selective_scan(x, *params, scan_dtype=torch.int8)
+    with pytest.raises(ValueError, match='channels_last must be a bool'):
+        cross_selective_scan(x, *params, channels_last='yes')
+    with pytest.raises(ValueError, match=r'x must have shape \(batch, H, W, '
+                       r'D\)'):
+        cross_selective_scan(x[0], *params, channels_last=True)
+
+
 @pytest.mark.parametrize('change,match', [
     (dict(u=torch.randn(2, 8)), r'u must have shape \(batch, channels, L\)'),
     (dict(delta=torch.randn(2, 8, 11)), r'delta must have shape'),

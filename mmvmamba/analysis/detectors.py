@@ -25,8 +25,7 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper, build_optim_wrapper
 from mmengine.registry import DefaultScope
 
-from .models import (build, load_config, model_label, quiet_logger,
-                     scope_of)
+from .models import build, load_config, model_label, quiet_logger, scope_of
 from .timing import timed
 
 #: This repository's configs (tools run from a checkout: configs are not
@@ -39,8 +38,10 @@ CONFIG_DIR = osp.join(
 MODES = ('fp32', 'amp')
 
 #: Tasks by config scope: the task's name and its default input (H, W).
-TASKS = {'mmdet': ('Mask R-CNN', (800, 1333)), 'mmseg': ('UperNet', (512,
-                                                                     512))}
+TASKS = {
+    'mmdet': ('Mask R-CNN', (800, 1333)),
+    'mmseg': ('UperNet', (512, 512)),
+}
 
 
 class DetectorSpec(NamedTuple):
@@ -50,34 +51,44 @@ class DetectorSpec(NamedTuple):
     overrides: Optional[dict] = None  #: merged into the config's ``model``
 
 
-_SWIN_DET = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
-_SWIN_SEG = ('mmseg::swin/swin-{}-patch4-window7-in1k-pre_upernet_8xb2-160k_'
-             'ade20k-512x512.py')
-_SWIN_S = dict(depths=[2, 2, 18, 2])
-_SWIN_B = dict(embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
+_SIZES = (('t', 'tiny'), ('s', 'small'), ('b', 'base'))
+_SWIN_MASK_RCNN = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+_SWIN_OVERRIDES = {
+    't': None,
+    's': dict(backbone=dict(depths=[2, 2, 18, 2])),
+    'b': dict(
+        backbone=dict(
+            embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32]),
+        neck=dict(in_channels=[128, 256, 512, 1024])),
+}
 
 #: Mask R-CNN and UperNet, VMamba-T/S/B against Swin-T/S/B.
-DETECTOR_ZOO: Dict[str, DetectorSpec] = {}
-for _size, _arch in zip('tsb', ('tiny', 'small', 'base')):
-    DETECTOR_ZOO.update({
-        f'mask-rcnn-vmamba-{_size}':
-        DetectorSpec(
-            osp.join(CONFIG_DIR, f'mask_rcnn_vmamba_{_size}_1x_coco.py'),
-            f'mask-rcnn-swin-{_size}'),
-        f'upernet-vmamba-{_size}':
-        DetectorSpec(
+DETECTOR_ZOO: Dict[str, DetectorSpec] = {
+    **{
+        f'mask-rcnn-vmamba-{s}': DetectorSpec(
+            osp.join(CONFIG_DIR, f'mask_rcnn_vmamba_{s}_1x_coco.py'),
+            f'mask-rcnn-swin-{s}')
+        for s, _ in _SIZES
+    },
+    **{
+        f'mask-rcnn-swin-{s}': DetectorSpec(
+            _SWIN_MASK_RCNN, f'mask-rcnn-swin-{s}', _SWIN_OVERRIDES[s])
+        for s, _ in _SIZES
+    },
+    **{
+        f'upernet-vmamba-{s}': DetectorSpec(
             osp.join(CONFIG_DIR,
-                     f'upernet_vmamba_{_size}_512x512_160k_ade20k.py'),
-            f'upernet-swin-{_size}'),
-        f'upernet-swin-{_size}':
-        DetectorSpec(_SWIN_SEG.format(_arch), f'upernet-swin-{_size}'),
-    })
-DETECTOR_ZOO['mask-rcnn-swin-t'] = DetectorSpec(_SWIN_DET, 'mask-rcnn-swin-t')
-DETECTOR_ZOO['mask-rcnn-swin-s'] = DetectorSpec(
-    _SWIN_DET, 'mask-rcnn-swin-s', dict(backbone=_SWIN_S))
-DETECTOR_ZOO['mask-rcnn-swin-b'] = DetectorSpec(
-    _SWIN_DET, 'mask-rcnn-swin-b',
-    dict(backbone=_SWIN_B, neck=dict(in_channels=[128, 256, 512, 1024])))
+                     f'upernet_vmamba_{s}_512x512_160k_ade20k.py'),
+            f'upernet-swin-{s}')
+        for s, _ in _SIZES
+    },
+    **{
+        f'upernet-swin-{s}': DetectorSpec(
+            f'mmseg::swin/swin-{arch}-patch4-window7-in1k-pre_upernet_'
+            '8xb2-160k_ade20k-512x512.py', f'upernet-swin-{s}')
+        for s, arch in _SIZES
+    },
+}
 
 #: The Swin model each zoo model is compared with.
 REFERENCE_OF = {name: spec.reference for name, spec in DETECTOR_ZOO.items()}
@@ -255,7 +266,18 @@ def optim_wrapper_cfg(cfg: Config, mode: str,
     return wrapper
 
 
-def mode_label(mode: str, amp_dtype: str = 'bfloat16') -> str:
+def build_train_optim_wrapper(model: nn.Module,
+                              cfg: Config,
+                              mode: str,
+                              amp_dtype: str = 'bfloat16') -> OptimWrapper:
+    """The optim wrapper of :func:`optim_wrapper_cfg` for ``model``."""
+    # the paramwise constructor logs every parameter's options
+    with DefaultScope.overwrite_default_scope(scope_of(cfg)), quiet_logger():
+        return build_optim_wrapper(model,
+                                   optim_wrapper_cfg(cfg, mode, amp_dtype))
+
+
+def mode_label(mode: str, amp_dtype: Optional[str] = 'bfloat16') -> str:
     """``'fp32'``, ``'amp-bf16'`` or ``'amp-fp16'``."""
     if mode != 'amp':
         return mode
@@ -274,7 +296,11 @@ def time_train_step(model: nn.Module,
 
     A fresh optim wrapper of the config (:func:`optim_wrapper_cfg`) takes
     every step of the run. cuDNN's autotuner follows the config's
-    ``env_cfg.cudnn_benchmark``, as the runner sets it.
+    ``env_cfg.cudnn_benchmark``, as the runner sets it. A step that raises
+    (other than running out of GPU memory, which reads ``'OOM'``) gives
+    status ``'failed'`` and its message under ``error``: an op without a
+    kernel for the autocast dtype, say (mmcv 2.1's RoIAlign has none for
+    bfloat16 on GPUs, so Mask R-CNN's AMP needs ``amp_dtype='float16'``).
 
     Args:
         model (nn.Module): From :func:`build_detector`, on ``device``.
@@ -289,31 +315,33 @@ def time_train_step(model: nn.Module,
 
     Returns:
         dict: As :func:`mmvmamba.analysis.timing.timed`, plus ``loss`` (the
-        total loss of the last step; None if none finished).
+        total loss of the last step; None if none finished) and ``error``.
     """
     if mode == 'amp' and device.type != 'cuda':
         raise ValueError('mode amp needs a GPU (mmengine\'s AmpOptimWrapper)')
-    scope = scope_of(cfg)
     last = {}
 
     def make_step() -> Callable[[], None]:
-        # the paramwise constructor logs every parameter's options
-        with DefaultScope.overwrite_default_scope(scope), quiet_logger():
-            optim_wrapper: OptimWrapper = build_optim_wrapper(
-                model, optim_wrapper_cfg(cfg, mode, amp_dtype))
+        optim_wrapper = build_train_optim_wrapper(model, cfg, mode, amp_dtype)
 
         def step():
             last['loss'] = model.train_step(data, optim_wrapper)['loss']
 
         return step
 
+    cudnn_benchmark = cfg.get('env_cfg', {}).get('cudnn_benchmark', False)
     try:
-        result = timed(
-            make_step, len(data['inputs']), device, warmup, repeat,
-            cfg.get('env_cfg', {}).get('cudnn_benchmark', False))
+        result = timed(make_step, len(data['inputs']), device, warmup, repeat,
+                       cudnn_benchmark)
+        result['error'] = None
+    except (RuntimeError, NotImplementedError) as error:
+        result = dict(ms=None, img_per_s=None, peak_gib=None,
+                      status='failed', error=str(error).splitlines()[0])
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
     finally:
         model.zero_grad(set_to_none=True)
-    loss = last.get('loss')
+    loss = last.get('loss') if result['status'] == 'ok' else None
     result['loss'] = None if loss is None else loss.item()
     return result
 
@@ -326,7 +354,7 @@ def benchmark(names: Sequence[str],
               seg_shape: Sequence[int] = TASKS['mmseg'][1],
               warmup: int = 5,
               repeat: int = 20,
-              amp_dtype: str = 'bfloat16',
+              amp_dtypes: Sequence[str] = ('bfloat16', ),
               log: Callable[[str], None] = print) -> List[dict]:
     """Time the training step of each model in each mode.
 
@@ -340,7 +368,8 @@ def benchmark(names: Sequence[str],
             mmseg models.
         warmup (int): Untimed steps.
         repeat (int): Timed steps (median).
-        amp_dtype (str): Autocast dtype of ``'amp'``.
+        amp_dtypes (Sequence[str]): Autocast dtypes of ``'amp'``, each timed
+            as a mode of its own.
         log (Callable): Called with a line per measurement.
 
     Returns:
@@ -349,6 +378,8 @@ def benchmark(names: Sequence[str],
         and the keys of :func:`time_train_step`.
     """
     shapes = {'mmdet': tuple(det_shape), 'mmseg': tuple(seg_shape)}
+    runs = [(mode, dtype) for mode in modes
+            for dtype in (amp_dtypes if mode == 'amp' else [None])]
     rows = []
     for name in names:
         cfg = load_detector_config(name, shapes)
@@ -357,18 +388,23 @@ def benchmark(names: Sequence[str],
         model = build_detector(cfg, device)
         data = synthetic_batch(model, scope, batch, shape)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        for mode in modes:
+        for mode, dtype in runs:
             result = time_train_step(model, cfg, mode, data, device, warmup,
-                                     repeat, amp_dtype)
+                                     repeat, dtype)
             rows.append(
                 dict(
                     model=name if name in DETECTOR_ZOO else
                     model_label(name),
                     task=TASKS[scope][0],
-                    shape=shape, params_m=params,
-                    mode=mode_label(mode, amp_dtype), batch=batch, **result))
-            log(f'{name}  {rows[-1]["mode"]}  {result["status"]}  '
-                f'{result["ms"]} ms  {result["peak_gib"]} GiB')
+                    shape=shape,
+                    params_m=params,
+                    mode=mode_label(mode, dtype),
+                    batch=batch,
+                    **result))
+            ms = result['ms']
+            log(f'{rows[-1]["model"]}  {rows[-1]["mode"]}  '
+                + (f'{ms:.1f} ms' if ms else result['status']) +
+                (f'  ({result["error"]})' if result['error'] else ''))
         del model, data
         gc.collect()
         if device.type == 'cuda':

@@ -9,7 +9,8 @@ options this module prints, one per line::
     python -m mmvmamba.analysis.gpu_check train det --mode single \\
         --iters 200 --batch-size 2 --global-batch 2 --data-root DATA
     python -m mmvmamba.analysis.gpu_check test seg --data-root DATA
-    python -m mmvmamba.analysis.gpu_check verify   # every option set, both configs
+    python -m mmvmamba.analysis.gpu_check verify  # all sets, both configs
+    python -m mmvmamba.analysis.gpu_check metrics TEST_WORK_DIR
 
 Each option is checked against the loaded config before it is printed: its
 path must exist (only the keys of ``NEW_KEYS`` may be new) and list indices
@@ -21,15 +22,17 @@ What the options do:
 - data: ``data_root`` of the train/val/test datasets and COCO's annotation
   file of the evaluators (a top-level ``data_root`` would not reach them: the
   configs resolve it when they are read); no ImageNet weights
-  (``model.backbone.init_cfg=None``); a loss record every iteration; seed 0;
-  ``NUM_WORKERS`` data workers.
+  (``model.backbone.init_cfg=None``); a record of the losses every
+  iteration, each that iteration's own (mmengine logs a loss as its mean
+  over the last ``log_processor.window_size`` iterations: 50 in mmdet, 10 in
+  mmseg; here 1); seed 0; ``workers`` data workers.
 - schedule: Mask R-CNN's 1x loop is epoch-based, and ``--cfg-options``
   cannot turn it into an iteration loop (``max_epochs`` would stay), so it
   trains one epoch over the first ``iters * global batch`` training images
   (``train_dataloader.dataset.indices``), validating and saving at its end;
   UperNet's loop is iteration-based: ``max_iters``, ``val_interval`` and the
   checkpoint interval become ``iters``. The learning-rate schedules are the
-  configs' own (their warm-up).
+  configs' own.
 - ``--mode compare`` (one process with batch 4 against two with batch 2,
   which must see the same images and the same randomness): no validation;
   ``MeanLossAcrossRanksHook``, so that rank 0 logs the whole batch's loss; the
@@ -38,15 +41,34 @@ What the options do:
   no flip, no random rescaling (ratio 1: a square image becomes exactly one
   512 crop, so the crop is not random either) and no photometric
   distortion (its slot becomes a flip of probability 0, since
-  ``--cfg-options`` cannot remove a list item); no learning-rate warm-up
-  (unless ``--keep-warmup``), so that the 20 iterations train at the base
-  rate and the losses move: with the configs' warm-up (factor 1e-3 and 1e-6
-  at the first iteration) they would agree even if gradients were not
-  averaged right. What remains random per process is Mask R-CNN's sampling
-  of anchors and proposals (RPN and R-CNN samplers).
+  ``--cfg-options`` cannot remove a list item).
+- the warm-up in compare mode (``--warmup``): ``off`` by default, so that
+  the iterations train at the base rate from the first one and the losses
+  move (under the configs' warm-up, factors 1e-3 and 1e-6 at the start,
+  the weights hardly change in 20 iterations, and a wrong gradient average
+  would not show); ``keep`` keeps it.
+
+What to expect: UperNet's losses are means over fixed-size crops with
+nothing sampled, and SyncBN over 2 x 2 images is BN over 4, so the two runs
+compute the same thing up to rounding (on the CPU, the demo model with BN
+per process instead of SyncBN: within 0.44% over 20 iterations at the base
+rate). Mask R-CNN is not the same computation on 1 and 2 GPUs: each process
+averages its mask loss over its own positive proposals (mmdet normalises
+per GPU), and its RPN and R-CNN samplers draw from each process's random
+stream. On the CPU (the demo model, gloo, 20 iterations) its total loss
+differed by 0.6% at the first iteration and by up to 5.6% at some
+iteration at the base rate, 6.6% at nearly fixed weights (learning rate
+1e-7; the means over the 20 iterations 0.4% apart) and 6.6% at the base
+rate with samplers that take every anchor and proposal (nothing sampled);
+at fixed weights the mask loss differed by up to 16% at an iteration, the
+other terms by less than 1%. ``tools/analysis/compare_losses.py
+--keys all`` shows which term differs, and the means.
 """
 import argparse
 import copy
+import glob
+import json
+import math
 import os.path as osp
 import sys
 from typing import Dict, List, Optional
@@ -61,6 +83,7 @@ CONFIGS = dict(
 DATA_SUBDIR = dict(det='coco/', seg='ADEChallengeData2016')
 # keys the options may add; every other key must already be in the config
 NEW_KEYS = frozenset({
+    'log_processor.window_size',  # mmseg's LogProcessor keeps its default
     'randomness.seed',
     'train_dataloader.sampler.seed',
     'train_dataloader.dataset.indices',
@@ -85,8 +108,9 @@ def pipeline_index(cfg: Config, transform: str) -> int:
     pipeline = cfg.train_dataloader.dataset.pipeline
     found = [i for i, t in enumerate(pipeline) if t['type'] == transform]
     if len(found) != 1:
+        types = [t['type'] for t in pipeline]
         raise ValueError(f'expected one {transform} in the train pipeline, '
-                         f'found {len(found)}: {[t["type"] for t in pipeline]}')
+                         f'found {len(found)}: {types}')
     return found[0]
 
 
@@ -111,8 +135,9 @@ def train_options(cfg: Config,
                   iters: int = 200,
                   batch_size: int = 2,
                   global_batch: Optional[int] = None,
+                  *,
                   workers: int = 2,
-                  keep_warmup: bool = False) -> List[str]:
+                  warmup: str = 'off') -> List[str]:
     """Options of ``tools/train.py`` / ``dist_train.sh`` (module docstring).
 
     Args:
@@ -125,16 +150,20 @@ def train_options(cfg: Config,
             processes (default ``batch_size``); Mask R-CNN trains on
             ``iters * global_batch`` images.
         workers (int): Data workers per process.
-        keep_warmup (bool): In compare mode, keep the warm-up.
+        warmup (str): Compare mode: turn the config's learning-rate
+            warm-up ``'off'`` or ``'keep'`` it.
     """
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if warmup not in ('keep', 'off'):
+        raise ValueError(f"warmup must be 'keep' or 'off', got {warmup!r}")
     task = task_of(cfg)
     global_batch = global_batch or batch_size
     options = data_options(cfg, data_root) + [
         f'train_dataloader.batch_size={batch_size}',
         f'train_dataloader.num_workers={workers}',
         'default_hooks.logger.interval=1',
+        'log_processor.window_size=1',
         'randomness.seed=0',
     ]
     if task == 'det':
@@ -171,12 +200,18 @@ def train_options(cfg: Config,
             f'{pipe}.{pipeline_index(cfg, "PhotoMetricDistortion")}'
             '.prob=0.0',
         ]
-    if not keep_warmup:
+    if warmup == 'off':
+        if cfg.param_scheduler[0]['type'] != 'LinearLR':
+            raise ValueError('expected the warm-up (LinearLR) first in '
+                             f'param_scheduler: {cfg.param_scheduler}')
         options.append('param_scheduler.0.start_factor=1.0')
     return options
 
 
-def test_options(cfg: Config, data_root: str, workers: int = 2) -> List[str]:
+def eval_options(cfg: Config,
+                 data_root: str,
+                 *,
+                 workers: int = 2) -> List[str]:
     """Options of ``tools/test.py`` / ``dist_test.sh``."""
     return data_options(cfg, data_root) + [
         f'test_dataloader.num_workers={workers}'
@@ -192,7 +227,7 @@ def parse_options(options: List[str]) -> Dict:
 
 
 def _has_path(cfg: Config, key: str) -> bool:
-    node = cfg._cfg_dict if isinstance(cfg, Config) else cfg
+    node = cfg.to_dict()
     for part in key.split('.'):
         if isinstance(node, (list, tuple)):
             if not part.isdigit() or int(part) >= len(node):
@@ -238,10 +273,41 @@ def all_option_sets(cfg: Config, data_root: str = 'data/gpu_check'):
         'single': train_options(cfg, data_root, 'single', 200, 2, 2),
         'compare-1gpu': train_options(cfg, data_root, 'compare', 20, 4, 4),
         'compare-2gpu': train_options(cfg, data_root, 'compare', 20, 2, 4),
-        'compare-keep-warmup': train_options(
-            cfg, data_root, 'compare', 20, 2, 4, keep_warmup=True),
-        'test': test_options(cfg, data_root),
+        'compare-warmup-keep': train_options(
+            cfg, data_root, 'compare', 20, 2, 4, warmup='keep'),
+        'compare-warmup-off': train_options(
+            cfg, data_root, 'compare', 20, 2, 4, warmup='off'),
+        'test': eval_options(cfg, data_root),
     }
+
+
+METRIC_SUFFIXES = ('bbox_mAP', 'segm_mAP', 'mIoU', 'mAcc', 'aAcc')
+
+
+def read_metrics(work_dir: str) -> Dict[str, float]:
+    """The headline metrics ``tools/test.py`` saved in ``work_dir``
+    (``<timestamp>/<timestamp>.json`` of its newest run): COCO bbox/segm
+    mAP, mIoU, mAcc, aAcc.
+
+    Raises:
+        FileNotFoundError: No metrics file.
+        ValueError: None of those metrics, or one that is not finite.
+    """
+    found = sorted(
+        glob.glob(osp.join(glob.escape(work_dir), '*', '*.json')))
+    if not found:
+        raise FileNotFoundError(f'no metrics json in {work_dir}/<timestamp>/')
+    with open(found[-1]) as f:
+        saved = json.load(f)
+    metrics = {k: float(v) for k, v in saved.items()
+               if k.endswith(METRIC_SUFFIXES)}
+    if not metrics:
+        raise ValueError(f'{found[-1]} holds none of the metrics '
+                         f'*{", *".join(METRIC_SUFFIXES)}: {sorted(saved)}')
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f'{found[-1]}: not finite: {bad}')
+    return metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -262,7 +328,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument('--iters', type=int, default=200)
             p.add_argument('--batch-size', type=int, default=2)
             p.add_argument('--global-batch', type=int)
-            p.add_argument('--keep-warmup', action='store_true')
+            p.add_argument(
+                '--warmup', choices=('keep', 'off'), default='off',
+                help='compare mode: the learning-rate warm-up (default off)')
+    p = sub.add_parser('metrics')
+    p.add_argument('work_dir', help='work dir of tools/test.py')
     p = sub.add_parser('verify')
     p.add_argument('--configs', nargs='+', default=sorted(CONFIGS.values()))
     p.add_argument('--data-root', default='data/gpu_check')
@@ -271,6 +341,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == 'metrics':
+        try:
+            metrics = read_metrics(args.work_dir)
+        except (OSError, ValueError) as error:
+            print(f'error: {error}', file=sys.stderr)
+            return 1
+        print(', '.join(f'{k} {v:g}' for k, v in metrics.items()))
+        return 0
     if args.command == 'verify':
         for path in args.configs:
             cfg = Config.fromfile(path)
@@ -285,9 +363,9 @@ def main(argv=None) -> int:
     if args.command == 'train':
         options = train_options(cfg, args.data_root, args.mode, args.iters,
                                 args.batch_size, args.global_batch,
-                                args.workers, args.keep_warmup)
+                                workers=args.workers, warmup=args.warmup)
     else:
-        options = test_options(cfg, args.data_root, args.workers)
+        options = eval_options(cfg, args.data_root, workers=args.workers)
     apply_options(cfg, options)
     print('\n'.join(options))
     return 0

@@ -6,8 +6,11 @@ mmengine writes every logged record of a run as one JSON line in
 ``step`` (the iteration, from 1), ``lr``, ``loss``, ``loss_*``, ``time``...;
 validation records hold their metrics under the same ``step`` key. A loss
 series is taken from the records that hold the loss's key, so validation
-records never mix in. Only iterations the logger wrote can be compared: train
-with ``--cfg-options default_hooks.logger.interval=1``.
+records never mix in. Only iterations the logger wrote can be compared, and
+mmengine logs each loss as its mean over the last ``log_processor.window_size``
+iterations (50 in mmdet's configs, 10 by default): for every iteration's own
+losses, train with ``--cfg-options default_hooks.logger.interval=1
+log_processor.window_size=1``.
 
 The command-line tools are ``tools/analysis/compare_losses.py`` (two runs) and
 ``python -m mmvmamba.analysis.losses RUN [RUN ...]`` (finite losses, and
@@ -24,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 SCALARS = osp.join('vis_data', 'scalars.json')
 INTERVAL_HINT = ('log every iteration: --cfg-options '
-                 'default_hooks.logger.interval=1')
+                 'default_hooks.logger.interval=1 log_processor.window_size=1')
 
 
 def find_scalars(path: str) -> str:
@@ -82,8 +85,10 @@ def series(records: Iterable[dict], key: str) -> Dict[int, float]:
 
 
 def loss_keys(records: Iterable[dict]) -> List[str]:
-    """Every key that starts with ``loss`` in the records, sorted."""
-    return sorted({k for r in records for k in r if k.startswith('loss')})
+    """Every key of the records that names a loss, sorted: those holding
+    ``loss``, as for mmengine's ``parse_losses`` (``loss``, mmdet's
+    ``loss_cls``, mmseg's ``decode.loss_ce``...)."""
+    return sorted({k for r in records for k in r if 'loss' in k})
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -121,7 +126,8 @@ class LossComparison:
     def table(self, names: Sequence[str] = ('A', 'B')) -> str:
         """Per key, one line per iteration: step, A, B, relative
         difference (``!`` marks those over the tolerance), then the largest
-        difference and how far A's loss moved over the iterations."""
+        difference, the two runs' means over the iterations (information
+        only) and how far A's loss moved over them."""
         lines = []
         for key in self.keys:
             rows = [r for r in self.rows if r.key == key]
@@ -137,6 +143,14 @@ class LossComparison:
                 lines.append(f'largest difference of {key}: '
                              f'{_pct(worst.rel)} at step {worst.step} '
                              f'(tolerance {_pct(self.tol)})')
+            both = [r for r in rows if r.a is not None and r.b is not None]
+            if both:
+                mean_a = sum(r.a for r in both) / len(both)
+                mean_b = sum(r.b for r in both) / len(both)
+                lines.append(
+                    f'mean of {key} over {len(both)} iterations: '
+                    f'{names[0]} {mean_a:.6g}, {names[1]} {mean_b:.6g}, '
+                    f'{_pct(relative_difference(mean_a, mean_b))} apart')
             known = [r for r in rows if r.a is not None]
             if len(known) > 1:
                 first, last = known[0], known[-1]
@@ -203,7 +217,7 @@ def check_losses(records: Iterable[dict],
                  keys: Optional[Sequence[str]] = None,
                  min_iters: int = 0) -> List[str]:
     """Problems of one run's losses: a NaN or infinite value of ``keys``
-    (default: every ``loss*`` key), or fewer than ``min_iters`` logged
+    (default: :func:`loss_keys`), or fewer than ``min_iters`` logged
     iterations of ``loss``. An empty list when all is well."""
     records = list(records)
     keys = loss_keys(records) if keys is None else list(keys)
@@ -234,7 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         'runs', nargs='+', help='work dir, run folder or scalars.json')
     parser.add_argument(
-        '--keys', nargs='+', help='keys to check (default: every loss*)')
+        '--keys', nargs='+',
+        help='keys to check (default: every key holding "loss")')
     parser.add_argument(
         '--min-iters', type=int, default=0,
         help='also fail when fewer iterations of loss were logged')

@@ -60,7 +60,7 @@ MODEL_ZOO: Dict[str, dict] = {
 
 #: The Swin of each zoo classifier's size class (T/S/B); ResNet-50 and
 #: DeiT-S compute about as much as Swin-T.
-SWIN_OF: Dict[str, str] = {
+SWIN_REFERENCE: Dict[str, str] = {
     **{f'{family}-{size}': f'swin-{size}'
        for family in ('vmamba', 'swin', 'convnext') for size in 'tsb'},
     'resnet-50': 'swin-t',

@@ -7,13 +7,17 @@ reference ran out of memory), the bytes the kernel must move (each input read
 once, each output written once, checkpoints included), the achieved GB/s,
 and the kernel's time over two floors: bytes / copy bandwidth measured in the
 same run, and exponentials / special-function rate (16 per clock per SM).
+:func:`fused_rows` times SS2D's whole core (:func:`cross_selective_scan` on
+a channels-last map: projection, four-direction scan, merge) on the fused
+kernel against the unfused path (four copies of the map, the einsums, the
+kernel above, the merge), with the same floors.
 Run it through ``tools/analysis/benchmark.py scan``.
 """
 from typing import Dict, List
 
 import torch
 
-from mmvmamba.ops import _ext, selective_scan_reference
+from mmvmamba.ops import _ext, cross_selective_scan, selective_scan_reference
 from .timing import measure
 
 # (C, L) of VMamba-T's stages at 224 x 224; the scan runs on 4 x 2C channels.
@@ -124,6 +128,118 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9,
                      exps_per_s=exps_per_s))
     return rows
+
+
+def _ss2d_inputs(batch, C, L, dtype, device, requires_grad):
+    """A channels-last map and SS2D parameters of stage width C."""
+    d_inner, rank = 2 * C, -(-C // 16)
+    side = int(round(L**0.5))
+    g = torch.Generator(device='cpu').manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    args = dict(
+        x=rand(batch, side, side, d_inner).to(dtype),
+        x_proj_weight=rand(4, rank + 2 * D_STATE, d_inner,
+                           scale=d_inner**-0.5),
+        dt_projs_weight=rand(4, d_inner, rank, scale=rank**-0.5),
+        dt_projs_bias=rand(4, d_inner, scale=0.5, shift=-4),
+        A_logs=rand(4 * d_inner, D_STATE, scale=0.5),
+        Ds=rand(4 * d_inner))
+    return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
+
+
+def fused_bytes(batch, C, L, scan_dtype) -> Dict[str, int]:
+    """Bytes SS2D's core must move at least, forward and backward: the map
+    and its projections read once, the float32 output written once (and
+    their gradients), the checkpoints."""
+    size = torch.empty(0, dtype=scan_dtype).element_size()
+    d_inner, rank = 2 * C, -(-C // 16)
+    plane = batch * L * d_inner
+    x_dbl = batch * L * 4 * (rank + 2 * D_STATE) * size
+    checkpoints = batch * 4 * d_inner * -(-L // CHUNK) * D_STATE * 4
+    forward = plane * size + plane * 4 + x_dbl + checkpoints
+    backward = forward + plane * 4 + plane * size + x_dbl
+    return {'fwd': forward, 'fwd+bwd': forward + backward}
+
+
+def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
+               repeat: int = 20,
+               scan_dtypes=(torch.float32, torch.bfloat16)) -> List[Dict]:
+    """Time SS2D's core, fused against unfused, at VMamba-T's stages.
+
+    Returns one dict per (stage, scan dtype, pass): ``fused_ms``,
+    ``unfused_ms`` (the four-copy path on the plain kernel; ``None`` if it
+    ran out of memory), bytes, GB/s and the fused path's ratios to the
+    bandwidth and exponential floors; the last dict holds the measured copy
+    bandwidth and exponential rate.
+    """
+    device = torch.device(device)
+    if not (device.type == 'cuda' and _ext.has_cross_kernel()):
+        raise RuntimeError('the fused kernel needs a GPU and the CUDA build: '
+                           f'{_ext.ext_status()[1]}')
+    bandwidth = copy_bandwidth(device)
+    exps_per_s = exp_rate(device)
+    rows = []
+    for C, L in STAGES:
+        exps = batch * 8 * C * L * D_STATE
+        for scan_dtype in scan_dtypes:
+            moved = fused_bytes(batch, C, L, scan_dtype)
+            for name, backward, exp_passes in (('fwd', False, 1),
+                                               ('fwd+bwd', True, 4)):
+                args = _ss2d_inputs(batch, C, L, torch.float32, device,
+                                    backward)
+                times = {}
+                for fused in (True, False):
+
+                    def step():
+                        y = cross_selective_scan(
+                            **args, channels_last=True,
+                            scan_dtype=scan_dtype, fused=fused)
+                        if backward:
+                            torch.autograd.grad(y, list(args.values()),
+                                                torch.ones_like(y))
+
+                    try:
+                        times[fused] = measure(step, device, warmup, repeat)
+                    except torch.OutOfMemoryError:
+                        times[fused] = None
+                    torch.cuda.empty_cache()
+                fused_ms = times[True]
+                rows.append(
+                    dict(stage=f'C={C} L={L}', pass_=name,
+                         scan_dtype=str(scan_dtype).replace('torch.', ''),
+                         fused_ms=fused_ms, unfused_ms=times[False],
+                         bytes=moved[name],
+                         gb_per_s=moved[name] / fused_ms / 1e6,
+                         over_bandwidth_floor=fused_ms /
+                         (moved[name] / bandwidth * 1e3),
+                         over_exp_floor=fused_ms /
+                         (exp_passes * exps / exps_per_s * 1e3)))
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s))
+    return rows
+
+
+FUSED_HEADER = [
+    'stage', 'scan dtype', 'pass', 'fused ms', 'unfused ms', 'unfused / fused',
+    'GB moved', 'GB/s', 'x bw floor', 'x exp floor'
+]
+
+
+def format_fused_rows(rows: List[Dict]) -> List[List[str]]:
+    """Rows of strings for the fused table (last dict is metadata)."""
+
+    def fmt(v, spec):
+        return '-' if v is None else format(v, spec)
+
+    return [[
+        r['stage'], r['scan_dtype'], r['pass_'], fmt(r['fused_ms'], '.3f'),
+        fmt(r['unfused_ms'], '.3f'),
+        fmt(r['unfused_ms'] / r['fused_ms'] if r['unfused_ms'] else None,
+            '.2f'), f'{r["bytes"] / 1e9:.3f}', f'{r["gb_per_s"]:.0f}',
+        f'{r["over_bandwidth_floor"]:.2f}', f'{r["over_exp_floor"]:.2f}'
+    ] for r in rows[:-1]]
 
 
 def format_rows(rows: List[Dict]) -> List[List[str]]:

@@ -12,6 +12,7 @@ autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
 :func:`timed` is the guard around any step (peak memory, OOM) and
 :func:`relative_to` the ratios of a table's rows to reference rows.
 """
+import gc
 import os
 import statistics
 import time
@@ -115,9 +116,10 @@ def timed(make_step: Callable[[], Callable[[], object]],
           cudnn_benchmark: bool = True) -> Dict[str, Optional[float]]:
     """Time the step that ``make_step()`` returns, catching GPU OOM.
 
-    ``make_step`` is called inside the timed region's guard, so that
-    allocating its inputs may run out of memory too. The peak of allocated
-    GPU memory is reset first.
+    ``make_step`` is called inside the guard, so that allocating its inputs
+    may run out of memory too. The peak of allocated GPU memory is that of
+    the timed steps, after the warm-up (whose first steps also hold cuDNN's
+    autotuner workspaces), as mmengine's logger reports it during training.
 
     Args:
         make_step (Callable): Returns the step, a callable of no arguments.
@@ -137,10 +139,16 @@ def timed(make_step: Callable[[], Callable[[], object]],
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        gc.collect()  # tensors of earlier runs held in reference cycles
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        ms = measure(make_step(), device, warmup, repeat)
+        step = make_step()
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = measure(step, device, 0, repeat)
     except torch.OutOfMemoryError:
         result['status'] = 'OOM'
     else:
@@ -188,19 +196,23 @@ def relative_to(rows: List[Dict], reference_of: Dict[str, str], key: str,
 
     The reference of a row is the row whose ``model`` is
     ``reference_of[row['model']]`` and whose ``match`` keys are equal.
+    Rows whose ``status`` is not ``'ok'`` (OOM, failed) are not compared.
 
     Returns:
-        list: One ratio a row; None where the row, its reference or either
-        value is missing.
+        list: One ratio a row; None where the row or its reference is
+        missing, not ok, or lacks the value.
     """
+
+    def usable(row: Optional[Dict]) -> bool:
+        return (row is not None and row.get('status', 'ok') == 'ok'
+                and bool(row.get(key)))
+
     index = {(row['model'], ) + tuple(row[k] for k in match): row
              for row in rows}
     ratios = []
     for row in rows:
         ref = index.get((reference_of.get(row['model']), ) +
                         tuple(row[k] for k in match))
-        if ref is None or row.get(key) is None or not ref.get(key):
-            ratios.append(None)
-        else:
-            ratios.append(row[key] / ref[key])
+        ratios.append(row[key] / ref[key] if usable(row) and usable(ref)
+                      else None)
     return ratios

@@ -20,7 +20,11 @@ class MeanLossAcrossRanksHook(Hook):
     (the ``log_vars`` of ``train_step``) by its mean over the default
     process group; the logs then show the loss of the whole batch, which a
     run on fewer processes with a larger batch per process can be compared
-    with (``tools/analysis/compare_losses.py``).
+    with (``tools/analysis/compare_losses.py``). Precisely, it is the mean
+    of the processes' own means, the loss their averaged gradients follow;
+    it equals the whole batch's mean where every process averages over as
+    many elements (a loss per image or pixel; not mmdet's mask loss, a mean
+    over each process's positive proposals).
 
     - Priority ``'HIGHEST'``: it runs before mmengine's ``RuntimeInfoHook``
       (``'VERY_HIGH'``) puts the outputs into the message hub, from which

@@ -25,6 +25,7 @@ CHUNK = 64
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The fused four-direction kernel: N <= 16, float32 or bfloat16 inputs.
 CROSS_MAX_D_STATE = 16
+CROSS_MAX_LENGTH = 2**22  # exclusive bound on H*W
 CROSS_DTYPES = (torch.float32, torch.bfloat16)
 _FWD = 'mmvmamba::selective_scan_fwd'
 _BWD = 'mmvmamba::selective_scan_bwd'

@@ -71,7 +71,7 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
                       dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
 
 
-def _fused_unavailable_reason(x: torch.Tensor, d_state: int,
+def _fused_unavailable_reason(x: torch.Tensor, length: int, d_state: int,
                               scan_dtype: torch.dtype) -> Optional[str]:
     """Say why the fused CUDA kernel cannot run this call, or ``None``."""
     if not x.is_cuda:
@@ -86,6 +86,8 @@ def _fused_unavailable_reason(x: torch.Tensor, d_state: int,
         return f'd_state N={d_state} > {_ext.CROSS_MAX_D_STATE}'
     if scan_dtype not in _ext.CROSS_DTYPES:
         return f'scan dtype {str(scan_dtype).replace("torch.", "")}'
+    if length >= _ext.CROSS_MAX_LENGTH:
+        return f'H*W={length} >= {_ext.CROSS_MAX_LENGTH}'
     return None
 
 
@@ -96,7 +98,7 @@ def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
     # x_dbl as the authors compute it: in x's dtype (or autocast's), then
     # cast for the scan.
     x_flat = x.reshape(batch, H * W, d_inner)
-    x_dbl = F.linear(x_flat, x_proj_weight.reshape(-1, d_inner))
+    x_dbl = F.linear(x_flat, x_proj_weight.reshape(-1, d_inner).to(x.dtype))
     x_dbl = x_dbl.view(batch, H * W, NUM_DIRECTIONS, -1).to(scan_dtype)
     y = _ext.cross_scan_kernel(
         x_flat.to(scan_dtype).contiguous(), x_dbl.contiguous(),
@@ -113,9 +115,10 @@ def _cross_selective_scan_unfused(x, x_proj_weight, dt_projs_weight,
     d_state, dt_rank = A_logs.shape[1], dt_projs_weight.shape[2]
     length = H * W
     xs = cross_scan(x)
-    x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, x_proj_weight)
+    x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, x_proj_weight.to(x.dtype))
     dt_low, Bs, Cs = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=2)
-    dts = torch.einsum('bkrl,kdr->bkdl', dt_low, dt_projs_weight)
+    dts = torch.einsum('bkrl,kdr->bkdl', dt_low,
+                       dt_projs_weight.to(x.dtype))
     # A, D and the bias stay float32 (float64 for a float64 scan).
     param_dtype = torch.float64 if scan_dtype == torch.float64 else \
         torch.float32
@@ -191,7 +194,8 @@ def cross_selective_scan(x: torch.Tensor,
     if scan_dtype not in HALF_AND_FLOAT:
         raise ValueError(f'scan_dtype must be one of float32, bfloat16, '
                          f'float16, float64 or None, got {scan_dtype!r}')
-    reason = _fused_unavailable_reason(x, A_logs.shape[1], scan_dtype)
+    reason = _fused_unavailable_reason(x, x_chw.shape[2] * x_chw.shape[3],
+                                       A_logs.shape[1], scan_dtype)
     if fused and reason is not None:
         raise ValueError(f'fused=True, but the fused kernel cannot run: '
                          f'{reason}')

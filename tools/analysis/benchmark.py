@@ -3,14 +3,14 @@
     python tools/analysis/benchmark.py models [--device cpu] [--size 224]
         [--batch 1] [--archs tiny small base] [--repeat 10]
     python tools/analysis/benchmark.py scan [--device cuda] [--batch 128]
-        [--dtype float32] [--no-reference]
+        [--dtype float32] [--no-reference] [--no-fused]
     python tools/analysis/benchmark.py throughput [--device cuda]
         [--models vmamba-t vmamba-s vmamba-b swin-t swin-s swin-b convnext-t]
         [--modes infer-fp32 infer-bf16 train-bf16] [--sizes 224 512 1024]
         [--batch 128] [--batch-per-size 128 24 6]
     python tools/analysis/benchmark.py detectors [--device cuda]
         [--models mask-rcnn-vmamba-t mask-rcnn-swin-t upernet-vmamba-t
-        upernet-swin-t] [--modes fp32 amp] [--amp-dtype bfloat16]
+        upernet-swin-t] [--modes fp32 amp] [--amp-dtype bfloat16 float16]
         [--batch 2] [--det-size 800 1333] [--seg-size 512]
 
 ``models``: forward time of VMamba-T/S/B backbones against mmpretrain's
@@ -19,7 +19,9 @@ the ratio of each VMamba to the Swin of the same size.
 
 ``scan``: the selective-scan kernel at VMamba-T's four stage shapes, forward
 and forward+backward, against the PyTorch reference, with bytes moved, GB/s
-and the ratios to the bandwidth and exponential floors
+and the ratios to the bandwidth and exponential floors; then SS2D's whole
+core (``cross_selective_scan``) on the fused kernel against the unfused path,
+float32 and bfloat16 scan inputs, with the same floors
 (:mod:`mmvmamba.analysis.scan_timing`).
 
 ``throughput``: classifiers (names of ``mmvmamba.analysis.models.MODEL_ZOO``
@@ -40,7 +42,9 @@ with VMamba and Swin backbones (names of
 synthetic batches, as mmengine's runner trains them (``model.train_step``:
 data preprocessor, losses, ``optim_wrapper.update_params``) with each
 config's optimizer, in fp32 (``OptimWrapper``) and mixed precision
-(``AmpOptimWrapper``, bfloat16 by default; GPU only): median ms per step,
+(``AmpOptimWrapper``, GPU only; bfloat16 by default, ``--amp-dtype`` picks
+float16 or both; mmcv 2.1's RoIAlign has no bfloat16 GPU kernel, so Mask
+R-CNN reads "failed" there and needs float16): median ms per step,
 images per second, peak GPU memory and the ratios of time and memory to the
 Swin of the same task and size class in the same mode. No checkpoint is read
 (backbones start from their initialisation); SyncBN runs as BN. On the CPU,
@@ -51,11 +55,13 @@ import argparse
 import torch
 
 from mmvmamba.analysis import detectors
-from mmvmamba.analysis.models import (MODEL_ZOO, SWIN_OF, build_classifier,
-                                      model_label, tensor_forward)
+from mmvmamba.analysis.models import (MODEL_ZOO, SWIN_REFERENCE,
+                                      build_classifier, model_label,
+                                      tensor_forward)
 from mmvmamba.analysis.scaling import batch_for
-from mmvmamba.analysis.scan_timing import (D_STATE, HEADER, format_rows,
-                                           kernel_rows)
+from mmvmamba.analysis.scan_timing import (D_STATE, FUSED_HEADER, HEADER,
+                                           format_fused_rows, format_rows,
+                                           fused_rows, kernel_rows)
 from mmvmamba.analysis.timing import (MODES, device_name, measure,
                                       print_table, relative_to, scan_backend,
                                       time_mode)
@@ -147,7 +153,7 @@ def bench_throughput(args) -> list:
                       f'{_ms(r)} ms', flush=True)  # progress
         del classifier, model
     for row, ratio in zip(rows,
-                          relative_to(rows, SWIN_OF, 'img_per_s',
+                          relative_to(rows, SWIN_REFERENCE, 'img_per_s',
                                       ('mode', 'size'))):
         row['x_swin'] = ratio
     rows.sort(key=lambda row: args.sizes.index(row['size']))  # stable
@@ -198,6 +204,9 @@ def bench_detectors(args) -> list:
             _fmt(r['time_vs_swin'], '.2f'),
             _fmt(r['mem_vs_swin'], '.2f')
         ] for r in rows])
+    for r in rows:
+        if r['error']:
+            print(f'{r["model"]} {r["mode"]} failed: {r["error"]}')
     return rows
 
 
@@ -213,6 +222,14 @@ def bench_scan(args) -> list:
     if meta['exps_per_s']:
         title += f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s'
     print_table(title, HEADER, format_rows(rows))
+    if device.type == 'cuda' and not args.no_fused:
+        fused = fused_rows(device, args.batch, args.warmup, args.repeat)
+        print_table(
+            f'SS2D core (cross_selective_scan, channels-last), VMamba-T '
+            f'stages, batch {args.batch}, {device_name(device)}: fused '
+            f'kernel vs the unfused path (four copies + the kernel above)',
+            FUSED_HEADER, format_fused_rows(fused))
+        rows += fused[:-1]
     return rows
 
 
@@ -239,6 +256,8 @@ def main(argv=None):
     scan.add_argument('--repeat', type=int, default=20)
     scan.add_argument('--no-reference', action='store_true',
                       help='time the kernel only')
+    scan.add_argument('--no-fused', action='store_true',
+                      help='skip the SS2D-core table (fused vs unfused)')
     scan.set_defaults(func=bench_scan)
 
     thr = sub.add_parser(
@@ -272,9 +291,11 @@ def main(argv=None):
         'configs')
     det.add_argument('--modes', nargs='+', choices=detectors.MODES,
                      help='default: fp32 amp on a GPU, fp32 on the CPU')
-    det.add_argument('--amp-dtype', default='bfloat16',
+    det.add_argument('--amp-dtype', nargs='+', default=['bfloat16'],
                      choices=['bfloat16', 'float16'],
-                     help='autocast dtype of mode amp')
+                     help='autocast dtype(s) of mode amp, each timed as a '
+                     'mode (mmcv\'s RoIAlign has no bfloat16 GPU kernel: '
+                     'Mask R-CNN needs float16)')
     det.add_argument('--batch', type=int, default=2, help='images per step')
     det.add_argument('--det-size', nargs=2, type=int, metavar=('H', 'W'),
                      default=list(detectors.TASKS['mmdet'][1]),

@@ -5,11 +5,16 @@
 
 RUN_A and RUN_B are work dirs (their newest ``<timestamp>/vis_data/
 scalars.json``), run folders or ``scalars.json`` files. For each key
-(default ``loss``) it prints step, A, B and the relative difference
+(default ``loss``; ``all``: every key holding ``loss`` that either run
+logged) it prints step, A, B and the relative difference
 ``|a - b| / max(|a|, |b|)`` for iterations 1..ITERS, and exits with 1 when
-any difference is above TOL, a value is NaN or infinite, or either run logged
-fewer than ITERS of those iterations (train with ``--cfg-options
-default_hooks.logger.interval=1``); 2 when a log cannot be read; 0 otherwise.
+any difference is above TOL, a value is NaN or infinite, or either run
+logged fewer than ITERS of those iterations; 2 when a log cannot be read; 0
+otherwise.
+
+Train both runs with ``--cfg-options default_hooks.logger.interval=1
+log_processor.window_size=1``: a record every iteration, holding that
+iteration's losses (mmengine otherwise logs running means).
 
 In a distributed run rank 0 logs its own share of the batch unless the run
 had ``MeanLossAcrossRanksHook`` (``mmvmamba.engine``); see
@@ -18,7 +23,8 @@ had ``MeanLossAcrossRanksHook`` (``mmvmamba.engine``); see
 import argparse
 import sys
 
-from mmvmamba.analysis.losses import compare_series, find_scalars, read_scalars
+from mmvmamba.analysis.losses import (compare_series, find_scalars, loss_keys,
+                                      read_scalars)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help='largest relative difference allowed (default 0.05)')
     parser.add_argument(
         '--keys', nargs='+', default=['loss'],
-        help='logged keys to compare (default: loss)')
+        help='logged keys to compare (default: loss; all: every key '
+        'holding "loss")')
     return parser.parse_args(argv)
 
 
@@ -46,11 +53,14 @@ def main(argv=None) -> int:
         print(f'error: {error}', file=sys.stderr)
         return 2
     print(f'A: {paths[0]}\nB: {paths[1]}\n')
-    result = compare_series(*records, keys=args.keys, iters=args.iters,
+    keys = args.keys
+    if keys == ['all']:
+        keys = sorted(set(loss_keys(records[0])) | set(loss_keys(records[1])))
+    result = compare_series(*records, keys=keys, iters=args.iters,
                             tol=args.tol)
     print(result.table())
     if result.ok:
-        print(f'PASS: {", ".join(args.keys)} of A and B agree within '
+        print(f'PASS: {", ".join(keys)} of A and B agree within '
               f'{100 * args.tol:g}% over iterations 1..{args.iters}')
         return 0
     print(f'FAIL: {len(result.problems)} problem(s):')

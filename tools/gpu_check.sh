@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Real-scale check of tools/train.py, tools/test.py and tools/dist_*.sh on
+# GPUs, with the real Mask R-CNN and UperNet VMamba-T configs on synthetic
+# COCO / ADE20K data (nothing is downloaded; no ImageNet weights).
+#
+#   bash tools/gpu_check.sh MODE WORK_DIR [TASK ...]
+#
+#   MODE     single   1 GPU: per task, ITERS iterations with --amp and
+#                     FP32_ITERS without, at the configs' full scale (COCO
+#                     images resized to 800x800, ADE 512x512 crops), then
+#                     tools/test.py on the AMP checkpoint (COCO bbox/segm
+#                     mAP; mIoU, also with --tta); no loss may be NaN/Inf
+#            compare  2 GPUs: per task, COMPARE_ITERS iterations once on one
+#                     GPU with batch 4 (tools/train.py) and once on two with
+#                     batch 2 each (tools/dist_train.sh): same seed, data
+#                     and order, nothing drawn per process that changes the
+#                     loss (mmvmamba/analysis/gpu_check.py says what that
+#                     takes); the logged losses (2 GPUs: the mean of both
+#                     ranks, by MeanLossAcrossRanksHook) must agree within
+#                     TOL at every iteration (tools/analysis/
+#                     compare_losses.py); then tools/dist_test.sh on the
+#                     2-GPU checkpoint
+#            all      single, then compare
+#   WORK_DIR data, checkpoints and logs: WORK_DIR/logs/STEP.log holds each
+#            step's whole output, WORK_DIR/summary.txt the results
+#   TASK     det (Mask R-CNN) and/or seg (UperNet); default both
+#
+# Environment [default]:
+#   ITERS [200], FP32_ITERS [20], COMPARE_ITERS [20]  iterations of the runs
+#   TOL [0.05]          largest relative difference of the compared losses
+#   WARMUP [off]        compare mode: the learning-rate warm-up, off (the
+#                       base rate from the first iteration) or keep
+#   NUM_WORKERS [2]     data workers per process
+#   PORT [29500]        of tools/dist_*.sh
+#   COCO_SIZE [800], ADE_SIZE [512]  sides of the synthetic images
+#   VERBOSE [0]         1: also stream each step's output
+#   DET_CONFIG, SEG_CONFIG [the T configs]
+#   EXTRA_OPTS []       more --cfg-options for every training and test run
+#   SMOKE_CPU [0]       1: try the script itself on a CPU machine (single
+#                       mode, no --amp), e.g. SMOKE_CPU=1 ITERS=2
+#                       FP32_ITERS=2 COCO_SIZE=64 ADE_SIZE=64
+#                       DET_CONFIG=configs/demo/mask_rcnn_vmamba_demo_synthetic.py
+#                       SEG_CONFIG=configs/demo/upernet_vmamba_demo_synthetic.py
+# It runs the `python` first on PATH, which needs torch with CUDA, mmcv with
+# its CUDA ops, mmengine, mmdet and mmseg; mmvmamba comes from this checkout
+# (PYTHONPATH). Exit status 0 when every step passed, 1 when one failed, 2
+# when it could not start.
+set -uo pipefail
+
+usage() {  # the comment above
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' \
+        "${BASH_SOURCE[0]}"
+    exit 2
+}
+[[ $# -ge 2 ]] || usage
+mode=$1
+case "$mode" in single | compare | all) ;; *) usage ;; esac
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work_arg=$2
+shift 2
+tasks=("$@")
+[[ ${#tasks[@]} -gt 0 ]] || tasks=(det seg)
+for task in "${tasks[@]}"; do
+    [[ "$task" == det || "$task" == seg ]] ||
+        { echo "unknown task '$task' (det or seg)" >&2; exit 2; }
+done
+mkdir -p "$work_arg" || exit 2
+work="$(cd "$work_arg" && pwd)"
+
+ITERS="${ITERS:-200}"
+FP32_ITERS="${FP32_ITERS:-20}"
+COMPARE_ITERS="${COMPARE_ITERS:-20}"
+TOL="${TOL:-0.05}"
+NUM_WORKERS="${NUM_WORKERS:-2}"
+export PORT="${PORT:-29500}"
+WARMUP="${WARMUP:-off}"
+COCO_SIZE="${COCO_SIZE:-800}"
+ADE_SIZE="${ADE_SIZE:-512}"
+VERBOSE="${VERBOSE:-0}"
+SMOKE_CPU="${SMOKE_CPU:-0}"
+DET_CONFIG="${DET_CONFIG:-configs/mask_rcnn_vmamba_t_1x_coco.py}"
+SEG_CONFIG="${SEG_CONFIG:-configs/upernet_vmamba_t_512x512_160k_ade20k.py}"
+read -r -a extra_opts <<< "${EXTRA_OPTS:-}"
+
+cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+warnings=ignore::UserWarning,ignore::DeprecationWarning
+export PYTHONWARNINGS="${PYTHONWARNINGS:-$warnings}"
+export PYTHONUNBUFFERED=1
+data="$work/synthetic"
+logs="$work/logs"
+summary="$work/summary.txt"
+mkdir -p "$logs"
+: > "$summary"
+failures=0
+
+section() { printf '\n==================== %s\n' "$*"; }
+note() { echo "$*" | tee -a "$summary"; }
+fail() { note "FAIL $*"; failures=$((failures + 1)); }
+
+# step NAME COMMAND...: run COMMAND with its whole output in logs/NAME.log
+# (and on the terminal with VERBOSE=1); on failure show the log's end.
+# Returns COMMAND's status.
+step() {
+    local name=$1 log="$logs/$1.log" start=$SECONDS rc
+    shift
+    echo "---- $name: $*"
+    echo "+ $*" > "$log"
+    if [[ "$VERBOSE" == 1 ]]; then
+        "$@" 2>&1 | tee -a "$log"
+        rc=${PIPESTATUS[0]}
+    else
+        "$@" >> "$log" 2>&1
+        rc=$?
+    fi
+    if [[ $rc -eq 0 ]]; then
+        note "ok   $name ($((SECONDS - start)) s)"
+    else
+        [[ "$VERBOSE" == 1 ]] || tail -n 40 "$log"
+        fail "$name (exit $rc after $((SECONDS - start)) s; log: $log)"
+    fi
+    return $rc
+}
+
+# options VAR ARGS...: the checked --cfg-options that
+# `python -m mmvmamba.analysis.gpu_check ARGS` prints, then EXTRA_OPTS
+options() {
+    local -n into=$1
+    shift
+    local text
+    text="$(python -m mmvmamba.analysis.gpu_check "$@")" || return 1
+    mapfile -t into <<< "$text"
+    into+=("${extra_opts[@]}")
+}
+
+# losses NAME WORK_DIR ITERS: every loss finite, ITERS iterations logged
+losses() {
+    step "$1" python -m mmvmamba.analysis.losses "$2" --min-iters "$3" &&
+        note "     $(tail -n 1 "$logs/$1.log")"
+}
+
+# metrics NAME TEST_WORK_DIR: the metrics tools/test.py saved, all finite
+metrics() {
+    step "$1" python -m mmvmamba.analysis.gpu_check metrics "$2" &&
+        note "     $(tail -n 1 "$logs/$1.log")"
+}
+
+config_of() {
+    if [[ $1 == det ]]; then echo "$DET_CONFIG"; else echo "$SEG_CONFIG"; fi
+}
+
+run_single() {
+    local task=$1 config out ckpt amp=() fp32=() test=()
+    local -x CUDA_VISIBLE_DEVICES="${SINGLE_GPU:-0}"
+    config="$(config_of "$task")"
+    out="$work/single/$task"
+    section "single GPU, $task: $config"
+    rm -rf "$out"
+    options amp train "$task" --config "$config" --mode single \
+        --iters "$ITERS" --batch-size 2 --data-root "$data" \
+        --workers "$NUM_WORKERS" &&
+        options fp32 train "$task" --config "$config" --mode single \
+            --iters "$FP32_ITERS" --batch-size 2 --data-root "$data" \
+            --workers "$NUM_WORKERS" &&
+        options test test "$task" --config "$config" --data-root "$data" \
+            --workers "$NUM_WORKERS" ||
+        { fail "$task: no options"; return; }
+    if step "$task-train-amp" python tools/train.py "$config" \
+        "${amp_flag[@]}" --work-dir "$out/amp" --cfg-options "${amp[@]}"; then
+        losses "$task-losses-amp" "$out/amp" "$ITERS"
+        ckpt="$(cat "$out/amp/last_checkpoint")"
+        step "$task-test" python tools/test.py "$config" "$ckpt" \
+            --work-dir "$out/test" --cfg-options "${test[@]}" &&
+            metrics "$task-test-metrics" "$out/test"
+        if [[ $task == seg ]]; then
+            step "$task-test-tta" python tools/test.py "$config" "$ckpt" \
+                --tta --work-dir "$out/test-tta" \
+                --cfg-options "${test[@]}" &&
+                metrics "$task-test-tta-metrics" "$out/test-tta"
+        fi
+    fi
+    step "$task-train-fp32" python tools/train.py "$config" \
+        --work-dir "$out/fp32" --cfg-options "${fp32[@]}" &&
+        losses "$task-losses-fp32" "$out/fp32" "$FP32_ITERS"
+}
+
+run_compare() {
+    local task=$1 config out ckpt one=() two=() test=()
+    config="$(config_of "$task")"
+    out="$work/compare/$task"
+    section "1 GPU x batch 4 against 2 GPUs x batch 2, $task: $config"
+    rm -rf "$out"
+    options one train "$task" --config "$config" --mode compare \
+        --iters "$COMPARE_ITERS" --batch-size 4 --global-batch 4 \
+        --data-root "$data" --workers "$NUM_WORKERS" --warmup "$WARMUP" &&
+        options two train "$task" --config "$config" --mode compare \
+            --iters "$COMPARE_ITERS" --batch-size 2 --global-batch 4 \
+            --data-root "$data" --workers "$NUM_WORKERS" --warmup "$WARMUP" &&
+        options test test "$task" --config "$config" --data-root "$data" \
+            --workers "$NUM_WORKERS" ||
+        { fail "$task: no options"; return; }
+    CUDA_VISIBLE_DEVICES=0 step "$task-1gpu-batch4" python tools/train.py \
+        "$config" --work-dir "$out/1gpu" --cfg-options "${one[@]}" || return
+    CUDA_VISIBLE_DEVICES=0,1 step "$task-2gpu-batch2" \
+        bash tools/dist_train.sh "$config" 2 --work-dir "$out/2gpu" \
+        --cfg-options "${two[@]}" || return
+    # each loss term, for information; then the verdict on the total loss
+    python tools/analysis/compare_losses.py "$out/1gpu" "$out/2gpu" \
+        --iters "$COMPARE_ITERS" --tol "$TOL" --keys all \
+        > "$logs/$task-compare-terms.log" 2>&1
+    step "$task-compare-losses" python tools/analysis/compare_losses.py \
+        "$out/1gpu" "$out/2gpu" --iters "$COMPARE_ITERS" --tol "$TOL"
+    sed '1d' "$logs/$task-compare-losses.log"
+    grep -E '^(PASS|FAIL)' "$logs/$task-compare-losses.log" >> "$summary"
+    echo "each term, for information (tables: $logs/$task-compare-terms.log):"
+    grep -E '^(largest difference|mean of)' "$logs/$task-compare-terms.log" |
+        sed 's/^/     /' | tee -a "$summary"
+    ckpt="$(cat "$out/2gpu/last_checkpoint")"
+    CUDA_VISIBLE_DEVICES=0,1 step "$task-dist-test" bash tools/dist_test.sh \
+        "$config" "$ckpt" 2 --work-dir "$out/dist-test" \
+        --cfg-options "${test[@]}" &&
+        metrics "$task-dist-test-metrics" "$out/dist-test"
+}
+
+need_gpus=2
+[[ "$mode" == single ]] && need_gpus=1
+amp_flag=(--amp)
+if [[ "$SMOKE_CPU" == 1 ]]; then
+    [[ "$mode" == single ]] ||
+        { echo "SMOKE_CPU=1 runs single mode only" >&2; exit 2; }
+    need_gpus=0
+    amp_flag=()  # CPU autocast is bfloat16, which mmcv's nms refuses
+fi
+
+section "preflight ($mode: ${tasks[*]}; work dir $work)"
+command -v python > /dev/null || { echo "no 'python' on PATH" >&2; exit 2; }
+echo "python: $(command -v python)"
+if ! python - "$need_gpus" "${tasks[*]}" <<'EOF'
+import sys
+
+import torch
+
+need, tasks = int(sys.argv[1]), sys.argv[2].split()
+import mmcv, mmdet, mmengine, mmseg  # noqa: E401
+print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), mmengine '
+      f'{mmengine.__version__}, mmcv {mmcv.__version__}, mmdet '
+      f'{mmdet.__version__}, mmseg {mmseg.__version__}')
+from mmvmamba.ops._ext import ext_status
+print(ext_status()[1])
+count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print(f'{count} GPU(s): ' + ', '.join(
+    torch.cuda.get_device_name(i) for i in range(count)))
+if count < need:
+    sys.exit(f'this mode needs {need} GPU(s), found {count}')
+if 'det' in tasks and need:  # Mask R-CNN runs mmcv's nms and RoIAlign
+    from mmcv.ops import nms, roi_align
+    boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.]]).cuda()
+    nms(boxes, torch.tensor([0.9, 0.8]).cuda(), 0.5)
+    roi_align(torch.rand(1, 1, 8, 8).cuda(),
+              torch.tensor([[0., 0., 0., 4., 4.]]).cuda(), (2, 2))
+    print('mmcv CUDA ops: nms and roi_align ran')
+EOF
+then
+    echo "preflight failed" >&2
+    exit 2
+fi
+step verify-options python -m mmvmamba.analysis.gpu_check verify \
+    --configs "$DET_CONFIG" "$SEG_CONFIG" --data-root "$data" || exit 1
+
+section "synthetic data: $data"
+# enough training images for the longest Mask R-CNN epoch (iters x batch)
+coco_train=$((ITERS * 2))
+((FP32_ITERS * 2 > coco_train)) && coco_train=$((FP32_ITERS * 2))
+((COMPARE_ITERS * 4 > coco_train)) && coco_train=$((COMPARE_ITERS * 4))
+data_args=(--out "$data" --seed 0 --coco-train "$coco_train" --coco-val 16
+    --coco-size "$COCO_SIZE" --ade-train 200 --ade-val 16
+    --ade-size "$ADE_SIZE")
+if [[ -f "$data/.args" && "$(cat "$data/.args")" == "${data_args[*]}" ]]; then
+    echo "reusing it (${data_args[*]})"
+else
+    if [[ -e "$data" && ! -f "$data/.args" ]]; then
+        echo "$data exists but was not written by this script: move it" >&2
+        exit 2
+    fi
+    rm -rf "$data"
+    step synthetic-data python -m mmvmamba.datasets.synthetic \
+        "${data_args[@]}" || exit 1
+    echo "${data_args[*]}" > "$data/.args"
+fi
+
+if [[ "$mode" != compare ]]; then
+    for task in "${tasks[@]}"; do run_single "$task"; done
+fi
+if [[ "$mode" != single ]]; then
+    for task in "${tasks[@]}"; do run_compare "$task"; done
+fi
+
+section "summary (also in $summary)"
+cat "$summary"
+if [[ $failures -gt 0 ]]; then
+    echo "$failures step(s) failed"
+    exit 1
+fi
+echo "all steps passed"
