@@ -63,11 +63,16 @@ def test_coco_annotations(data):
     ann_file = osp.join(data, 'coco/annotations/instances_train2017.json')
     with open(ann_file) as f:
         ann = json.load(f)
+    # All 80 COCO categories in COCO's order (so 80-class configs evaluate),
+    # objects only of the 5 synthetic ones, under their real ids.
     names = [c['name'] for c in ann['categories']]
-    assert tuple(names) == SYNTHETIC_COCO_CLASSES
-    assert set(names) <= set(coco_names)
+    assert tuple(names) == tuple(coco_names)
     ids = [c['id'] for c in ann['categories']]
-    assert ids == sorted(ids)
+    assert ids == sorted(ids) and len(set(ids)) == 80
+    name_of = dict(zip(ids, names))
+    used = {name_of[a['category_id']] for a in ann['annotations']}
+    assert used <= set(SYNTHETIC_COCO_CLASSES)
+    assert name_of[13] == 'stop sign' and name_of[72] == 'tv'
     sizes = {im['id']: (im['width'], im['height']) for im in ann['images']}
     assert ann['annotations']
     for a in ann['annotations']:

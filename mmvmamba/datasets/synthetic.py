@@ -10,7 +10,10 @@ them by changing only ``data_root``::
 
 Detection: a few objects per image (shapes named after real COCO classes)
 drawn without overlap on textured backgrounds, with boxes and polygon masks
-under their real COCO category ids. Segmentation: outdoor-like scenes whose
+under their real COCO category ids. The annotation files list all 80 COCO
+categories, so that a config with COCO's 80 classes trains and evaluates
+unchanged (its labels are COCO's); a config naming the 5 classes in its
+``metainfo`` sees only those. Segmentation: outdoor-like scenes whose
 pixels are labelled with ADE20K classes in ADE's png convention (0 = other,
 ignored; class ``k`` of the 150 is stored as ``k + 1``, to be read with
 ``reduce_zero_label=True``). Everything is a function of ``--seed``.
@@ -39,6 +42,24 @@ COCO_SHAPES = (
     ('tv', 72, 'screen', (120, 60, 30)),
 )
 SYNTHETIC_COCO_CLASSES = tuple(name for name, *_ in COCO_SHAPES)
+
+# COCO's 80 detection categories: (id, name) in id order.
+COCO_CATEGORIES = tuple(enumerate((
+    'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train',
+    'truck', 'boat', 'traffic light', 'fire hydrant', None, 'stop sign',
+    'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
+    'elephant', 'bear', 'zebra', 'giraffe', None, 'backpack', 'umbrella',
+    None, None, 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard',
+    'sports ball', 'kite', 'baseball bat', 'baseball glove', 'skateboard',
+    'surfboard', 'tennis racket', 'bottle', None, 'wine glass', 'cup',
+    'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich',
+    'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake',
+    'chair', 'couch', 'potted plant', 'bed', None, 'dining table', None,
+    None, 'toilet', None, 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator',
+    None, 'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier',
+    'toothbrush'), start=1))
+COCO_CATEGORIES = tuple((i, n) for i, n in COCO_CATEGORIES if n is not None)
 
 # Index of each class in ADE20K's 150 classes (mmseg's ADE20KDataset).
 ADE_INDEX = dict(
@@ -168,8 +189,8 @@ def write_coco(root: str, rng: np.random.Generator, split: str, num: int,
                     segmentation=[poly.reshape(-1).tolist()],
                     iscrowd=0))
     categories = [
-        dict(id=cat_id, name=name, supercategory='synthetic')
-        for name, cat_id, *_ in COCO_SHAPES
+        dict(id=cat_id, name=name, supercategory='coco')
+        for cat_id, name in COCO_CATEGORIES
     ]
     with open(osp.join(root, 'annotations', f'instances_{split}2017.json'),
               'w') as f:
