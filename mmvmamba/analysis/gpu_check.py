@@ -162,6 +162,7 @@ def train_options(cfg: Config,
     options = data_options(cfg, data_root) + [
         f'train_dataloader.batch_size={batch_size}',
         f'train_dataloader.num_workers={workers}',
+        f'train_dataloader.persistent_workers={workers > 0}',
         'default_hooks.logger.interval=1',
         'log_processor.window_size=1',
         'randomness.seed=0',
@@ -214,7 +215,8 @@ def eval_options(cfg: Config,
                  workers: int = 2) -> List[str]:
     """Options of ``tools/test.py`` / ``dist_test.sh``."""
     return data_options(cfg, data_root) + [
-        f'test_dataloader.num_workers={workers}'
+        f'test_dataloader.num_workers={workers}',
+        f'test_dataloader.persistent_workers={workers > 0}'
     ]
 
 
