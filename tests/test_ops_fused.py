@@ -98,6 +98,35 @@ def test_fused_equals_unfused_kernel_path():
         assert rel_err(g_fused[name], g_plain[name]) < 1e-4, name
 
 
+def test_bfloat16_map_reads_like_its_float32_upcast():
+    """A bf16 map goes to the kernel as it is for a float32 scan: the kernel
+    computes in float32, so the result is that of the exact upcast."""
+    x, params = make_params(CASES[3], 'cuda')
+    batch, H, W, d_inner = x.shape
+    u = x.reshape(batch, H * W, d_inner).bfloat16()
+    x_dbl = torch.einsum('bld,kcd->blkc', u.float(),
+                         params['x_proj_weight']).bfloat16()
+    rest = (params['dt_projs_weight'], params['dt_projs_bias'],
+            -torch.exp(params['A_logs']), params['Ds'], H, W)
+
+    def run(u, x_dbl):
+        u, x_dbl = u.detach().requires_grad_(), x_dbl.detach().requires_grad_()
+        y = _ext.cross_scan_kernel(u, x_dbl, *rest)
+        torch.manual_seed(1)
+        du, dx = torch.autograd.grad(y, [u, x_dbl], torch.randn_like(y))
+        return y, du, dx
+
+    y16, du16, dx16 = run(u, x_dbl)
+    y32, du32, dx32 = run(u.float(), x_dbl.float())
+    assert rel_err(y16, y32) < 1e-6
+    assert rel_err(du16, du32.bfloat16()) < 1e-3
+    assert rel_err(dx16, dx32.bfloat16()) < 1e-3
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        fused = cross_selective_scan(x.bfloat16(), **params,
+                                     channels_last=True)
+    assert fused.dtype == torch.float32
+
+
 def test_channels_first_layout():
     x, params = make_params(CASES[0], 'cuda')
     y_last = cross_selective_scan(x, **params, channels_last=True)

@@ -93,8 +93,18 @@ def _fused_unavailable_reason(x: torch.Tensor, length: int, d_state: int,
 
 def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
                                 dt_projs_bias, A_logs, Ds, scan_dtype):
-    """The fused CUDA path on a channels-last map ``(batch, H, W, D)``."""
+    """The fused CUDA path on a channels-last map ``(batch, H, W, D)``.
+
+    The kernel computes in float32 from whatever it reads. A bfloat16 map
+    (autocast, or a bfloat16 model) is therefore passed as it is even for a
+    float32 scan: its upcast is exact, and so are those of its projections
+    and of the gradients coming back (rounded to bfloat16 once, as the
+    backward of an upcast does). The numerics are those of float32 inputs,
+    with half the bytes read and kept for the backward.
+    """
     batch, H, W, d_inner = x.shape
+    if x.dtype == torch.bfloat16 and scan_dtype == torch.float32:
+        scan_dtype = torch.bfloat16
     # x_dbl as the authors compute it: in x's dtype (or autocast's), then
     # cast for the scan.
     x_flat = x.reshape(batch, H * W, d_inner)
