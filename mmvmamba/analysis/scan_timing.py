@@ -13,7 +13,7 @@ kernel against the unfused path (four copies of the map, the einsums, the
 kernel above, the merge), with the same floors.
 Run it through ``tools/analysis/benchmark.py scan``.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -74,6 +74,18 @@ def scan_bytes(batch, C, L, dtype) -> Dict[str, int]:
     return {'fwd': forward, 'fwd+bwd': forward + backward}
 
 
+def _against_floors(ms: float, moved: int, bandwidth: float, exps: int,
+                    exps_per_s: Optional[float]) -> Dict:
+    """Bytes moved, GB/s and the time over the bandwidth floor (bytes /
+    copy bandwidth) and the exponential floor (exps / rate; ``None``
+    without a rate)."""
+    return dict(
+        bytes=moved,
+        gb_per_s=moved / ms / 1e6,
+        over_bandwidth_floor=ms / (moved / bandwidth * 1e3),
+        over_exp_floor=ms / (exps / exps_per_s * 1e3) if exps_per_s else None)
+
+
 def _run(fn, args, backward):
     y = fn(**args, delta_softplus=True)
     if backward:
@@ -115,16 +127,11 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
                     pass
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
-            floor_bw = moved[name] / bandwidth * 1e3
-            floor_exp = (exp_passes * exps / exps_per_s * 1e3
-                         if exps_per_s else None)
             rows.append(
                 dict(stage=f'C={C} L={L}', pass_=name, kernel_ms=kernel_ms,
-                     reference_ms=reference_ms, bytes=moved[name],
-                     gb_per_s=moved[name] / kernel_ms / 1e6,
-                     over_bandwidth_floor=kernel_ms / floor_bw,
-                     over_exp_floor=kernel_ms / floor_exp
-                     if floor_exp else None))
+                     reference_ms=reference_ms,
+                     **_against_floors(kernel_ms, moved[name], bandwidth,
+                                       exp_passes * exps, exps_per_s)))
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9,
                      exps_per_s=exps_per_s))
     return rows
@@ -206,17 +213,13 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                     except torch.OutOfMemoryError:
                         times[fused] = None
                     torch.cuda.empty_cache()
-                fused_ms = times[True]
                 rows.append(
                     dict(stage=f'C={C} L={L}', pass_=name,
                          scan_dtype=str(scan_dtype).replace('torch.', ''),
-                         fused_ms=fused_ms, unfused_ms=times[False],
-                         bytes=moved[name],
-                         gb_per_s=moved[name] / fused_ms / 1e6,
-                         over_bandwidth_floor=fused_ms /
-                         (moved[name] / bandwidth * 1e3),
-                         over_exp_floor=fused_ms /
-                         (exp_passes * exps / exps_per_s * 1e3)))
+                         fused_ms=times[True], unfused_ms=times[False],
+                         **_against_floors(times[True], moved[name],
+                                           bandwidth, exp_passes * exps,
+                                           exps_per_s)))
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s))
     return rows
 

@@ -13,7 +13,6 @@ autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
 :func:`relative_to` the ratios of a table's rows to reference rows.
 """
 import gc
-import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -68,8 +67,9 @@ def device_name(device: torch.device) -> str:
 def scan_backend(device: torch.device) -> str:
     """Which selective scan :func:`mmvmamba.ops.selective_scan` will run."""
     from mmvmamba.ops import _ext
-    wanted = os.environ.get('MMVMAMBA_SCAN_BACKEND', 'auto').lower()
-    if wanted != 'reference' and _ext.has_kernel(device.type):
+    from mmvmamba.ops.selective_scan import scan_backend_override
+    if (scan_backend_override() != 'reference'
+            and _ext.has_kernel(device.type)):
         return f'compiled {device.type} kernel'
     return 'PyTorch reference scan'
 
