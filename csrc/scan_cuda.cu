@@ -596,8 +596,10 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     if (chunk + 1 < p.chunks) tile.fetch(p, pos, l0 + kSteps);
     for (int t0 = 0; t0 < steps; t0 += kPart) {
       const int piece = steps - t0 < kPart ? steps - t0 : kPart;
-#pragma unroll 4
-      for (int k = 0; k < piece; ++k) {
+      // Whole pieces (steps past L are zero steps: identities); unrolling
+      // all 16 steps spills the bfloat16 instantiation.
+#pragma unroll 8
+      for (int k = 0; k < kPart; ++k) {
         const int t = t0 + k;
         const float dt = s.dt[lane.c * kRow + t];
         const float dtu = dt * s.u[lane.c * kRow + t];
@@ -747,6 +749,12 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
     const float* urow = u_s + lane.c * kRow;
     const float* dtrow = dt_s + lane.c * kRow;
     const float* dyrow = dy_s + lane.c * kRow;
+    // Pass 2 skips the pieces wholly past L (last chunk only, walked first:
+    // dh is still zero there). Pass 1 walks them all: a data-dependent exit
+    // there makes the compiler spill the piece starts.
+    const int64_t left = p.length - l0;
+    const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
+                                     : kPieces;
 
     // Pass 1: the state at the start of every piece.
     float start[kPieces][kP];
@@ -779,6 +787,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
     // Pass 2: pieces in reverse; states of the piece, then the reverse scan.
 #pragma unroll
     for (int s = kPieces - 1; s >= 0; --s) {
+      if (s >= pieces) continue;
       float hs[kPiece][kP];
 #pragma unroll
       for (int k = 0; k < kPiece; ++k) {
