@@ -84,14 +84,17 @@ def test_det_options(configs):
         flip = cfg.train_dataloader.dataset.pipeline[3]
         assert flip.type == 'RandomFlip' and flip.prob == 0.0
         assert isinstance(flip.prob, float)  # mmcv refuses an int
-        assert cfg.param_scheduler[0].start_factor == 1.0
+        # Mask R-CNN compares under the config's own warm-up by default
+        assert cfg.param_scheduler[0].start_factor == 0.001
     # everything else equal between the two runs
     one.train_dataloader.batch_size = 2
     assert one.to_dict() == two.to_dict()
 
-    keep = merged(det,
-                  train_options(det, ROOT, 'compare', 20, 2, 4, warmup='keep'))
-    assert keep.param_scheduler[0].start_factor == 0.001
+    off = merged(det,
+                 train_options(det, ROOT, 'compare', 20, 2, 4, warmup='off'))
+    assert off.param_scheduler[0].start_factor == 1.0
+    with pytest.raises(ValueError, match="warmup must be 'keep', 'off'"):
+        train_options(det, ROOT, 'compare', 20, 2, 4, warmup='on')
 
 
 def test_seg_options(configs):
@@ -117,7 +120,10 @@ def test_seg_options(configs):
     assert cfg.model.auxiliary_head.dropout_ratio == 0
     assert cfg.model.decode_head.norm_cfg.type == 'SyncBN'  # kept
     assert cfg.env_cfg.cudnn_benchmark is False
-    assert cfg.param_scheduler[0].start_factor == 1.0
+    assert cfg.param_scheduler[0].start_factor == 1.0  # no warm-up by default
+    keep = merged(seg,
+                  train_options(seg, ROOT, 'compare', 20, 2, 4, warmup='keep'))
+    assert keep.param_scheduler[0].start_factor == 1e-6
 
     cfg = merged(seg, eval_options(seg, ROOT))
     assert cfg.test_dataloader.dataset.data_root == (

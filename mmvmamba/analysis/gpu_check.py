@@ -42,27 +42,29 @@ What the options do:
   512 crop, so the crop is not random either) and no photometric
   distortion (its slot becomes a flip of probability 0, since
   ``--cfg-options`` cannot remove a list item).
-- the warm-up in compare mode (``--warmup``): ``off`` by default, so that
-  the iterations train at the base rate from the first one and the losses
-  move (under the configs' warm-up, factors 1e-3 and 1e-6 at the start,
-  the weights hardly change in 20 iterations, and a wrong gradient average
-  would not show); ``keep`` keeps it.
+- the warm-up in compare mode (``--warmup``): by task unless given
+  (:data:`DEFAULT_WARMUP`). UperNet: ``off``, so that the iterations train
+  at the base rate from the first one and the losses move (under the
+  config's warm-up, factor 1e-6 at the start, the weights hardly change in
+  20 iterations, and a wrong gradient average would not show). Mask R-CNN:
+  ``keep``, the config's own (factor 1e-3 over 500 iterations): at the base
+  rate from the first iteration its losses fall from 6.7 to 0.9 in 20
+  iterations, and the small differences between 1 and 2 GPUs below grow
+  along that fall (on two H200s: up to 19% at single iterations, the
+  20-iteration means 3.2% apart; with the warm-up at most 0.7%).
 
 What to expect: UperNet's losses are means over fixed-size crops with
 nothing sampled, and SyncBN over 2 x 2 images is BN over 4, so the two runs
-compute the same thing up to rounding (on the CPU, the demo model with BN
-per process instead of SyncBN: within 0.44% over 20 iterations at the base
-rate). Mask R-CNN is not the same computation on 1 and 2 GPUs: each process
-averages its mask loss over its own positive proposals (mmdet normalises
-per GPU), and its RPN and R-CNN samplers draw from each process's random
-stream. On the CPU (the demo model, gloo, 20 iterations) its total loss
-differed by 0.6% at the first iteration and by up to 5.6% at some
-iteration at the base rate, 6.6% at nearly fixed weights (learning rate
-1e-7; the means over the 20 iterations 0.4% apart) and 6.6% at the base
-rate with samplers that take every anchor and proposal (nothing sampled);
-at fixed weights the mask loss differed by up to 16% at an iteration, the
-other terms by less than 1%. ``tools/analysis/compare_losses.py
---keys all`` shows which term differs, and the means.
+compute the same thing up to rounding: on two H200s, 20 iterations at the
+base rate, the total loss agreed within 0.01% at every iteration. Mask R-CNN
+is not quite the same computation on 1 and 2 GPUs: each process averages its
+mask loss over its own positive proposals (mmdet normalises per GPU), and
+its RPN and R-CNN samplers draw from each process's random stream. On two
+H200s with the config's warm-up the total loss agreed within 0.70% at every
+iteration; single terms differ more where they are tiny (``loss_bbox``, about
+0.0025 with few positive proposals, up to 46% at an iteration, its means
+4.3% apart; ``loss_mask`` up to 6%). ``tools/analysis/compare_losses.py
+--keys all`` shows each term and the means.
 """
 import argparse
 import copy
@@ -81,6 +83,8 @@ CONFIGS = dict(
     seg=osp.join(REPO, 'configs', 'upernet_vmamba_t_512x512_160k_ade20k.py'))
 # where each task's data lies under the output of mmvmamba.datasets.synthetic
 DATA_SUBDIR = dict(det='coco/', seg='ADEChallengeData2016')
+#: Compare mode's learning-rate warm-up by task (module docstring).
+DEFAULT_WARMUP = dict(det='keep', seg='off')
 # keys the options may add; every other key must already be in the config
 NEW_KEYS = frozenset({
     'log_processor.window_size',  # mmseg's LogProcessor keeps its default
@@ -137,7 +141,7 @@ def train_options(cfg: Config,
                   global_batch: Optional[int] = None,
                   *,
                   workers: int = 2,
-                  warmup: str = 'off') -> List[str]:
+                  warmup: Optional[str] = None) -> List[str]:
     """Options of ``tools/train.py`` / ``dist_train.sh`` (module docstring).
 
     Args:
@@ -150,14 +154,17 @@ def train_options(cfg: Config,
             processes (default ``batch_size``); Mask R-CNN trains on
             ``iters * global_batch`` images.
         workers (int): Data workers per process.
-        warmup (str): Compare mode: turn the config's learning-rate
-            warm-up ``'off'`` or ``'keep'`` it.
+        warmup (str, optional): Compare mode: turn the config's
+            learning-rate warm-up ``'off'`` or ``'keep'`` it; None: the
+            task's :data:`DEFAULT_WARMUP`.
     """
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    if warmup not in ('keep', 'off'):
-        raise ValueError(f"warmup must be 'keep' or 'off', got {warmup!r}")
+    if warmup not in ('keep', 'off', None):
+        raise ValueError(
+            f"warmup must be 'keep', 'off' or None, got {warmup!r}")
     task = task_of(cfg)
+    warmup = warmup or DEFAULT_WARMUP[task]
     global_batch = global_batch or batch_size
     options = data_options(cfg, data_root) + [
         f'train_dataloader.batch_size={batch_size}',
@@ -331,8 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument('--batch-size', type=int, default=2)
             p.add_argument('--global-batch', type=int)
             p.add_argument(
-                '--warmup', choices=('keep', 'off'), default='off',
-                help='compare mode: the learning-rate warm-up (default off)')
+                '--warmup', choices=('keep', 'off'),
+                help='compare mode: the learning-rate warm-up (default: '
+                'keep for det, off for seg)')
     p = sub.add_parser('metrics')
     p.add_argument('work_dir', help='work dir of tools/test.py')
     p = sub.add_parser('verify')
