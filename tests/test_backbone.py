@@ -168,9 +168,61 @@ def test_scan_dtype_option():
         VMamba(SMALL, scan_dtype='float16')
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def saved_bytes(model, x):
+    """model(x) and the bytes of the distinct storages autograd keeps for its
+    backward, parameters aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sum(storages.values())
+
+
+def test_recompute_gate_same_results_less_memory():
+    torch.manual_seed(0)
+    plain = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.)
+    lean = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.,
+                  recompute_gate=True)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40, 52)
+    maps = []  # the gate's inputs: (B, H, W, d_inner) maps, one per block
+    for module in plain.modules():
+        if module.__class__.__name__ == 'SS2D':
+            module.register_forward_hook(
+                lambda m, args, out: maps.append(out.shape[:3] +
+                                                 (m.d_inner, )))
+    results = []
+    for model in (plain, lean):
+        outs, saved = saved_bytes(model, x)
+        if not results:
+            weights = [torch.randn_like(o) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        results.append((outs, saved, [p.grad for p in model.parameters()]))
+    (outs, saved, grads), (outs_lean, saved_lean, grads_lean) = results
+    for a, b in zip([*outs, *grads], [*outs_lean, *grads_lean]):
+        assert torch.equal(a, b)
+    # not kept: the norm's float32 output, SiLU(z) and the norm's mean and
+    # 1 / std per position
+    gate_bytes = sum(2 * 4 * torch.Size(shape).numel() * (1 + 1 / shape[-1])
+                     for shape in maps)
+    assert len(maps) == 5 and saved - saved_lean == gate_bytes
+    with torch.no_grad():  # nothing to recompute for
+        for a, b in zip(plain(x), lean(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('recompute_gate', [False, True])
+def test_torch_compile_fullgraph_matches_eager(recompute_gate):
     torch._dynamo.reset()
-    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.,
+                   recompute_gate=recompute_gate)
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     x = torch.randn(2, 3, 37, 53)
     for a, b in zip(model(x), compiled(x)):

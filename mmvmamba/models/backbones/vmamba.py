@@ -54,6 +54,11 @@ class SS2D(nn.Module):
         scan_dtype (str): Dtype of the scan's inputs, ``'float32'`` (the
             authors' numerics) or ``'bfloat16'`` (half the bytes; the state
             and sums stay float32). Defaults to 'float32'.
+        recompute_gate (bool): Recompute ``out_norm`` and the SiLU gate in
+            the backward instead of keeping their outputs for it (the
+            float32 norm output and SiLU(z): 3/2 of a float32 map of
+            ``d_inner`` channels under bf16 autocast). Same results.
+            Defaults to False.
     """
     scan_dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
@@ -62,12 +67,14 @@ class SS2D(nn.Module):
                  d_state: int = 16,
                  ssm_ratio: float = 2.0,
                  dt_rank: Union[int, str] = 'auto',
-                 scan_dtype: str = 'float32'):
+                 scan_dtype: str = 'float32',
+                 recompute_gate: bool = False):
         super().__init__()
         if scan_dtype not in self.scan_dtypes:
             raise ValueError(f'scan_dtype must be one of '
                              f'{sorted(self.scan_dtypes)}, got {scan_dtype!r}')
         self.scan_dtype = self.scan_dtypes[scan_dtype]
+        self.recompute_gate = recompute_gate
         d_inner = int(ssm_ratio * embed_dims)
         if dt_rank == 'auto':
             dt_rank = math.ceil(embed_dims / 16)
@@ -126,8 +133,14 @@ class SS2D(nn.Module):
             scan_dtype=self.scan_dtype)
         # float32 from the scan; a half-precision model gets its own dtype.
         y = y.to(self.out_norm.weight.dtype)
-        y = self.out_norm(y) * F.silu(z)
+        if self.recompute_gate and torch.is_grad_enabled():
+            y = cp.checkpoint(self._gate, y, z, use_reentrant=False)
+        else:
+            y = self._gate(y, z)
         return self.out_proj(y)
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.out_norm(y) * F.silu(z)
 
 
 class VSSBlock(nn.Module):
@@ -137,7 +150,8 @@ class VSSBlock(nn.Module):
         embed_dims (int): Channels of the block.
         drop_path (float): Stochastic depth rate. Defaults to 0.
         with_cp (bool): Use gradient checkpointing. Defaults to False.
-        **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank`` of :class:`SS2D`.
+        **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank``, ``scan_dtype``
+            and ``recompute_gate`` of :class:`SS2D`.
     """
 
     def __init__(self,
@@ -250,6 +264,10 @@ class VMamba(BaseModule):
         scan_dtype (str): Dtype of the selective scan's inputs: ``'float32'``
             as the authors (default), or ``'bfloat16'``, faster on the GPU
             with the state and sums still float32 (see :class:`SS2D`).
+        recompute_gate (bool): Recompute each block's ``out_norm`` and SiLU
+            gate in the backward rather than keep their outputs: less
+            activation memory than without, much less recomputation than
+            ``with_cp`` (see :class:`SS2D`). Defaults to False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')`` loads converted weights strictly (see
             :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
@@ -274,12 +292,13 @@ class VMamba(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  scan_dtype: str = 'float32',
+                 recompute_gate: bool = False,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         arch = self._parse_arch(arch)
         embed_dims, depths = arch['embed_dims'], list(arch['depths'])
         ssm_cfg = {k: arch[k] for k in self.ssm_keys if k in arch}
-        ssm_cfg['scan_dtype'] = scan_dtype
+        ssm_cfg.update(scan_dtype=scan_dtype, recompute_gate=recompute_gate)
         self.num_stages = len(depths)
         self.embed_dims = embed_dims
         self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
