@@ -5,8 +5,26 @@ from mmengine.config import Config
 from mmengine.registry import MODELS
 
 from mmvmamba.models import VMamba
+from mmvmamba.models.backbones.vmamba import SS2D
 
 SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1])
+
+
+class RandomProjection:
+    """Loss of a tuple of outputs: their sum against random weights, drawn
+    (float64) at the first call and kept. ``sum(o ** 2)`` of the outputs'
+    LayerNorms would be nearly constant, its gradients rounding noise."""
+
+    def __init__(self):
+        self.weights = None
+
+    def __call__(self, outs):
+        if self.weights is None:
+            self.weights = [
+                torch.randn_like(o, dtype=torch.float64) for o in outs
+            ]
+        return sum((o * w.to(o.dtype)).sum()
+                   for o, w in zip(outs, self.weights))
 
 
 @pytest.mark.parametrize('arch,params', [('tiny', 22_893_448),
@@ -97,12 +115,9 @@ def test_with_cp_gives_same_outputs_and_grads():
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 24, 20)
     grads = []
+    loss = RandomProjection()
     for model in (plain, ckpt):
-        outs = model(x)
-        if not grads:  # a random projection: sum(o ** 2) of the output
-            # norms is nearly constant, its gradients rounding noise
-            weights = [torch.randn_like(o) for o in outs]
-        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        loss(model(x)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -194,16 +209,15 @@ def test_recompute_gate_same_results_less_memory():
     x = torch.randn(2, 3, 40, 52)
     maps = []  # the gate's inputs: (B, H, W, d_inner) maps, one per block
     for module in plain.modules():
-        if module.__class__.__name__ == 'SS2D':
+        if isinstance(module, SS2D):
             module.register_forward_hook(
                 lambda m, args, out: maps.append(out.shape[:3] +
                                                  (m.d_inner, )))
     results = []
+    loss = RandomProjection()
     for model in (plain, lean):
         outs, saved = saved_bytes(model, x)
-        if not results:
-            weights = [torch.randn_like(o) for o in outs]
-        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        loss(outs).backward()
         results.append((outs, saved, [p.grad for p in model.parameters()]))
     (outs, saved, grads), (outs_lean, saved_lean, grads_lean) = results
     for a, b in zip([*outs, *grads], [*outs_lean, *grads_lean]):
@@ -230,23 +244,16 @@ def test_torch_compile_fullgraph_matches_eager(recompute_gate):
 
 
 def test_kernel_model_matches_float64_reference(monkeypatch):
-    """The whole model on the compiled scan against float64 on the reference.
-
-    The loss is a random projection of the outputs (``mean(o ** 2)`` of
-    LayerNorm outputs has a zero gradient upstream of the norms).
-    """
+    """The whole model on the compiled scan against float64 on the reference
+    (values, and gradients of a :class:`RandomProjection` of the outputs)."""
     torch.manual_seed(0)
     model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.)
     x = torch.randn(2, 3, 37, 53)
-    weights = None
+    loss = RandomProjection()
 
     def run(model, x):
-        nonlocal weights
         outs = model(x)
-        if weights is None:
-            weights = [torch.randn_like(o, dtype=torch.float64) for o in outs]
-        loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights))
-        return outs, torch.autograd.grad(loss, list(model.parameters()))
+        return outs, torch.autograd.grad(loss(outs), list(model.parameters()))
 
     outs, grads = run(model, x)
     monkeypatch.setenv('MMVMAMBA_SCAN_BACKEND', 'reference')
