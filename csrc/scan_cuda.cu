@@ -19,6 +19,20 @@
 // scan. dB / dC are summed over the warp's channels by a butterfly of
 // shuffles, over the block in shared memory, and over blocks by float atomics.
 //
+// Segments: when the blocks of one sequence are too few to fill the GPU
+// (small batch, long L), the chunks are split into S segments of seg_chunks
+// chunks (blockIdx.y) scanned in parallel. A pass then takes three kernels:
+// a summary of every segment but the one never needed (the forward's end
+// state from zero; the backward's carry leaving the segment when entered with
+// none; and the sum of its step sizes, whose exp2(a * sum) is its decay),
+// scan_carry_kernel chaining those into the carry entering each segment, and
+// the full pass, each segment starting from its carry. Results equal the
+// one-segment ones up to float rounding. S is chosen per launch
+// (choose_segments) to give about 4 waves of blocks; the environment variable
+// MMVMAMBA_SCAN_SEGMENT_CHUNKS=n forces segments of n chunks (of 64 steps),
+// and 0 a single segment (unset or empty: the choice above; any other value
+// is an error). With one segment nothing extra runs.
+//
 // The kernels are written once and read / write their tensors through an
 // "Io" policy:
 // * SeqIo: the plain op, u / delta / y of shape (batch, channels, L) and
@@ -40,7 +54,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "scan.h"
@@ -74,6 +90,12 @@ struct ScanParams {
   int64_t batch, channels, length, groups, per_group, d_state, chunks;
   int channel_blocks;
   bool softplus;
+  // The sequence's segments (blockIdx.y): seg_chunks chunks each, the last
+  // one shorter. With segments > 1, seg_state (batch, channels, segments,
+  // N) and seg_dt (batch, channels, segments) hold the segments' summaries,
+  // then the carries entering them (see scan_carry_kernel).
+  int seg_chunks, segments;
+  float *seg_state, *seg_dt;
   // CrossIo only: x_dbl (in `delta`), dt_weight (4, D, R), their gradients.
   float *dx_dbl, *ddt_weight;
   const float* dt_weight;
@@ -533,7 +555,41 @@ struct Lane {
   __device__ float* checkpoint(const ScanParams& p, int64_t b, int64_t chunk) const {
     return p.checkpoints + ((b * p.channels + d) * p.chunks + chunk) * p.d_state;
   }
+
+  // The row's states in seg_state of segment `seg`.
+  __device__ float* segment_state(const ScanParams& p, int64_t b, int seg) const {
+    return p.seg_state + ((b * p.channels + d) * p.segments + seg) * p.d_state;
+  }
+
+  // Reads (into v) the lane's states of an (N,) row; zero for padding.
+  __device__ void read_states(const float* row, int d_state, float (&v)[kP]) const {
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      v[i] = valid && q * kP + i < d_state ? row[q * kP + i] : 0.0f;
+    }
+  }
+
+  __device__ void write_states(float* row, int d_state, const float (&v)[kP]) const {
+    if (!valid) return;
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      if (q * kP + i < d_state) row[q * kP + i] = v[i];
+    }
+  }
 };
+
+// The chunks [first, end) of the block's segment (blockIdx.y + offset).
+struct SegmentRange {
+  int first, end;
+};
+
+__device__ __forceinline__ SegmentRange segment_range(const ScanParams& p,
+                                                      int offset = 0) {
+  SegmentRange r;
+  r.first = (static_cast<int>(blockIdx.y) + offset) * p.seg_chunks;
+  r.end = min(r.first + p.seg_chunks, static_cast<int>(p.chunks));
+  return r;
+}
 
 // Per-warp scratch of the lanes' partial sums, kPart steps deep: the scan
 // writes one value per lane and step, and every kPart steps the warp sums
@@ -568,7 +624,12 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
   Io::prepare(p, pos, extra);
+  // The segment's chunks, from its start state (zero for the first).
+  const SegmentRange range = segment_range(p);
   float h[kP] = {};
+  if (range.first > 0) {
+    lane.read_states(lane.segment_state(p, pos.b, blockIdx.y), p.d_state, h);
+  }
   // The outputs this lane sums: step lane % kPart of channels
   // lane / kPart + 2 i of the warp. A step's y replaces its step size in
   // s.dt (no later step of the tile reads it) until the tile is stored.
@@ -585,15 +646,18 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
   }
 
   typename Io::template Loads<false> tile;
-  tile.fetch(p, pos, 0);
-  for (int64_t chunk = 0; chunk < p.chunks; ++chunk) {
-    const int64_t l0 = chunk * kSteps;
+  tile.fetch(p, pos, static_cast<int64_t>(range.first) * kSteps);
+  // `left` counts the segment's chunks down (a comparison with its end
+  // instead spills the SeqIo<float, 16> instantiation).
+  int chunk = range.first;
+  for (int left = range.end - range.first; left > 0; --left, ++chunk) {
+    const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
     const int steps = p.length - l0 < kSteps ? static_cast<int>(p.length - l0) : kSteps;
     __syncthreads();
     tile.stage(p, pos, l0, s, extra);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
-    if (chunk + 1 < p.chunks) tile.fetch(p, pos, l0 + kSteps);
+    if (left > 1) tile.fetch(p, pos, l0 + kSteps);
     for (int t0 = 0; t0 < steps; t0 += kPart) {
       const int piece = steps - t0 < kPart ? steps - t0 : kPart;
       // Whole pieces (steps past L are zero steps: identities); unrolling
@@ -718,7 +782,15 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
   for (int i = threadIdx.x; i < 2 * kSteps * Tl::states; i += kThreads) {
     dB_s[i] = 0.0f;
   }
+  // The segment's chunks, in reverse from the carry of the later segments:
+  // dh enters its last step as decay_next * dh (zero after the last one).
+  const SegmentRange range = segment_range(p);
   float dh[kP] = {}, decay_next[kP] = {}, dA[kP] = {};
+  if (range.end < p.chunks) {
+    lane.read_states(lane.segment_state(p, pos.b, blockIdx.y), p.d_state, dh);
+#pragma unroll
+    for (int i = 0; i < kP; ++i) decay_next[i] = 1.0f;
+  }
   // The (step, channel) outputs this lane finishes for each piece: index
   // lane + 32 i of the warp's kPiece x kWarpChannels, step = index % kPiece.
   // A step's du and d(delta) replace its u and step size in u_s / dt_s (no
@@ -739,8 +811,8 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
     dD[i] = dbias[i] = 0.0f;
   }
 
-  for (int64_t chunk = p.chunks - 1; chunk >= 0; --chunk) {
-    const int64_t l0 = chunk * kSteps;
+  for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
+    const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
     typename Io::template Loads<true> tile;
     tile.fetch(p, pos, l0);
     __syncthreads();
@@ -749,9 +821,10 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
     const float* urow = u_s + lane.c * kRow;
     const float* dtrow = dt_s + lane.c * kRow;
     const float* dyrow = dy_s + lane.c * kRow;
-    // Pass 2 skips the pieces wholly past L (last chunk only, walked first:
-    // dh is still zero there). Pass 1 walks them all: a data-dependent exit
-    // there makes the compiler spill the piece starts.
+    // Pass 2 skips the pieces wholly past L (the sequence's last chunk only,
+    // walked first by the last segment: dh is still zero there). Pass 1
+    // walks them all: a data-dependent exit there makes the compiler spill
+    // the piece starts.
     const int64_t left = p.length - l0;
     const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
                                      : kPieces;
@@ -881,41 +954,256 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
   }
 }
 
+// Segment summaries (segments > 1). The forward summary of a segment is its
+// end state when started from zero, and the backward one the carry leaving
+// its first step, decay_first * dh_first, when entered with none; with the
+// segment's sum of step sizes (the decay over it is exp2(a * sum)), that
+// makes each segment an affine map of the carry, which scan_carry_kernel
+// chains. The walks reuse the Io staging and do nothing else (no C or dy in
+// the forward, no states in the backward, no outputs).
+
+// Forward: segments 0 .. S-2 (blockIdx.y), to seg_state / seg_dt.
 template <typename Io>
-int shared_bytes(const ScanParams& p, bool backward) {
+__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
+    scan_fwd_summary_kernel(const ScanParams p) {
+  constexpr int Q = Io::Q;
+  using Tl = Tile<Q>;
+  extern __shared__ float smem[];
+  TileSmem s;
+  s.u = smem;
+  s.dt = s.u + Tl::channels * kRow;
+  s.dy = nullptr;
+  s.B = s.dt + Tl::channels * kRow;
+  s.C = s.B + kSteps * Tl::state_row;
+  float* extra = s.C + kSteps * Tl::state_row;
+
+  const BlockPos pos = block_pos(p);
+  const Lane<Q> lane(p, pos);
+  Io::prepare(p, pos, extra);
+  const SegmentRange range = segment_range(p);
+  const float* urow = s.u + lane.c * kRow;
+  const float* dtrow = s.dt + lane.c * kRow;
+  float h[kP] = {}, dt_sum = 0.0f;
+  typename Io::template Loads<false> tile;
+  tile.fetch(p, pos, static_cast<int64_t>(range.first) * kSteps);
+  for (int chunk = range.first; chunk < range.end; ++chunk) {
+    const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
+    __syncthreads();
+    tile.stage(p, pos, l0, s, extra);
+    __syncthreads();
+    if (chunk + 1 < range.end) tile.fetch(p, pos, l0 + kSteps);
+#pragma unroll 8
+    for (int t = 0; t < kSteps; ++t) {
+      const float dt = dtrow[t], dtu = dt * urow[t];
+      const float4 b4 = *reinterpret_cast<const float4*>(
+          s.B + t * Tl::state_row + lane.q * kP);
+      const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+      for (int i = 0; i < kP; ++i) h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
+      dt_sum += dt;
+    }
+  }
+  lane.write_states(lane.segment_state(p, pos.b, blockIdx.y), p.d_state, h);
+  if (lane.valid && lane.q == 0) {
+    p.seg_dt[(pos.b * p.channels + lane.d) * p.segments + blockIdx.y] = dt_sum;
+  }
+}
+
+// Backward: segments 1 .. S-1 (blockIdx.y + 1), chunks and steps in
+// reverse, to seg_state / seg_dt.
+template <typename Io>
+__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
+    scan_bwd_summary_kernel(const ScanParams p) {
+  constexpr int Q = Io::Q;
+  using Tl = Tile<Q>;
+  extern __shared__ float smem[];
+  TileSmem s;
+  s.u = smem;
+  s.dt = s.u + Tl::channels * kRow;
+  s.dy = s.dt + Tl::channels * kRow;
+  s.B = s.dy + Tl::channels * kRow;
+  s.C = s.B + kSteps * Tl::state_row;
+  float* extra = s.C + kSteps * Tl::state_row;
+
+  const BlockPos pos = block_pos(p);
+  const Lane<Q> lane(p, pos);
+  Io::prepare(p, pos, extra);
+  const int seg = blockIdx.y + 1;
+  const SegmentRange range = segment_range(p, 1);
+  const float* dtrow = s.dt + lane.c * kRow;
+  const float* dyrow = s.dy + lane.c * kRow;
+  float dh[kP] = {}, decay_next[kP] = {}, dt_sum = 0.0f;
+  typename Io::template Loads<true> tile;
+  tile.fetch(p, pos, static_cast<int64_t>(range.end - 1) * kSteps);
+  for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
+    const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
+    __syncthreads();
+    tile.stage(p, pos, l0, s, extra);
+    __syncthreads();
+    if (chunk > range.first) tile.fetch(p, pos, l0 - kSteps);
+#pragma unroll 8
+    for (int t = kSteps - 1; t >= 0; --t) {
+      const float dt = dtrow[t], g = dyrow[t];
+      const float4 c4 = *reinterpret_cast<const float4*>(
+          s.C + t * Tl::state_row + lane.q * kP);
+      const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+      for (int i = 0; i < kP; ++i) {
+        dh[i] = g * cv[i] + decay_next[i] * dh[i];
+        decay_next[i] = exp2f(lane.a[i] * dt);
+      }
+      dt_sum += dt;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kP; ++i) dh[i] *= decay_next[i];
+  lane.write_states(lane.segment_state(p, pos.b, seg), p.d_state, dh);
+  if (lane.valid && lane.q == 0) {
+    p.seg_dt[(pos.b * p.channels + lane.d) * p.segments + seg] = dt_sum;
+  }
+}
+
+// Chains the segment summaries into the carry entering each segment, one
+// thread per (batch, channel, state): forward, the true start state h_s of
+// segment s (h_0 = 0, h_{s+1} = exp2(a dt_s) h_s + end_s); reverse, the
+// carry from its right (c_{S-1} = 0, c_{s-1} = exp2(a dt_s) c_s + out_s).
+// Each replaces the summary in seg_state; the skipped segment's (never
+// written) is only overwritten.
+__global__ void scan_carry_kernel(const ScanParams p, bool reverse) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.batch * p.channels * p.d_state) return;
+  const int64_t row = i / p.d_state;  // b * channels + d
+  const int64_t n = i % p.d_state;
+  const float a = p.A[(row % p.channels) * p.d_state + n] * kLog2e;
+  float* state = p.seg_state + row * p.segments * p.d_state + n;
+  const float* dt_sum = p.seg_dt + row * p.segments;
+  float carry = 0.0f;
+  for (int k = 0;; ++k) {
+    const int seg = reverse ? p.segments - 1 - k : k;
+    float* at = state + seg * p.d_state;
+    if (k + 1 == p.segments) {
+      *at = carry;
+      break;
+    }
+    const float summary = *at;
+    *at = carry;
+    carry = exp2f(a * dt_sum[seg]) * carry + summary;
+  }
+}
+
+// Dynamic shared memory of a kernel: the full pass, or (summary) its tiles.
+template <typename Io>
+int shared_bytes(const ScanParams& p, bool backward, bool summary) {
   using Tl = Tile<Io::Q>;
-  int floats = 2 * kSteps * Tl::state_row + Io::extra_floats(p, backward);
-  if (backward) {
-    floats += 3 * Tl::channels * kRow + 2 * kSteps * Tl::states +
-              2 * kThreads * kPiece;
-  } else {
-    floats += 2 * Tl::channels * kRow + kThreads * kPart;
+  int floats = 2 * kSteps * Tl::state_row + Io::extra_floats(p, backward) +
+               (backward ? 3 : 2) * Tl::channels * kRow;
+  if (!summary) {
+    floats += backward ? 2 * kSteps * Tl::states + 2 * kThreads * kPiece
+                       : kThreads * kPart;
   }
   return floats * static_cast<int>(sizeof(float));
 }
 
+// Segments are at least this many chunks long (unless forced).
+constexpr int64_t kMinSegChunks = 4;
+constexpr const char* kSegmentChunksEnv = "MMVMAMBA_SCAN_SEGMENT_CHUNKS";
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// MMVMAMBA_SCAN_SEGMENT_CHUNKS: -1 when unset or empty, else its value.
+int64_t segment_chunks_from_env() {
+  const char* value = std::getenv(kSegmentChunksEnv);
+  if (value == nullptr || *value == '\0') return -1;
+  int64_t chunks = 0;
+  bool ok = true;
+  for (const char* c = value; *c != '\0' && ok; ++c) {
+    ok = *c >= '0' && *c <= '9' && chunks < (int64_t{1} << 40);
+    chunks = chunks * 10 + (*c - '0');
+  }
+  TORCH_CHECK(ok, kSegmentChunksEnv, " must be a non-negative integer: the "
+              "chunks of ", std::to_string(kChunk), " steps per segment of the "
+              "CUDA scans, 0 for one segment; got '", value, "'");
+  return chunks;
+}
+
+// Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
+// segment. The sequence is split when those leave the GPU short of about 4
+// waves of blocks_per_sm blocks on every SM, into as many segments as fill
+// them, each at least kMinSegChunks chunks long; the environment variable
+// above overrides that.
+void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm) {
+  int64_t seg_chunks = p.chunks;
+  const int64_t forced = segment_chunks_from_env();
+  if (forced > 0) {
+    seg_chunks = forced;
+  } else if (forced < 0 && p.chunks >= 2 * kMinSegChunks) {
+    int device = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                          device));
+    const int64_t target = int64_t{4} * sms * blocks_per_sm;
+    if (blocks < target) {
+      seg_chunks = std::max(kMinSegChunks, ceil_div(p.chunks * blocks, target));
+    }
+  }
+  // At most 65535 segments (gridDim.y), at most one.
+  seg_chunks = std::min(std::max(seg_chunks, ceil_div(p.chunks, 65535)), p.chunks);
+  p.seg_chunks = static_cast<int>(seg_chunks);
+  p.segments = static_cast<int>(ceil_div(p.chunks, seg_chunks));
+}
+
+// One pass (forward or backward) of Io's scan. With several segments: their
+// summaries (all but the one whose summary is never used), the carries
+// between them, then the full pass of every segment; `f32` places the
+// scratch tensors.
 template <typename Io>
-void launch(ScanParams& p, bool backward) {
-  p.channel_blocks = static_cast<int>(
-      (p.per_group + Tile<Io::Q>::channels - 1) / Tile<Io::Q>::channels);
+void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
+  using Tl = Tile<Io::Q>;
+  p.channel_blocks = static_cast<int>((p.per_group + Tl::channels - 1) / Tl::channels);
   const int64_t blocks = p.batch * p.groups * p.channel_blocks;
   TORCH_CHECK(blocks <= INT32_MAX, "selective_scan: batch x channels too "
               "large for one launch (", std::to_string(blocks), " blocks)");
-  const int smem = shared_bytes<Io>(p, backward);
+  TORCH_CHECK(p.chunks < (int64_t{1} << 30), "selective_scan: sequence too "
+              "long (", std::to_string(p.length), " steps)");
+  choose_segments(p, blocks,
+                  backward ? Tl::bwd_blocks_per_sm : Tl::fwd_blocks_per_sm);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  // Freed when this returns: the caching allocator reuses memory in stream
+  // order, after the kernels below.
+  at::Tensor seg_state, seg_dt;
+  if (p.segments > 1) {
+    seg_state = at::empty({p.batch, p.channels, p.segments, p.d_state}, f32);
+    seg_dt = at::empty({p.batch, p.channels, p.segments}, f32);
+    p.seg_state = seg_state.mutable_data_ptr<float>();
+    p.seg_dt = seg_dt.mutable_data_ptr<float>();
+    const int smem = shared_bytes<Io>(p, backward, /*summary=*/true);
+    auto summary = backward ? scan_bwd_summary_kernel<Io> : scan_fwd_summary_kernel<Io>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        summary, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    summary<<<dim3(static_cast<unsigned>(blocks), p.segments - 1), kThreads, smem,
+              stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr int kCarryThreads = 256;
+    const int64_t rows = p.batch * p.channels * p.d_state;
+    scan_carry_kernel<<<static_cast<unsigned>(ceil_div(rows, kCarryThreads)),
+                        kCarryThreads, 0, stream>>>(p, backward);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int smem = shared_bytes<Io>(p, backward, /*summary=*/false);
   auto kernel = backward ? scan_bwd_kernel<Io> : scan_fwd_kernel<Io>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem,
-           c10::cuda::getCurrentCUDAStream()>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(blocks), p.segments), kThreads, smem,
+           stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_for_state(ScanParams& p, bool backward) {
+void launch_for_state(ScanParams& p, bool backward, const at::TensorOptions& f32) {
   if (p.d_state <= 16) {
-    launch<SeqIo<T, 4>>(p, backward);
+    launch<SeqIo<T, 4>>(p, backward, f32);
   } else {
-    launch<SeqIo<T, 16>>(p, backward);
+    launch<SeqIo<T, 16>>(p, backward, f32);
   }
 }
 
@@ -959,14 +1247,15 @@ FwdResult selective_scan_fwd_cuda(const at::Tensor& u_in,
                    C = C_in.contiguous(), D = contiguous_or_undefined(D_in),
                    bias = contiguous_or_undefined(bias_in);
   ScanParams p = make_params(s, u, delta, A, B, C, D, bias, delta_softplus);
+  const auto f32 = u.options().dtype(at::kFloat);
   at::Tensor y = at::empty(u.sizes(), u.options());
-  at::Tensor checkpoints = at::empty({s.batch, s.channels, p.chunks, s.d_state},
-                                     u.options().dtype(at::kFloat));
+  at::Tensor checkpoints =
+      at::empty({s.batch, s.channels, p.chunks, s.d_state}, f32);
   if (y.numel() == 0) return {y, checkpoints};
   p.y = y.mutable_data_ptr();
   p.checkpoints = checkpoints.mutable_data_ptr<float>();
   MMVMAMBA_DISPATCH_SCAN_TYPES(u.scalar_type(), "selective_scan_fwd_cuda", [&] {
-    launch_for_state<scalar_t>(p, /*backward=*/false);
+    launch_for_state<scalar_t>(p, /*backward=*/false, f32);
   });
   return {y, checkpoints};
 }
@@ -1007,7 +1296,7 @@ BwdResult selective_scan_bwd_cuda(
     p.dD = dD.mutable_data_ptr<float>();
     p.ddelta_bias = dbias.mutable_data_ptr<float>();
     MMVMAMBA_DISPATCH_SCAN_TYPES(u.scalar_type(), "selective_scan_bwd_cuda", [&] {
-      launch_for_state<scalar_t>(p, /*backward=*/true);
+      launch_for_state<scalar_t>(p, /*backward=*/true, f32);
     });
   }
   return {du, ddelta, dA, dB.to(u.scalar_type()), dC.to(u.scalar_type()), dD,
@@ -1069,7 +1358,7 @@ FwdResult cross_scan_fwd_cuda(const at::Tensor& u_in, const at::Tensor& x_dbl_in
   p.y = y.mutable_data_ptr();
   p.checkpoints = checkpoints.mutable_data_ptr<float>();
   MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_fwd_cuda", [&] {
-    launch<CrossIo<scalar_t>>(p, /*backward=*/false);
+    launch<CrossIo<scalar_t>>(p, /*backward=*/false, f32);
   });
   return {y, checkpoints};
 }
@@ -1109,7 +1398,7 @@ CrossBwdResult cross_scan_bwd_cuda(
   p.dD = dD.mutable_data_ptr<float>();
   p.ddelta_bias = dbias.mutable_data_ptr<float>();
   MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_bwd_cuda", [&] {
-    launch<CrossIo<scalar_t>>(p, /*backward=*/true);
+    launch<CrossIo<scalar_t>>(p, /*backward=*/true, f32);
   });
   return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()), ddt_weight, dbias,
           dA, dD};

@@ -25,6 +25,12 @@ CASES = [
     (1, 33, 11, 30, 48, 16),  # rank 48 (stage 3), L over 5 chunks
     (1, 16, 3, 30, 1, 1),  # N = 1, R = 1
 ]
+# The kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): L = 407,
+# seven chunks of 64 steps, the last one partial, two channel blocks.
+SEGMENT_CASE = (2, 40, 11, 37, 4, 16)
+# Twelve chunks: split into segments of 4 by default (few blocks on any GPU).
+LONG_CASE = (1, 16, 24, 30, 2, 16)
+SEGMENT_ENV = 'MMVMAMBA_SCAN_SEGMENT_CHUNKS'
 # (x dtype, scan dtype) -> relative error allowed for output and gradients.
 TOLERANCE = {
     (torch.float32, torch.float32): 1e-4,
@@ -69,9 +75,8 @@ def run(x, params, fused, scan_dtype=None, x_dtype=None):
     return y, dict(zip(['x', *params], grads))
 
 
-@pytest.mark.parametrize('dtypes', list(TOLERANCE), ids=str)
-@pytest.mark.parametrize('case', CASES, ids=str)
-def test_fused_matches_float64_reference(case, dtypes):
+def check_against_reference(case, dtypes):
+    """The fused path against the unfused one in float64, fresh inputs."""
     x_dtype, scan_dtype = dtypes
     x, params = make_params(case, 'cuda')
     y, grads = run(x, params, fused=True, scan_dtype=scan_dtype,
@@ -86,6 +91,53 @@ def test_fused_matches_float64_reference(case, dtypes):
     for name, grad in grads.items():
         assert grad.dtype == (x_dtype if name == 'x' else torch.float32)
         assert rel_err(grad, grads_ref[name]) < tol, name
+
+
+@pytest.mark.parametrize('dtypes', list(TOLERANCE), ids=str)
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_fused_matches_float64_reference(case, dtypes):
+    check_against_reference(case, dtypes)
+
+
+@pytest.mark.parametrize('segment_chunks', ['1', '2', '3'])
+@pytest.mark.parametrize('dtypes', list(TOLERANCE), ids=str)
+def test_segmented_fused_matches_float64_reference(dtypes, segment_chunks,
+                                                   monkeypatch):
+    """Segments of 1, 2 and 3 chunks (7, 4 and 3 segments), scanned in
+    parallel and chained by the carry pass, forward and backward."""
+    monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
+    check_against_reference(SEGMENT_CASE, dtypes)
+
+
+def test_default_segments_match_float64_reference(monkeypatch):
+    monkeypatch.delenv(SEGMENT_ENV, raising=False)
+    check_against_reference(LONG_CASE, (torch.float32, torch.float32))
+
+
+def test_zero_segment_chunks_forces_one_segment(monkeypatch):
+    """0 scans the whole sequence in one segment, as segments longer than
+    the sequence do; a segmented run agrees up to float rounding (the
+    directions meet in atomics: no bitwise comparison)."""
+    x, params = make_params(LONG_CASE, 'cuda')
+    runs = []
+    for value in ('0', '12', '2'):
+        monkeypatch.setenv(SEGMENT_ENV, value)
+        runs.append(run(x, params, fused=True))
+    (y, grads), (y_one, grads_one), (y_seg, grads_seg) = runs
+    assert rel_err(y, y_one) < 1e-6
+    assert rel_err(y, y_seg) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, grads_one[name]) < 1e-6, name
+        assert rel_err(grad, grads_seg[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize('value', ['abc', '-3'])
+def test_bad_segment_chunks_raise(value, monkeypatch):
+    x, params = make_params(CASES[0], 'cuda')
+    monkeypatch.setenv(SEGMENT_ENV, value)
+    with pytest.raises(RuntimeError,
+                       match=f'{SEGMENT_ENV} must be a non-negative integer'):
+        cross_selective_scan(x, **params, channels_last=True, fused=True)
 
 
 def test_fused_equals_unfused_kernel_path():

@@ -6,6 +6,7 @@ PyTorch reference. The same tests run on 'cuda' where a GPU and the CUDA
 kernels exist, and are skipped otherwise.
 """
 import math
+import re
 
 import pytest
 import torch
@@ -17,14 +18,10 @@ LOADED, STATUS = _ext.ext_status()
 pytestmark = pytest.mark.skipif(
     not LOADED, reason=f'compiled extension not available: {STATUS}')
 
-DEVICES = [
-    'cpu',
-    pytest.param(
-        'cuda',
-        marks=pytest.mark.skipif(
-            not (torch.cuda.is_available() and _ext.has_kernel('cuda')),
-            reason='needs a GPU and the CUDA kernels')),
-]
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.has_kernel('cuda')),
+    reason='needs a GPU and the CUDA kernels')
+DEVICES = ['cpu', pytest.param('cuda', marks=needs_cuda)]
 # Relative error (||out - ref|| / ||ref||) allowed per dtype, for the output
 # and every gradient; float64 reference on the same (rounded) inputs.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -38,6 +35,15 @@ CASES = [
     (1, 3, 2, 20, 33, False, True, False),  # N not a multiple of 8
     (3, 2, 5, 8, 200, True, True, True),  # batch 3, L over 3 chunks
 ]
+# The CUDA kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): six
+# chunks of 64 steps, the last one partial, for 4 and 16 lanes per channel.
+SEGMENT_CASES = [
+    (2, 2, 3, 16, 5 * 64 + 17, True, True, True),
+    (1, 1, 5, 64, 5 * 64 + 17, True, False, True),
+]
+# Ten chunks: split into segments of 4 by default (few blocks on any GPU).
+LONG_CASE = (1, 2, 3, 16, 9 * 64 + 5, True, True, True)
+SEGMENT_ENV = 'MMVMAMBA_SCAN_SEGMENT_CHUNKS'
 
 
 def naive_scan(u, delta, A, B, C, D=None, delta_bias=None,
@@ -138,6 +144,61 @@ def check_against(fn_ref, case, dtype, device):
 @pytest.mark.parametrize('case', CASES, ids=str)
 def test_kernel_matches_naive_loop(case, dtype, device):
     check_against(naive_scan, case, dtype, device)
+
+
+@needs_cuda
+@pytest.mark.parametrize('segment_chunks', ['1', '2', '4'])
+@pytest.mark.parametrize('dtype', list(TOLERANCE), ids=str)
+@pytest.mark.parametrize('case', SEGMENT_CASES, ids=str)
+def test_segmented_kernel_matches_naive_loop(case, dtype, segment_chunks,
+                                             monkeypatch):
+    """Segments of 1, 2 and 4 chunks (6, 3 and 2 segments), scanned in
+    parallel and chained by the carry pass, forward and backward."""
+    monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
+    check_against(naive_scan, case, dtype, 'cuda')
+
+
+@needs_cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_default_segments_match_naive_loop(dtype, monkeypatch):
+    monkeypatch.delenv(SEGMENT_ENV, raising=False)
+    check_against(naive_scan, LONG_CASE, dtype, 'cuda')
+
+
+@needs_cuda
+def test_zero_segment_chunks_forces_one_segment(monkeypatch):
+    """0 scans the whole sequence in one segment: y is bitwise that of
+    segments longer than the sequence, and equals a segmented run's up to
+    float rounding."""
+    args, softplus = make_inputs(LONG_CASE, torch.float32, 'cuda')
+    grad_out = torch.randn(args['u'].shape, device='cuda')
+    runs = {}
+    for value in ('0', '10', '2'):
+        monkeypatch.setenv(SEGMENT_ENV, value)
+        runs[value] = run_with_grads(_ext.selective_scan_kernel, args,
+                                     softplus, grad_out)
+    (y, grads), (y_one, grads_one), (y_seg, grads_seg) = runs.values()
+    assert torch.equal(y, y_one)
+    assert rel_err(y, y_seg) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, grads_one[name]) < 1e-6, name
+        assert rel_err(grad, grads_seg[name]) < 1e-5, name
+
+
+@needs_cuda
+@pytest.mark.parametrize('value', ['abc', '-3', '2.5', ' 4'])
+def test_bad_segment_chunks_raise(value, monkeypatch):
+    args, softplus = make_inputs(CASES[0], torch.float32, 'cuda', False)
+    fwd_args = (args['u'], args['delta'], args['A'], args['B'], args['C'],
+                args['D'], args['delta_bias'], softplus)
+    y, checkpoints = torch.ops.mmvmamba.selective_scan_fwd(*fwd_args)
+    monkeypatch.setenv(SEGMENT_ENV, value)
+    match = f"{SEGMENT_ENV} must be a non-negative integer.*got " + \
+        re.escape(f"'{value}'")
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mmvmamba.selective_scan_fwd(*fwd_args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mmvmamba.selective_scan_bwd(y, *fwd_args, checkpoints)
 
 
 @pytest.mark.parametrize('device', DEVICES)
