@@ -19,7 +19,7 @@ from mmvmamba.analysis.flops import (SCAN_OPS, ScanFlopHandle, count_flops,
                                      scan_flops)
 from mmvmamba.analysis.models import build, tensor_forward
 from mmvmamba.analysis.scaling import COLUMNS
-from mmvmamba.analysis.timing import relative_to
+from mmvmamba.analysis.timing import gpu_time, relative_to
 from mmvmamba.ops import _ext, selective_scan
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -368,6 +368,51 @@ def test_a_failing_train_step_is_a_row_not_a_crash():
     assert 'BFloat16' in result['error'] and result['loss'] is None
 
 
+def test_rounds_merge_to_medians_and_the_largest_peak():
+    ok = [
+        dict(ms=ms, img_per_s=2e3 / ms, peak_gib=peak, gpu_ms=gpu,
+             scan_ms=None, status='ok', loss=1., error=None)
+        for ms, peak, gpu in ((30., 2., 10.), (10., 3., 30.), (20., 1., 20.))
+    ]
+    row = detectors.merge_rounds(ok, batch=2)
+    assert row['ms'] == 20. and row['round_ms'] == [30., 10., 20.]
+    assert row['img_per_s'] == pytest.approx(100.)
+    assert row['peak_gib'] == 3. and row['gpu_ms'] == 20.
+    assert row['scan_ms'] is None and row['status'] == 'ok'
+    oom = dict(ok[0], ms=None, img_per_s=None, status='OOM')
+    row = detectors.merge_rounds([ok[0], oom, ok[1]], batch=2)
+    assert row['status'] == 'OOM' and row['ms'] is None
+    assert row['round_ms'] == [30., None, 10.]
+    with pytest.raises(ValueError, match='rounds'):
+        detectors.benchmark(['upernet-vmamba-t'], ['fp32'],
+                            torch.device('cpu'), rounds=0)
+
+
+def test_gpu_time_is_none_off_the_gpu():
+    assert gpu_time(lambda: torch.ones(3).sum(), torch.device('cpu')) == \
+        dict(gpu_ms=None, scan_ms=None)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_kernel('cuda')),
+                    reason='needs a GPU and the compiled CUDA kernels')
+def test_gpu_time_counts_kernels_and_the_scan_among_them():
+    device = torch.device('cuda')
+    g = torch.Generator(device).manual_seed(0)
+    b, d, n, length = 2, 64, 16, 4096
+    u = torch.randn(b, d, length, device=device, generator=g)
+    delta = torch.rand(b, d, length, device=device, generator=g)
+    a = -torch.rand(d, n, device=device, generator=g)
+    bc = torch.randn(b, 1, n, length, device=device, generator=g)
+    x = torch.randn(2048, 2048, device=device, generator=g)
+    matmul = gpu_time(lambda: x @ x, device)
+    both = gpu_time(lambda: (x @ x, selective_scan(u, delta, a, bc, bc)),
+                    device)
+    assert matmul['gpu_ms'] > 0 and matmul['scan_ms'] == 0
+    assert 0 < both['scan_ms'] < both['gpu_ms']
+    assert both['gpu_ms'] == pytest.approx(
+        matmul['gpu_ms'] + both['scan_ms'], rel=0.5)
+
+
 @pytest.mark.parametrize('task, batch', [('mask-rcnn', 1), ('upernet', 2)])
 def test_benchmark_detectors_on_cpu(capsys, task, batch):
     # one image for Mask R-CNN (mmcv's RoIAlign is slow on CPUs), two for
@@ -405,6 +450,32 @@ def test_benchmark_detectors_on_cpu(capsys, task, batch):
         ms = float(cells[header.index('ms/step')])
         assert math.isfinite(ms) and ms > 0
     assert table[names[1]][header.index('time / Swin')] == '1.00'
+    for cells in table.values():  # no GPU: not profiled, one round
+        assert cells[header.index('GPU ms')] == '-'
+        assert cells[header.index('ms range')] == '-'
     if task == 'upernet':
         with pytest.raises(SystemExit):  # AmpOptimWrapper needs a GPU
             benchmark.main(['detectors', '--device', 'cpu', '--modes', 'amp'])
+        with pytest.raises(SystemExit):
+            benchmark.main(['detectors', '--device', 'cpu', '--rounds', '0'])
+
+
+def test_benchmark_detectors_rounds_take_turns(capsys):
+    benchmark = load_tool('benchmark')
+    names = ['upernet-vmamba-t', 'upernet-swin-t']
+    rows = benchmark.main([
+        'detectors', '--device', 'cpu', '--models', *names, '--seg-size',
+        '64', '--warmup', '0', '--repeat', '1', '--rounds', '2'
+    ])
+    out = capsys.readouterr().out
+    log = [line.split()[:3] for line in out.splitlines()
+           if line.startswith('round ')]
+    assert log == [['round', f'{r}/2', n] for r in (1, 2) for n in names]
+    header, table = table_rows(out, 'Training step')
+    assert 'median of 2 rounds' in out
+    for row in rows:
+        assert len(row['round_ms']) == 2
+        assert row['ms'] == pytest.approx(sum(row['round_ms']) / 2)
+        low, high = table[row['model']][header.index('ms range')].split('-')
+        assert float(low) == pytest.approx(min(row['round_ms']), abs=0.06)
+        assert float(high) == pytest.approx(max(row['round_ms']), abs=0.06)

@@ -5,7 +5,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS
 
 from mmvmamba.models import VMamba
-from mmvmamba.models.backbones.vmamba import SS2D
+from mmvmamba.models.backbones.vmamba import SS2D, RecomputedGate
 
 SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1])
 
@@ -230,6 +230,45 @@ def test_recompute_gate_same_results_less_memory():
     with torch.no_grad():  # nothing to recompute for
         for a, b in zip(plain(x), lean(x)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('case', ['float32', 'autocast', 'half-autocast',
+                                  'frozen-norm', 'compiled'])
+def test_recomputed_gate_equals_the_plain_gate_bitwise(case):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if case == 'half-autocast' else torch.float32
+    y = torch.randn(2, 5, 7, 24, dtype=dtype)
+    z = torch.randn(2, 5, 7, 24, dtype=dtype)
+    norm = torch.nn.LayerNorm(24).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    norm.requires_grad_(case != 'frozen-norm')
+    grad = torch.randn(2, 5, 7, 24)
+
+    def plain(y, z):
+        return norm(y) * torch.nn.functional.silu(z)
+
+    def lean(y, z):
+        return RecomputedGate.apply(y, z, norm.weight, norm.bias, norm.eps)
+
+    if case == 'compiled':
+        torch._dynamo.reset()
+        lean = torch.compile(lean, fullgraph=True, backend='aot_eager')
+    results = []
+    for gate in (plain, lean):
+        inputs = [y.clone().requires_grad_(), z.clone().requires_grad_()]
+        with torch.autocast('cpu', dtype=torch.bfloat16,
+                            enabled='autocast' in case):
+            if 'autocast' in case:  # z as a linear layer's output
+                inputs[1] = inputs[1].to(torch.bfloat16)
+            out = gate(*inputs)
+        wrt = [t for t in (*inputs, norm.weight, norm.bias) if t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wrt, grad.to(out.dtype))))
+    (out, grads), (out_lean, grads_lean) = results
+    assert out.dtype == out_lean.dtype
+    assert len(grads) == len(grads_lean) == (2 if case == 'frozen-norm' else 4)
+    for a, b in zip((out, *grads), (out_lean, *grads_lean)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize('recompute_gate', [False, True])

@@ -16,6 +16,7 @@ config's optimizer under an ``OptimWrapper`` (``fp32``) or an
 import copy
 import gc
 import os.path as osp
+import statistics
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -314,8 +315,10 @@ def time_train_step(model: nn.Module,
         amp_dtype (str): ``'bfloat16'`` or ``'float16'`` for ``'amp'``.
 
     Returns:
-        dict: As :func:`mmvmamba.analysis.timing.timed`, plus ``loss`` (the
-        total loss of the last step; None if none finished) and ``error``.
+        dict: As :func:`mmvmamba.analysis.timing.timed` with ``profile``
+        (``gpu_ms`` and ``scan_ms`` of one more step on a GPU), plus
+        ``loss`` (the total loss of the last step; None if none finished)
+        and ``error``.
     """
     if mode == 'amp' and device.type != 'cuda':
         raise ValueError('mode amp needs a GPU (mmengine\'s AmpOptimWrapper)')
@@ -332,11 +335,12 @@ def time_train_step(model: nn.Module,
     cudnn_benchmark = cfg.get('env_cfg', {}).get('cudnn_benchmark', False)
     try:
         result = timed(make_step, len(data['inputs']), device, warmup, repeat,
-                       cudnn_benchmark)
+                       cudnn_benchmark, profile=True)
         result['error'] = None
     except (RuntimeError, NotImplementedError) as error:
-        result = dict(ms=None, img_per_s=None, peak_gib=None,
-                      status='failed', error=str(error).splitlines()[0])
+        result = dict(ms=None, img_per_s=None, peak_gib=None, gpu_ms=None,
+                      scan_ms=None, status='failed',
+                      error=str(error).splitlines()[0])
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     finally:
@@ -344,6 +348,27 @@ def time_train_step(model: nn.Module,
     loss = last.get('loss') if result['status'] == 'ok' else None
     result['loss'] = None if loss is None else loss.item()
     return result
+
+
+def merge_rounds(results: Sequence[dict], batch: int) -> dict:
+    """One row from the timings of a model and mode over several rounds.
+
+    Times are the medians over the rounds (``round_ms`` keeps them all),
+    memory the largest peak; a round that did not finish makes the row that
+    round's (OOM, failed).
+    """
+    ms = [r['ms'] for r in results]
+    for result in results:
+        if result['status'] != 'ok':
+            return dict(result, round_ms=ms)
+    merged = dict(results[-1], ms=statistics.median(ms), round_ms=ms)
+    merged['img_per_s'] = batch * 1e3 / merged['ms']
+    for key in ('gpu_ms', 'scan_ms'):
+        values = [r[key] for r in results if r.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    peaks = [r['peak_gib'] for r in results if r['peak_gib'] is not None]
+    merged['peak_gib'] = max(peaks) if peaks else None
+    return merged
 
 
 def benchmark(names: Sequence[str],
@@ -355,8 +380,13 @@ def benchmark(names: Sequence[str],
               warmup: int = 5,
               repeat: int = 20,
               amp_dtypes: Sequence[str] = ('bfloat16', ),
+              rounds: int = 1,
               log: Callable[[str], None] = print) -> List[dict]:
     """Time the training step of each model in each mode.
+
+    With several ``rounds`` the models take turns, each rebuilt every round,
+    so that a slow spell of the host or the card is shared out rather than
+    charged to one model (:func:`merge_rounds`).
 
     Args:
         names (Sequence[str]): Keys of :data:`DETECTOR_ZOO` or mmdet / mmseg
@@ -370,43 +400,52 @@ def benchmark(names: Sequence[str],
         repeat (int): Timed steps (median).
         amp_dtypes (Sequence[str]): Autocast dtypes of ``'amp'``, each timed
             as a mode of its own.
+        rounds (int): Times the whole set is timed. Defaults to 1.
         log (Callable): Called with a line per measurement.
 
     Returns:
         list[dict]: One row per model and mode: ``model``, ``task``,
-        ``shape``, ``params_m``, ``mode`` (:func:`mode_label`), ``batch``
-        and the keys of :func:`time_train_step`.
+        ``shape``, ``params_m``, ``mode`` (:func:`mode_label`), ``batch``,
+        the keys of :func:`time_train_step` and ``round_ms``.
     """
+    if rounds < 1:
+        raise ValueError(f'rounds must be at least 1, got {rounds}')
     shapes = {'mmdet': tuple(det_shape), 'mmseg': tuple(seg_shape)}
     runs = [(mode, dtype) for mode in modes
             for dtype in (amp_dtypes if mode == 'amp' else [None])]
-    rows = []
-    for name in names:
-        cfg = load_detector_config(name, shapes)
-        scope = scope_of(cfg)
-        shape = shapes[scope]
-        model = build_detector(cfg, device)
-        data = synthetic_batch(model, scope, batch, shape)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        for mode, dtype in runs:
-            result = time_train_step(model, cfg, mode, data, device, warmup,
-                                     repeat, dtype)
-            rows.append(
-                dict(
-                    model=name if name in DETECTOR_ZOO else
-                    model_label(name),
-                    task=TASKS[scope][0],
-                    shape=shape,
-                    params_m=params,
-                    mode=mode_label(mode, dtype),
-                    batch=batch,
-                    **result))
-            ms = result['ms']
-            log(f'{rows[-1]["model"]}  {rows[-1]["mode"]}  '
-                + (f'{ms:.1f} ms' if ms else result['status']) +
-                (f'  ({result["error"]})' if result['error'] else ''))
-        del model, data
-        gc.collect()
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
-    return rows
+    rows, results = {}, {}
+    for round_ in range(rounds):
+        prefix = f'round {round_ + 1}/{rounds}  ' if rounds > 1 else ''
+        for name in names:
+            cfg = load_detector_config(name, shapes)
+            scope = scope_of(cfg)
+            shape = shapes[scope]
+            model = build_detector(cfg, device)
+            data = synthetic_batch(model, scope, batch, shape)
+            for mode, dtype in runs:
+                row = rows.setdefault(
+                    (name, mode, dtype),
+                    dict(
+                        model=name if name in DETECTOR_ZOO else
+                        model_label(name),
+                        task=TASKS[scope][0],
+                        shape=shape,
+                        params_m=sum(p.numel()
+                                     for p in model.parameters()) / 1e6,
+                        mode=mode_label(mode, dtype),
+                        batch=batch))
+                result = time_train_step(model, cfg, mode, data, device,
+                                         warmup, repeat, dtype)
+                results.setdefault((name, mode, dtype), []).append(result)
+                ms = result['ms']
+                log(f'{prefix}{row["model"]}  {row["mode"]}  ' +
+                    (f'{ms:.1f} ms' if ms else result['status']) +
+                    (f'  ({result["error"]})' if result['error'] else ''))
+            del model, data
+            gc.collect()
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    return [
+        dict(row, **merge_rounds(results[key], batch))
+        for key, row in rows.items()
+    ]

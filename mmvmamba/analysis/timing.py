@@ -9,7 +9,8 @@ Modes of :func:`time_mode` (a model from :mod:`mmvmamba.analysis.models`):
 
 Inputs are fresh standard-normal images, never zeros. On a GPU, cuDNN's
 autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
-:func:`timed` is the guard around any step (peak memory, OOM) and
+:func:`timed` is the guard around any step (peak memory, OOM; on request
+:func:`gpu_time` of one step, from ``torch.profiler``) and
 :func:`relative_to` the ratios of a table's rows to reference rows.
 """
 import gc
@@ -44,6 +45,32 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int,
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def gpu_time(fn: Callable[[], object],
+             device: torch.device) -> Dict[str, Optional[float]]:
+    """GPU time of one call of ``fn``, summed over its kernels and copies.
+
+    From ``torch.profiler`` (CUDA activity). A step whose wall time is far
+    above ``gpu_ms`` is bound by the host (Python, launches, the syncs of
+    data-dependent shapes), not by its kernels.
+
+    Returns:
+        dict: ``gpu_ms`` (all kernels and copies) and ``scan_ms`` (those of
+        mmvmamba's extension: the selective scans), both None off the GPU.
+    """
+    if device.type != 'cuda':
+        return dict(gpu_ms=None, scan_ms=None)
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events)
+    scan = sum(e.self_device_time_total for e in events
+               if 'mmvmamba::' in e.key)
+    return dict(gpu_ms=total / 1e3, scan_ms=scan / 1e3)
 
 
 def print_table(title: str, header: List[str], rows: List[List]) -> None:
@@ -113,7 +140,8 @@ def timed(make_step: Callable[[], Callable[[], object]],
           device: torch.device,
           warmup: int = 5,
           repeat: int = 20,
-          cudnn_benchmark: bool = True) -> Dict[str, Optional[float]]:
+          cudnn_benchmark: bool = True,
+          profile: bool = False) -> Dict[str, Optional[float]]:
     """Time the step that ``make_step()`` returns, catching GPU OOM.
 
     ``make_step`` is called inside the guard, so that allocating its inputs
@@ -129,13 +157,18 @@ def timed(make_step: Callable[[], Callable[[], object]],
         repeat (int): Timed steps; the median is reported.
         cudnn_benchmark (bool): Value of ``torch.backends.cudnn.benchmark``
             (the autotuner) on a GPU. Defaults to True.
+        profile (bool): Also profile one more step with :func:`gpu_time`
+            (after the peak memory is read). Defaults to False.
 
     Returns:
         dict: ``ms`` (median per step), ``img_per_s``, ``peak_gib`` (peak
-        allocated GPU memory, None on the CPU) and ``status`` (``'ok'`` or
-        ``'OOM'``, when the GPU ran out of memory).
+        allocated GPU memory, None on the CPU), ``status`` (``'ok'`` or
+        ``'OOM'``, when the GPU ran out of memory) and, with ``profile``,
+        the keys of :func:`gpu_time`.
     """
     result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok')
+    if profile:
+        result.update(gpu_ms=None, scan_ms=None)
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -155,6 +188,9 @@ def timed(make_step: Callable[[], Callable[[], object]],
         result.update(ms=ms, img_per_s=batch * 1e3 / ms)
     if cuda:
         result['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile and result['status'] == 'ok':
+        result.update(gpu_time(step, device))
+    if cuda:
         torch.cuda.empty_cache()
     return result
 

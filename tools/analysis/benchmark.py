@@ -11,7 +11,7 @@
     python tools/analysis/benchmark.py detectors [--device cuda]
         [--models mask-rcnn-vmamba-t mask-rcnn-swin-t upernet-vmamba-t
         upernet-swin-t] [--modes fp32 amp] [--amp-dtype bfloat16 float16]
-        [--batch 2] [--det-size 800 1333] [--seg-size 512]
+        [--batch 2] [--det-size 800 1333] [--seg-size 512] [--rounds 1]
 
 ``models``: forward time of VMamba-T/S/B backbones against mmpretrain's
 Swin-T/S/B at one input size and batch, in eval mode without gradients, with
@@ -46,7 +46,11 @@ config's optimizer, in fp32 (``OptimWrapper``) and mixed precision
 float16 or both; mmcv 2.1's RoIAlign has no bfloat16 GPU kernel, so Mask
 R-CNN reads "failed" there and needs float16): median ms per step,
 images per second, peak GPU memory and the ratios of time and memory to the
-Swin of the same task and size class in the same mode. No checkpoint is read
+Swin of the same task and size class in the same mode. On a GPU one more
+step is profiled: the time its kernels take (all of them, and the scans)
+shows whether the host or the GPU bounds the step. ``--rounds`` times the
+set several times, models in turn, for a host whose speed drifts (medians
+and the range of the rounds). No checkpoint is read
 (backbones start from their initialisation); SyncBN runs as BN. On the CPU,
 pass small sizes (``--det-size 128 128 --seg-size 64``).
 """
@@ -114,6 +118,14 @@ def _fmt(value, spec: str) -> str:
 def _ms(row: dict) -> str:
     """Milliseconds of a timing row, or its status (OOM)."""
     return _fmt(row['ms'], '.1f') if row['status'] == 'ok' else row['status']
+
+
+def _ms_range(row: dict) -> str:
+    """Fastest-slowest round of a row timed in several rounds, else '-'."""
+    times = [t for t in row['round_ms'] if t is not None]
+    if row['status'] != 'ok' or len(times) < 2:
+        return '-'
+    return f'{min(times):.1f}-{max(times):.1f}'
 
 
 def _timing_title(what: str, device: torch.device, args) -> str:
@@ -185,20 +197,28 @@ def bench_detectors(args) -> list:
     rows = detectors.benchmark(
         args.models, args.modes, device, args.batch, args.det_size,
         (args.seg_size, args.seg_size), args.warmup, args.repeat,
-        args.amp_dtype, log=lambda line: print(line, flush=True))
+        args.amp_dtype, args.rounds, log=lambda line: print(line, flush=True))
     for key, out in (('ms', 'time_vs_swin'), ('peak_gib', 'mem_vs_swin')):
         for row, ratio in zip(
                 rows, relative_to(rows, detectors.REFERENCE_OF, key)):
             row[out] = ratio
+    title = _timing_title(
+        'Training step (data preprocessor, forward, backward, optimizer '
+        f'step), batch {args.batch}', device, args)
+    if args.rounds > 1:
+        title += f'; median of {args.rounds} rounds, models in turn'
     print_table(
-        _timing_title(
-            'Training step (data preprocessor, forward, backward, optimizer '
-            f'step), batch {args.batch}', device, args),
-        ['model', 'input', 'params (M)', 'mode', 'ms/step', 'img/s',
-         'peak mem (GiB)', 'time / Swin', 'mem / Swin'],
+        title + '; GPU ms: kernels and copies of one step (torch.profiler), '
+        'scan ms: the selective-scan kernels among them',
+        ['model', 'input', 'params (M)', 'mode', 'ms/step', 'ms range',
+         'GPU ms', 'scan ms', 'img/s', 'peak mem (GiB)', 'time / Swin',
+         'mem / Swin'],
         [[
             r['model'], f'{r["shape"][0]}x{r["shape"][1]}',
             f'{r["params_m"]:.1f}', r['mode'], _ms(r),
+            _ms_range(r),
+            _fmt(r['gpu_ms'], '.1f'),
+            _fmt(r['scan_ms'], '.1f'),
             _fmt(r['img_per_s'], '.2f'),
             _fmt(r['peak_gib'], '.2f'),
             _fmt(r['time_vs_swin'], '.2f'),
@@ -305,6 +325,9 @@ def main(argv=None):
                      help='UperNet input (square)')
     det.add_argument('--warmup', type=int, default=5)
     det.add_argument('--repeat', type=int, default=20)
+    det.add_argument('--rounds', type=int, default=1,
+                     help='time all models this many times, in turn '
+                     '(medians over the rounds)')
     det.set_defaults(func=bench_detectors)
 
     args = parser.parse_args(argv)
@@ -318,6 +341,8 @@ def main(argv=None):
             args.modes = list(detectors.MODES) if cuda else ['fp32']
         if 'amp' in args.modes and not cuda:
             parser.error('mode amp needs a GPU (mmengine\'s AmpOptimWrapper)')
+        if args.rounds < 1:
+            parser.error(f'--rounds must be at least 1, got {args.rounds}')
     return args.func(args)
 
 

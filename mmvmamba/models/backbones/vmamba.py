@@ -133,14 +133,58 @@ class SS2D(nn.Module):
             scan_dtype=self.scan_dtype)
         # float32 from the scan; a half-precision model gets its own dtype.
         y = y.to(self.out_norm.weight.dtype)
+        norm = self.out_norm
         if self.recompute_gate and torch.is_grad_enabled():
-            y = cp.checkpoint(self._gate, y, z, use_reentrant=False)
+            y = RecomputedGate.apply(y, z, norm.weight, norm.bias, norm.eps)
         else:
-            y = self._gate(y, z)
+            y = norm(y) * F.silu(z)
         return self.out_proj(y)
 
-    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.out_norm(y) * F.silu(z)
+
+def _gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+          bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """SS2D's output gate: ``LayerNorm(y) * SiLU(z)``."""
+    return F.layer_norm(y, weight.shape, weight, bias, eps) * F.silu(z)
+
+
+class RecomputedGate(torch.autograd.Function):
+    """:func:`_gate` keeping only its inputs; the backward recomputes the
+    norm's statistics and SiLU(z).
+
+    The backward calls the ATen backward kernels that autograd calls for the
+    plain gate, in the dtypes the forward ran in (autocast included), so
+    gradients equal the plain gate's bit for bit. Lighter on the host than
+    ``torch.utils.checkpoint`` and traceable by ``torch.compile``.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor, eps: float) -> torch.Tensor:
+        normed = F.layer_norm(y, weight.shape, weight, bias, eps)
+        ctx.norm_dtype = normed.dtype  # float32 under autocast
+        ctx.eps = eps
+        ctx.save_for_backward(y, z, weight, bias)
+        return normed * F.silu(z)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, z, weight, bias = ctx.saved_tensors
+        norm_in = [t.to(ctx.norm_dtype) for t in (y, weight, bias)]
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(
+            *norm_in[:1], weight.shape, *norm_in[1:], ctx.eps)
+        act = F.silu(z)
+        # the product's backward: each factor's gradient in its own dtype
+        grad_normed = (grad * act).to(normed.dtype)
+        grad_z = torch.ops.aten.silu_backward((grad * normed).to(act.dtype),
+                                              z)
+        need_y, need_z, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_y, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_normed, norm_in[0], weight.shape, mean, rstd, norm_in[1],
+            norm_in[2], [need_y, need_w, need_b])
+        return (grad_y.to(y.dtype) if need_y else None,
+                grad_z if need_z else None,
+                grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None)
 
 
 class VSSBlock(nn.Module):
