@@ -422,21 +422,22 @@ def benchmark(names: Sequence[str],
             shape = shapes[scope]
             model = build_detector(cfg, device)
             data = synthetic_batch(model, scope, batch, shape)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
             for mode, dtype in runs:
-                row = rows.setdefault(
-                    (name, mode, dtype),
-                    dict(
+                key = (name, mode, dtype)
+                if key not in rows:  # the first round's
+                    rows[key] = dict(
                         model=name if name in DETECTOR_ZOO else
                         model_label(name),
                         task=TASKS[scope][0],
                         shape=shape,
-                        params_m=sum(p.numel()
-                                     for p in model.parameters()) / 1e6,
+                        params_m=params,
                         mode=mode_label(mode, dtype),
-                        batch=batch))
+                        batch=batch)
+                row = rows[key]
                 result = time_train_step(model, cfg, mode, data, device,
                                          warmup, repeat, dtype)
-                results.setdefault((name, mode, dtype), []).append(result)
+                results.setdefault(key, []).append(result)
                 ms = result['ms']
                 log(f'{prefix}{row["model"]}  {row["mode"]}  ' +
                     (f'{ms:.1f} ms' if ms else result['status']) +
