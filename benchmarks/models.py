@@ -1,8 +1,9 @@
-"""Models for the analysis tools: named classifiers, configs, dummy inputs.
+"""Models of the benchmarks and analysis tools: named classifiers, configs,
+dummy inputs.
 
 A model is named either by a key of :data:`MODEL_ZOO` (ImageNet classifiers:
-VMamba-T/S/B and mmpretrain's Swin, ConvNeXt, ResNet-50 and DeiT-S), by a
-config file, or by a package config such as
+VMamba-T/S/B of ``configs/`` and mmpretrain's Swin, ConvNeXt, ResNet-50 and
+DeiT-S), by a config file, or by a package config such as
 ``mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py``. Configs of
 mmpretrain, mmdet and mmseg models are built under their ``default_scope``.
 """
@@ -10,8 +11,8 @@ import copy
 import logging
 import os.path as osp
 from contextlib import contextmanager
-from typing import (Any, Dict, Iterator, List, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Any, Dict, Iterator, List, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
 
 import torch
 import torch.nn as nn
@@ -21,41 +22,36 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, DefaultScope
 
 import mmvmamba  # noqa: F401 -- registers VMamba in the root registry
+from mmvmamba.models import VMamba, load_pretrained_backbone
+from mmvmamba.models.checkpoint import load_user_checkpoint
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: This repository's configs (the benchmarks run from a checkout).
+CONFIG_DIR = osp.join(REPO, 'configs')
+
+class ZooModel(NamedTuple):
+    """A named classifier of :data:`MODEL_ZOO`."""
+    config: str  #: config file or ``pkg::path``
+    overrides: Optional[dict] = None  #: merged into the config's ``model``
 
 
-def _classifier(backbone: dict, channels: int, neck: bool = True,
-                head: str = 'LinearClsHead') -> dict:
-    return dict(
-        type='ImageClassifier',
-        backbone=backbone,
-        neck=dict(type='GlobalAveragePooling') if neck else None,
-        head=dict(type=head, num_classes=1000, in_channels=channels))
+#: Swin on inputs of any size (mmpretrain's classification configs refuse
+#: maps smaller than a window).
+_ANY_SIZE = dict(backbone=dict(pad_small_map=True))
 
-
-#: ImageNet-1k classifiers as in their papers (drop-path of training).
-MODEL_ZOO: Dict[str, dict] = {
-    'vmamba-t': _classifier(dict(type='VMamba', arch='tiny',
-                                 drop_path_rate=0.2), 768),
-    'vmamba-s': _classifier(dict(type='VMamba', arch='small',
-                                 drop_path_rate=0.3), 768),
-    'vmamba-b': _classifier(dict(type='VMamba', arch='base',
-                                 drop_path_rate=0.5), 1024),
-    'swin-t': _classifier(dict(type='SwinTransformer', arch='tiny',
-                               pad_small_map=True, drop_path_rate=0.2), 768),
-    'swin-s': _classifier(dict(type='SwinTransformer', arch='small',
-                               pad_small_map=True, drop_path_rate=0.3), 768),
-    'swin-b': _classifier(dict(type='SwinTransformer', arch='base',
-                               pad_small_map=True, drop_path_rate=0.5), 1024),
-    'convnext-t': _classifier(dict(type='ConvNeXt', arch='tiny',
-                                   drop_path_rate=0.1), 768, neck=False),
-    'convnext-s': _classifier(dict(type='ConvNeXt', arch='small',
-                                   drop_path_rate=0.4), 768, neck=False),
-    'convnext-b': _classifier(dict(type='ConvNeXt', arch='base',
-                                   drop_path_rate=0.5), 1024, neck=False),
-    'resnet-50': _classifier(dict(type='ResNet', depth=50), 2048),
-    'deit-s': _classifier(dict(type='VisionTransformer', arch='deit-small',
-                               patch_size=16, drop_path_rate=0.1), 384,
-                          neck=False, head='VisionTransformerClsHead'),
+#: ImageNet-1k classifiers by name: this repository's VMamba configs and
+#: mmpretrain's configs of the others, as in their papers.
+MODEL_ZOO: Dict[str, ZooModel] = {
+    **{f'vmamba-{s}': ZooModel(
+        osp.join(CONFIG_DIR, f'vmamba_{s}_300e_in1k.py')) for s in 'tsb'},
+    **{f'swin-{s[0]}': ZooModel('mmpretrain::swin_transformer/'
+                                f'swin-{s}_16xb64_in1k.py', _ANY_SIZE)
+       for s in ('tiny', 'small', 'base')},
+    **{f'convnext-{s[0]}': ZooModel('mmpretrain::convnext/'
+                                    f'convnext-{s}_32xb128_in1k.py')
+       for s in ('tiny', 'small', 'base')},
+    'resnet-50': ZooModel('mmpretrain::resnet/resnet50_8xb32_in1k.py'),
+    'deit-s': ZooModel('mmpretrain::deit/deit-small_4xb256_in1k.py'),
 }
 
 #: The Swin of each zoo classifier's size class (T/S/B); ResNet-50 and
@@ -84,9 +80,11 @@ FEATURE_MAP_OPTIONS = {
 def load_config(name: str) -> Config:
     """A config from a :data:`MODEL_ZOO` key, a file, or ``pkg::path``."""
     if name in MODEL_ZOO:
-        return Config(
-            dict(model=copy.deepcopy(MODEL_ZOO[name]),
-                 default_scope='mmpretrain'))
+        config, overrides = MODEL_ZOO[name]
+        cfg = load_config(config)
+        if overrides:
+            cfg.merge_from_dict(dict(model=copy.deepcopy(overrides)))
+        return cfg
     if '::' in name:
         from mmengine.hub import get_config
         return get_config(name)
@@ -228,8 +226,6 @@ def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> str:
     Returns:
         str: A line saying what was loaded.
     """
-    from mmvmamba.models import VMamba, load_pretrained_backbone
-    from mmvmamba.models.checkpoint import load_user_checkpoint
     ckpt = load_user_checkpoint(checkpoint)
     state_dict = ckpt.get('state_dict', ckpt) if isinstance(ckpt,
                                                             dict) else ckpt

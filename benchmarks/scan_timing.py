@@ -11,20 +11,20 @@ same run, and exponentials / special-function rate (16 per clock per SM).
 a channels-last map: projection, four-direction scan, merge) on the fused
 kernel against the unfused path (four copies of the map, the einsums, the
 kernel above, the merge), with the same floors.
-Run it through ``tools/analysis/benchmark.py scan``.
+Run it through ``benchmarks/benchmark.py scan``.
 """
 from typing import Dict, List, Optional
 
 import torch
+from timing import measure
 
-from mmvmamba.ops import _ext, cross_selective_scan, selective_scan_reference
-from .timing import measure
+from mmvmamba.ops import (NUM_DIRECTIONS, _ext, cross_selective_scan,
+                          selective_scan_reference)
 
 # (C, L) of VMamba-T's stages at 224 x 224; the scan runs on 4 x 2C channels.
 STAGES = ((96, 3136), (192, 784), (384, 196), (768, 49))
 D_STATE = 16
 EXPS_PER_CLOCK_PER_SM = 16
-CHUNK = 64
 
 
 def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
@@ -47,7 +47,7 @@ def exp_rate(device: torch.device) -> float:
 
 
 def _inputs(batch, C, L, dtype, device, requires_grad):
-    channels = 4 * 2 * C
+    channels = NUM_DIRECTIONS * 2 * C
     g = torch.Generator(device='cpu').manual_seed(0)
 
     def rand(*shape, scale=1.0):
@@ -56,8 +56,8 @@ def _inputs(batch, C, L, dtype, device, requires_grad):
     args = dict(u=rand(batch, channels, L).to(dtype),
                 delta=(rand(batch, channels, L, scale=0.5) - 3).to(dtype),
                 A=-torch.exp(rand(channels, D_STATE, scale=0.5)),
-                B=rand(batch, 4, D_STATE, L).to(dtype),
-                C=rand(batch, 4, D_STATE, L).to(dtype),
+                B=rand(batch, NUM_DIRECTIONS, D_STATE, L).to(dtype),
+                C=rand(batch, NUM_DIRECTIONS, D_STATE, L).to(dtype),
                 D=rand(channels), delta_bias=rand(channels, scale=0.3))
     return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
 
@@ -65,10 +65,10 @@ def _inputs(batch, C, L, dtype, device, requires_grad):
 def scan_bytes(batch, C, L, dtype) -> Dict[str, int]:
     """Bytes the kernel must move, forward and backward."""
     size = torch.empty(0, dtype=dtype).element_size()
-    channels = 8 * C
+    channels = NUM_DIRECTIONS * 2 * C
     row = batch * channels * L * size
-    bc = batch * 4 * D_STATE * L * size
-    checkpoints = batch * channels * -(-L // CHUNK) * D_STATE * 4
+    bc = batch * NUM_DIRECTIONS * D_STATE * L * size
+    checkpoints = batch * channels * -(-L // _ext.LIMITS.chunk) * D_STATE * 4
     forward = 3 * row + 2 * bc + checkpoints  # u, delta, B, C in; y out
     backward = 5 * row + 4 * bc + checkpoints  # + dy in; du, ddelta, dB, dC out
     return {'fwd': forward, 'fwd+bwd': forward + backward}
@@ -109,7 +109,7 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
     exps_per_s = exp_rate(device) if device.type == 'cuda' else None
     rows = []
     for C, L in STAGES:
-        exps = batch * 8 * C * L * D_STATE
+        exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
         moved = scan_bytes(batch, C, L, dtype)
         for name, backward, exp_passes in (('fwd', False, 1),
                                            ('fwd+bwd', True, 4)):
@@ -146,14 +146,15 @@ def _ss2d_inputs(batch, C, L, dtype, device, requires_grad):
     def rand(*shape, scale=1.0, shift=0.0):
         return (torch.randn(*shape, generator=g) * scale + shift).to(device)
 
+    k = NUM_DIRECTIONS
     args = dict(
         x=rand(batch, side, side, d_inner).to(dtype),
-        x_proj_weight=rand(4, rank + 2 * D_STATE, d_inner,
+        x_proj_weight=rand(k, rank + 2 * D_STATE, d_inner,
                            scale=d_inner**-0.5),
-        dt_projs_weight=rand(4, d_inner, rank, scale=rank**-0.5),
-        dt_projs_bias=rand(4, d_inner, scale=0.5, shift=-4),
-        A_logs=rand(4 * d_inner, D_STATE, scale=0.5),
-        Ds=rand(4 * d_inner))
+        dt_projs_weight=rand(k, d_inner, rank, scale=rank**-0.5),
+        dt_projs_bias=rand(k, d_inner, scale=0.5, shift=-4),
+        A_logs=rand(k * d_inner, D_STATE, scale=0.5),
+        Ds=rand(k * d_inner))
     return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
 
 
@@ -164,8 +165,9 @@ def fused_bytes(batch, C, L, scan_dtype) -> Dict[str, int]:
     size = torch.empty(0, dtype=scan_dtype).element_size()
     d_inner, rank = 2 * C, -(-C // 16)
     plane = batch * L * d_inner
-    x_dbl = batch * L * 4 * (rank + 2 * D_STATE) * size
-    checkpoints = batch * 4 * d_inner * -(-L // CHUNK) * D_STATE * 4
+    x_dbl = batch * L * NUM_DIRECTIONS * (rank + 2 * D_STATE) * size
+    checkpoints = (batch * NUM_DIRECTIONS * d_inner *
+                   -(-L // _ext.LIMITS.chunk) * D_STATE * 4)
     forward = plane * size + plane * 4 + x_dbl + checkpoints
     backward = forward + plane * 4 + plane * size + x_dbl
     return {'fwd': forward, 'fwd+bwd': forward + backward}
@@ -190,7 +192,7 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
     exps_per_s = exp_rate(device)
     rows = []
     for C, L in STAGES:
-        exps = batch * 8 * C * L * D_STATE
+        exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
         for scan_dtype in scan_dtypes:
             moved = fused_bytes(batch, C, L, scan_dtype)
             for name, backward, exp_passes in (('fwd', False, 1),

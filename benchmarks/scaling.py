@@ -1,22 +1,32 @@
-"""FLOPs and throughput of classifiers against the input size.
+"""FLOPs and throughput of classifiers from 64 to 1024 pixels.
+
+    python benchmarks/scaling.py [--models vmamba-t ... deit-s]
+        [--sizes 64 128 224 384 512 768 1024] [--device cuda]
+        [--batch 64] [--max-batch 1024] [--mode infer-fp32] [--flops-only]
+        [--from-csv] --out-dir DIR
+
+Writes DIR/scaling.csv (columns: :data:`COLUMNS`), DIR/scaling_flops.png
+(GFLOPs against size; VMamba's paper and 9*BLDN scan counts) and
+DIR/scaling_throughput.png (images per second against size). The CSV is
+rewritten after each measurement; ``--from-csv`` re-plots it.
 
 :func:`sweep` counts each model's FLOPs (both scan conventions, see
-:mod:`mmvmamba.analysis.flops`) and times it at square sizes; the batch
-shrinks with the image area (``batch`` images at 224, at least one, at most
-``max_batch``) so that every size moves about as many pixels.
+:mod:`model_flops`) and times it at square sizes; the batch shrinks with the
+image area (``--batch`` images at 224, at least one, at most
+``--max-batch``) so that every size moves about as many pixels.
 :func:`write_csv` and :func:`plot` save the rows, :func:`read_csv` reads
 them back.
 """
+import argparse
 import csv
 import os
 import os.path as osp
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-
-from .flops import count_flops
-from .models import build_classifier, model_label, tensor_forward
-from .timing import device_name, scan_backend, time_mode
+from model_flops import count_flops
+from models import MODEL_ZOO, build_classifier, model_label, tensor_forward
+from timing import MODES, device_name, time_mode
 
 COLUMNS = ('model', 'size', 'params_m', 'gflops_paper', 'gflops_later',
            'batch', 'mode', 'ms', 'img_per_s', 'peak_gib', 'status',
@@ -42,14 +52,13 @@ def sweep(models: Sequence[str],
     """FLOPs and (optionally) timings of each model at each size.
 
     Args:
-        models (Sequence[str]): Names of
-            :data:`mmvmamba.analysis.models.MODEL_ZOO` or classifier
-            configs.
+        models (Sequence[str]): Names of :data:`models.MODEL_ZOO` or
+            classifier configs.
         sizes (Sequence[int]): Square input sizes.
         device (torch.device): Where to count and time.
         batch_at_224 (int): Batch at 224; scaled by area for other sizes.
         max_batch (int): Largest batch at small sizes.
-        mode (str): Timing mode (:data:`mmvmamba.analysis.timing.MODES`).
+        mode (str): Timing mode (:data:`timing.MODES`).
         warmup (int): Untimed iterations.
         repeat (int): Timed iterations (median).
         throughput (bool): Time the models; if False, FLOPs only.
@@ -76,8 +85,7 @@ def sweep(models: Sequence[str],
                 gflops_paper=flops.total('paper') / 1e9,
                 gflops_later=flops.total('later') / 1e9, batch=batch,
                 mode=mode, ms=None, img_per_s=None, peak_gib=None,
-                status='flops only', device=device_name(device),
-                scan=scan_backend(device))
+                status='flops only', device=device_name(device), scan=None)
             if throughput:
                 row.update(
                     time_mode(
@@ -186,3 +194,56 @@ def _save(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+DEFAULT_MODELS = ['vmamba-t', 'vmamba-s', 'vmamba-b', 'swin-t', 'convnext-t',
+                  'resnet-50', 'deit-s']
+DEFAULT_SIZES = [64, 128, 224, 384, 512, 768, 1024]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS,
+                        help=f'names of {sorted(MODEL_ZOO)} or classifier '
+                        'configs')
+    parser.add_argument('--sizes', nargs='+', type=int,
+                        default=DEFAULT_SIZES)
+    parser.add_argument('--device', default='cuda' if
+                        torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch', type=int, default=64,
+                        help='batch at 224 (scaled by area)')
+    parser.add_argument('--max-batch', type=int, default=1024)
+    parser.add_argument('--mode', default='infer-fp32', choices=MODES)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--repeat', type=int, default=10)
+    parser.add_argument('--flops-only', action='store_true',
+                        help='count FLOPs, time nothing')
+    parser.add_argument('--from-csv', action='store_true',
+                        help='only re-plot OUT_DIR/scaling.csv')
+    parser.add_argument('--out-dir', required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    csv_path = osp.join(args.out_dir, 'scaling.csv')
+    if args.from_csv:
+        rows = read_csv(csv_path)
+    else:
+        # the CSV is rewritten after every row: a killed run keeps its rows
+        rows = sweep(args.models, args.sizes, torch.device(args.device),
+                     args.batch, args.max_batch, args.mode, args.warmup,
+                     args.repeat, throughput=not args.flops_only,
+                     on_row=lambda rows: write_csv(rows, csv_path))
+    timed = any(r['img_per_s'] is not None for r in rows)
+    flops_png = osp.join(args.out_dir, 'scaling_flops.png')
+    speed_png = (osp.join(args.out_dir, 'scaling_throughput.png')
+                 if timed else None)
+    plot(rows, flops_png, speed_png)
+    print(f'wrote {csv_path}, {flops_png}' +
+          (f', {speed_png}' if speed_png else ''))
+    return rows
+
+
+if __name__ == '__main__':
+    main()

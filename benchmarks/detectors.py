@@ -26,14 +26,9 @@ from mmengine.config import Config
 from mmengine.optim import OptimWrapper, build_optim_wrapper
 from mmengine.registry import DefaultScope
 
-from .models import build, load_config, model_label, quiet_logger, scope_of
-from .timing import timed
-
-#: This repository's configs (tools run from a checkout: configs are not
-#: installed with the package).
-CONFIG_DIR = osp.join(
-    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-    'configs')
+from models import (CONFIG_DIR, build, load_config, model_label, quiet_logger,
+                    scope_of)
+from timing import timed
 
 #: Training modes of :func:`time_train_step`.
 MODES = ('fp32', 'amp')
@@ -315,7 +310,7 @@ def time_train_step(model: nn.Module,
         amp_dtype (str): ``'bfloat16'`` or ``'float16'`` for ``'amp'``.
 
     Returns:
-        dict: As :func:`mmvmamba.analysis.timing.timed` with ``profile``
+        dict: As :func:`timing.timed` with ``profile``
         (``gpu_ms`` and ``scan_ms`` of one more step on a GPU), plus
         ``loss`` (the total loss of the last step; None if none finished)
         and ``error``.
@@ -339,7 +334,7 @@ def time_train_step(model: nn.Module,
         result['error'] = None
     except (RuntimeError, NotImplementedError) as error:
         result = dict(ms=None, img_per_s=None, peak_gib=None, gpu_ms=None,
-                      scan_ms=None, status='failed',
+                      scan_ms=None, status='failed', scan=None,
                       error=str(error).splitlines()[0])
         if device.type == 'cuda':
             torch.cuda.empty_cache()

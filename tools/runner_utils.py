@@ -1,4 +1,5 @@
-"""What ``tools/train.py`` and ``tools/test.py`` share.
+"""What ``tools/train.py`` and ``tools/test.py`` share (they import it as a
+module beside them: the script's folder is on ``sys.path``).
 
 The tools work on any OpenMMLab 2.x config (mmdet, mmseg, mmpretrain): the
 config's ``default_scope`` picks the registries, and mmengine imports that

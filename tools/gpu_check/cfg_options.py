@@ -4,13 +4,13 @@
 VMamba-T configs on the synthetic data sets of
 ``python -m mmvmamba.datasets.synthetic``, through ``tools/train.py``,
 ``tools/test.py`` and ``tools/dist_*.sh``, changing the configs only by the
-options this module prints, one per line::
+options this script prints, one per line::
 
-    python -m mmvmamba.analysis.gpu_check train det --mode single \\
+    python tools/gpu_check/cfg_options.py train det --mode single \\
         --iters 200 --batch-size 2 --global-batch 2 --data-root DATA
-    python -m mmvmamba.analysis.gpu_check test seg --data-root DATA
-    python -m mmvmamba.analysis.gpu_check verify  # all sets, both configs
-    python -m mmvmamba.analysis.gpu_check metrics TEST_WORK_DIR
+    python tools/gpu_check/cfg_options.py test seg --data-root DATA
+    python tools/gpu_check/cfg_options.py verify  # all sets, both configs
+    python tools/gpu_check/cfg_options.py metrics TEST_WORK_DIR
 
 Each option is checked against the loaded config before it is printed: its
 path must exist (only the keys of ``NEW_KEYS`` may be new) and list indices
@@ -77,6 +77,7 @@ from typing import Dict, List, Optional
 
 from mmengine.config import Config, DictAction
 
+# this script lies in tools/gpu_check/ of the checkout whose configs it uses
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = dict(
     det=osp.join(REPO, 'configs', 'mask_rcnn_vmamba_t_1x_coco.py'),
@@ -321,7 +322,7 @@ def read_metrics(work_dir: str) -> Dict[str, float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog='python -m mmvmamba.analysis.gpu_check',
+        prog='python tools/gpu_check/cfg_options.py',
         description='Print (one per line) the checked --cfg-options of '
         'tools/gpu_check.sh, or check them all.')
     sub = parser.add_subparsers(dest='command', required=True)

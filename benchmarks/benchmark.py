@@ -1,14 +1,14 @@
 """mmvmamba's benchmark entry point: prints tables of timings.
 
-    python tools/analysis/benchmark.py models [--device cpu] [--size 224]
+    python benchmarks/benchmark.py models [--device cpu] [--size 224]
         [--batch 1] [--archs tiny small base] [--repeat 10]
-    python tools/analysis/benchmark.py scan [--device cuda] [--batch 128]
+    python benchmarks/benchmark.py scan [--device cuda] [--batch 128]
         [--dtype float32] [--no-reference] [--no-fused]
-    python tools/analysis/benchmark.py throughput [--device cuda]
+    python benchmarks/benchmark.py throughput [--device cuda]
         [--models vmamba-t vmamba-s vmamba-b swin-t swin-s swin-b convnext-t]
         [--modes infer-fp32 infer-bf16 train-bf16] [--sizes 224 512 1024]
         [--batch 128] [--batch-per-size 128 24 6]
-    python tools/analysis/benchmark.py detectors [--device cuda]
+    python benchmarks/benchmark.py detectors [--device cuda]
         [--models mask-rcnn-vmamba-t mask-rcnn-swin-t upernet-vmamba-t
         upernet-swin-t] [--modes fp32 amp] [--amp-dtype bfloat16 float16]
         [--batch 2] [--det-size 800 1333] [--seg-size 512] [--rounds 1]
@@ -22,10 +22,10 @@ and forward+backward, against the PyTorch reference, with bytes moved, GB/s
 and the ratios to the bandwidth and exponential floors; then SS2D's whole
 core (``cross_selective_scan``) on the fused kernel against the unfused path,
 float32 and bfloat16 scan inputs, with the same floors
-(:mod:`mmvmamba.analysis.scan_timing`).
+(:mod:`scan_timing`).
 
-``throughput``: classifiers (names of ``mmvmamba.analysis.models.MODEL_ZOO``
-or classifier configs) in inference (fp32, bf16 autocast) and training steps
+``throughput``: classifiers (names of ``models.MODEL_ZOO`` or classifier
+configs) in inference (fp32, bf16 autocast) and training steps
 (bf16 autocast, forward + backward + AdamW step) at one or more square sizes:
 median time per iteration after warm-up (CUDA events on a GPU), images per
 second, their ratio to the Swin of the same size class (T/S/B; ConvNeXt-T,
@@ -37,8 +37,8 @@ images, at least one; smaller sizes at most ``--batch``) unless
 which selective scan ran (compiled kernel or PyTorch reference).
 
 ``detectors``: training steps of Mask R-CNN (800x1333) and UperNet (512x512)
-with VMamba and Swin backbones (names of
-``mmvmamba.analysis.detectors.DETECTOR_ZOO`` or mmdet / mmseg configs) on
+with VMamba and Swin backbones (names of ``detectors.DETECTOR_ZOO`` or
+mmdet / mmseg configs) on
 synthetic batches, as mmengine's runner trains them (``model.train_step``:
 data preprocessor, losses, ``optim_wrapper.update_params``) with each
 config's optimizer, in fp32 (``OptimWrapper``) and mixed precision
@@ -46,7 +46,8 @@ config's optimizer, in fp32 (``OptimWrapper``) and mixed precision
 float16 or both; mmcv 2.1's RoIAlign has no bfloat16 GPU kernel, so Mask
 R-CNN reads "failed" there and needs float16): median ms per step,
 images per second, peak GPU memory and the ratios of time and memory to the
-Swin of the same task and size class in the same mode. On a GPU one more
+Swin of the same task and size class in the same mode, and which scans ran.
+On a GPU one more
 step is profiled: the time its kernels take (all of them, and the scans)
 shows whether the host or the GPU bounds the step. ``--rounds`` times the
 set several times, models in turn, for a host whose speed drifts (medians
@@ -56,19 +57,17 @@ pass small sizes (``--det-size 128 128 --seg-size 64``).
 """
 import argparse
 
+import detectors
 import torch
+from models import (MODEL_ZOO, SWIN_REFERENCE, build_classifier, model_label,
+                    tensor_forward)
+from scaling import batch_for
+from scan_timing import (D_STATE, FUSED_HEADER, HEADER, format_fused_rows,
+                         format_rows, fused_rows, kernel_rows)
+from timing import (MODES, device_name, measure, print_table, relative_to,
+                    time_mode)
 
-from mmvmamba.analysis import detectors
-from mmvmamba.analysis.models import (MODEL_ZOO, SWIN_REFERENCE,
-                                      build_classifier, model_label,
-                                      tensor_forward)
-from mmvmamba.analysis.scaling import batch_for
-from mmvmamba.analysis.scan_timing import (D_STATE, FUSED_HEADER, HEADER,
-                                           format_fused_rows, format_rows,
-                                           fused_rows, kernel_rows)
-from mmvmamba.analysis.timing import (MODES, device_name, measure,
-                                      print_table, relative_to, scan_backend,
-                                      time_mode)
+from mmvmamba.ops.backend import LABELS
 
 SWIN_OF = {'tiny': 'tiny', 'small': 'small', 'base': 'base'}
 
@@ -129,10 +128,10 @@ def _ms_range(row: dict) -> str:
 
 
 def _timing_title(what: str, device: torch.device, args) -> str:
-    return (f'{what}, {device_name(device)}, torch {torch.__version__}, '
-            f'selective scan: {scan_backend(device)}; median of '
-            f'{args.repeat} after {args.warmup} warm-up'
-            f'{", CUDA events" if device.type == "cuda" else ""}')
+    return (f'{what}, {device_name(device)}, torch {torch.__version__}; '
+            f'median of {args.repeat} after {args.warmup} warm-up'
+            f'{", CUDA events" if device.type == "cuda" else ""}; scan: '
+            'the scans that ran')
 
 
 def bench_throughput(args) -> list:
@@ -174,13 +173,14 @@ def bench_throughput(args) -> list:
             'Classifier throughput, '
             f'{", ".join(f"{s}x{s}" for s in args.sizes)}', device, args),
         ['model', 'size', 'params (M)', 'mode', 'batch', 'ms/iter', 'img/s',
-         'x Swin', 'peak mem (GiB)'],
+         'x Swin', 'peak mem (GiB)', 'scan'],
         [[
             r['model'], r['size'], f'{r["params_m"]:.1f}', r['mode'],
             r['batch'], _ms(r),
             _fmt(r['img_per_s'], '.1f'),
             _fmt(r['x_swin'], '.2f'),
-            _fmt(r['peak_gib'], '.2f')
+            _fmt(r['peak_gib'], '.2f'),
+            _fmt(r['scan'], '')
         ] for r in rows])
     return rows
 
@@ -189,7 +189,7 @@ def bench_detectors(args) -> list:
     """Time training steps of detectors and segmentors; print and return.
 
     Returns:
-        list[dict]: The rows of :func:`mmvmamba.analysis.detectors.benchmark`
+        list[dict]: The rows of :func:`detectors.benchmark`
         with ``time_vs_swin`` and ``mem_vs_swin`` (ms and peak memory over
         those of the Swin of the same task, size class and mode).
     """
@@ -212,7 +212,7 @@ def bench_detectors(args) -> list:
         'scan ms: the selective-scan kernels among them',
         ['model', 'input', 'params (M)', 'mode', 'ms/step', 'ms range',
          'GPU ms', 'scan ms', 'img/s', 'peak mem (GiB)', 'time / Swin',
-         'mem / Swin'],
+         'mem / Swin', 'scan'],
         [[
             r['model'], f'{r["shape"][0]}x{r["shape"][1]}',
             f'{r["params_m"]:.1f}', r['mode'], _ms(r),
@@ -222,7 +222,8 @@ def bench_detectors(args) -> list:
             _fmt(r['img_per_s'], '.2f'),
             _fmt(r['peak_gib'], '.2f'),
             _fmt(r['time_vs_swin'], '.2f'),
-            _fmt(r['mem_vs_swin'], '.2f')
+            _fmt(r['mem_vs_swin'], '.2f'),
+            _fmt(r['scan'], '')
         ] for r in rows])
     for r in rows:
         if r['error']:
@@ -237,7 +238,8 @@ def bench_scan(args) -> list:
                        args.warmup, args.repeat, not args.no_reference)
     meta = rows[-1]
     title = (f'Selective scan, VMamba-T stages, batch {args.batch}, '
-             f'{args.dtype}, N={D_STATE}, {device_name(device)}; copy '
+             f'{args.dtype}, N={D_STATE}, {device_name(device)}, '
+             f'{LABELS[device.type]} against the reference; copy '
              f'bandwidth {meta["copy_gb_per_s"]:.0f} GB/s')
     if meta['exps_per_s']:
         title += f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s'
@@ -246,8 +248,9 @@ def bench_scan(args) -> list:
         fused = fused_rows(device, args.batch, args.warmup, args.repeat)
         print_table(
             f'SS2D core (cross_selective_scan, channels-last), VMamba-T '
-            f'stages, batch {args.batch}, {device_name(device)}: fused '
-            f'kernel vs the unfused path (four copies + the kernel above)',
+            f'stages, batch {args.batch}, {device_name(device)}: '
+            f'{LABELS["fused"]} vs the unfused path (four copies + the '
+            f'kernel above)',
             FUSED_HEADER, format_fused_rows(fused))
         rows += fused[:-1]
     return rows

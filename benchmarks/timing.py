@@ -1,6 +1,6 @@
 """Timing of models: medians after warm-up, CUDA events on GPUs.
 
-Modes of :func:`time_mode` (a model from :mod:`mmvmamba.analysis.models`):
+Modes of :func:`time_mode` (a model from :mod:`models`):
 
 - ``infer-fp32``: forward in eval mode without gradients, float32;
 - ``infer-bf16``: the same under bfloat16 autocast;
@@ -9,8 +9,8 @@ Modes of :func:`time_mode` (a model from :mod:`mmvmamba.analysis.models`):
 
 Inputs are fresh standard-normal images, never zeros. On a GPU, cuDNN's
 autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
-:func:`timed` is the guard around any step (peak memory, OOM; on request
-:func:`gpu_time` of one step, from ``torch.profiler``) and
+:func:`timed` is the guard around any step (peak memory, OOM, which scans
+ran; on request :func:`gpu_time` of one step, from ``torch.profiler``) and
 :func:`relative_to` the ratios of a table's rows to reference rows.
 """
 import gc
@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mmvmamba.ops.backend import RecordScans, describe
 
 MODES = ('infer-fp32', 'infer-bf16', 'train-bf16')
 
@@ -91,16 +93,6 @@ def device_name(device: torch.device) -> str:
     return f'CPU, {torch.get_num_threads()} threads'
 
 
-def scan_backend(device: torch.device) -> str:
-    """Which selective scan :func:`mmvmamba.ops.selective_scan` will run."""
-    from mmvmamba.ops import _ext
-    from mmvmamba.ops.selective_scan import scan_backend_override
-    if (scan_backend_override() != 'reference'
-            and _ext.has_kernel(device.type)):
-        return f'compiled {device.type} kernel'
-    return 'PyTorch reference scan'
-
-
 def _step(model: nn.Module, mode: str, x: torch.Tensor) -> Callable:
     """One iteration of ``mode`` on ``model`` (``model(x)`` gives logits)."""
     device_type = x.device.type
@@ -145,15 +137,18 @@ def timed(make_step: Callable[[], Callable[[], object]],
     """Time the step that ``make_step()`` returns, catching GPU OOM.
 
     ``make_step`` is called inside the guard, so that allocating its inputs
-    may run out of memory too. The peak of allocated GPU memory is that of
-    the timed steps, after the warm-up (whose first steps also hold cuDNN's
-    autotuner workspaces), as mmengine's logger reports it during training.
+    may run out of memory too. The first warm-up step (one step even with
+    ``warmup=0``) runs under :class:`mmvmamba.ops.backend.RecordScans`,
+    which records the scans that ran. The peak of allocated GPU memory is
+    that of the timed steps, after the warm-up (whose first steps also hold
+    cuDNN's autotuner workspaces), as mmengine's logger reports it during
+    training.
 
     Args:
         make_step (Callable): Returns the step, a callable of no arguments.
         batch (int): Images per step (for ``img_per_s``).
         device (torch.device): Where the step runs.
-        warmup (int): Untimed steps first.
+        warmup (int): Untimed steps first (at least one is run).
         repeat (int): Timed steps; the median is reported.
         cudnn_benchmark (bool): Value of ``torch.backends.cudnn.benchmark``
             (the autotuner) on a GPU. Defaults to True.
@@ -163,10 +158,12 @@ def timed(make_step: Callable[[], Callable[[], object]],
     Returns:
         dict: ``ms`` (median per step), ``img_per_s``, ``peak_gib`` (peak
         allocated GPU memory, None on the CPU), ``status`` (``'ok'`` or
-        ``'OOM'``, when the GPU ran out of memory) and, with ``profile``,
-        the keys of :func:`gpu_time`.
+        ``'OOM'``, when the GPU ran out of memory), ``scan`` (the scans that
+        ran, :func:`mmvmamba.ops.backend.describe`; None if the first step
+        did not finish) and, with ``profile``, the keys of :func:`gpu_time`.
     """
-    result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok')
+    result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok',
+                  scan=None)
     if profile:
         result.update(gpu_ms=None, scan_ms=None)
     cuda = device.type == 'cuda'
@@ -177,7 +174,10 @@ def timed(make_step: Callable[[], Callable[[], object]],
         torch.cuda.reset_peak_memory_stats(device)
     try:
         step = make_step()
-        for _ in range(warmup):
+        with RecordScans() as scans:
+            step()
+        result['scan'] = describe(scans.ran)
+        for _ in range(warmup - 1):
             step()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -202,7 +202,7 @@ def time_mode(model: nn.Module, mode: str, batch: int, size: int,
 
     Args:
         model (nn.Module): ``model(images)`` returns logits (wrap OpenMMLab
-            models with :func:`mmvmamba.analysis.models.tensor_forward`);
+            models with :func:`models.tensor_forward`);
             already on ``device``.
         mode (str): One of :data:`MODES`.
         batch (int): Images per iteration.
