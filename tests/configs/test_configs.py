@@ -7,7 +7,7 @@ import pytest
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = osp.join(REPO, 'configs')
 TOP = sorted(glob.glob(osp.join(CONFIGS, '*.py')))
 DEMO = sorted(glob.glob(osp.join(CONFIGS, 'demo', '*.py')))

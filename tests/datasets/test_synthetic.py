@@ -11,7 +11,7 @@ import pytest
 from mmvmamba.datasets.synthetic import (ADE_INDEX, SYNTHETIC_COCO_CLASSES,
                                          generate)
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SMALL = dict(coco_train=6, coco_val=3, coco_size=96, ade_train=4, ade_val=2,
              ade_size=64)
 

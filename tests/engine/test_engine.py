@@ -13,9 +13,10 @@ from mmengine.registry import HOOKS as ROOT_HOOKS
 from mmengine.runner import Runner
 
 import mmvmamba  # noqa: F401  (registers the hook)
-from mmvmamba.analysis.losses import compare_series, read_scalars
 from mmvmamba.engine import MeanLossAcrossRanksHook
 from mmvmamba.engine.hooks import mean_across_ranks
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def test_registered_and_highest_priority():
@@ -133,9 +134,11 @@ def _two_process_runs(rank, tmp):
     _train(osp.join(tmp, 'without_hook'), 2, False, 'without_hook')
 
 
-def test_runner_logs_the_mean_of_both_ranks(tmp_path):
+def test_runner_logs_the_mean_of_both_ranks(tmp_path, monkeypatch):
     """2 processes x batch 2 with the hook log what 1 process x batch 4
     logs; without the hook rank 0 logs its own half."""
+    monkeypatch.syspath_prepend(osp.join(REPO, 'tools', 'analysis'))
+    from compare_losses import compare_series, read_scalars
     _spawn(_two_process_runs, tmp_path)
     _train(str(tmp_path / 'single'), 4, True, 'single')
 

@@ -1,5 +1,6 @@
 """The authors' weights: conversion, classifier logits, backbone loading."""
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 
 from mmvmamba.models import VMamba, convert_authors_state_dict
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 FIXTURE = osp.join(ROOT, 'tests', 'data',
                    'vmamba_v1_authors_small_random.pth')
 CONVERTER = osp.join(ROOT, 'tools', 'model_converters', 'vmamba2mmvmamba.py')
@@ -128,3 +129,64 @@ def test_missing_file_says_how_to_make_it(tmp_path):
                                  prefix='backbone.'))
     with pytest.raises(FileNotFoundError, match='vmamba2mmvmamba.py'):
         model.init_weights()
+
+
+def authors_names(state_dict):
+    """Our VMamba keys under the authors' January 2024 names."""
+    renames = [(r'^stages\.(\d+)\.blocks\.(\d+)\.norm\.',
+                r'layers.\1.blocks.\2.ln_1.'),
+               (r'^stages\.(\d+)\.blocks\.(\d+)\.ss2d\.',
+                r'layers.\1.blocks.\2.self_attention.'),
+               (r'^stages\.(\d+)\.downsample\.', r'layers.\1.downsample.')]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def test_three_stages_convert_and_load(tmp_path):
+    """The final norm is the last stage's, whatever the number of stages."""
+    arch = dict(embed_dims=8, depths=[1, 1, 2])
+    source = VMamba(arch, out_indices=(2, ))
+    with torch.no_grad():  # not the norm's initial ones
+        source.norm2.weight.uniform_()
+    authors = authors_names(source.state_dict())
+    authors = {('norm.' + k[6:] if k.startswith('norm2.') else k): v
+               for k, v in authors.items()}
+    authors.update({'head.weight': torch.zeros(5, 32),
+                    'head.bias': torch.zeros(5)})
+    backbone, head = convert_authors_state_dict(authors)
+    assert set(backbone) == set(source.state_dict()) and set(head) == {
+        'weight', 'bias'}
+    torch.save({'model': authors}, tmp_path / 'authors.pth')
+
+    model = VMamba(arch, out_indices=(0, 1, 2),
+                   init_cfg=dict(type='Pretrained',
+                                 checkpoint=str(tmp_path / 'authors.pth')))
+    fresh_norm1 = model.norm1.weight.clone()
+    model.init_weights()
+    torch.testing.assert_close(model.norm2.weight, source.norm2.weight)
+    torch.testing.assert_close(model.norm1.weight, fresh_norm1)
+
+    # a converted file without the last stage's norm does not fit
+    converted = {f'backbone.{k}': v for k, v in backbone.items()
+                 if not k.startswith('norm2.')}
+    torch.save({'state_dict': converted}, tmp_path / 'no_norm2.pth')
+    model = VMamba(arch, out_indices=(2, ),
+                   init_cfg=dict(type='Pretrained',
+                                 checkpoint=str(tmp_path / 'no_norm2.pth'),
+                                 prefix='backbone.'))
+    with pytest.raises(RuntimeError,
+                       match=r"missing keys: \['norm2\.weight', "
+                       r"'norm2\.bias'\]"):
+        model.init_weights()
+    # the last stage's norm of a model that does not output that stage is
+    # unused, not an error
+    converted = {f'backbone.{k}': v for k, v in backbone.items()}
+    torch.save({'state_dict': converted}, tmp_path / 'converted.pth')
+    VMamba(arch, out_indices=(0, ),
+           init_cfg=dict(type='Pretrained',
+                         checkpoint=str(tmp_path / 'converted.pth'),
+                         prefix='backbone.')).init_weights()

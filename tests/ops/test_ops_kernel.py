@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmvmamba.ops import _ext
+from mmvmamba.ops.backend import kernel_unsupported_reason
 
 LOADED, STATUS = _ext.ext_status()
 pytestmark = pytest.mark.skipif(
@@ -315,10 +316,10 @@ def test_status_and_support():
     assert _ext.has_kernel('cpu')
     assert not _ext.has_kernel('mps')
     u = torch.zeros(1, 2, 3)
-    assert _ext.kernel_unsupported_reason(u, torch.zeros(2, 16)) is None
-    assert 'N=80' in _ext.kernel_unsupported_reason(u, torch.zeros(2, 80))
-    assert 'float64' in _ext.kernel_unsupported_reason(u.double(),
-                                                       torch.zeros(2, 16))
+    assert kernel_unsupported_reason(u, torch.zeros(2, 16)) is None
+    assert 'N=80' in kernel_unsupported_reason(u, torch.zeros(2, 80))
+    assert 'float64' in kernel_unsupported_reason(u.double(),
+                                                  torch.zeros(2, 16))
 
 
 def test_library_records_torch_version():

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from mmvmamba.ops import (cross_merge, cross_scan, cross_selective_scan,
                           selective_scan, selective_scan_reference)
+from mmvmamba.ops.backend import RecordScans, use_backend
 
 
 def recurrence(u, delta, A, B, C, D=None, delta_bias=None, softplus=False):
@@ -102,14 +103,15 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_front_door_uses_reference_when_forced(monkeypatch):
-    monkeypatch.setenv('MMVMAMBA_SCAN_BACKEND', 'reference')
+def test_front_door_uses_reference_when_forced():
     args = random_scan_inputs(1, 2, 3, 4, 10, dtype=torch.float32, seed=4)
-    torch.testing.assert_close(
-        selective_scan(**args), selective_scan_reference(**args))
-    monkeypatch.setenv('MMVMAMBA_SCAN_BACKEND', 'fastest')
-    with pytest.raises(ValueError, match='MMVMAMBA_SCAN_BACKEND'):
-        selective_scan(**args)
+    with use_backend('reference'), RecordScans() as scans:
+        y = selective_scan(**args)
+    assert scans.ran == ['reference']
+    assert torch.equal(y, selective_scan_reference(**args))
+    with pytest.raises(ValueError, match='use_backend'):
+        with use_backend('fastest'):
+            pass
 
 
 @pytest.mark.parametrize('H,W', [(3, 5), (4, 4), (1, 6), (7, 2)])

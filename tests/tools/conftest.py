@@ -1,10 +1,10 @@
 """The Python files of ``tools/analysis/`` and ``tools/gpu_check/`` import
 by their names here, as they do when run as scripts (the script's folder is
-on ``sys.path``)."""
+on ``sys.path``), and so do those of ``benchmarks/`` that the analysis tools
+use (named models, FLOP counts)."""
 import os.path as osp
 import sys
 
-TOOLS = osp.join(
-    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools')
-for folder in ('analysis', 'gpu_check'):
-    sys.path.insert(0, osp.join(TOOLS, folder))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+for folder in ('benchmarks', 'tools/analysis', 'tools/gpu_check'):
+    sys.path.insert(0, osp.join(REPO, folder))

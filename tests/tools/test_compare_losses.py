@@ -1,27 +1,16 @@
-"""Scalar logs: compare_losses (module and tools/analysis/compare_losses.py)
-and the finite-loss check (``python -m mmvmamba.analysis.losses``)."""
-import importlib.util
+"""Scalar logs: tools/analysis/compare_losses.py (two runs compared) and
+tools/gpu_check/check_losses.py (the finite-loss check)."""
 import json
 import math
 import os
 import os.path as osp
 
+import check_losses as check_tool
+import compare_losses as tool
 import pytest
-
-from mmvmamba.analysis import losses
-from mmvmamba.analysis.losses import (check_losses, compare_series,
-                                      find_scalars, read_scalars,
-                                      relative_difference, series)
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def load_tool():
-    path = osp.join(REPO, 'tools', 'analysis', 'compare_losses.py')
-    spec = importlib.util.spec_from_file_location('compare_losses', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from check_losses import check_losses
+from compare_losses import (compare_series, find_scalars, read_scalars,
+                            relative_difference, series)
 
 
 def write_run(work_dir, values, timestamp='20261127_080000', val=True,
@@ -140,16 +129,15 @@ def test_check_losses_cli(tmp_path, capsys):
     bad = list(BASE)
     bad[0] = math.nan
     write_run(str(tmp_path / 'b'), bad)
-    assert losses.main([str(tmp_path / 'a'), '--min-iters', '20']) == 0
+    assert check_tool.main([str(tmp_path / 'a'), '--min-iters', '20']) == 0
     assert 'ok' in capsys.readouterr().out
-    assert losses.main([str(tmp_path / 'a'), str(tmp_path / 'b')]) == 1
+    assert check_tool.main([str(tmp_path / 'a'), str(tmp_path / 'b')]) == 1
     out = capsys.readouterr().out
     assert 'FAIL' in out and 'loss is not finite' in out
-    assert losses.main([str(tmp_path / 'missing')]) == 1
+    assert check_tool.main([str(tmp_path / 'missing')]) == 1
 
 
 def test_compare_losses_tool(tmp_path, capsys):
-    tool = load_tool()
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     write_run(a, BASE)
     write_run(b, [v * 1.01 for v in BASE])

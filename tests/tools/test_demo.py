@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TRAIN = osp.join(REPO, 'tools', 'train.py')
 TEST = osp.join(REPO, 'tools', 'test.py')
 DET = osp.join(REPO, 'configs', 'demo', 'mask_rcnn_vmamba_demo_synthetic.py')
@@ -152,8 +152,8 @@ def test_trusted_loading_is_scoped(tmp_path, monkeypatch):
     """Full unpickling is allowed inside the context only."""
     import torch
     from mmengine.logging import HistoryBuffer
-
-    from mmvmamba.apis import trusted_checkpoint_loading
+    monkeypatch.syspath_prepend(osp.join(REPO, 'tools'))
+    from runner_utils import trusted_checkpoint_loading
     monkeypatch.delenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', raising=False)
     path = str(tmp_path / 'ckpt.pth')
     torch.save(dict(meta=dict(history=HistoryBuffer())), path)

@@ -10,19 +10,18 @@ import random
 import signal
 import subprocess
 
+import cfg_options as gpu_check
 import numpy as np
 import pytest
 import torch
+from cfg_options import (CONFIGS, all_option_sets, apply_options,
+                         eval_options, read_metrics, train_options)
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
-from mmvmamba.analysis import gpu_check
-from mmvmamba.analysis.gpu_check import (CONFIGS, all_option_sets,
-                                         apply_options, read_metrics,
-                                         eval_options, train_options)
 from mmvmamba.datasets.synthetic import generate
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SCRIPT = osp.join(REPO, 'tools', 'gpu_check.sh')
 ROOT = '/data/gpu_check'
 
