@@ -35,16 +35,20 @@ def small_arch(fixture):
 
 def test_converted_classifier_reproduces_the_authors_logits(
         fixture, converted):
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     cfg = fixture['config']
-    classifier = MODELS.build(
-        dict(
-            type='ImageClassifier',
-            backbone=dict(type='VMamba', arch=small_arch(fixture),
-                          out_indices=(3, )),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=cfg['num_classes'],
-                      in_channels=cfg['dims'] * 8))).eval()
+    # under mmpretrain's scope whatever an earlier runner left current
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=dict(type='VMamba', arch=small_arch(fixture),
+                              out_indices=(3, )),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(type='LinearClsHead',
+                          num_classes=cfg['num_classes'],
+                          in_channels=cfg['dims'] * 8))).eval()
     ckpt = torch.load(converted, map_location='cpu', weights_only=True)
     classifier.load_state_dict(ckpt['state_dict'], strict=True)
     with torch.no_grad():
