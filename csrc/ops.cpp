@@ -263,9 +263,19 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
+  // The kernels' limits (scan.h), read by mmvmamba/ops/_ext.py.
   if (PyModule_AddStringConstant(module, "__torch_version__", TORCH_VERSION) <
           0 ||
-      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0) {
+      PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddIntConstant(module, "max_d_state", mmvmamba::kMaxDState) <
+          0 ||
+      PyModule_AddIntConstant(module, "chunk", mmvmamba::kChunk) < 0 ||
+      PyModule_AddIntConstant(module, "directions", mmvmamba::kDirections) <
+          0 ||
+      PyModule_AddIntConstant(module, "cross_max_d_state",
+                              mmvmamba::kMaxCrossDState) < 0 ||
+      PyModule_AddIntConstant(module, "cross_max_length",
+                              mmvmamba::kMaxCrossLength) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -14,7 +14,7 @@
 #                     GPU with batch 4 (tools/train.py) and once on two with
 #                     batch 2 each (tools/dist_train.sh): same seed, data
 #                     and order, nothing drawn per process that changes the
-#                     loss (mmvmamba/analysis/gpu_check.py says what that
+#                     loss (tools/gpu_check/cfg_options.py says what that
 #                     takes); the logged losses (2 GPUs: the mean of both
 #                     ranks, by MeanLossAcrossRanksHook) must agree within
 #                     TOL at every iteration (tools/analysis/
@@ -30,8 +30,8 @@
 #   TOL [0.05]          largest relative difference of the compared losses
 #   WARMUP [by task]    compare mode: the learning-rate warm-up, off (the
 #                       base rate from the first iteration) or keep; by
-#                       default keep for det, off for seg (mmvmamba/
-#                       analysis/gpu_check.py says why)
+#                       default keep for det, off for seg (tools/
+#                       gpu_check/cfg_options.py says why)
 #   NUM_WORKERS [2]     data workers per process
 #   PORT [29500]        of tools/dist_*.sh
 #   COCO_SIZE [800], ADE_SIZE [512]  sides of the synthetic images
@@ -125,25 +125,25 @@ step() {
 }
 
 # options VAR ARGS...: the checked --cfg-options that
-# `python -m mmvmamba.analysis.gpu_check ARGS` prints, then EXTRA_OPTS
+# `python tools/gpu_check/cfg_options.py ARGS` prints, then EXTRA_OPTS
 options() {
     local -n into=$1
     shift
     local text
-    text="$(python -m mmvmamba.analysis.gpu_check "$@")" || return 1
+    text="$(python tools/gpu_check/cfg_options.py "$@")" || return 1
     mapfile -t into <<< "$text"
     into+=("${extra_opts[@]}")
 }
 
 # losses NAME WORK_DIR ITERS: every loss finite, ITERS iterations logged
 losses() {
-    step "$1" python -m mmvmamba.analysis.losses "$2" --min-iters "$3" &&
+    step "$1" python tools/gpu_check/check_losses.py "$2" --min-iters "$3" &&
         note "     $(tail -n 1 "$logs/$1.log")"
 }
 
 # metrics NAME TEST_WORK_DIR: the metrics tools/test.py saved, all finite
 metrics() {
-    step "$1" python -m mmvmamba.analysis.gpu_check metrics "$2" &&
+    step "$1" python tools/gpu_check/cfg_options.py metrics "$2" &&
         note "     $(tail -n 1 "$logs/$1.log")"
 }
 
@@ -266,7 +266,7 @@ then
     echo "preflight failed" >&2
     exit 2
 fi
-step verify-options python -m mmvmamba.analysis.gpu_check verify \
+step verify-options python tools/gpu_check/cfg_options.py verify \
     --configs "$DET_CONFIG" "$SEG_CONFIG" --data-root "$data" || exit 1
 
 section "synthetic data: $data"

@@ -13,8 +13,8 @@ training state), so only pass files you trust.
 """
 import argparse
 
-from mmvmamba.apis import (add_common_args, build_runner, enable_show_dir,
-                           enable_tta, load_config, set_local_rank)
+from runner_utils import (add_common_args, build_runner, enable_show_dir,
+                          enable_tta, load_config, set_local_rank)
 
 
 def parse_args() -> argparse.Namespace:

@@ -14,8 +14,8 @@ mmvmamba (``custom_imports``) works.
 """
 import argparse
 
-from mmvmamba.apis import (add_common_args, build_runner, enable_amp,
-                           load_config, set_local_rank, set_resume)
+from runner_utils import (add_common_args, build_runner, enable_amp,
+                          load_config, set_local_rank, set_resume)
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,8 +20,9 @@ _BACKBONE_RULES = [
      r'stages.\1.blocks.\2.ss2d.'),
     (r'^layers\.(\d+)\.downsample\.(norm|reduction)\.',
      r'stages.\1.downsample.\2.'),
-    (r'^(?:classifier\.)?norm\.', 'norm3.'),
 ]
+# The classifier's norm is the last stage's output norm, named after it.
+_FINAL_NORM_RULE = r'^(?:classifier\.)?norm\.'
 _HEAD_RULE = r'^(?:classifier\.)?head\.(weight|bias)$'
 
 
@@ -34,19 +35,23 @@ def convert_authors_state_dict(
 
     Returns:
         tuple[OrderedDict, OrderedDict]: The backbone's state dict (keys of
-        :class:`VMamba`, the final norm as ``norm3``) and the head's
-        (``weight``, ``bias`` of the classifier's linear layer).
+        :class:`VMamba`, the final norm as the last stage's output norm,
+        ``norm3`` for four stages) and the head's (``weight``, ``bias`` of
+        the classifier's linear layer).
 
     Raises:
         KeyError: If a key matches none of the known names.
     """
     backbone, head, unknown = OrderedDict(), OrderedDict(), []
+    stages = [re.match(r'^layers\.(\d+)\.', key) for key in state_dict]
+    last_stage = max((int(m.group(1)) for m in stages if m), default=0)
+    rules = _BACKBONE_RULES + [(_FINAL_NORM_RULE, f'norm{last_stage}.')]
     for key, value in state_dict.items():
         head_match = re.match(_HEAD_RULE, key)
         if head_match:
             head[head_match.group(1)] = value
             continue
-        for pattern, replacement in _BACKBONE_RULES:
+        for pattern, replacement in rules:
             new_key, hits = re.subn(pattern, replacement, key)
             if hits:
                 backbone[new_key] = value
@@ -73,11 +78,12 @@ def load_pretrained_backbone(model: torch.nn.Module,
                              prefix: Optional[str] = None) -> None:
     """Load converted (or the authors' raw) weights into a VMamba, strictly.
 
-    The only keys allowed to be missing are output norms other than
-    ``norm3`` (the classifier's final norm), which keep their fresh
-    initialisation; the only unexpected ones, the classifier head and output
-    norms of stages the model does not output. Anything else, or a shape
-    mismatch, is an error that names the keys and shapes.
+    The only keys allowed to be missing are output norms other than the last
+    stage's (the classifier's final norm; ``norm3`` for four stages), which
+    keep their fresh initialisation; the only unexpected ones, the
+    classifier head and output norms of stages the model does not output.
+    Anything else, or a shape mismatch, is an error that names the keys and
+    shapes.
 
     Args:
         model (VMamba): The backbone.
@@ -114,8 +120,9 @@ def load_pretrained_backbone(model: torch.nn.Module,
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
                   for k, v in state_dict.items()
                   if k in own and v.shape != own[k].shape]
-    bad_missing = [k for k in missing if not re.match(r'^norm[012]\.', k)]
-    unused_norms = tuple(f'norm{i}.' for i in range(4)
+    side_norms = tuple(f'norm{i}.' for i in range(model.num_stages - 1))
+    bad_missing = [k for k in missing if not k.startswith(side_norms)]
+    unused_norms = tuple(f'norm{i}.' for i in range(model.num_stages)
                          if i not in model.out_indices)
     bad_unexpected = [
         k for k in unexpected

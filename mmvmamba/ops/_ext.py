@@ -7,26 +7,30 @@ and ``selective_scan_bwd`` (and the fused four-direction ``cross_scan_fwd`` /
 ``_bwd``, CUDA only) get fake (meta) kernels and autograd here, so that
 :func:`selective_scan_kernel` and :func:`cross_scan_kernel` are
 differentiable, work under ``torch.compile(fullgraph=True)`` and pass
-``torch.library.opcheck``.
+``torch.library.opcheck``. The kernels' limits are the library's own
+constants (:data:`LIMITS`, from ``csrc/scan.h``); which kernel runs for which
+inputs is :mod:`mmvmamba.ops.backend`'s decision.
 """
 import glob
-import math
 import os
 import re
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 REBUILD_HINT = ('rebuild it with `pip install --no-deps --no-build-isolation '
                 '-e .` in the mmvmamba source tree')
-# Mirrors csrc/scan.h: the largest d_state, and the CUDA checkpoint interval.
-MAX_D_STATE = 64
-CHUNK = 64
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The fused four-direction kernel: N <= 16, float32 or bfloat16 inputs.
-CROSS_MAX_D_STATE = 16
-CROSS_MAX_LENGTH = 2**22  # exclusive bound on H*W
-CROSS_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class KernelLimits(NamedTuple):
+    """What the compiled kernels cover: ``mmvmamba._C``'s constants."""
+    max_d_state: int  #: largest state size N of the selective-scan kernels
+    chunk: int  #: steps between the state checkpoints of the CUDA forward
+    directions: int  #: scan orders of the fused kernel
+    cross_max_d_state: int  #: largest N of the fused kernel
+    cross_max_length: int  #: exclusive bound on H*W of the fused kernel
+
+
 _FWD = 'mmvmamba::selective_scan_fwd'
 _BWD = 'mmvmamba::selective_scan_bwd'
 _CROSS_FWD = 'mmvmamba::cross_scan_fwd'
@@ -71,15 +75,21 @@ def _explain_load_failure(error: BaseException) -> str:
     return f'mmvmamba._C failed to load ({error}); {REBUILD_HINT}'
 
 
-def _load() -> Tuple[bool, str]:
+def _load() -> Tuple[Optional[KernelLimits], str]:
+    """The library's limits (None if it is unusable), and why."""
     try:
         from mmvmamba import _C
     except Exception as error:  # noqa: BLE001 -- any failure means no kernel
-        return False, _explain_load_failure(error)
+        return None, _explain_load_failure(error)
+    missing = [k for k in KernelLimits._fields if not hasattr(_C, k)]
+    if missing:
+        return None, (f'mmvmamba._C was built from older sources (it lacks '
+                      f'{", ".join(missing)}); {REBUILD_HINT}')
     built = getattr(_C, '__torch_version__', '?')
     parts = 'CPU and CUDA' if getattr(_C, 'with_cuda', 0) else 'CPU'
-    return True, (f'mmvmamba._C loaded ({parts} kernels, built against '
-                  f'torch {built})')
+    return KernelLimits(*(int(getattr(_C, k)) for k in KernelLimits._fields)
+                        ), (f'mmvmamba._C loaded ({parts} kernels, built '
+                            f'against torch {built})')
 
 
 def _register() -> None:
@@ -89,7 +99,7 @@ def _register() -> None:
     def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus):
         batch, channels, length = u.shape
         if u.device.type == 'cuda':
-            chunks = math.ceil(length / CHUNK)
+            chunks = -(-length // LIMITS.chunk)
             checkpoints = u.new_empty((batch, channels, chunks, A.shape[1]),
                                       dtype=torch.float32)
         else:
@@ -129,10 +139,11 @@ def _register_cross() -> None:
 
     @torch.library.register_fake(_CROSS_FWD)
     def _fwd_fake(u, x_dbl, dt_weight, dt_bias, A, D, height, width):
-        batch, length, d_inner = u.shape
-        chunks = (length + CHUNK - 1) // CHUNK
+        batch, length, _ = u.shape
+        chunks = -(-length // LIMITS.chunk)
+        # A is (directions * D, N): a state per direction and channel
         return (u.new_empty(u.shape, dtype=torch.float32),
-                u.new_empty((batch, 4 * d_inner, chunks, A.shape[1]),
+                u.new_empty((batch, A.shape[0], chunks, A.shape[1]),
                             dtype=torch.float32))
 
     @torch.library.register_fake('mmvmamba::cross_scan_bwd')
@@ -159,13 +170,16 @@ def _register_cross() -> None:
                                     setup_context=_setup_context)
 
 
-_LOADED, _STATUS = _load()
+#: The compiled kernels' limits; None when ``mmvmamba._C`` is unusable.
+LIMITS, _STATUS = _load()
+_LOADED = LIMITS is not None
 if _LOADED:
     try:
         _register()
     except Exception as error:  # noqa: BLE001 -- report, never raise here
-        _LOADED, _STATUS = False, (f'mmvmamba._C loaded but its ops could not '
-                                   f'be registered with this torch ({error})')
+        LIMITS, _LOADED = None, False
+        _STATUS = (f'mmvmamba._C loaded but its ops could not be registered '
+                   f'with this torch ({error})')
 
 
 def ext_status() -> Tuple[bool, str]:
@@ -199,17 +213,6 @@ _BUILT = _kernels_built()
 def has_cross_kernel() -> bool:
     """Whether the fused four-direction CUDA kernel was built."""
     return _BUILT['cross-cuda']
-
-
-def kernel_unsupported_reason(u: torch.Tensor,
-                              A: torch.Tensor) -> Optional[str]:
-    """Say why the kernel cannot run these inputs, or ``None`` if it can."""
-    if u.dtype not in KERNEL_DTYPES:
-        return f'dtype {str(u.dtype).replace("torch.", "")}'
-    d_state = A.shape[-1]
-    if not 1 <= d_state <= MAX_D_STATE:
-        return f'd_state N={d_state} outside 1..{MAX_D_STATE}'
-    return None
 
 
 def selective_scan_kernel(u: torch.Tensor,

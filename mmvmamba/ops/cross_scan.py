@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
+from .backend import fused_unsupported_reason
 from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
-from .selective_scan import (scan_backend_override, scan_override_active,
-                             selective_scan)
+from .selective_scan import selective_scan
 
+#: The scan orders of SS2D (rows, columns, and both reversed); the fused
+#: kernel's ``kDirections`` (``mmvmamba._C.directions``) is the same number.
 NUM_DIRECTIONS = 4
 
 
@@ -69,26 +71,6 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
     check_same_device(x=x, x_proj_weight=x_proj_weight,
                       dt_projs_weight=dt_projs_weight,
                       dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
-
-
-def _fused_unavailable_reason(x: torch.Tensor, length: int, d_state: int,
-                              scan_dtype: torch.dtype) -> Optional[str]:
-    """Say why the fused CUDA kernel cannot run this call, or ``None``."""
-    if not x.is_cuda:
-        return f'x is on {x.device.type}, the fused kernel is CUDA only'
-    if not _ext.has_cross_kernel():
-        return 'the fused CUDA kernel was not built: ' + _ext.ext_status()[1]
-    if scan_backend_override() == 'reference':
-        return 'MMVMAMBA_SCAN_BACKEND=reference'
-    if scan_override_active():
-        return 'selective_scan_override is active'
-    if d_state > _ext.CROSS_MAX_D_STATE:
-        return f'd_state N={d_state} > {_ext.CROSS_MAX_D_STATE}'
-    if scan_dtype not in _ext.CROSS_DTYPES:
-        return f'scan dtype {str(scan_dtype).replace("torch.", "")}'
-    if length >= _ext.CROSS_MAX_LENGTH:
-        return f'H*W={length} >= {_ext.CROSS_MAX_LENGTH}'
-    return None
 
 
 def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
@@ -164,9 +146,10 @@ def cross_selective_scan(x: torch.Tensor,
 
     On CUDA the fused kernel runs it in one pass: it reads the map in the
     four orders by index, computes the step sizes from ``dt_low`` itself and
-    sums the four outputs into one map. Elsewhere (CPU, N > 16,
-    ``MMVMAMBA_SCAN_BACKEND=reference``) the four orders are copied out and
-    scanned by :func:`selective_scan`.
+    sums the four outputs into one map. Elsewhere (CPU, N > 16, the
+    ``'reference'`` backend; :func:`mmvmamba.ops.backend.
+    fused_unsupported_reason`) the four orders are copied out and scanned by
+    :func:`selective_scan`.
 
     Args:
         x (Tensor): Map after the depthwise conv and SiLU, ``(batch, D, H,
@@ -204,8 +187,8 @@ def cross_selective_scan(x: torch.Tensor,
     if scan_dtype not in HALF_AND_FLOAT:
         raise ValueError(f'scan_dtype must be one of float32, bfloat16, '
                          f'float16, float64 or None, got {scan_dtype!r}')
-    reason = _fused_unavailable_reason(x, x_chw.shape[2] * x_chw.shape[3],
-                                       A_logs.shape[1], scan_dtype)
+    reason = fused_unsupported_reason(x, x_chw.shape[2] * x_chw.shape[3],
+                                      A_logs.shape[1], scan_dtype)
     if fused and reason is not None:
         raise ValueError(f'fused=True, but the fused kernel cannot run: '
                          f'{reason}')

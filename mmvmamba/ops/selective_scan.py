@@ -1,54 +1,22 @@
 """Selective scan: the pure-PyTorch reference and the front door.
 
 ``selective_scan`` checks its arguments, then runs the compiled kernel for the
-tensor's device when one was built (``mmvmamba._C``), else the reference.
-``MMVMAMBA_SCAN_BACKEND`` overrides the choice: ``auto`` (default),
-``reference`` (always the reference) or ``kernel`` (the kernel or an error).
-:func:`selective_scan_override` reroutes every call within a block (the FLOP
-counter uses it to make the scan one traced op).
+tensor's device or the reference, as :mod:`mmvmamba.ops.backend` decides
+(``MMVMAMBA_SCAN_BACKEND``, :func:`~mmvmamba.ops.backend.use_backend`).
+The reference follows PyTorch's ``__torch_function__`` protocol, like
+``torch.nn.functional``: a ``TorchFunctionMode`` sees each call (the FLOP
+counter of :mod:`mmvmamba.ops.flops` replaces it by one traced op).
 """
-import contextlib
 import math
-import os
-import warnings
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ext
+from .backend import choose_scan_backend
 from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
-
-BACKENDS = ('auto', 'reference', 'kernel')
-_warned = set()
-_override: Optional[Callable] = None
-
-
-@contextlib.contextmanager
-def selective_scan_override(fn: Callable) -> Iterator[None]:
-    """Within the block, :func:`selective_scan` calls ``fn`` instead.
-
-    ``fn`` takes the arguments of :func:`selective_scan` (after its checks)
-    and returns ``y``. Used by :mod:`mmvmamba.analysis.flops`; not
-    thread-safe, and blocks do not nest.
-
-    Args:
-        fn (Callable): The replacement.
-    """
-    global _override
-    if _override is not None:
-        raise RuntimeError('selective_scan_override blocks do not nest')
-    _override = fn
-    try:
-        yield
-    finally:
-        _override = None
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def check_selective_scan_args(u, delta, A, B, C, D=None, delta_bias=None) -> None:
@@ -93,6 +61,11 @@ def selective_scan_reference(u: torch.Tensor,
     are ``O(sqrt(L))`` vectorised steps. The state is float32 (float64 for
     float64 inputs). Arguments as in :func:`selective_scan`.
     """
+    tensors = (u, delta, A, B, C, D, delta_bias)
+    if has_torch_function(tensors):
+        return handle_torch_function(selective_scan_reference, tensors, u,
+                                     delta, A, B, C, D, delta_bias,
+                                     delta_softplus)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, channels, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
@@ -148,49 +121,6 @@ def selective_scan_reference(u: torch.Tensor,
     return y.to(u.dtype)
 
 
-def scan_override_active() -> bool:
-    """Whether a :func:`selective_scan_override` block is running."""
-    return _override is not None
-
-
-def scan_backend_override() -> str:
-    """``MMVMAMBA_SCAN_BACKEND``: 'auto' (default), 'reference' or 'kernel'."""
-    wanted = os.environ.get('MMVMAMBA_SCAN_BACKEND', 'auto').lower()
-    if wanted not in BACKENDS:
-        raise ValueError(f'MMVMAMBA_SCAN_BACKEND must be one of {BACKENDS}, '
-                         f'got {wanted!r}')
-    return wanted
-
-
-def _choose_backend(u: torch.Tensor, A: torch.Tensor) -> str:
-    """Return ``'kernel'`` or ``'reference'`` for these inputs."""
-    wanted = scan_backend_override()
-    if wanted == 'reference':
-        return 'reference'
-    device = u.device.type
-    if not _ext.has_kernel(device):
-        _, why = _ext.ext_status()
-        if wanted == 'kernel':
-            raise RuntimeError(
-                f'MMVMAMBA_SCAN_BACKEND=kernel, but there is no compiled '
-                f'selective-scan kernel for {device}: {why}')
-        if device != 'cpu':
-            _warn_once(f'missing-{device}',
-                       f'mmvmamba: no compiled selective-scan kernel for '
-                       f'{device} ({why}); using the slow PyTorch reference.')
-        return 'reference'
-    reason = _ext.kernel_unsupported_reason(u, A)
-    if reason is not None:
-        if wanted == 'kernel':
-            raise RuntimeError(f'MMVMAMBA_SCAN_BACKEND=kernel, but the '
-                               f'kernel does not cover this case: {reason}')
-        _warn_once(f'unsupported-{reason}',
-                   f'mmvmamba: the selective-scan kernel does not cover '
-                   f'{reason}; using the PyTorch reference.')
-        return 'reference'
-    return 'kernel'
-
-
 def selective_scan(u: torch.Tensor,
                    delta: torch.Tensor,
                    A: torch.Tensor,
@@ -224,9 +154,7 @@ def selective_scan(u: torch.Tensor,
         state and the sums are float32.
     """
     check_selective_scan_args(u, delta, A, B, C, D, delta_bias)
-    if _override is not None:
-        return _override(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    if u.dtype != torch.float64 and _choose_backend(u, A) == 'kernel':
+    if choose_scan_backend(u, A) == 'kernel':
         return _ext.selective_scan_kernel(u, delta, A, B, C, D, delta_bias,
                                           delta_softplus)
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias,

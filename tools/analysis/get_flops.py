@@ -4,19 +4,26 @@
 
 CONFIG is a config file (classification, mmdet or mmseg), a package config
 (``mmpretrain::resnet/resnet50_8xb32_in1k.py``) or a model name of
-``mmvmamba.analysis.models.MODEL_ZOO`` (``vmamba-t``, ``swin-t``, ...). The
-default shape is the papers': 224x224 for classifiers, 800x1280 (H x W) for
-detectors, 512x2048 for segmentors. Two totals are printed, differing only in
-how the scan is counted (see ``mmvmamba/analysis/flops.py``): the VMamba v1
-paper's (3.5*BLDN + BLD) and the later releases' (9*BLDN + BLD).
+``MODEL_ZOO`` in ``benchmarks/models.py`` (``vmamba-t``, ``swin-t``, ...).
+The default shape is the papers': 224x224 for classifiers, 800x1280 (H x W)
+for detectors, 512x2048 for segmentors. Two totals are printed, differing
+only in how the scan is counted (its cost model, ``mmvmamba/ops/flops.py``):
+the VMamba v1 paper's (3.5*BLDN + BLD) and the later releases' (9*BLDN +
+BLD).
 """
 import argparse
+import os.path as osp
+import sys
 
 import torch
 
-from mmvmamba.analysis.flops import CONVENTIONS, count_flops
-from mmvmamba.analysis.models import (DEFAULT_SHAPES, build, load_config,
-                                      scope_of, tensor_forward)
+from mmvmamba.ops.flops import CONVENTIONS
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.join(REPO, 'benchmarks'))  # named models, FLOPs
+from model_flops import count_flops  # noqa: E402
+from models import (DEFAULT_SHAPES, build, load_config,  # noqa: E402
+                    scope_of, tensor_forward)
 
 
 def parse_args(argv=None):

@@ -1,6 +1,6 @@
 """VMamba backbone (paper version 1, January 2024)."""
 import math
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmvmamba.ops import cross_selective_scan
+from mmvmamba.ops import NUM_DIRECTIONS, cross_selective_scan
 from mmvmamba.ops.checks import check_tensor
 from ..checkpoint import load_pretrained_backbone
 
@@ -79,7 +79,7 @@ class SS2D(nn.Module):
         if dt_rank == 'auto':
             dt_rank = math.ceil(embed_dims / 16)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
-        k = 4
+        k = NUM_DIRECTIONS
         self.in_proj = nn.Linear(embed_dims, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(
             d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
@@ -134,22 +134,32 @@ class SS2D(nn.Module):
         # float32 from the scan; a half-precision model gets its own dtype.
         y = y.to(self.out_norm.weight.dtype)
         norm = self.out_norm
+        gate_args = (y, z, norm.weight, norm.bias, norm.eps)
         if self.recompute_gate and torch.is_grad_enabled():
-            y = RecomputedGate.apply(y, z, norm.weight, norm.bias, norm.eps)
+            y = RecomputedGate.apply(*gate_args)
         else:
-            y = norm(y) * F.silu(z)
+            y, _ = output_gate(*gate_args)
         return self.out_proj(y)
 
 
-def _gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-          bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """SS2D's output gate: ``LayerNorm(y) * SiLU(z)``."""
-    return F.layer_norm(y, weight.shape, weight, bias, eps) * F.silu(z)
+def output_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor,
+                eps: float) -> Tuple[torch.Tensor, torch.dtype]:
+    """SS2D's output gate ``LayerNorm(y) * SiLU(z)`` (``out_norm``'s
+    parameters).
+
+    Returns:
+        tuple[Tensor, torch.dtype]: The gated map, and the dtype the norm
+        ran in (float32 under autocast), which :class:`RecomputedGate`
+        recomputes it in.
+    """
+    normed = F.layer_norm(y, weight.shape, weight, bias, eps)
+    return normed * F.silu(z), normed.dtype
 
 
 class RecomputedGate(torch.autograd.Function):
-    """:func:`_gate` keeping only its inputs; the backward recomputes the
-    norm's statistics and SiLU(z).
+    """:func:`output_gate` keeping only its inputs; the backward recomputes
+    the norm's statistics and SiLU(z).
 
     The backward calls the ATen backward kernels that autograd calls for the
     plain gate, in the dtypes the forward ran in (autocast included), so
@@ -160,11 +170,10 @@ class RecomputedGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor, eps: float) -> torch.Tensor:
-        normed = F.layer_norm(y, weight.shape, weight, bias, eps)
-        ctx.norm_dtype = normed.dtype  # float32 under autocast
+        out, ctx.norm_dtype = output_gate(y, z, weight, bias, eps)
         ctx.eps = eps
         ctx.save_for_backward(y, z, weight, bias)
-        return normed * F.silu(z)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

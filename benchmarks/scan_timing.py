@@ -1,0 +1,267 @@
+"""Selective-scan kernel timings at VMamba-T's four stage shapes.
+
+For each stage (4 directions x 2C channels, N = 16, L = H*W at 224 input):
+forward and forward+backward time of the compiled kernel and of the PyTorch
+reference (median after warm-up, CUDA events on a GPU; '-' where the
+reference ran out of memory), the bytes the kernel must move (each input read
+once, each output written once, checkpoints included), the achieved GB/s,
+and the kernel's time over two floors: bytes / copy bandwidth measured in the
+same run, and exponentials / special-function rate (16 per clock per SM).
+:func:`fused_rows` times SS2D's whole core (:func:`cross_selective_scan` on
+a channels-last map: projection, four-direction scan, merge) on the fused
+kernel against the unfused path (four copies of the map, the einsums, the
+kernel above, the merge), with the same floors.
+Run it through ``benchmarks/benchmark.py scan``.
+"""
+from typing import Dict, List, Optional
+
+import torch
+from timing import measure
+
+from mmvmamba.ops import (NUM_DIRECTIONS, _ext, cross_selective_scan,
+                          selective_scan_reference)
+
+# (C, L) of VMamba-T's stages at 224 x 224; the scan runs on 4 x 2C channels.
+STAGES = ((96, 3136), (192, 784), (384, 196), (768, 49))
+D_STATE = 16
+EXPS_PER_CLOCK_PER_SM = 16
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read and written."""
+    src = torch.randn(int(gib * 2**30) // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), device, 3, 10)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def exp_rate(device: torch.device) -> float:
+    """Exponentials per second of the special-function units (GPU only)."""
+    props = torch.cuda.get_device_properties(device)
+    clock_hz = 1.98e9  # H100 / H200 SXM boost clock
+    try:
+        clock_hz = torch.cuda.clock_rate(device) * 1e6 or clock_hz
+    except Exception:  # noqa: BLE001 -- pynvml missing: keep the boost clock
+        pass
+    return props.multi_processor_count * EXPS_PER_CLOCK_PER_SM * clock_hz
+
+
+def _inputs(batch, C, L, dtype, device, requires_grad):
+    channels = NUM_DIRECTIONS * 2 * C
+    g = torch.Generator(device='cpu').manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    args = dict(u=rand(batch, channels, L).to(dtype),
+                delta=(rand(batch, channels, L, scale=0.5) - 3).to(dtype),
+                A=-torch.exp(rand(channels, D_STATE, scale=0.5)),
+                B=rand(batch, NUM_DIRECTIONS, D_STATE, L).to(dtype),
+                C=rand(batch, NUM_DIRECTIONS, D_STATE, L).to(dtype),
+                D=rand(channels), delta_bias=rand(channels, scale=0.3))
+    return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
+
+
+def scan_bytes(batch, C, L, dtype) -> Dict[str, int]:
+    """Bytes the kernel must move, forward and backward."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    channels = NUM_DIRECTIONS * 2 * C
+    row = batch * channels * L * size
+    bc = batch * NUM_DIRECTIONS * D_STATE * L * size
+    checkpoints = batch * channels * -(-L // _ext.LIMITS.chunk) * D_STATE * 4
+    forward = 3 * row + 2 * bc + checkpoints  # u, delta, B, C in; y out
+    backward = 5 * row + 4 * bc + checkpoints  # + dy in; du, ddelta, dB, dC out
+    return {'fwd': forward, 'fwd+bwd': forward + backward}
+
+
+def _against_floors(ms: float, moved: int, bandwidth: float, exps: int,
+                    exps_per_s: Optional[float]) -> Dict:
+    """Bytes moved, GB/s and the time over the bandwidth floor (bytes /
+    copy bandwidth) and the exponential floor (exps / rate; ``None``
+    without a rate)."""
+    return dict(
+        bytes=moved,
+        gb_per_s=moved / ms / 1e6,
+        over_bandwidth_floor=ms / (moved / bandwidth * 1e3),
+        over_exp_floor=ms / (exps / exps_per_s * 1e3) if exps_per_s else None)
+
+
+def _run(fn, args, backward):
+    y = fn(**args, delta_softplus=True)
+    if backward:
+        torch.autograd.grad(y, list(args.values()), torch.ones_like(y))
+
+
+def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
+                warmup: int = 3, repeat: int = 20,
+                reference: bool = True) -> List[Dict]:
+    """Time the kernel (and the reference) at VMamba-T's stage shapes.
+
+    Returns one dict per (stage, pass) with the times in ms (``None`` when
+    the reference ran out of memory or was skipped), bytes, GB/s and the
+    ratios to the bandwidth and exponential floors.
+    """
+    device = torch.device(device)
+    if not _ext.has_kernel(device.type):
+        raise RuntimeError(f'no compiled kernel for {device.type}: '
+                           f'{_ext.ext_status()[1]}')
+    bandwidth = copy_bandwidth(device)
+    exps_per_s = exp_rate(device) if device.type == 'cuda' else None
+    rows = []
+    for C, L in STAGES:
+        exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
+        moved = scan_bytes(batch, C, L, dtype)
+        for name, backward, exp_passes in (('fwd', False, 1),
+                                           ('fwd+bwd', True, 4)):
+            args = _inputs(batch, C, L, dtype, device, backward)
+            kernel_ms = measure(
+                lambda: _run(_ext.selective_scan_kernel, args, backward),
+                device, warmup, repeat)
+            reference_ms = None
+            if reference:
+                try:
+                    reference_ms = measure(
+                        lambda: _run(selective_scan_reference, args, backward),
+                        device, 1, 3)
+                except torch.OutOfMemoryError:
+                    pass
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+            rows.append(
+                dict(stage=f'C={C} L={L}', pass_=name, kernel_ms=kernel_ms,
+                     reference_ms=reference_ms,
+                     **_against_floors(kernel_ms, moved[name], bandwidth,
+                                       exp_passes * exps, exps_per_s)))
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9,
+                     exps_per_s=exps_per_s))
+    return rows
+
+
+def _ss2d_inputs(batch, C, L, dtype, device, requires_grad):
+    """A channels-last map and SS2D parameters of stage width C."""
+    d_inner, rank = 2 * C, -(-C // 16)
+    side = int(round(L**0.5))
+    g = torch.Generator(device='cpu').manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    k = NUM_DIRECTIONS
+    args = dict(
+        x=rand(batch, side, side, d_inner).to(dtype),
+        x_proj_weight=rand(k, rank + 2 * D_STATE, d_inner,
+                           scale=d_inner**-0.5),
+        dt_projs_weight=rand(k, d_inner, rank, scale=rank**-0.5),
+        dt_projs_bias=rand(k, d_inner, scale=0.5, shift=-4),
+        A_logs=rand(k * d_inner, D_STATE, scale=0.5),
+        Ds=rand(k * d_inner))
+    return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
+
+
+def fused_bytes(batch, C, L, scan_dtype) -> Dict[str, int]:
+    """Bytes SS2D's core must move at least, forward and backward: the map
+    and its projections read once, the float32 output written once (and
+    their gradients), the checkpoints."""
+    size = torch.empty(0, dtype=scan_dtype).element_size()
+    d_inner, rank = 2 * C, -(-C // 16)
+    plane = batch * L * d_inner
+    x_dbl = batch * L * NUM_DIRECTIONS * (rank + 2 * D_STATE) * size
+    checkpoints = (batch * NUM_DIRECTIONS * d_inner *
+                   -(-L // _ext.LIMITS.chunk) * D_STATE * 4)
+    forward = plane * size + plane * 4 + x_dbl + checkpoints
+    backward = forward + plane * 4 + plane * size + x_dbl
+    return {'fwd': forward, 'fwd+bwd': forward + backward}
+
+
+def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
+               repeat: int = 20,
+               scan_dtypes=(torch.float32, torch.bfloat16)) -> List[Dict]:
+    """Time SS2D's core, fused against unfused, at VMamba-T's stages.
+
+    Returns one dict per (stage, scan dtype, pass): ``fused_ms``,
+    ``unfused_ms`` (the four-copy path on the plain kernel; ``None`` if it
+    ran out of memory), bytes, GB/s and the fused path's ratios to the
+    bandwidth and exponential floors; the last dict holds the measured copy
+    bandwidth and exponential rate.
+    """
+    device = torch.device(device)
+    if not (device.type == 'cuda' and _ext.has_cross_kernel()):
+        raise RuntimeError('the fused kernel needs a GPU and the CUDA build: '
+                           f'{_ext.ext_status()[1]}')
+    bandwidth = copy_bandwidth(device)
+    exps_per_s = exp_rate(device)
+    rows = []
+    for C, L in STAGES:
+        exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
+        for scan_dtype in scan_dtypes:
+            moved = fused_bytes(batch, C, L, scan_dtype)
+            for name, backward, exp_passes in (('fwd', False, 1),
+                                               ('fwd+bwd', True, 4)):
+                args = _ss2d_inputs(batch, C, L, torch.float32, device,
+                                    backward)
+                times = {}
+                for fused in (True, False):
+
+                    def step():
+                        y = cross_selective_scan(
+                            **args, channels_last=True,
+                            scan_dtype=scan_dtype, fused=fused)
+                        if backward:
+                            torch.autograd.grad(y, list(args.values()),
+                                                torch.ones_like(y))
+
+                    try:
+                        times[fused] = measure(step, device, warmup, repeat)
+                    except torch.OutOfMemoryError:
+                        times[fused] = None
+                    torch.cuda.empty_cache()
+                rows.append(
+                    dict(stage=f'C={C} L={L}', pass_=name,
+                         scan_dtype=str(scan_dtype).replace('torch.', ''),
+                         fused_ms=times[True], unfused_ms=times[False],
+                         **_against_floors(times[True], moved[name],
+                                           bandwidth, exp_passes * exps,
+                                           exps_per_s)))
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s))
+    return rows
+
+
+FUSED_HEADER = [
+    'stage', 'scan dtype', 'pass', 'fused ms', 'unfused ms', 'unfused / fused',
+    'GB moved', 'GB/s', 'x bw floor', 'x exp floor'
+]
+
+
+def format_fused_rows(rows: List[Dict]) -> List[List[str]]:
+    """Rows of strings for the fused table (last dict is metadata)."""
+
+    def fmt(v, spec):
+        return '-' if v is None else format(v, spec)
+
+    return [[
+        r['stage'], r['scan_dtype'], r['pass_'], fmt(r['fused_ms'], '.3f'),
+        fmt(r['unfused_ms'], '.3f'),
+        fmt(r['unfused_ms'] / r['fused_ms'] if r['unfused_ms'] else None,
+            '.2f'), f'{r["bytes"] / 1e9:.3f}', f'{r["gb_per_s"]:.0f}',
+        f'{r["over_bandwidth_floor"]:.2f}', f'{r["over_exp_floor"]:.2f}'
+    ] for r in rows[:-1]]
+
+
+def format_rows(rows: List[Dict]) -> List[List[str]]:
+    """Rows of strings for a table (the last dict of ``rows`` is metadata)."""
+
+    def fmt(v, spec):
+        return '-' if v is None else format(v, spec)
+
+    return [[
+        r['stage'], r['pass_'], fmt(r['kernel_ms'], '.3f'),
+        fmt(r['reference_ms'], '.2f'), f'{r["bytes"] / 1e9:.3f}',
+        f'{r["gb_per_s"]:.0f}', f'{r["over_bandwidth_floor"]:.2f}',
+        fmt(r['over_exp_floor'], '.2f')
+    ] for r in rows[:-1]]
+
+
+HEADER = [
+    'stage', 'pass', 'kernel ms', 'reference ms', 'GB moved', 'GB/s',
+    'x bw floor', 'x exp floor'
+]

@@ -1,0 +1,254 @@
+"""Timing of models: medians after warm-up, CUDA events on GPUs.
+
+Modes of :func:`time_mode` (a model from :mod:`models`):
+
+- ``infer-fp32``: forward in eval mode without gradients, float32;
+- ``infer-bf16``: the same under bfloat16 autocast;
+- ``train-bf16``: one training step in train mode under bfloat16 autocast:
+  forward, cross-entropy on random labels, backward, AdamW step.
+
+Inputs are fresh standard-normal images, never zeros. On a GPU, cuDNN's
+autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
+:func:`timed` is the guard around any step (peak memory, OOM, which scans
+ran; on request :func:`gpu_time` of one step, from ``torch.profiler``) and
+:func:`relative_to` the ratios of a table's rows to reference rows.
+"""
+import gc
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmvmamba.ops.backend import RecordScans, describe
+
+MODES = ('infer-fp32', 'infer-bf16', 'train-bf16')
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int,
+            repeat: int) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_time(fn: Callable[[], object],
+             device: torch.device) -> Dict[str, Optional[float]]:
+    """GPU time of one call of ``fn``, summed over its kernels and copies.
+
+    From ``torch.profiler`` (CUDA activity). A step whose wall time is far
+    above ``gpu_ms`` is bound by the host (Python, launches, the syncs of
+    data-dependent shapes), not by its kernels.
+
+    Returns:
+        dict: ``gpu_ms`` (all kernels and copies) and ``scan_ms`` (those of
+        mmvmamba's extension: the selective scans), both None off the GPU.
+    """
+    if device.type != 'cuda':
+        return dict(gpu_ms=None, scan_ms=None)
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events)
+    scan = sum(e.self_device_time_total for e in events
+               if 'mmvmamba::' in e.key)
+    return dict(gpu_ms=total / 1e3, scan_ms=scan / 1e3)
+
+
+def print_table(title: str, header: List[str], rows: List[List]) -> None:
+    """Print a plain-text table with right-aligned columns."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f'\n{title}')
+    for i, row in enumerate(cells):
+        print('  '.join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print('  '.join('-' * w for w in widths))
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name, or the CPU with its thread count."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU, {torch.get_num_threads()} threads'
+
+
+def _step(model: nn.Module, mode: str, x: torch.Tensor) -> Callable:
+    """One iteration of ``mode`` on ``model`` (``model(x)`` gives logits)."""
+    device_type = x.device.type
+    if mode == 'train-bf16':
+        model.train()
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        labels = []  # random classes, drawn once the class count is known
+
+        def train_step():
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                logits = model(x)
+            if not labels:
+                labels.append(
+                    torch.randint(0, logits.shape[1], (x.shape[0], ),
+                                  device=x.device))
+            loss = F.cross_entropy(logits.float(), labels[0])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return train_step
+    model.eval()
+    dtype = torch.bfloat16 if mode == 'infer-bf16' else None
+
+    @torch.no_grad()
+    def infer_step():
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16,
+                            enabled=dtype is not None):
+            model(x)
+
+    return infer_step
+
+
+def timed(make_step: Callable[[], Callable[[], object]],
+          batch: int,
+          device: torch.device,
+          warmup: int = 5,
+          repeat: int = 20,
+          cudnn_benchmark: bool = True,
+          profile: bool = False) -> Dict[str, Optional[float]]:
+    """Time the step that ``make_step()`` returns, catching GPU OOM.
+
+    ``make_step`` is called inside the guard, so that allocating its inputs
+    may run out of memory too. The first warm-up step (one step even with
+    ``warmup=0``) runs under :class:`mmvmamba.ops.backend.RecordScans`,
+    which records the scans that ran. The peak of allocated GPU memory is
+    that of the timed steps, after the warm-up (whose first steps also hold
+    cuDNN's autotuner workspaces), as mmengine's logger reports it during
+    training.
+
+    Args:
+        make_step (Callable): Returns the step, a callable of no arguments.
+        batch (int): Images per step (for ``img_per_s``).
+        device (torch.device): Where the step runs.
+        warmup (int): Untimed steps first (at least one is run).
+        repeat (int): Timed steps; the median is reported.
+        cudnn_benchmark (bool): Value of ``torch.backends.cudnn.benchmark``
+            (the autotuner) on a GPU. Defaults to True.
+        profile (bool): Also profile one more step with :func:`gpu_time`
+            (after the peak memory is read). Defaults to False.
+
+    Returns:
+        dict: ``ms`` (median per step), ``img_per_s``, ``peak_gib`` (peak
+        allocated GPU memory, None on the CPU), ``status`` (``'ok'`` or
+        ``'OOM'``, when the GPU ran out of memory), ``scan`` (the scans that
+        ran, :func:`mmvmamba.ops.backend.describe`; None if the first step
+        did not finish) and, with ``profile``, the keys of :func:`gpu_time`.
+    """
+    result = dict(ms=None, img_per_s=None, peak_gib=None, status='ok',
+                  scan=None)
+    if profile:
+        result.update(gpu_ms=None, scan_ms=None)
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        gc.collect()  # tensors of earlier runs held in reference cycles
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step = make_step()
+        with RecordScans() as scans:
+            step()
+        result['scan'] = describe(scans.ran)
+        for _ in range(warmup - 1):
+            step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = measure(step, device, 0, repeat)
+    except torch.OutOfMemoryError:
+        result['status'] = 'OOM'
+    else:
+        result.update(ms=ms, img_per_s=batch * 1e3 / ms)
+    if cuda:
+        result['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile and result['status'] == 'ok':
+        result.update(gpu_time(step, device))
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def time_mode(model: nn.Module, mode: str, batch: int, size: int,
+              device: torch.device, warmup: int = 5,
+              repeat: int = 20) -> Dict[str, Optional[float]]:
+    """Time one mode of a classifier at ``batch`` images of ``size``.
+
+    Args:
+        model (nn.Module): ``model(images)`` returns logits (wrap OpenMMLab
+            models with :func:`models.tensor_forward`);
+            already on ``device``.
+        mode (str): One of :data:`MODES`.
+        batch (int): Images per iteration.
+        size (int): Image height and width.
+        device (torch.device): Where to run.
+        warmup (int): Untimed iterations first.
+        repeat (int): Timed iterations; the median is reported.
+
+    Returns:
+        dict: As :func:`timed`.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    try:
+        return timed(
+            lambda: _step(model, mode,
+                          torch.randn(batch, 3, size, size, device=device)),
+            batch, device, warmup, repeat)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def relative_to(rows: List[Dict], reference_of: Dict[str, str], key: str,
+                match: Sequence[str] = ('mode', )) -> List[Optional[float]]:
+    """``row[key]`` over the same value of each row's reference row.
+
+    The reference of a row is the row whose ``model`` is
+    ``reference_of[row['model']]`` and whose ``match`` keys are equal.
+    Rows whose ``status`` is not ``'ok'`` (OOM, failed) are not compared.
+
+    Returns:
+        list: One ratio a row; None where the row or its reference is
+        missing, not ok, or lacks the value.
+    """
+
+    def usable(row: Optional[Dict]) -> bool:
+        return (row is not None and row.get('status', 'ok') == 'ok'
+                and bool(row.get(key)))
+
+    index = {(row['model'], ) + tuple(row[k] for k in match): row
+             for row in rows}
+    ratios = []
+    for row in rows:
+        ref = index.get((reference_of.get(row['model']), ) +
+                        tuple(row[k] for k in match))
+        ratios.append(row[key] / ref[key] if usable(row) and usable(ref)
+                      else None)
+    return ratios

@@ -1,0 +1,339 @@
+"""Benchmarks (``benchmarks/``): scaling sweep, throughput and detector
+tables, timing helpers, on the CPU, on tiny models or small inputs."""
+import csv
+import math
+import os.path as osp
+
+import benchmark
+import detectors
+import pytest
+import scaling
+import torch
+from mmengine.config import Config
+from timing import gpu_time, relative_to
+
+from mmvmamba.ops import _ext, selective_scan
+from mmvmamba.ops.backend import LABELS
+
+# what a VMamba's scans run on here (the rows name what actually ran)
+VMAMBA_SCAN = LABELS['cpu' if _ext.has_kernel('cpu') else 'reference']
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def test_scaling_tool_writes_csv_and_plots(tmp_path, tiny_config,
+                                           resnet_config):
+    scaling.main([
+        '--models', tiny_config, resnet_config, '--sizes', '32', '64',
+        '--device', 'cpu', '--batch', '1', '--max-batch', '1', '--warmup',
+        '0', '--repeat', '1', '--out-dir',
+        str(tmp_path)
+    ])
+    with open(tmp_path / 'scaling.csv') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == scaling.COLUMNS
+    assert [(r['model'], r['size']) for r in rows] == [
+        ('tiny_vmamba', '32'), ('resnet18', '32'), ('tiny_vmamba', '64'),
+        ('resnet18', '64')
+    ]
+    assert all(r['status'] == 'ok' and float(r['img_per_s']) > 0
+               for r in rows)
+    vmamba = rows[2]
+    assert float(vmamba['gflops_later']) > float(vmamba['gflops_paper'])
+    assert [r['scan'] for r in rows[:2]] == [VMAMBA_SCAN, 'none']
+    for png in ('scaling_flops.png', 'scaling_throughput.png'):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_benchmark_throughput_and_models_on_cpu(capsys, tiny_config):
+    rows = benchmark.main([
+        'throughput', '--device', 'cpu', '--models', tiny_config, '--modes',
+        'infer-fp32', 'infer-bf16', 'train-bf16', '--size', '32', '--batch',
+        '2', '--warmup', '0', '--repeat', '1'
+    ])
+    assert [r['mode'] for r in rows] == [
+        'infer-fp32', 'infer-bf16', 'train-bf16'
+    ]
+    assert all(r['size'] == 32 and r['img_per_s'] > 0 for r in rows)
+    assert all(r['scan'] == VMAMBA_SCAN for r in rows)
+    benchmark.main([
+        'models', '--archs', 'tiny', '--size', '64', '--warmup', '0',
+        '--repeat', '1'
+    ])
+    out = capsys.readouterr().out
+    assert 'Classifier throughput' in out and 'CPU' in out
+    assert 'VMamba-T' in out and 'Swin-T' in out
+
+
+def table_rows(out: str, title: str):
+    """Header and rows (by first cell) of the printed table under ``title``.
+
+    Columns are cut where the dashes under the header are.
+    """
+    lines = out[out.index(title):].splitlines()
+    spans, start = [], 0
+    for dashes in lines[2].split('  '):
+        spans.append((start, start + len(dashes)))
+        start += len(dashes) + 2
+
+    def cells(line):
+        return [line[a:b].strip() for a, b in spans]
+
+    rows = {}
+    for line in lines[3:]:
+        if not line.strip():
+            break
+        rows[cells(line)[0]] = cells(line)
+    return cells(lines[1]), rows
+
+
+def test_benchmark_throughput_over_sizes_against_swin(capsys, tiny_config):
+    rows = benchmark.main([
+        'throughput', '--device', 'cpu', '--models', tiny_config, 'vmamba-t',
+        'swin-t', '--modes', 'infer-fp32', '--sizes', '32', '64', '--batch',
+        '2', '--warmup', '0', '--repeat', '1'
+    ])
+    # grouped by size, the models in their order within a size
+    assert [(r['model'], r['size']) for r in rows] == [
+        ('tiny_vmamba', 32), ('vmamba-t', 32), ('swin-t', 32),
+        ('tiny_vmamba', 64), ('vmamba-t', 64), ('swin-t', 64)
+    ]
+    assert all(r['batch'] == 2 and r['img_per_s'] > 0 for r in rows)
+    for size in (32, 64):
+        by_name = {r['model']: r for r in rows if r['size'] == size}
+        assert by_name['swin-t']['x_swin'] == 1
+        assert by_name['vmamba-t']['x_swin'] == pytest.approx(
+            by_name['vmamba-t']['img_per_s'] / by_name['swin-t']['img_per_s'])
+        assert by_name['tiny_vmamba']['x_swin'] is None  # no size class
+    out = capsys.readouterr().out
+    header, table = table_rows(out, 'Classifier throughput, 32x32, 64x64')
+    assert header[:2] == ['model', 'size'] and 'x Swin' in header
+    assert table['swin-t'][header.index('x Swin')] == '1.00'  # size 64
+
+    # batch per size: scaled down by area above 224, or given
+    rows = benchmark.main([
+        'throughput', '--device', 'cpu', '--models', tiny_config, '--modes',
+        'infer-fp32', '--sizes', '32', '448', '--batch', '4', '--warmup', '0',
+        '--repeat', '1'
+    ])
+    assert [r['batch'] for r in rows] == [4, 1]
+    rows = benchmark.main([
+        'throughput', '--device', 'cpu', '--models', tiny_config, '--modes',
+        'infer-fp32', '--sizes', '32', '64', '--batch-per-size', '3', '1',
+        '--warmup', '0', '--repeat', '1'
+    ])
+    assert [r['batch'] for r in rows] == [3, 1]
+    with pytest.raises(SystemExit):
+        benchmark.main(['throughput', '--sizes', '32', '64',
+                        '--batch-per-size', '3'])
+
+
+@pytest.mark.parametrize('config, shape', [
+    ('configs/demo/mask_rcnn_vmamba_demo_synthetic.py', (96, 128)),
+    ('configs/demo/upernet_vmamba_demo_synthetic.py', (64, 96)),
+])
+def test_synthetic_batches_train_with_finite_losses(config, shape):
+    cfg = detectors.load_detector_config(
+        osp.join(REPO, config), dict(mmdet=shape, mmseg=shape))
+    assert cfg.model.backbone.init_cfg is None
+    model = detectors.build_detector(cfg, torch.device('cpu'))
+    classes = detectors.num_classes(model)
+    data = detectors.synthetic_batch(model, cfg.default_scope, 2, shape)
+    assert len(data['inputs']) == 2
+    for image, sample in zip(data['inputs'], data['data_samples']):
+        assert image.dtype == torch.uint8 and image.shape == (3, *shape)
+        assert sample.img_shape == sample.ori_shape == shape
+        if cfg.default_scope == 'mmdet':
+            gt = sample.gt_instances
+            boxes = gt.bboxes.tensor
+            assert len(boxes) == 5 and gt.masks.masks.shape == (5, *shape)
+            assert (boxes[:, 2:] > boxes[:, :2]).all()
+            assert (boxes[:, 2] <= shape[1]).all()
+            assert (boxes[:, 3] <= shape[0]).all()
+            assert ((0 <= gt.labels) & (gt.labels < classes)).all()
+            # each mask is the ellipse in its box: inside it, not empty
+            for box, mask in zip(boxes.tolist(), gt.masks.masks):
+                ys, xs = mask.nonzero()
+                assert len(ys) > 0
+                assert xs.min() >= math.floor(box[0])
+                assert xs.max() < math.ceil(box[2])
+            assert sample.batch_input_shape == shape
+        else:
+            labels = sample.gt_sem_seg.data
+            assert labels.shape == (1, *shape)
+            assert labels.min() >= 0 and labels.max() < classes
+            assert len(labels.unique()) > 1
+
+    optim_wrapper = detectors.build_train_optim_wrapper(model, cfg, 'fp32')
+    before = [p.detach().clone() for p in model.parameters()]
+    log_vars = model.train_step(data, optim_wrapper)
+    expected = (('loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox',
+                 'loss_mask') if cfg.default_scope == 'mmdet' else
+                ('decode.loss_ce', 'aux.loss_ce'))
+    for key in expected + ('loss', ):
+        assert math.isfinite(log_vars[key].item()), key
+        assert log_vars[key].item() > 0, key  # masks / labels were used
+    changed = [not torch.equal(a, p) for a, p in zip(before,
+                                                     model.parameters())]
+    assert sum(changed) > len(changed) // 2  # the optimizer stepped
+
+
+def test_optim_wrapper_modes():
+    cfg = detectors.load_detector_config('upernet-vmamba-t')
+    base = cfg.optim_wrapper
+    fp32 = detectors.optim_wrapper_cfg(cfg, 'fp32')
+    amp = detectors.optim_wrapper_cfg(cfg, 'amp', 'float16')
+    assert fp32['type'] == 'OptimWrapper'
+    assert amp['type'] == 'AmpOptimWrapper' and amp['dtype'] == 'float16'
+    assert fp32['optimizer'] == amp['optimizer'] == base.optimizer
+    assert amp['paramwise_cfg'] == base.paramwise_cfg
+    assert detectors.mode_label('amp') == 'amp-bf16'
+    with pytest.raises(ValueError, match='GPU'):
+        detectors.time_train_step(None, cfg, 'amp', {}, torch.device('cpu'))
+
+
+def test_ratios_to_reference_rows():
+    rows = [
+        dict(model='a', mode='x', ms=6., status='ok'),
+        dict(model='ref', mode='x', ms=3., status='ok'),
+        dict(model='a', mode='y', ms=None, status='OOM'),
+        dict(model='ref', mode='y', ms=2., status='ok'),
+        dict(model='a', mode='z', ms=4., status='ok'),  # no reference row
+        dict(model='ref', mode='w', ms=5., status='OOM'),
+        dict(model='a', mode='w', ms=1., status='ok'),  # reference OOM
+        dict(model='other', mode='x', ms=1., status='ok'),  # none named
+    ]
+    ratios = relative_to(rows, {'a': 'ref', 'ref': 'ref'}, 'ms')
+    assert ratios == [2., 1., None, 1., None, None, None, None]
+
+
+def test_a_failing_train_step_is_a_row_not_a_crash():
+
+    class NoKernel(torch.nn.Linear):
+
+        def train_step(self, data, optim_wrapper):
+            raise NotImplementedError(
+                '"roi_align_forward" not implemented for \'BFloat16\'')
+
+    cfg = Config(dict(default_scope='mmdet', optim_wrapper=dict(
+        type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4))))
+    result = detectors.time_train_step(NoKernel(2, 2), cfg, 'fp32',
+                                       dict(inputs=[None]),
+                                       torch.device('cpu'), 0, 1)
+    assert result['status'] == 'failed' and result['ms'] is None
+    assert 'BFloat16' in result['error'] and result['loss'] is None
+
+
+def test_rounds_merge_to_medians_and_the_largest_peak():
+    ok = [
+        dict(ms=ms, img_per_s=2e3 / ms, peak_gib=peak, gpu_ms=gpu,
+             scan_ms=None, status='ok', loss=1., error=None)
+        for ms, peak, gpu in ((30., 2., 10.), (10., 3., 30.), (20., 1., 20.))
+    ]
+    row = detectors.merge_rounds(ok, batch=2)
+    assert row['ms'] == 20. and row['round_ms'] == [30., 10., 20.]
+    assert row['img_per_s'] == pytest.approx(100.)
+    assert row['peak_gib'] == 3. and row['gpu_ms'] == 20.
+    assert row['scan_ms'] is None and row['status'] == 'ok'
+    oom = dict(ok[0], ms=None, img_per_s=None, status='OOM')
+    row = detectors.merge_rounds([ok[0], oom, ok[1]], batch=2)
+    assert row['status'] == 'OOM' and row['ms'] is None
+    assert row['round_ms'] == [30., None, 10.]
+    with pytest.raises(ValueError, match='rounds'):
+        detectors.benchmark(['upernet-vmamba-t'], ['fp32'],
+                            torch.device('cpu'), rounds=0)
+
+
+def test_gpu_time_is_none_off_the_gpu():
+    assert gpu_time(lambda: torch.ones(3).sum(), torch.device('cpu')) == \
+        dict(gpu_ms=None, scan_ms=None)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_kernel('cuda')),
+                    reason='needs a GPU and the compiled CUDA kernels')
+def test_gpu_time_counts_kernels_and_the_scan_among_them():
+    device = torch.device('cuda')
+    g = torch.Generator(device).manual_seed(0)
+    b, d, n, length = 2, 64, 16, 4096
+    u = torch.randn(b, d, length, device=device, generator=g)
+    delta = torch.rand(b, d, length, device=device, generator=g)
+    a = -torch.rand(d, n, device=device, generator=g)
+    bc = torch.randn(b, 1, n, length, device=device, generator=g)
+    x = torch.randn(2048, 2048, device=device, generator=g)
+    matmul = gpu_time(lambda: x @ x, device)
+    both = gpu_time(lambda: (x @ x, selective_scan(u, delta, a, bc, bc)),
+                    device)
+    assert matmul['gpu_ms'] > 0 and matmul['scan_ms'] == 0
+    assert 0 < both['scan_ms'] < both['gpu_ms']
+    assert both['gpu_ms'] == pytest.approx(
+        matmul['gpu_ms'] + both['scan_ms'], rel=0.5)
+
+
+@pytest.mark.parametrize('task, batch', [('mask-rcnn', 1), ('upernet', 2)])
+def test_benchmark_detectors_on_cpu(capsys, task, batch):
+    # one image for Mask R-CNN (mmcv's RoIAlign is slow on CPUs), two for
+    # UperNet (its BN sees 1x1 pooled maps: one image has one value)
+    names = [f'{task}-vmamba-t', f'{task}-swin-t']
+    rows = benchmark.main([
+        'detectors', '--device', 'cpu', '--models', *names, '--det-size',
+        '64', '96', '--seg-size', '64', '--batch',
+        str(batch), '--warmup', '0', '--repeat', '1'
+    ])
+    assert [(r['model'], r['mode']) for r in rows] == [(n, 'fp32')
+                                                       for n in names]
+    for row in rows:
+        assert row['status'] == 'ok' and row['batch'] == batch
+        assert math.isfinite(row['ms']) and row['ms'] > 0
+        assert math.isfinite(row['loss']) and row['loss'] > 0
+        assert row['error'] is None
+        assert row['peak_gib'] is None and row['mem_vs_swin'] is None
+        assert row['shape'] == ((64, 96) if task == 'mask-rcnn' else (64, 64))
+    # VMamba against the Swin of its task; Swin against itself
+    vmamba, swin = rows
+    assert swin['time_vs_swin'] == 1
+    assert vmamba['time_vs_swin'] == pytest.approx(vmamba['ms'] / swin['ms'])
+    params = {'mask-rcnn': (42.4, 47.8), 'upernet': (54.5, 59.9)}[task]
+    assert (vmamba['params_m'], swin['params_m']) == pytest.approx(params,
+                                                                   abs=0.05)
+
+    out = capsys.readouterr().out
+    header, table = table_rows(out, 'Training step')
+    assert sorted(table) == sorted(names)
+    assert 'CPU' in out
+    assert [r['scan'] for r in rows] == [VMAMBA_SCAN, 'none']
+    for name, cells in table.items():
+        assert cells[header.index('mode')] == 'fp32'
+        assert cells[header.index('scan')] == rows[
+            names.index(name)]['scan']
+        ms = float(cells[header.index('ms/step')])
+        assert math.isfinite(ms) and ms > 0
+    assert table[names[1]][header.index('time / Swin')] == '1.00'
+    for cells in table.values():  # no GPU: not profiled, one round
+        assert cells[header.index('GPU ms')] == '-'
+        assert cells[header.index('ms range')] == '-'
+    if task == 'upernet':
+        with pytest.raises(SystemExit):  # AmpOptimWrapper needs a GPU
+            benchmark.main(['detectors', '--device', 'cpu', '--modes', 'amp'])
+        with pytest.raises(SystemExit):
+            benchmark.main(['detectors', '--device', 'cpu', '--rounds', '0'])
+
+
+def test_benchmark_detectors_rounds_take_turns(capsys):
+    names = ['upernet-vmamba-t', 'upernet-swin-t']
+    rows = benchmark.main([
+        'detectors', '--device', 'cpu', '--models', *names, '--seg-size',
+        '64', '--warmup', '0', '--repeat', '1', '--rounds', '2'
+    ])
+    out = capsys.readouterr().out
+    log = [line.split()[:3] for line in out.splitlines()
+           if line.startswith('round ')]
+    assert log == [['round', f'{r}/2', n] for r in (1, 2) for n in names]
+    header, table = table_rows(out, 'Training step')
+    assert 'median of 2 rounds' in out
+    for row in rows:
+        assert len(row['round_ms']) == 2
+        assert row['ms'] == pytest.approx(sum(row['round_ms']) / 2)
+        low, high = table[row['model']][header.index('ms range')].split('-')
+        assert float(low) == pytest.approx(min(row['round_ms']), abs=0.06)
+        assert float(high) == pytest.approx(max(row['round_ms']), abs=0.06)

@@ -1,0 +1,39 @@
+"""Fixtures shared by the test folders: tiny classifier configs."""
+import pytest
+
+TINY = dict(embed_dims=16, depths=[1, 1, 2, 1])
+
+
+@pytest.fixture
+def tiny_classifier_cfg() -> dict:
+    """An mmpretrain classifier with a tiny VMamba, 10 classes."""
+    return dict(
+        type='ImageClassifier',
+        backbone=dict(type='VMamba', arch=TINY, out_indices=(3, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=10, in_channels=128))
+
+
+def write_config(path, model: dict) -> str:
+    path.write_text("custom_imports = dict(imports=['mmvmamba'])\n"
+                    "default_scope = 'mmpretrain'\n"
+                    f'model = {model!r}\n')
+    return str(path)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_classifier_cfg):
+    """A config file of a tiny VMamba classifier."""
+    return write_config(tmp_path / 'tiny_vmamba.py', tiny_classifier_cfg)
+
+
+@pytest.fixture
+def resnet_config(tmp_path):
+    """A config file of mmpretrain's ResNet-18 classifier."""
+    return write_config(
+        tmp_path / 'resnet18.py',
+        dict(type='ImageClassifier',
+             backbone=dict(type='ResNet', depth=18),
+             neck=dict(type='GlobalAveragePooling'),
+             head=dict(type='LinearClsHead', num_classes=10,
+                       in_channels=512)))

@@ -1,0 +1,303 @@
+"""The VMamba backbone: layout, sizes, options, registries and errors."""
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS
+
+from mmvmamba.models import VMamba
+from mmvmamba.models.backbones.vmamba import SS2D, RecomputedGate
+from mmvmamba.ops.backend import use_backend
+
+SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1])
+
+
+class RandomProjection:
+    """Loss of a tuple of outputs: their sum against random weights, drawn
+    (float64) at the first call and kept. ``sum(o ** 2)`` of the outputs'
+    LayerNorms would be nearly constant, its gradients rounding noise."""
+
+    def __init__(self):
+        self.weights = None
+
+    def __call__(self, outs):
+        if self.weights is None:
+            self.weights = [
+                torch.randn_like(o, dtype=torch.float64) for o in outs
+            ]
+        return sum((o * w.to(o.dtype)).sum()
+                   for o, w in zip(outs, self.weights))
+
+
+@pytest.mark.parametrize('arch,params', [('tiny', 22_893_448),
+                                         ('small', 44_417_416),
+                                         ('base', 76_254_056)])
+def test_parameter_counts_match_the_paper(arch, params):
+    model = VMamba(arch)
+    width = model.num_features[-1]
+    head = width * 1000 + 1000
+    assert sum(p.numel() for p in model.parameters()) + head == params
+
+
+def test_arch_aliases_and_dict():
+    assert VMamba('t').num_features == [96, 192, 384, 768]
+    assert VMamba('B').num_features == [128, 256, 512, 1024]
+    model = VMamba(dict(embed_dims=32, depths=[1, 1, 1, 1], d_state=8,
+                        ssm_ratio=1.0, dt_rank=3))
+    ss2d = model.stages[0].blocks[0].ss2d
+    assert ss2d.A_logs.shape == (4 * 32, 8)
+    assert ss2d.dt_projs_weight.shape == (4, 32, 3)
+    assert ss2d.x_proj_weight.shape == (4, 3 + 16, 32)
+
+
+@pytest.mark.parametrize('size,expected', [
+    ((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]),
+    ((100, 75), [(25, 19), (13, 10), (7, 5), (4, 3)]),
+    ((33, 18), [(9, 5), (5, 3), (3, 2), (2, 1)]),
+    ((4, 4), [(1, 1), (1, 1), (1, 1), (1, 1)]),
+])
+def test_output_shapes_any_size(size, expected):
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, *size))
+    assert [o.shape[2:] for o in outs] == expected
+    assert [o.shape[1] for o in outs] == [16, 32, 64, 128]
+    assert all(o.is_contiguous() for o in outs)
+
+
+def test_padding_is_zero_not_crop():
+    """Pixels of the last, partial patch change the output (no cropping)."""
+    model = VMamba(SMALL, out_indices=(0, )).eval()
+    x = torch.randn(1, 3, 10, 10)
+    y = x.clone()
+    y[..., 9, 9] += 1.0
+    with torch.no_grad():
+        a, b = model(x)[0], model(y)[0]
+    assert a.shape[2:] == (3, 3)
+    assert not torch.allclose(a[..., 2, 2], b[..., 2, 2])
+
+
+def test_layout_of_a_block():
+    model = VMamba('tiny')
+    keys = model.state_dict().keys()
+    assert 'stages.0.blocks.1.ss2d.x_proj_weight' in keys
+    assert 'stages.2.downsample.reduction.weight' in keys
+    assert 'stages.3.downsample.norm.weight' not in keys
+    ss2d = model.stages[0].blocks[0].ss2d
+    assert ss2d.x_proj_weight.shape == (4, 6 + 32, 192)
+    assert ss2d.dt_projs_weight.shape == (4, 192, 6)
+    assert torch.equal(ss2d.A_logs[5],
+                       torch.log(torch.arange(1., 17.)))
+    assert torch.all(ss2d.Ds == 1)
+    dt = torch.nn.functional.softplus(ss2d.dt_projs_bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+
+
+def test_frozen_stages():
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), frozen_stages=2)
+    model.train()
+    frozen = [model.patch_embed, model.stages[0], model.stages[1],
+              model.norm0, model.norm1]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    for module in (model.stages[2], model.stages[3], model.norm2):
+        assert module.training
+        assert all(p.requires_grad for p in module.parameters())
+    out = sum(o.sum() for o in model(torch.randn(1, 3, 32, 32)))
+    out.backward()
+    assert model.stages[1].downsample.reduction.weight.grad is None
+    assert model.stages[2].blocks[0].ss2d.A_logs.grad is not None
+
+
+def test_with_cp_gives_same_outputs_and_grads():
+    torch.manual_seed(0)
+    plain = VMamba(SMALL, out_indices=(1, 3), drop_path_rate=0.)
+    ckpt = VMamba(SMALL, out_indices=(1, 3), drop_path_rate=0., with_cp=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 24, 20)
+    grads = []
+    loss = RandomProjection()
+    for model in (plain, ckpt):
+        loss(model(x)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_drop_path_rates_are_linear():
+    model = VMamba(dict(embed_dims=8, depths=[2, 2, 1, 1]),
+                   drop_path_rate=0.5)
+    rates = [b.drop_path.drop_prob for s in model.stages for b in s.blocks]
+    assert rates == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
+
+
+@pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
+def test_builds_from_each_registry(scope):
+    registry = pytest.importorskip(f'{scope}.registry').MODELS
+    model = registry.build(dict(type='VMamba', arch=SMALL))
+    assert isinstance(model, VMamba)
+
+
+def test_builds_from_config_with_custom_imports():
+    cfg = Config.fromstring(
+        "custom_imports = dict(imports=['mmvmamba'], "
+        "allow_failed_imports=False)\n"
+        "model = dict(type='VMamba', arch='tiny', out_indices=(0, 1))\n",
+        file_format='.py')
+    model = MODELS.build(cfg.model)
+    assert model.out_indices == (0, 1)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(arch='huge'), r'arch must be one of'),
+    (dict(arch=dict(embed_dims=8)), r'missing \[\'depths\'\]'),
+    (dict(arch=dict(embed_dims=8, depths=[1], width=3)), r'unknown'),
+    (dict(out_indices=(4, )), r'out_indices must lie in \[0, 4\)'),
+    (dict(frozen_stages=5), r'frozen_stages must lie in'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VMamba(**kwargs)
+
+
+def test_bad_input():
+    model = VMamba(SMALL)
+    with pytest.raises(ValueError, match=r'x must have shape \(batch, '
+                       r'in_channels, H, W\) = \(\*, 3, \*, \*\), got '
+                       r'\(1, 4, 8, 8\)'):
+        model(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match='x must have shape'):
+        model(torch.randn(3, 8, 8))
+
+
+def test_scan_dtype_option():
+    torch.manual_seed(0)
+    model = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.)
+    low = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.,
+                 scan_dtype='bfloat16')
+    low.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 40, 48)
+    for a, b in zip(model(x), low(x)):
+        err = ((a - b).norm() / a.norm()).item()
+        assert 0 < err < 3e-2
+    with pytest.raises(ValueError, match='scan_dtype must be one of'):
+        VMamba(SMALL, scan_dtype='float16')
+
+
+def saved_bytes(model, x):
+    """model(x) and the bytes of the distinct storages autograd keeps for its
+    backward, parameters aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, sum(storages.values())
+
+
+def test_recompute_gate_same_results_less_memory():
+    torch.manual_seed(0)
+    plain = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.)
+    lean = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.,
+                  recompute_gate=True)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40, 52)
+    maps = []  # the gate's inputs: (B, H, W, d_inner) maps, one per block
+    for module in plain.modules():
+        if isinstance(module, SS2D):
+            module.register_forward_hook(
+                lambda m, args, out: maps.append(out.shape[:3] +
+                                                 (m.d_inner, )))
+    results = []
+    loss = RandomProjection()
+    for model in (plain, lean):
+        outs, saved = saved_bytes(model, x)
+        loss(outs).backward()
+        results.append((outs, saved, [p.grad for p in model.parameters()]))
+    (outs, saved, grads), (outs_lean, saved_lean, grads_lean) = results
+    for a, b in zip([*outs, *grads], [*outs_lean, *grads_lean]):
+        assert torch.equal(a, b)
+    # not kept: the norm's float32 output, SiLU(z) and the norm's mean and
+    # 1 / std per position
+    gate_bytes = sum(2 * 4 * torch.Size(shape).numel() * (1 + 1 / shape[-1])
+                     for shape in maps)
+    assert len(maps) == 5 and saved - saved_lean == gate_bytes
+    with torch.no_grad():  # nothing to recompute for
+        for a, b in zip(plain(x), lean(x)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('case', ['float32', 'autocast', 'half-autocast',
+                                  'frozen-norm', 'compiled'])
+def test_recomputed_gate_equals_the_plain_gate_bitwise(case):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if case == 'half-autocast' else torch.float32
+    y = torch.randn(2, 5, 7, 24, dtype=dtype)
+    z = torch.randn(2, 5, 7, 24, dtype=dtype)
+    norm = torch.nn.LayerNorm(24).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    norm.requires_grad_(case != 'frozen-norm')
+    grad = torch.randn(2, 5, 7, 24)
+
+    def plain(y, z):
+        return norm(y) * torch.nn.functional.silu(z)
+
+    def lean(y, z):
+        return RecomputedGate.apply(y, z, norm.weight, norm.bias, norm.eps)
+
+    if case == 'compiled':
+        torch._dynamo.reset()
+        lean = torch.compile(lean, fullgraph=True, backend='aot_eager')
+    results = []
+    for gate in (plain, lean):
+        inputs = [y.clone().requires_grad_(), z.clone().requires_grad_()]
+        with torch.autocast('cpu', dtype=torch.bfloat16,
+                            enabled='autocast' in case):
+            if 'autocast' in case:  # z as a linear layer's output
+                inputs[1] = inputs[1].to(torch.bfloat16)
+            out = gate(*inputs)
+        wrt = [t for t in (*inputs, norm.weight, norm.bias) if t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wrt, grad.to(out.dtype))))
+    (out, grads), (out_lean, grads_lean) = results
+    assert out.dtype == out_lean.dtype
+    assert len(grads) == len(grads_lean) == (2 if case == 'frozen-norm' else 4)
+    for a, b in zip((out, *grads), (out_lean, *grads_lean)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize('recompute_gate', [False, True])
+def test_torch_compile_fullgraph_matches_eager(recompute_gate):
+    torch._dynamo.reset()
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.,
+                   recompute_gate=recompute_gate)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 3, 37, 53)
+    for a, b in zip(model(x), compiled(x)):
+        torch.testing.assert_close(b, a)
+
+
+def test_kernel_model_matches_float64_reference():
+    """The whole model on the compiled scan against float64 on the reference
+    (values, and gradients of a :class:`RandomProjection` of the outputs)."""
+    torch.manual_seed(0)
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    x = torch.randn(2, 3, 37, 53)
+    loss = RandomProjection()
+
+    def run(model, x):
+        outs = model(x)
+        return outs, torch.autograd.grad(loss(outs), list(model.parameters()))
+
+    outs, grads = run(model, x)
+    with use_backend('reference'):
+        ref_outs, ref_grads = run(model.double(), x.double())
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-4

@@ -1,0 +1,196 @@
+"""The authors' weights: conversion, classifier logits, backbone loading."""
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmvmamba.models import VMamba, convert_authors_state_dict
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+FIXTURE = osp.join(ROOT, 'tests', 'data',
+                   'vmamba_v1_authors_small_random.pth')
+CONVERTER = osp.join(ROOT, 'tools', 'model_converters', 'vmamba2mmvmamba.py')
+
+
+@pytest.fixture(scope='module')
+def fixture():
+    return torch.load(FIXTURE, map_location='cpu', weights_only=False)
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory, fixture):
+    dst = tmp_path_factory.mktemp('ckpt') / 'vmamba_small.pth'
+    subprocess.run([sys.executable, CONVERTER, FIXTURE, str(dst)], check=True,
+                   cwd=ROOT)
+    return str(dst)
+
+
+def small_arch(fixture):
+    cfg = fixture['config']
+    return dict(embed_dims=cfg['dims'], depths=cfg['depths'])
+
+
+def test_converted_classifier_reproduces_the_authors_logits(
+        fixture, converted):
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+    cfg = fixture['config']
+    # under mmpretrain's scope whatever an earlier runner left current
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=dict(type='VMamba', arch=small_arch(fixture),
+                              out_indices=(3, )),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(type='LinearClsHead',
+                          num_classes=cfg['num_classes'],
+                          in_channels=cfg['dims'] * 8))).eval()
+    ckpt = torch.load(converted, map_location='cpu', weights_only=True)
+    classifier.load_state_dict(ckpt['state_dict'], strict=True)
+    with torch.no_grad():
+        logits = classifier(fixture['input'], mode='tensor')
+    torch.testing.assert_close(logits, fixture['logits'], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_later_key_names_convert_alike(fixture):
+    renames = [('patch_embed.proj.', 'patch_embed.0.'),
+               ('patch_embed.norm.', 'patch_embed.2.'), ('.ln_1.', '.norm.'),
+               ('.self_attention.', '.op.')]
+    later = {}
+    for key, value in fixture['model'].items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        if key.startswith(('norm.', 'head.')):
+            key = 'classifier.' + key
+        later[key] = value
+    assert convert_authors_state_dict(later) == convert_authors_state_dict(
+        fixture['model'])
+
+
+def test_unknown_key_is_an_error(fixture):
+    state = dict(fixture['model'], pos_embed=torch.zeros(1))
+    with pytest.raises(KeyError, match='pos_embed'):
+        convert_authors_state_dict(state)
+
+
+def test_ema_flag(tmp_path, fixture):
+    result = subprocess.run(
+        [sys.executable, CONVERTER, FIXTURE, str(tmp_path / 'x.pth'),
+         '--ema'], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    assert "no 'model_ema' entry" in result.stderr
+    src = tmp_path / 'with_ema.pth'
+    ema = {k: v + 1 for k, v in fixture['model'].items()}
+    torch.save(dict(model=fixture['model'], model_ema=ema), src)
+    subprocess.run(
+        [sys.executable, CONVERTER, str(src), str(tmp_path / 'ema.pth'),
+         '--ema'], check=True, cwd=ROOT)
+    out = torch.load(tmp_path / 'ema.pth', weights_only=True)['state_dict']
+    torch.testing.assert_close(out['head.fc.bias'],
+                               fixture['model']['head.bias'] + 1)
+
+
+def test_detection_backbone_loads_with_fresh_output_norms(fixture, converted):
+    model = VMamba(
+        small_arch(fixture),
+        out_indices=(0, 1, 2, 3),
+        init_cfg=dict(type='Pretrained', checkpoint=converted,
+                      prefix='backbone.'))
+    fresh_norm0 = model.norm0.weight.clone()
+    model.init_weights()
+    weights = fixture['model']
+    torch.testing.assert_close(
+        model.stages[2].blocks[1].ss2d.A_logs,
+        weights['layers.2.blocks.1.self_attention.A_logs'])
+    torch.testing.assert_close(model.norm3.bias, weights['norm.bias'])
+    torch.testing.assert_close(model.norm0.weight, fresh_norm0)
+
+
+def test_mismatch_is_an_error_naming_keys_and_shapes(fixture, converted):
+    wrong = VMamba(dict(embed_dims=32, depths=[1, 1, 3, 1]),
+                   init_cfg=dict(type='Pretrained', checkpoint=converted,
+                                 prefix='backbone.'))
+    with pytest.raises(RuntimeError, match=r'missing keys: '
+                       r'\[\'stages\.2\.blocks\.2\.'):
+        wrong.init_weights()
+    narrow = VMamba(dict(embed_dims=32, depths=[1, 1, 2, 1], d_state=8),
+                    init_cfg=dict(type='Pretrained', checkpoint=converted,
+                                  prefix='backbone.'))
+    with pytest.raises(RuntimeError, match=r'stages\.0\.blocks\.0\.ss2d\.'
+                       r'A_logs: checkpoint \(256, 16\), model \(256, 8\)'):
+        narrow.init_weights()
+
+
+def test_missing_file_says_how_to_make_it(tmp_path):
+    model = VMamba(dict(embed_dims=8, depths=[1, 1, 1, 1]),
+                   init_cfg=dict(type='Pretrained',
+                                 checkpoint=str(tmp_path / 'none.pth'),
+                                 prefix='backbone.'))
+    with pytest.raises(FileNotFoundError, match='vmamba2mmvmamba.py'):
+        model.init_weights()
+
+
+def authors_names(state_dict):
+    """Our VMamba keys under the authors' January 2024 names."""
+    renames = [(r'^stages\.(\d+)\.blocks\.(\d+)\.norm\.',
+                r'layers.\1.blocks.\2.ln_1.'),
+               (r'^stages\.(\d+)\.blocks\.(\d+)\.ss2d\.',
+                r'layers.\1.blocks.\2.self_attention.'),
+               (r'^stages\.(\d+)\.downsample\.', r'layers.\1.downsample.')]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def test_three_stages_convert_and_load(tmp_path):
+    """The final norm is the last stage's, whatever the number of stages."""
+    arch = dict(embed_dims=8, depths=[1, 1, 2])
+    source = VMamba(arch, out_indices=(2, ))
+    with torch.no_grad():  # not the norm's initial ones
+        source.norm2.weight.uniform_()
+    authors = authors_names(source.state_dict())
+    authors = {('norm.' + k[6:] if k.startswith('norm2.') else k): v
+               for k, v in authors.items()}
+    authors.update({'head.weight': torch.zeros(5, 32),
+                    'head.bias': torch.zeros(5)})
+    backbone, head = convert_authors_state_dict(authors)
+    assert set(backbone) == set(source.state_dict()) and set(head) == {
+        'weight', 'bias'}
+    torch.save({'model': authors}, tmp_path / 'authors.pth')
+
+    model = VMamba(arch, out_indices=(0, 1, 2),
+                   init_cfg=dict(type='Pretrained',
+                                 checkpoint=str(tmp_path / 'authors.pth')))
+    fresh_norm1 = model.norm1.weight.clone()
+    model.init_weights()
+    torch.testing.assert_close(model.norm2.weight, source.norm2.weight)
+    torch.testing.assert_close(model.norm1.weight, fresh_norm1)
+
+    # a converted file without the last stage's norm does not fit
+    converted = {f'backbone.{k}': v for k, v in backbone.items()
+                 if not k.startswith('norm2.')}
+    torch.save({'state_dict': converted}, tmp_path / 'no_norm2.pth')
+    model = VMamba(arch, out_indices=(2, ),
+                   init_cfg=dict(type='Pretrained',
+                                 checkpoint=str(tmp_path / 'no_norm2.pth'),
+                                 prefix='backbone.'))
+    with pytest.raises(RuntimeError,
+                       match=r"missing keys: \['norm2\.weight', "
+                       r"'norm2\.bias'\]"):
+        model.init_weights()
+    # the last stage's norm of a model that does not output that stage is
+    # unused, not an error
+    converted = {f'backbone.{k}': v for k, v in backbone.items()}
+    torch.save({'state_dict': converted}, tmp_path / 'converted.pth')
+    VMamba(arch, out_indices=(0, ),
+           init_cfg=dict(type='Pretrained',
+                         checkpoint=str(tmp_path / 'converted.pth'),
+                         prefix='backbone.')).init_weights()

@@ -1,0 +1,50 @@
+"""tools/analysis: FLOP counts of configs (get_flops.py) and ERF maps
+(erf.py), run in-process on the CPU, on tiny models except the FLOP count of
+VMamba-T at 224."""
+import os.path as osp
+
+import erf
+import get_flops
+import numpy as np
+import pytest
+import torch
+from models import build
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def test_get_flops_vmamba_t_matches_both_published_counts(capsys):
+    totals = get_flops.main(
+        [osp.join(REPO, 'configs', 'vmamba_t_300e_in1k.py')])
+    assert totals['paper'] / 1e9 == pytest.approx(4.46, rel=0.02)
+    assert totals['later'] / 1e9 == pytest.approx(5.6, rel=0.02)
+    out = capsys.readouterr().out
+    assert 'paper' in out and 'later' in out and '22.89 M' in out
+
+
+def test_erf_tool_writes_a_png_with_init_and_trained_maps(
+        tmp_path, tiny_classifier_cfg, tiny_config, resnet_config):
+    classifier = build(tiny_classifier_cfg, 'mmpretrain')
+    ckpt = tmp_path / 'tiny.pth'
+    torch.save({'state_dict': classifier.state_dict()}, ckpt)
+    out = tmp_path / 'erf.png'
+    maps = erf.main([
+        tiny_config, resnet_config, '--checkpoint',
+        str(ckpt), '-', '--num-images', '2', '--size', '32', '--out',
+        str(out)
+    ])
+    assert [title for title, _ in maps] == [
+        'tiny_vmamba (init)', 'tiny_vmamba (trained)', 'resnet18 (init)'
+    ]
+    for _, field in maps:
+        assert field.shape == (32, 32) and field.max() > 0
+    assert out.stat().st_size > 1000
+
+
+def test_erf_helpers():
+    images = erf.synthetic_images(3, 24, seed=1)
+    assert images.shape == (3, 3, 24, 24)
+    assert images.std().item() == pytest.approx(1, rel=1e-3)
+    scaled = erf.log_scale(np.array([[1e-6, 1e-2], [0.5, 1.]]))
+    assert scaled.min() == 0 and scaled.max() == 1
+    assert scaled[0, 1] == pytest.approx(0.5)

@@ -1,0 +1,260 @@
+"""tools/gpu_check.sh on the CPU: the --cfg-options it passes apply to the
+real Mask R-CNN and UperNet configs (every key exists, the values land where
+intended), the compare-mode train pipelines draw nothing at random, the
+metrics reader, and the script's argument and preflight errors."""
+import copy
+import json
+import os
+import os.path as osp
+import random
+import signal
+import subprocess
+
+import cfg_options as gpu_check
+import numpy as np
+import pytest
+import torch
+from cfg_options import (CONFIGS, all_option_sets, apply_options,
+                         eval_options, read_metrics, train_options)
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+
+from mmvmamba.datasets.synthetic import generate
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+SCRIPT = osp.join(REPO, 'tools', 'gpu_check.sh')
+ROOT = '/data/gpu_check'
+
+
+@pytest.fixture(scope='module')
+def configs():
+    return {task: Config.fromfile(path) for task, path in CONFIGS.items()}
+
+
+def merged(cfg, options):
+    return apply_options(copy.deepcopy(cfg), options)
+
+
+@pytest.mark.parametrize('task', sorted(CONFIGS))
+def test_every_option_set_applies(configs, task):
+    sets = all_option_sets(configs[task], ROOT)
+    assert set(sets) == {
+        'single', 'compare-1gpu', 'compare-2gpu', 'compare-warmup-keep',
+        'compare-warmup-off', 'test'
+    }
+    for options in sets.values():
+        cfg = merged(configs[task], options)
+        assert cfg.model.backbone.init_cfg is None
+        for loader in ('train_dataloader', 'test_dataloader'):
+            assert cfg[loader].dataset.data_root.startswith(ROOT)
+
+
+def test_det_options(configs):
+    det = configs['det']
+    root = f'{ROOT}/coco/'
+    cfg = merged(det, train_options(det, ROOT, 'single', 200, 2))
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[loader].dataset.data_root == root
+    ann = root + 'annotations/instances_val2017.json'
+    assert cfg.val_evaluator.ann_file == ann == cfg.test_evaluator.ann_file
+    # one epoch over iters x batch images: 200 iterations
+    assert cfg.train_cfg.type == 'EpochBasedTrainLoop'
+    assert cfg.train_cfg.max_epochs == 1 and cfg.train_cfg.val_interval == 1
+    assert cfg.train_dataloader.dataset.indices == 400
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.default_hooks.logger.interval == 1
+    assert cfg.log_processor.window_size == 1
+    assert cfg.randomness.seed == 0
+    assert 'mean_loss' not in cfg.default_hooks
+    assert cfg.train_dataloader.dataset.pipeline[3] == dict(
+        type='RandomFlip', prob=0.5)  # single mode keeps the augmentation
+    assert cfg.param_scheduler[0].start_factor == 0.001
+
+    one = merged(det, train_options(det, ROOT, 'compare', 20, 4, 4))
+    two = merged(det, train_options(det, ROOT, 'compare', 20, 2, 4))
+    assert one.train_dataloader.batch_size == 4
+    assert two.train_dataloader.batch_size == 2
+    for cfg in (one, two):
+        assert cfg.train_dataloader.dataset.indices == 80  # 20 iterations
+        assert cfg.default_hooks.mean_loss.type == 'MeanLossAcrossRanksHook'
+        assert cfg.val_dataloader is None and cfg.val_cfg is None
+        assert cfg.train_dataloader.sampler.seed == 0
+        assert cfg.model.backbone.drop_path_rate == 0
+        flip = cfg.train_dataloader.dataset.pipeline[3]
+        assert flip.type == 'RandomFlip' and flip.prob == 0.0
+        assert isinstance(flip.prob, float)  # mmcv refuses an int
+        # Mask R-CNN compares under the config's own warm-up by default
+        assert cfg.param_scheduler[0].start_factor == 0.001
+    # everything else equal between the two runs
+    one.train_dataloader.batch_size = 2
+    assert one.to_dict() == two.to_dict()
+
+    off = merged(det,
+                 train_options(det, ROOT, 'compare', 20, 2, 4, warmup='off'))
+    assert off.param_scheduler[0].start_factor == 1.0
+    with pytest.raises(ValueError, match="warmup must be 'keep', 'off'"):
+        train_options(det, ROOT, 'compare', 20, 2, 4, warmup='on')
+
+
+def test_seg_options(configs):
+    seg = configs['seg']
+    cfg = merged(seg, train_options(seg, ROOT, 'single', 200, 2))
+    assert cfg.train_dataloader.dataset.data_root == (
+        f'{ROOT}/ADEChallengeData2016')
+    assert cfg.train_cfg.max_iters == 200 == cfg.train_cfg.val_interval
+    assert cfg.default_hooks.checkpoint.interval == 200
+    assert cfg.log_processor.window_size == 1
+
+    cfg = merged(seg, train_options(seg, ROOT, 'compare', 20, 2, 4))
+    assert cfg.train_cfg.max_iters == 20
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    assert [t.type for t in pipeline] == [
+        'LoadImageFromFile', 'LoadAnnotations', 'RandomResize', 'RandomCrop',
+        'RandomFlip', 'RandomFlip', 'PackSegInputs'
+    ]
+    assert pipeline[2].ratio_range == (1.0, 1.0)
+    assert pipeline[4].prob == 0.0 and pipeline[5] == dict(
+        type='RandomFlip', prob=0.0)
+    assert cfg.model.decode_head.dropout_ratio == 0
+    assert cfg.model.auxiliary_head.dropout_ratio == 0
+    assert cfg.model.decode_head.norm_cfg.type == 'SyncBN'  # kept
+    assert cfg.env_cfg.cudnn_benchmark is False
+    assert cfg.param_scheduler[0].start_factor == 1.0  # no warm-up by default
+    keep = merged(seg,
+                  train_options(seg, ROOT, 'compare', 20, 2, 4, warmup='keep'))
+    assert keep.param_scheduler[0].start_factor == 1e-6
+
+    cfg = merged(seg, eval_options(seg, ROOT))
+    assert cfg.test_dataloader.dataset.data_root == (
+        f'{ROOT}/ADEChallengeData2016')
+
+
+def test_unknown_keys_are_refused(configs):
+    seg = configs['seg']
+    for bad in ('train_cfg.max_iter=5', 'model.backbone.drop_path=0.1',
+                'train_dataloader.dataset.pipeline.4.foo=1',
+                'train_dataloader.dataset.pipeline.9.prob=0.0'):
+        with pytest.raises(KeyError, match=bad.split('=')[0]):
+            apply_options(copy.deepcopy(seg), [bad])
+    # arguments of an item whose type the options change may be new
+    apply_options(
+        copy.deepcopy(seg), [
+            'train_dataloader.dataset.pipeline.5.type=RandomFlip',
+            'train_dataloader.dataset.pipeline.5.prob=0.0'
+        ])
+
+
+def test_cli_prints_the_options(configs, capsys):
+    assert gpu_check.main([
+        'train', 'seg', '--mode', 'compare', '--iters', '20', '--batch-size',
+        '2', '--global-batch', '4', '--data-root', ROOT
+    ]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == train_options(configs['seg'], ROOT, 'compare', 20, 2,
+                                    4)
+    with pytest.raises(SystemExit, match='not a det config'):
+        gpu_check.main(['test', 'det', '--config', CONFIGS['seg'],
+                        '--data-root', ROOT])
+
+
+def first_sample(dataset, seed):
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    sample = dataset[0]
+    return sample['inputs'], sample['data_samples']
+
+
+@pytest.mark.parametrize('task', sorted(CONFIGS))
+def test_compare_pipelines_draw_nothing_at_random(configs, task, tmp_path):
+    """The first training sample is the same under any seed with the
+    compare options, and not with the single-GPU ones (the configs'
+    augmentation)."""
+    generate(str(tmp_path), coco_train=2, coco_val=1, coco_size=48,
+             ade_train=2, ade_val=1, ade_size=48)
+    scope = 'mmdet' if task == 'det' else 'mmseg'
+    if task == 'det':
+        import mmdet.datasets  # noqa: F401  (registers the transforms)
+        from mmdet.registry import DATASETS
+    else:
+        import mmseg.datasets  # noqa: F401
+        from mmseg.registry import DATASETS
+
+    def samples(mode):
+        cfg = merged(
+            configs[task],
+            train_options(configs[task], str(tmp_path), mode, 1, 2, 2))
+        with DefaultScope.overwrite_default_scope(scope):
+            dataset = DATASETS.build(cfg.train_dataloader.dataset)
+            return [first_sample(dataset, seed) for seed in range(8)]
+
+    def same(a, b):
+        if a[0].shape != b[0].shape or not torch.equal(a[0], b[0]):
+            return False
+        if task == 'det':
+            return torch.equal(a[1].gt_instances.bboxes.tensor,
+                               b[1].gt_instances.bboxes.tensor)
+        return torch.equal(a[1].gt_sem_seg.data, b[1].gt_sem_seg.data)
+
+    compare = samples('compare')
+    assert compare[0][0].shape[-2:] == ((800, 800) if task == 'det' else
+                                        (512, 512))
+    assert all(same(compare[0], s) for s in compare[1:])
+    single = samples('single')
+    assert not all(same(single[0], s) for s in single[1:])
+
+
+def test_read_metrics(tmp_path, capsys):
+    run = tmp_path / '20261127_080000'
+    run.mkdir()
+    (run / '20261127_080000.json').write_text(
+        json.dumps({'coco/bbox_mAP': 0.5, 'coco/segm_mAP': 0.25,
+                    'coco/bbox_mAP_50': 0.9, 'time': 1.0}))
+    assert read_metrics(str(tmp_path)) == {
+        'coco/bbox_mAP': 0.5, 'coco/segm_mAP': 0.25}
+    assert gpu_check.main(['metrics', str(tmp_path)]) == 0
+    assert 'coco/bbox_mAP 0.5' in capsys.readouterr().out
+    (run / '20261127_080000.json').write_text(
+        json.dumps({'mIoU': float('nan'), 'aAcc': 90.0}))
+    with pytest.raises(ValueError, match='not finite'):
+        read_metrics(str(tmp_path))
+    assert gpu_check.main(['metrics', str(tmp_path / 'none')]) == 1
+
+
+def run_script(*args, **env):
+    """Run the script in its own process group; stop the whole group if it
+    runs past 120 s (training would mean a check failed to stop it)."""
+    proc = subprocess.Popen(['bash', SCRIPT, *args],
+                            env=dict(os.environ, **env),
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def test_script_arguments(tmp_path):
+    assert subprocess.run(['bash', '-n', SCRIPT]).returncode == 0
+    proc = run_script()
+    assert proc.returncode == 2 and 'MODE' in proc.stdout
+    assert run_script('train', str(tmp_path)).returncode == 2
+    proc = run_script('single', str(tmp_path / 'w'), 'cls')
+    assert proc.returncode == 2 and "unknown task 'cls'" in proc.stdout
+    assert not (tmp_path / 'w').exists()
+    proc = run_script('compare', str(tmp_path), SMOKE_CPU='1')
+    assert proc.returncode == 2 and 'single mode only' in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')
+def test_script_preflight_needs_gpus(tmp_path):
+    proc = run_script('single', str(tmp_path), 'seg')
+    assert proc.returncode == 2, proc.stdout
+    assert 'this mode needs 1 GPU(s), found 0' in proc.stdout
+    assert 'preflight failed' in proc.stdout
+    assert not (tmp_path / 'synthetic').exists()  # it stopped there

@@ -1,0 +1,186 @@
+"""What ``tools/train.py`` and ``tools/test.py`` share (they import it as a
+module beside them: the script's folder is on ``sys.path``).
+
+The tools work on any OpenMMLab 2.x config (mmdet, mmseg, mmpretrain): the
+config's ``default_scope`` picks the registries, and mmengine imports that
+scope's modules when it first builds from them, so nothing here knows the
+task.
+"""
+import argparse
+import os
+import os.path as osp
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+_NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
+
+
+@contextmanager
+def trusted_checkpoint_loading() -> Iterator[None]:
+    """Let ``torch.load`` unpickle whole checkpoints inside the block.
+
+    torch >= 2.6 loads with ``weights_only=True`` by default, which refuses
+    the checkpoints mmengine writes (they hold its ``HistoryBuffer`` and numpy
+    scalars). Unpickling can run code from the file, so use this only around
+    loading files the user named (``load_from``, ``--resume PATH``, the
+    test checkpoint) or that the run wrote itself (auto-resume from its
+    ``work_dir``). The previous setting is restored on exit.
+    """
+    previous = os.environ.get(_NO_WEIGHTS_ONLY)
+    os.environ[_NO_WEIGHTS_ONLY] = '1'
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_NO_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_NO_WEIGHTS_ONLY] = previous
+
+
+def load_config(path: str,
+                cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None,
+                launcher: str = 'none') -> Config:
+    """Read a config and apply the options every tool has.
+
+    Args:
+        path (str): The config file.
+        cfg_options (dict, optional): ``--cfg-options`` to merge in.
+        work_dir (str, optional): Overrides the config's ``work_dir``; when
+            neither is set, ``./work_dirs/<config name>``.
+        launcher (str): ``'none'`` for one process, else the launcher of
+            ``mmengine.dist.init_dist`` (``'pytorch'``, ``'slurm'``,
+            ``'mpi'``).
+
+    Returns:
+        Config: The config, ready for :func:`build_runner`.
+    """
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(path))[0])
+    if cfg.get('default_scope') is None:
+        warnings.warn(f'{path} sets no default_scope; OpenMMLab configs '
+                      'name theirs (mmdet, mmseg, mmpretrain) in their '
+                      'default_runtime base')
+    return cfg
+
+
+def set_resume(cfg: Config, resume: Optional[str]) -> None:
+    """Apply ``--resume``: ``'auto'`` (latest checkpoint of ``work_dir``) or
+    a checkpoint path; ``None`` leaves the config as it is."""
+    if resume is None:
+        return
+    cfg.resume = True
+    cfg.load_from = None if resume == 'auto' else resume
+
+
+def enable_amp(cfg: Config) -> None:
+    """Train with mixed precision (``AmpOptimWrapper``, dynamic loss scale).
+
+    On a CPU, autocast runs in bfloat16, which mmcv's nms refuses: use it on
+    GPUs.
+    """
+    import torch
+    if not torch.cuda.is_available():
+        warnings.warn('--amp without a GPU autocasts to bfloat16 on the '
+                      'CPU; mmcv ops such as nms (Mask R-CNN) refuse it')
+    if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper':
+        return
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.loss_scale = 'dynamic'
+
+
+def enable_tta(cfg: Config) -> None:
+    """Test with the config's ``tta_model`` and ``tta_pipeline``."""
+    missing = [k for k in ('tta_model', 'tta_pipeline') if k not in cfg]
+    if missing:
+        raise KeyError(f'--tta needs {" and ".join(missing)} in the config')
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+def enable_show_dir(cfg: Config, show_dir: str) -> None:
+    """Draw test predictions into ``show_dir``, whichever task the config is
+    for, as each library's own ``tools/test.py`` does (a relative path is
+    taken under the run's timestamped folder by mmdet, under the current
+    folder by mmseg and mmpretrain)."""
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise KeyError('--show-dir needs default_hooks.visualization in the '
+                       'config')
+    kind = hook['type'].split('.')[-1]
+    if kind == 'DetVisualizationHook':  # mmdet
+        hook.update(draw=True, test_out_dir=show_dir)
+    elif kind == 'SegVisualizationHook':  # mmseg: the visualizer saves
+        hook.update(draw=True)
+        cfg.visualizer.save_dir = show_dir
+    elif kind == 'VisualizationHook':  # mmpretrain
+        hook.update(enable=True, out_dir=show_dir)
+    else:
+        raise ValueError(f'--show-dir does not know {hook["type"]}')
+
+
+def build_runner(cfg: Config) -> Runner:
+    """Build the config's runner, ready to ``train()`` or ``test()``.
+
+    - ``runner_type`` in the config picks a runner from mmengine's
+      ``RUNNERS``; otherwise :class:`mmengine.runner.Runner`.
+    - In a single process (``launcher='none'``) mmengine's runner turns
+      SyncBN layers (UperNet's) into BN: SyncBN needs a process group.
+    - The checkpoint the runner loads or resumes from (``load_from``,
+      ``--resume``, the test checkpoint, or the ``work_dir``'s latest) is
+      read inside :func:`trusted_checkpoint_loading`; other ``torch.load``
+      calls keep torch's default.
+    """
+    if 'runner_type' in cfg:
+        runner = RUNNERS.build(cfg)
+    else:
+        runner = Runner.from_cfg(cfg)
+    load_or_resume = runner.load_or_resume
+
+    def trusted_load_or_resume() -> None:
+        with trusted_checkpoint_loading():
+            load_or_resume()
+
+    runner.load_or_resume = trusted_load_or_resume
+    return runner
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--work-dir``, ``--cfg-options``, ``--launcher`` and
+    ``--local-rank`` to a tool's parser."""
+    parser.add_argument(
+        '--work-dir', help='folder for logs and checkpoints (default '
+        './work_dirs/<config name>)')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config entries, key=value (e.g. '
+        'model.backbone.init_cfg=None train_cfg.max_epochs=1); lists as '
+        'key="[a,b]"')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher (tools/dist_*.sh pass pytorch)')
+    # torch.distributed.launch (not .run) passes --local-rank
+    parser.add_argument(
+        '--local-rank', '--local_rank', type=int, default=0,
+        help=argparse.SUPPRESS)
+
+
+def set_local_rank(local_rank: int) -> None:
+    """Export ``LOCAL_RANK`` when a launcher passed it as an argument."""
+    os.environ.setdefault('LOCAL_RANK', str(local_rank))
