@@ -4,6 +4,7 @@
         [--batch 1] [--archs tiny small base] [--repeat 10]
     python benchmarks/benchmark.py scan [--device cuda] [--batch 128]
         [--dtype float32] [--no-reference] [--no-fused]
+        [--fused-models vmamba-t vmamba2-t]
     python benchmarks/benchmark.py throughput [--device cuda]
         [--models vmamba-t vmamba-s vmamba-b swin-t swin-s swin-b convnext-t]
         [--modes infer-fp32 infer-bf16 train-bf16] [--sizes 224 512 1024]
@@ -19,18 +20,20 @@ the ratio of each VMamba to the Swin of the same size.
 
 ``scan``: the selective-scan kernel at VMamba-T's four stage shapes, forward
 and forward+backward, against the PyTorch reference, with bytes moved, GB/s
-and the ratios to the bandwidth and exponential floors; then SS2D's whole
-core (``cross_selective_scan``) on the fused kernel against the unfused path,
-float32 and bfloat16 scan inputs, with the same floors
-(:mod:`scan_timing`).
+and the ratios to the bandwidth and exponential floors (copy bandwidth and
+exponential rate measured in the same run); then SS2D's whole core
+(``cross_selective_scan``) on the fused kernel against the unfused path,
+float32 and bfloat16 scan inputs, with the same floors, at the stage shapes
+of VMamba-T and of VMamba2-T (d_inner = C, N = 1) (:mod:`scan_timing`).
 
 ``throughput``: classifiers (names of ``models.MODEL_ZOO`` or classifier
 configs) in inference (fp32, bf16 autocast) and training steps
 (bf16 autocast, forward + backward + AdamW step) at one or more square sizes:
 median time per iteration after warm-up (CUDA events on a GPU), images per
 second, their ratio to the Swin of the same size class (T/S/B; ConvNeXt-T,
-ResNet-50 and DeiT-S against Swin-T) in the same mode and size, and peak GPU
-memory; a mode that runs out of GPU memory reads OOM. ``--batch`` is the
+ResNet-50 and DeiT-S against Swin-T) in the same mode and size, and to
+timm's Swin-T for the Swin-T-sized models (timm's Swin-T and ConvNeXt-T are
+timed by default when timm is importable), and peak GPU memory; a mode that runs out of GPU memory reads OOM. ``--batch`` is the
 batch at 224; other sizes keep the pixels per batch (larger sizes fewer
 images, at least one; smaller sizes at most ``--batch``) unless
 ``--batch-per-size`` names each size's batch. The table names the device and
@@ -59,11 +62,13 @@ import argparse
 
 import detectors
 import torch
-from models import (MODEL_ZOO, SWIN_REFERENCE, build_classifier, model_label,
-                    tensor_forward)
+from models import (MODEL_ZOO, SWIN_REFERENCE, TIMM_MODELS,
+                    TIMM_SWIN_REFERENCE, build_classifier, model_label,
+                    tensor_forward, timm_available)
 from scaling import batch_for
-from scan_timing import (D_STATE, FUSED_HEADER, HEADER, format_fused_rows,
-                         format_rows, fused_rows, kernel_rows)
+from scan_timing import (CORE_SHAPES, D_STATE, FUSED_HEADER, HEADER,
+                         format_fused_rows, format_rows, fused_rows,
+                         kernel_rows)
 from timing import (MODES, device_name, measure, print_table, relative_to,
                     time_mode)
 
@@ -152,6 +157,8 @@ def bench_throughput(args) -> list:
         classifier = build_classifier(name).to(device)
         params = sum(p.numel() for p in classifier.parameters()) / 1e6
         for size, batch in zip(args.sizes, batches):
+            if name in TIMM_MODELS and size != 224:
+                classifier = build_classifier(name, size).to(device)
             model = tensor_forward(classifier, 'mmpretrain', batch,
                                    (size, size))
             for mode in args.modes:
@@ -167,18 +174,23 @@ def bench_throughput(args) -> list:
                           relative_to(rows, SWIN_REFERENCE, 'img_per_s',
                                       ('mode', 'size'))):
         row['x_swin'] = ratio
+    for row, ratio in zip(rows,
+                          relative_to(rows, TIMM_SWIN_REFERENCE, 'img_per_s',
+                                      ('mode', 'size'))):
+        row['x_timm_swin'] = ratio
     rows.sort(key=lambda row: args.sizes.index(row['size']))  # stable
     print_table(
         _timing_title(
             'Classifier throughput, '
             f'{", ".join(f"{s}x{s}" for s in args.sizes)}', device, args),
         ['model', 'size', 'params (M)', 'mode', 'batch', 'ms/iter', 'img/s',
-         'x Swin', 'peak mem (GiB)', 'scan'],
+         'x Swin', 'x timm Swin', 'peak mem (GiB)', 'scan'],
         [[
             r['model'], r['size'], f'{r["params_m"]:.1f}', r['mode'],
             r['batch'], _ms(r),
             _fmt(r['img_per_s'], '.1f'),
             _fmt(r['x_swin'], '.2f'),
+            _fmt(r['x_timm_swin'], '.2f'),
             _fmt(r['peak_gib'], '.2f'),
             _fmt(r['scan'], '')
         ] for r in rows])
@@ -231,28 +243,41 @@ def bench_detectors(args) -> list:
     return rows
 
 
+def _rates(meta: dict) -> str:
+    """The measured copy bandwidth and exponential rate of a table."""
+    text = f'copy bandwidth {meta["copy_gb_per_s"]:.0f} GB/s'
+    if meta['exps_per_s']:
+        text += (f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s '
+                 f'({meta["exp_source"]})')
+    return text
+
+
 def bench_scan(args) -> list:
-    """Print and return the kernel table of :func:`kernel_rows`."""
+    """Print and return the kernel table of :func:`kernel_rows` and the
+    fused tables of :func:`fused_rows` (one per ``--fused-models``)."""
     device = torch.device(args.device)
     rows = kernel_rows(device, args.batch, getattr(torch, args.dtype),
                        args.warmup, args.repeat, not args.no_reference)
-    meta = rows[-1]
     title = (f'Selective scan, VMamba-T stages, batch {args.batch}, '
              f'{args.dtype}, N={D_STATE}, {device_name(device)}, '
-             f'{LABELS[device.type]} against the reference; copy '
-             f'bandwidth {meta["copy_gb_per_s"]:.0f} GB/s')
-    if meta['exps_per_s']:
-        title += f', exp rate {meta["exps_per_s"] / 1e12:.2f} T/s'
+             f'{LABELS[device.type]} against the reference; '
+             f'{_rates(rows[-1])}; exp floor: 1 exp per element and state '
+             'forward, 2 forward+backward')
     print_table(title, HEADER, format_rows(rows))
+    rows = rows[:-1]
     if device.type == 'cuda' and not args.no_fused:
-        fused = fused_rows(device, args.batch, args.warmup, args.repeat)
-        print_table(
-            f'SS2D core (cross_selective_scan, channels-last), VMamba-T '
-            f'stages, batch {args.batch}, {device_name(device)}: '
-            f'{LABELS["fused"]} vs the unfused path (four copies + the '
-            f'kernel above)',
-            FUSED_HEADER, format_fused_rows(fused))
-        rows += fused[:-1]
+        for model in args.fused_models:
+            fused = fused_rows(device, args.batch, args.warmup, args.repeat,
+                               model=model)
+            core = CORE_SHAPES[model]
+            print_table(
+                f'SS2D core (cross_selective_scan, channels-last), {model} '
+                f'stages (d_inner = {core.ssm_ratio}C, N = {core.d_state}), '
+                f'batch {args.batch}, {device_name(device)}: '
+                f'{LABELS["fused"]} vs the unfused path (four copies + the '
+                f'plain kernel); {_rates(fused[-1])}',
+                FUSED_HEADER, format_fused_rows(fused))
+            rows += [dict(r, model=model) for r in fused[:-1]]
     return rows
 
 
@@ -280,7 +305,11 @@ def main(argv=None):
     scan.add_argument('--no-reference', action='store_true',
                       help='time the kernel only')
     scan.add_argument('--no-fused', action='store_true',
-                      help='skip the SS2D-core table (fused vs unfused)')
+                      help='skip the SS2D-core tables (fused vs unfused)')
+    scan.add_argument('--fused-models', nargs='+', choices=sorted(CORE_SHAPES),
+                      default=sorted(CORE_SHAPES),
+                      help='models whose SS2D core shapes the fused tables '
+                      'time')
     scan.set_defaults(func=bench_scan)
 
     thr = sub.add_parser(
@@ -289,9 +318,11 @@ def main(argv=None):
                      else 'cpu')
     thr.add_argument(
         '--models', nargs='+',
-        default=['vmamba-t', 'vmamba-s', 'vmamba-b', 'swin-t', 'swin-s',
-                 'swin-b', 'convnext-t'],
-        help=f'names of {sorted(MODEL_ZOO)} or classifier configs')
+        default=['vmamba-t', 'vmamba-s', 'vmamba-b', 'vmamba2-t', 'vmamba2-s',
+                 'vmamba2-b', 'swin-t', 'swin-s', 'swin-b', 'convnext-t'] +
+        (list(TIMM_MODELS) if timm_available() else []),
+        help=f'names of {sorted(MODEL_ZOO)}, of {sorted(TIMM_MODELS)} '
+        '(with timm) or classifier configs')
     thr.add_argument('--modes', nargs='+', choices=MODES, default=MODES)
     thr.add_argument('--sizes', '--size', nargs='+', type=int, default=[224],
                      help='square input sizes')

@@ -58,13 +58,14 @@ _SWIN_OVERRIDES = {
         neck=dict(in_channels=[128, 256, 512, 1024])),
 }
 
-#: Mask R-CNN and UperNet, VMamba-T/S/B against Swin-T/S/B.
+#: Mask R-CNN and UperNet, VMamba-T/S/B and VMamba2-T/S/B against
+#: Swin-T/S/B.
 DETECTOR_ZOO: Dict[str, DetectorSpec] = {
     **{
-        f'mask-rcnn-vmamba-{s}': DetectorSpec(
-            osp.join(CONFIG_DIR, f'mask_rcnn_vmamba_{s}_1x_coco.py'),
+        f'mask-rcnn-{family}-{s}': DetectorSpec(
+            osp.join(CONFIG_DIR, f'mask_rcnn_{family}_{s}_1x_coco.py'),
             f'mask-rcnn-swin-{s}')
-        for s, _ in _SIZES
+        for family in ('vmamba', 'vmamba2') for s, _ in _SIZES
     },
     **{
         f'mask-rcnn-swin-{s}': DetectorSpec(
@@ -72,11 +73,11 @@ DETECTOR_ZOO: Dict[str, DetectorSpec] = {
         for s, _ in _SIZES
     },
     **{
-        f'upernet-vmamba-{s}': DetectorSpec(
+        f'upernet-{family}-{s}': DetectorSpec(
             osp.join(CONFIG_DIR,
-                     f'upernet_vmamba_{s}_512x512_160k_ade20k.py'),
+                     f'upernet_{family}_{s}_512x512_160k_ade20k.py'),
             f'upernet-swin-{s}')
-        for s, _ in _SIZES
+        for family in ('vmamba', 'vmamba2') for s, _ in _SIZES
     },
     **{
         f'upernet-swin-{s}': DetectorSpec(

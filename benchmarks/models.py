@@ -42,8 +42,9 @@ _ANY_SIZE = dict(backbone=dict(pad_small_map=True))
 #: ImageNet-1k classifiers by name: this repository's VMamba configs and
 #: mmpretrain's configs of the others, as in their papers.
 MODEL_ZOO: Dict[str, ZooModel] = {
-    **{f'vmamba-{s}': ZooModel(
-        osp.join(CONFIG_DIR, f'vmamba_{s}_300e_in1k.py')) for s in 'tsb'},
+    **{f'{family}-{s}': ZooModel(
+        osp.join(CONFIG_DIR, f'{family}_{s}_300e_in1k.py'))
+       for family in ('vmamba', 'vmamba2') for s in 'tsb'},
     **{f'swin-{s[0]}': ZooModel('mmpretrain::swin_transformer/'
                                 f'swin-{s}_16xb64_in1k.py', _ANY_SIZE)
        for s in ('tiny', 'small', 'base')},
@@ -54,14 +55,38 @@ MODEL_ZOO: Dict[str, ZooModel] = {
     'deit-s': ZooModel('mmpretrain::deit/deit-small_4xb256_in1k.py'),
 }
 
+#: timm's classifiers by name (built without weights when timm is
+#: importable): the fastest public Swin-T and ConvNeXt-T, as baselines.
+TIMM_MODELS: Dict[str, str] = {
+    'timm-swin-t': 'swin_tiny_patch4_window7_224',
+    'timm-convnext-t': 'convnext_tiny',
+}
+
 #: The Swin of each zoo classifier's size class (T/S/B); ResNet-50 and
 #: DeiT-S compute about as much as Swin-T.
 SWIN_REFERENCE: Dict[str, str] = {
     **{f'{family}-{size}': f'swin-{size}'
-       for family in ('vmamba', 'swin', 'convnext') for size in 'tsb'},
+       for family in ('vmamba', 'vmamba2', 'swin', 'convnext')
+       for size in 'tsb'},
     'resnet-50': 'swin-t',
     'deit-s': 'swin-t',
+    **{name: 'swin-t' for name in TIMM_MODELS},
 }
+
+#: timm's Swin-T as the reference of every Swin-T-sized classifier.
+TIMM_SWIN_REFERENCE: Dict[str, str] = {
+    name: 'timm-swin-t'
+    for name, swin in SWIN_REFERENCE.items() if swin == 'swin-t'
+}
+
+
+def timm_available() -> bool:
+    """Whether timm can be imported (the GPU machines have it)."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 #: (H, W) that the papers count FLOPs at, per OpenMMLab scope.
 DEFAULT_SHAPES = {
@@ -148,15 +173,29 @@ def build(module_cfg: dict, scope: Optional[str],
     return model
 
 
-def build_classifier(name: str) -> nn.Module:
-    """A classifier from a :data:`MODEL_ZOO` name or a config, eval, CPU."""
+def build_classifier(name: str, size: int = 224) -> nn.Module:
+    """A classifier, eval, on the CPU.
+
+    Args:
+        name (str): A :data:`MODEL_ZOO` or :data:`TIMM_MODELS` name, or a
+            classifier config.
+        size (int): Input size; only timm's Swin is built for it (its
+            attention masks are fixed at construction). Defaults to 224.
+    """
+    if name in TIMM_MODELS:
+        import timm
+        options = dict(img_size=size) if 'swin' in TIMM_MODELS[name] else {}
+        return timm.create_model(TIMM_MODELS[name], pretrained=False,
+                                 **options).eval()
     cfg = load_config(name)
     return build(cfg.model, scope_of(cfg) or 'mmpretrain')
 
 
 def model_label(name: str) -> str:
     """A short label: the zoo name, or the config file's stem."""
-    return name if name in MODEL_ZOO else osp.splitext(osp.basename(name))[0]
+    if name in MODEL_ZOO or name in TIMM_MODELS:
+        return name
+    return osp.splitext(osp.basename(name))[0]
 
 
 class TensorForward(nn.Module):

@@ -1,19 +1,24 @@
-"""Selective-scan kernel timings at VMamba-T's four stage shapes.
+"""Selective-scan kernel timings at the stage shapes of VMamba-T and VMamba2-T.
 
-For each stage (4 directions x 2C channels, N = 16, L = H*W at 224 input):
-forward and forward+backward time of the compiled kernel and of the PyTorch
-reference (median after warm-up, CUDA events on a GPU; '-' where the
-reference ran out of memory), the bytes the kernel must move (each input read
-once, each output written once, checkpoints included), the achieved GB/s,
-and the kernel's time over two floors: bytes / copy bandwidth measured in the
-same run, and exponentials / special-function rate (16 per clock per SM).
+For each stage of VMamba-T (4 directions x 2C channels, N = 16, L = H*W at
+224 input): forward and forward+backward time of the compiled kernel and of
+the PyTorch reference (median after warm-up, CUDA events on a GPU; '-' where
+the reference ran out of memory), the bytes the kernel must move (each input
+read once, each output written once, checkpoints included), the achieved
+GB/s, and the kernel's time over two floors: bytes / copy bandwidth and
+exponentials / exponential rate, both measured in the same run (the rate by
+a Triton kernel of chained ``ex2``; without Triton it is derived from the
+clock, 16 per clock per SM, and the table says so). The exponential floor
+counts one exponential per element and state forward, two forward+backward
+(one forward, one to recompute the states).
 :func:`fused_rows` times SS2D's whole core (:func:`cross_selective_scan` on
 a channels-last map: projection, four-direction scan, merge) on the fused
 kernel against the unfused path (four copies of the map, the einsums, the
-kernel above, the merge), with the same floors.
+kernel above, the merge), with the same floors, at the stage shapes of
+VMamba-T (d_inner = 2C, N = 16) or VMamba2-T (d_inner = C, N = 1).
 Run it through ``benchmarks/benchmark.py scan``.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from timing import measure
@@ -21,10 +26,26 @@ from timing import measure
 from mmvmamba.ops import (NUM_DIRECTIONS, _ext, cross_selective_scan,
                           selective_scan_reference)
 
-# (C, L) of VMamba-T's stages at 224 x 224; the scan runs on 4 x 2C channels.
+# (C, L) of the stages at 224 x 224 (VMamba-T and VMamba2-T alike).
 STAGES = ((96, 3136), (192, 784), (384, 196), (768, 49))
 D_STATE = 16
 EXPS_PER_CLOCK_PER_SM = 16
+#: Exponentials per element and state in each pass: one forward, and one
+#: more to recompute the states in the backward.
+EXP_PASSES = {'fwd': 1, 'fwd+bwd': 2}
+
+
+class CoreShape(NamedTuple):
+    """SS2D core shapes of a model: ``d_inner = ssm_ratio * C``, N."""
+    ssm_ratio: int
+    d_state: int
+
+
+#: Models whose SS2D core the fused table can time.
+CORE_SHAPES = {
+    'vmamba-t': CoreShape(ssm_ratio=2, d_state=16),
+    'vmamba2-t': CoreShape(ssm_ratio=1, d_state=1),
+}
 
 
 def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
@@ -35,8 +56,8 @@ def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def exp_rate(device: torch.device) -> float:
-    """Exponentials per second of the special-function units (GPU only)."""
+def _clock_exp_rate(device: torch.device) -> float:
+    """Exponentials per second from the clock: 16 per clock per SM."""
     props = torch.cuda.get_device_properties(device)
     clock_hz = 1.98e9  # H100 / H200 SXM boost clock
     try:
@@ -44,6 +65,42 @@ def exp_rate(device: torch.device) -> float:
     except Exception:  # noqa: BLE001 -- pynvml missing: keep the boost clock
         pass
     return props.multi_processor_count * EXPS_PER_CLOCK_PER_SM * clock_hz
+
+
+def exp_rate(device: torch.device,
+             elements: int = 2**26,
+             steps: int = 256) -> Tuple[float, str]:
+    """Exponentials per second of the GPU, measured.
+
+    A Triton kernel applies ``steps`` dependent ``exp2`` (``ex2.approx``)
+    to every element of a float32 tensor, so that the special-function
+    units bound it; the rate is ``elements * steps`` over its median time.
+    Without Triton the rate comes from the clock.
+
+    Returns:
+        tuple[float, str]: The rate and how it was obtained.
+    """
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return _clock_exp_rate(device), 'from the clock (no Triton)'
+
+    @triton.jit
+    def ex2_chain(x_ptr, n, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.)
+        for _ in tl.static_range(STEPS):
+            x = tl.exp2(x) * -0.5  # stays in [-0.5, -0.35]
+        tl.store(x_ptr + offsets, x, mask=mask)
+
+    x = torch.rand(elements, device=device) * -0.5
+    block = 1024
+    grid = (triton.cdiv(elements, block), )
+    ms = measure(lambda: ex2_chain[grid](x, elements, steps, block), device,
+                 2, 10)
+    return elements * steps / (ms * 1e-3), f'ex2 kernel, {steps} per element'
 
 
 def _inputs(batch, C, L, dtype, device, requires_grad):
@@ -106,13 +163,13 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
         raise RuntimeError(f'no compiled kernel for {device.type}: '
                            f'{_ext.ext_status()[1]}')
     bandwidth = copy_bandwidth(device)
-    exps_per_s = exp_rate(device) if device.type == 'cuda' else None
+    exps_per_s, exp_source = (exp_rate(device) if device.type == 'cuda' else
+                              (None, None))
     rows = []
     for C, L in STAGES:
         exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
         moved = scan_bytes(batch, C, L, dtype)
-        for name, backward, exp_passes in (('fwd', False, 1),
-                                           ('fwd+bwd', True, 4)):
+        for name, backward in (('fwd', False), ('fwd+bwd', True)):
             args = _inputs(batch, C, L, dtype, device, backward)
             kernel_ms = measure(
                 lambda: _run(_ext.selective_scan_kernel, args, backward),
@@ -131,15 +188,15 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
                 dict(stage=f'C={C} L={L}', pass_=name, kernel_ms=kernel_ms,
                      reference_ms=reference_ms,
                      **_against_floors(kernel_ms, moved[name], bandwidth,
-                                       exp_passes * exps, exps_per_s)))
-    rows.append(dict(copy_gb_per_s=bandwidth / 1e9,
-                     exps_per_s=exps_per_s))
+                                       EXP_PASSES[name] * exps, exps_per_s)))
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s,
+                     exp_source=exp_source))
     return rows
 
 
-def _ss2d_inputs(batch, C, L, dtype, device, requires_grad):
+def _ss2d_inputs(batch, C, L, core, dtype, device, requires_grad):
     """A channels-last map and SS2D parameters of stage width C."""
-    d_inner, rank = 2 * C, -(-C // 16)
+    d_inner, rank, d_state = core.ssm_ratio * C, -(-C // 16), core.d_state
     side = int(round(L**0.5))
     g = torch.Generator(device='cpu').manual_seed(0)
 
@@ -149,25 +206,26 @@ def _ss2d_inputs(batch, C, L, dtype, device, requires_grad):
     k = NUM_DIRECTIONS
     args = dict(
         x=rand(batch, side, side, d_inner).to(dtype),
-        x_proj_weight=rand(k, rank + 2 * D_STATE, d_inner,
+        x_proj_weight=rand(k, rank + 2 * d_state, d_inner,
                            scale=d_inner**-0.5),
         dt_projs_weight=rand(k, d_inner, rank, scale=rank**-0.5),
         dt_projs_bias=rand(k, d_inner, scale=0.5, shift=-4),
-        A_logs=rand(k * d_inner, D_STATE, scale=0.5),
+        A_logs=rand(k * d_inner, d_state, scale=0.5),
         Ds=rand(k * d_inner))
     return {k: v.requires_grad_(requires_grad) for k, v in args.items()}
 
 
-def fused_bytes(batch, C, L, scan_dtype) -> Dict[str, int]:
+def fused_bytes(batch, C, L, scan_dtype,
+                core: CoreShape = CORE_SHAPES['vmamba-t']) -> Dict[str, int]:
     """Bytes SS2D's core must move at least, forward and backward: the map
     and its projections read once, the float32 output written once (and
     their gradients), the checkpoints."""
     size = torch.empty(0, dtype=scan_dtype).element_size()
-    d_inner, rank = 2 * C, -(-C // 16)
+    d_inner, rank, d_state = core.ssm_ratio * C, -(-C // 16), core.d_state
     plane = batch * L * d_inner
-    x_dbl = batch * L * NUM_DIRECTIONS * (rank + 2 * D_STATE) * size
+    x_dbl = batch * L * NUM_DIRECTIONS * (rank + 2 * d_state) * size
     checkpoints = (batch * NUM_DIRECTIONS * d_inner *
-                   -(-L // _ext.LIMITS.chunk) * D_STATE * 4)
+                   -(-L // _ext.LIMITS.chunk) * d_state * 4)
     forward = plane * size + plane * 4 + x_dbl + checkpoints
     backward = forward + plane * 4 + plane * size + x_dbl
     return {'fwd': forward, 'fwd+bwd': forward + backward}
@@ -175,8 +233,12 @@ def fused_bytes(batch, C, L, scan_dtype) -> Dict[str, int]:
 
 def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                repeat: int = 20,
-               scan_dtypes=(torch.float32, torch.bfloat16)) -> List[Dict]:
-    """Time SS2D's core, fused against unfused, at VMamba-T's stages.
+               scan_dtypes=(torch.float32, torch.bfloat16),
+               model: str = 'vmamba-t') -> List[Dict]:
+    """Time SS2D's core, fused against unfused, at a model's stages.
+
+    ``model`` is a key of :data:`CORE_SHAPES` (VMamba-T: d_inner = 2C,
+    N = 16; VMamba2-T: d_inner = C, N = 1).
 
     Returns one dict per (stage, scan dtype, pass): ``fused_ms``,
     ``unfused_ms`` (the four-copy path on the plain kernel; ``None`` if it
@@ -188,16 +250,16 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
     if not (device.type == 'cuda' and _ext.has_cross_kernel()):
         raise RuntimeError('the fused kernel needs a GPU and the CUDA build: '
                            f'{_ext.ext_status()[1]}')
+    core = CORE_SHAPES[model]
     bandwidth = copy_bandwidth(device)
-    exps_per_s = exp_rate(device)
+    exps_per_s, exp_source = exp_rate(device)
     rows = []
     for C, L in STAGES:
-        exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
+        exps = batch * NUM_DIRECTIONS * core.ssm_ratio * C * L * core.d_state
         for scan_dtype in scan_dtypes:
-            moved = fused_bytes(batch, C, L, scan_dtype)
-            for name, backward, exp_passes in (('fwd', False, 1),
-                                               ('fwd+bwd', True, 4)):
-                args = _ss2d_inputs(batch, C, L, torch.float32, device,
+            moved = fused_bytes(batch, C, L, scan_dtype, core)
+            for name, backward in (('fwd', False), ('fwd+bwd', True)):
+                args = _ss2d_inputs(batch, C, L, core, torch.float32, device,
                                     backward)
                 times = {}
                 for fused in (True, False):
@@ -220,9 +282,10 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                          scan_dtype=str(scan_dtype).replace('torch.', ''),
                          fused_ms=times[True], unfused_ms=times[False],
                          **_against_floors(times[True], moved[name],
-                                           bandwidth, exp_passes * exps,
+                                           bandwidth, EXP_PASSES[name] * exps,
                                            exps_per_s)))
-    rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s))
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s,
+                     exp_source=exp_source))
     return rows
 
 

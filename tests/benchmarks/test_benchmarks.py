@@ -337,3 +337,29 @@ def test_benchmark_detectors_rounds_take_turns(capsys):
         low, high = table[row['model']][header.index('ms range')].split('-')
         assert float(low) == pytest.approx(min(row['round_ms']), abs=0.06)
         assert float(high) == pytest.approx(max(row['round_ms']), abs=0.06)
+
+
+def test_fused_bytes_follow_the_core_shapes():
+    """VMamba2-T's core: d_inner = C, N = 1; VMamba-T's: 2C, N = 16."""
+    import scan_timing
+    batch, C, L, chunk = 2, 96, 3136, _ext.LIMITS.chunk
+    for model, d_inner, N in (('vmamba-t', 192, 16), ('vmamba2-t', 96, 1)):
+        core = scan_timing.CORE_SHAPES[model]
+        plane = batch * L * d_inner
+        x_dbl = batch * L * 4 * (6 + 2 * N) * 4
+        checkpoints = batch * 4 * d_inner * -(-L // chunk) * N * 4
+        forward = 2 * plane * 4 + x_dbl + checkpoints
+        got = scan_timing.fused_bytes(batch, C, L, torch.float32, core)
+        assert got == {'fwd': forward,
+                       'fwd+bwd': 2 * forward + 2 * plane * 4 + x_dbl}
+    assert scan_timing.EXP_PASSES == {'fwd': 1, 'fwd+bwd': 2}
+
+
+def test_every_swin_t_sized_model_is_compared_with_timm_swin_t():
+    from models import MODEL_ZOO, TIMM_MODELS, TIMM_SWIN_REFERENCE
+    tiny = {'vmamba-t', 'vmamba2-t', 'swin-t', 'convnext-t', 'resnet-50',
+            'deit-s', *TIMM_MODELS}
+    assert set(TIMM_SWIN_REFERENCE) == tiny
+    assert set(TIMM_SWIN_REFERENCE.values()) == {'timm-swin-t'}
+    for name in ('vmamba2-t', 'vmamba2-s', 'vmamba2-b'):
+        assert osp.isfile(MODEL_ZOO[name].config), name
