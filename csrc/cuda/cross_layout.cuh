@@ -32,7 +32,9 @@ __device__ __forceinline__ int cross_position(int k, int l, int H, int W,
 // SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
 // reads 32 channels of one position (coalesced in every scan order); the
 // extra shared memory holds dt_weight of the block's channels and the
-// tile's dt_low, both in rows of dt_pitch (odd) floats.
+// tile's dt_low (and the backward's d dt_weight), in rows of dt_pitch
+// floats: R rounded up to a multiple of 4 and zero-padded, so that the
+// products over the rank read 4 ranks a load (float4).
 template <typename T_>
 struct CrossIo {
   using T = T_;
@@ -42,6 +44,10 @@ struct CrossIo {
   static constexpr int kRowLoads = kSteps / kStepThreads;
   static constexpr int kStateThreads = kThreads / Tl::states;   // 8
   static constexpr int kStateLoads = kSteps / kStateThreads;
+
+  // The backward keeps decays where shared memory limits its blocks (long
+  // ranks R; see keep_decays in scan_launch.cuh).
+  static constexpr bool kMayKeepDecays = true;
 
   // dt_weight rows, the tile's dt_low, and (backward) d dt_weight rows.
   static int extra_floats(const ScanParams& p, bool backward) {
@@ -65,14 +71,13 @@ struct CrossIo {
   __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
                                  float* extra) {
     float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
-    for (int i = threadIdx.x; i < Tl::channels * p.rank; i += kThreads) {
-      const int c = i / p.rank, r = i % p.rank;
+    for (int i = threadIdx.x; i < Tl::channels * p.dt_pitch; i += kThreads) {
+      const int c = i / p.dt_pitch, r = i % p.dt_pitch;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      extra[c * p.dt_pitch + r] =
-          d_in_group < p.per_group
-              ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
-              : 0.0f;
-      if (p.ddt_weight != nullptr) dw_s[c * p.dt_pitch + r] = 0.0f;
+      extra[i] = d_in_group < p.per_group && r < p.rank
+                     ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
+                     : 0.0f;
+      if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
     }
   }
 
@@ -161,8 +166,8 @@ struct CrossIo {
         const T* row = static_cast<const T*>(p.delta) +
                        (pos.b * p.length + (ok ? position(p, pos, l) : 0)) * p.row_stride +
                        pos.g * (p.rank + 2 * p.d_state);
-        for (int r = r0; r < p.rank; r += kThreads / kSteps) {
-          dtl_s[t * p.dt_pitch + r] = ok ? static_cast<float>(row[r]) : 0.0f;
+        for (int r = r0; r < p.dt_pitch; r += kThreads / kSteps) {
+          dtl_s[t * p.dt_pitch + r] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
         }
       }
       __syncthreads();
@@ -172,11 +177,17 @@ struct CrossIo {
       float x[kRowLoads];
 #pragma unroll
       for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
-      for (int r = 0; r < p.rank; ++r) {
-        const float w = w_s[c * p.dt_pitch + r];
+      // Four ranks a pass (the padding adds zeros).
+      for (int r = 0; r < p.rank; r += 4) {
+        const float4 w = *reinterpret_cast<const float4*>(w_s + c * p.dt_pitch + r);
 #pragma unroll
         for (int k = 0; k < kRowLoads; ++k) {
-          x[k] = fmaf(w, dtl_s[(j + k * kStepThreads) * p.dt_pitch + r], x[k]);
+          const float4 v = *reinterpret_cast<const float4*>(
+              dtl_s + (j + k * kStepThreads) * p.dt_pitch + r);
+          x[k] = fmaf(w.x, v.x, x[k]);
+          x[k] = fmaf(w.y, v.y, x[k]);
+          x[k] = fmaf(w.z, v.z, x[k]);
+          x[k] = fmaf(w.w, v.w, x[k]);
         }
       }
 #pragma unroll
@@ -201,15 +212,14 @@ struct CrossIo {
     }
   }
 
-  // Adds du to the merged float32 map; adds the gradients of dt_low
-  // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) and of B
-  // and C into dx_dbl, zeroing dB_s / dC_s; accumulates d dt_weight
-  // (dW[c] += sum_t dd[c][t] dt_low[t]). dd holds d(step size) before the
-  // softplus, zero past L and for padding channels.
+  // Adds du to the merged float32 map; adds the gradient of dt_low
+  // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) into
+  // dx_dbl; accumulates d dt_weight (dW[c] += sum_t dd[c][t] dt_low[t]). dd
+  // holds d(step size) before the softplus, zero past L and for padding
+  // channels.
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
                                      int64_t l0, const float* du_s,
-                                     const float* dd_s, float* dB_s, float* dC_s,
-                                     float* extra) {
+                                     const float* dd_s, float* extra) {
     for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
       const int c = i % Tl::channels, t = i / Tl::channels;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -223,48 +233,89 @@ struct CrossIo {
     const float* dtl_s = extra + Tl::channels * p.dt_pitch;
     float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
     const int x_offset = static_cast<int>(pos.g) * (p.rank + 2 * p.d_state);
+    // Four ranks a pass (float4 rows; sums over the padding are not kept).
+    constexpr int kHalf = kSteps / 2;
     {
-      // Thread: step t, ranks r0, r0 + 2, ... (as the dt_low loads).
-      const int t = threadIdx.x % kSteps;
-      const int r0 = threadIdx.x / kSteps;
-      if (l0 + t < p.length) {
-        float* row = p.dx_dbl +
-                     (pos.b * p.length + position(p, pos, l0 + t)) * p.row_stride +
-                     x_offset;
-        for (int r = r0; r < p.rank; r += kThreads / kSteps) {
-          float sum = 0.0f;
+      // Thread: steps t and t + 32, ranks 4g .. 4g + 3 for g = warp,
+      // warp + kWarps, ...
+      const int t = threadIdx.x % kHalf;
+      const int g0 = threadIdx.x / kHalf;
+      float* rows[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t l = l0 + t + h * kHalf;
+        rows[h] = l < p.length ? p.dx_dbl +
+                                     (pos.b * p.length + position(p, pos, l)) *
+                                         p.row_stride + x_offset
+                               : nullptr;
+      }
+      for (int r = 4 * g0; r < p.rank; r += 4 * (kThreads / kHalf)) {
+        float sum[2][4] = {};
 #pragma unroll 8
-          for (int c = 0; c < Tl::channels; ++c) {
-            sum = fmaf(dd_s[c * kRow + t], w_s[c * p.dt_pitch + r], sum);
+        for (int c = 0; c < Tl::channels; ++c) {
+          const float4 w = *reinterpret_cast<const float4*>(w_s + c * p.dt_pitch + r);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float d = dd_s[c * kRow + t + h * kHalf];
+            sum[h][0] = fmaf(d, w.x, sum[h][0]);
+            sum[h][1] = fmaf(d, w.y, sum[h][1]);
+            sum[h][2] = fmaf(d, w.z, sum[h][2]);
+            sum[h][3] = fmaf(d, w.w, sum[h][3]);
           }
-          atomicAdd(row + r, sum);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if (rows[h] != nullptr && r + i < p.rank) atomicAdd(rows[h] + r + i, sum[h][i]);
+          }
         }
       }
     }
     {
-      // Thread: channel c, ranks r0, r0 + 4, ...
+      // Thread: channel c, ranks 4g .. 4g + 3 for g = warp, warp + kWarps, ...
       const int c = threadIdx.x % Tl::channels;
-      const int r0 = threadIdx.x / Tl::channels;
-      for (int r = r0; r < p.rank; r += kThreads / Tl::channels) {
-        float sum = 0.0f;
+      const int g0 = threadIdx.x / Tl::channels;
+      for (int r = 4 * g0; r < p.rank; r += 4 * (kThreads / Tl::channels)) {
+        float sum[4] = {};
 #pragma unroll 8
         for (int t = 0; t < kSteps; ++t) {
-          sum = fmaf(dd_s[c * kRow + t], dtl_s[t * p.dt_pitch + r], sum);
+          const float d = dd_s[c * kRow + t];
+          const float4 v = *reinterpret_cast<const float4*>(dtl_s + t * p.dt_pitch + r);
+          sum[0] = fmaf(d, v.x, sum[0]);
+          sum[1] = fmaf(d, v.y, sum[1]);
+          sum[2] = fmaf(d, v.z, sum[2]);
+          sum[3] = fmaf(d, v.w, sum[3]);
         }
-        dw_s[c * p.dt_pitch + r] += sum;
+        float4* dw = reinterpret_cast<float4*>(dw_s + c * p.dt_pitch + r);
+        float4 acc = *dw;
+        acc.x += sum[0];
+        acc.y += sum[1];
+        acc.z += sum[2];
+        acc.w += sum[3];
+        *dw = acc;
       }
     }
-    for (int i = threadIdx.x; i < Tl::states * kSteps; i += kThreads) {
-      const int n = i % Tl::states, t = i / Tl::states;
-      const int64_t l = l0 + t;
-      if (n < p.d_state && l < p.length) {
-        float* row = p.dx_dbl + (pos.b * p.length + position(p, pos, l)) * p.row_stride +
-                     x_offset + p.rank;
-        atomicAdd(row + n, dB_s[t * Tl::states + n]);
-        atomicAdd(row + p.d_state + n, dC_s[t * Tl::states + n]);
+  }
+
+  // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
+  // `grads`, see sum_state_grad) into dx_dbl. Threads take consecutive
+  // values of a step (one row of x_dbl).
+  __device__ static void store_state_grads(const ScanParams& p,
+                                           const BlockPos& pos, int64_t l,
+                                           const float* grads) {
+    const int x_offset = static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank;
+#pragma unroll
+    for (int i = threadIdx.x; i < 2 * Tl::states * kPiece; i += kThreads) {
+      const int j = i % (2 * Tl::states), t = i / (2 * Tl::states);
+      const int n = j % Tl::states;
+      if (n < p.d_state && l + t < p.length) {
+        float* row = p.dx_dbl +
+                     (pos.b * p.length + position(p, pos, l + t)) * p.row_stride +
+                     x_offset;
+        atomicAdd(row + (j < Tl::states ? n : p.d_state + n),
+                  sum_state_grad<Q>(grads, t, j));
       }
-      dB_s[t * Tl::states + n] = 0.0f;
-      dC_s[t * Tl::states + n] = 0.0f;
     }
   }
 };

@@ -38,7 +38,7 @@ ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
   p.width = static_cast<int>(s.width);
   p.rank = static_cast<int>(s.rank);
   p.row_stride = static_cast<int>(kDirections * (s.rank + 2 * s.d_state));
-  p.dt_pitch = p.rank | 1;  // odd: conflict-free rows in shared memory
+  p.dt_pitch = (p.rank + 3) / 4 * 4;  // rows of float4s (CrossIo)
   p.inv_height = 1.0f / static_cast<float>(s.height);
   return p;
 }

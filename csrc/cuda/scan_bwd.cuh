@@ -6,8 +6,9 @@
 // forward saved, recomputes the chunk forward keeping the state every
 // kPiece steps in registers, then for each kPiece-step piece recomputes its
 // states (registers) and runs the reverse scan. dB / dC are summed over the
-// warp's channels by a butterfly of shuffles, over the block in shared
-// memory, and over blocks by float atomics.
+// warp's channels by a butterfly of shuffles, over the block's warps in
+// shared memory after each piece (plain stores, one barrier a piece), and
+// over blocks by float atomics.
 #pragma once
 
 #include "scan_common.cuh"
@@ -18,12 +19,14 @@ namespace scan_cuda {
 // Sums vb (dB terms) and vc (dC terms) of the lanes holding the same states
 // over the warp's channels: a butterfly that halves the values each stage.
 // Afterwards the lane holds values [k*V, (k+1)*V) of the 2*kP, with k its
-// channel within the warp and V = 2*kP*Q/32; it adds them to dB_s / dC_s.
+// channel within the warp and V = 2*kP*Q/32 (all dB or all dC terms, as V
+// divides kP); it stores them in the warp's row of the step, dB terms of
+// the states then dC terms (plain stores: the block's warps are summed
+// after the piece, see Io::store_state_grads).
 template <int Q>
 __device__ __forceinline__ void reduce_state_grads(const float (&vb)[kP],
                                                    const float (&vc)[kP],
-                                                   float* dB_row, float* dC_row,
-                                                   int q) {
+                                                   float* row, int q) {
   constexpr int kValues = 2 * kP;
   float v[kValues];
 #pragma unroll
@@ -48,20 +51,25 @@ __device__ __forceinline__ void reduce_state_grads(const float (&vb)[kP],
     count = half;
   }
   constexpr int kKept = kValues * Q / 32;
+  static_assert(kP % kKept == 0, "a lane keeps dB terms or dC terms only");
   const int base = (lane_id / Q) * kKept;
+  float* at = row + (base < kP ? 0 : Tile<Q>::states) + q * kP + base % kP;
+  if constexpr (kKept == 4) {
+    *reinterpret_cast<float4*>(at) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
 #pragma unroll
-  for (int j = 0; j < kKept; ++j) {
-    const int idx = base + j;
-    if (idx < kP) {
-      atomicAdd(dB_row + q * kP + idx, v[j]);
-    } else {
-      atomicAdd(dC_row + q * kP + idx - kP, v[j]);
-    }
+    for (int j = 0; j < kKept; ++j) at[j] = v[j];
   }
 }
 
-template <typename Io>
-__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
+// kKeepDecays: a piece's decays exp2(a dt), computed for its states, are
+// kept in registers for its reverse scan (one exponential per state and
+// step fewer, 32 registers more, so 3 blocks per SM): the launch code takes
+// it where shared memory allows no more blocks anyway.
+template <typename Io, bool kKeepDecays>
+__global__ void __launch_bounds__(kThreads, kKeepDecays
+                                                ? Tile<Io::Q>::bwd_keep_blocks_per_sm
+                                                : Tile<Io::Q>::bwd_blocks_per_sm)
     scan_bwd_kernel(const ScanParams p) {
   constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
@@ -74,8 +82,6 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
   float* dy_s = tiles.dy;
   float* B_s = tiles.B;
   float* C_s = tiles.C;
-  float* dB_s = shared.dB;
-  float* dC_s = shared.dC;
   const int warp = threadIdx.x / 32, lane_id = threadIdx.x % 32;
   float* part_b = shared.part + warp * 2 * kPiece * 32;
   float* part_a = part_b + kPiece * 32;
@@ -84,9 +90,6 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
   Io::prepare(p, pos, extra);
-  for (int i = threadIdx.x; i < 2 * kSteps * Tl::states; i += kThreads) {
-    dB_s[i] = 0.0f;
-  }
   // The segment's chunks, in reverse from the carry of the later segments:
   // dh enters its last step as decay_next * dh (zero after the last one).
   const SegmentRange range = segment_range(p);
@@ -166,7 +169,11 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
 #pragma unroll
     for (int s = kPieces - 1; s >= 0; --s) {
       if (s >= pieces) continue;
-      float hs[kPiece][kP];
+      // The warps' dB / dC terms of the piece: two buffers, alternating.
+      float* grads = shared.state_grads + (s & 1) * kWarps * kPiece * Tl::grad_row;
+      float* warp_grads = grads + warp * kPiece * Tl::grad_row;
+      // The piece's states and (if kept) its decays exp2(a dt).
+      float hs[kPiece][kP], decays[kKeepDecays ? kPiece : 1][kP];
 #pragma unroll
       for (int k = 0; k < kPiece; ++k) {
         const int t = s * kPiece + k;
@@ -177,7 +184,9 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
 #pragma unroll
         for (int i = 0; i < kP; ++i) {
           const float prev = k == 0 ? start[s][i] : hs[k - 1][i];
-          hs[k][i] = exp2f(lane.a[i] * dt) * prev + dtu * bv[i];
+          const float decay = exp2f(lane.a[i] * dt);
+          if constexpr (kKeepDecays) decays[k][i] = decay;
+          hs[k][i] = decay * prev + dtu * bv[i];
         }
       }
 #pragma unroll
@@ -194,7 +203,12 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
         float vb[kP], vc[kP], sum_b = 0.0f, sum_a = 0.0f;
 #pragma unroll
         for (int i = 0; i < kP; ++i) {
-          const float decay = exp2f(lane.a[i] * dt);
+          float decay;
+          if constexpr (kKeepDecays) {
+            decay = decays[k][i];
+          } else {
+            decay = exp2f(lane.a[i] * dt);
+          }
           dh[i] = g * cv[i] + decay_next[i] * dh[i];
           decay_next[i] = decay;
           const float prev = k == 0 ? start[s][i] : hs[k - 1][i];
@@ -205,8 +219,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
           vb[i] = dh[i] * dtu;
           vc[i] = g * hs[k][i];
         }
-        reduce_state_grads<Q>(vb, vc, dB_s + t * Tl::states,
-                              dC_s + t * Tl::states, lane.q);
+        reduce_state_grads<Q>(vb, vc, warp_grads + k * Tl::grad_row, lane.q);
         part_b[part_index(k, lane_id)] = sum_b;
         part_a[part_index(k, lane_id)] = sum_a;
       }
@@ -236,10 +249,13 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
           dt_s[c * kRow + t] = ddt;
         }
       }
-      __syncwarp();
+      // The block's dB / dC of the piece: every warp's terms are stored (and
+      // the other buffer, the last piece's, was read by every thread).
+      __syncthreads();
+      Io::store_state_grads(p, pos, l0 + s * kPiece, grads);
     }
     __syncthreads();
-    Io::store_grads(p, pos, l0, u_s, dt_s, dB_s, dC_s, extra);
+    Io::store_grads(p, pos, l0, u_s, dt_s, extra);
   }
   Io::finish(p, pos, extra);
   if (lane.valid) {

@@ -38,13 +38,20 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <int Q>
 struct Tile {
-  // Resident blocks per SM the register budgets are set for.
+  // Resident blocks per SM the register budgets are set for; the backward
+  // that keeps a piece's decays in registers (scan_bwd.cuh) is set for 3.
   static constexpr int fwd_blocks_per_sm = Q == 4 ? 5 : 4;
   static constexpr int bwd_blocks_per_sm = Q == 4 ? 4 : 3;
+  static constexpr int bwd_keep_blocks_per_sm = 3;
   static constexpr int channels = kThreads / Q;  // channels per block
   static constexpr int states = kP * Q;          // states held by a channel
-  static constexpr int state_row = states + 4;   // padded (keeps 16-byte rows)
+  static constexpr int state_row = states;       // 16-byte rows
+  // A warp's dB and dC terms of one step: states each, padded so that 8
+  // steps x 4 values fall in distinct banks (row = 4 mod 32 words).
+  static constexpr int grad_row = 2 * states + 4;
 };
+
+constexpr int kWarps = kThreads / 32;
 
 struct ScanParams {
   const void *u, *delta, *B, *C, *dy;
@@ -119,19 +126,20 @@ struct TileSmem {
 };
 
 // A block's shared memory, carved by SmemLayout: the tiles, the backward's
-// dB / dC rows ([step][state]), the lanes' partial sums (per warp; kPart
-// steps forward, two buffers of kPiece steps backward) and the Io's extra
-// floats. Regions a pass does not use are null.
+// per-warp dB / dC terms of a piece (two buffers of [warp][kPiece steps]
+// [grad_row]), the lanes' partial sums (per warp; kPart steps forward, two
+// buffers of kPiece steps backward) and the Io's extra floats. Regions a
+// pass does not use are null.
 struct Smem {
   TileSmem tile;
-  float *dB, *dC, *part, *extra;
+  float *state_grads, *part, *extra;
 };
 
 // The one layout of a block's shared memory, in floats: the tiles (dy for
-// the backward passes), then for the full passes dB / dC (backward) and the
-// partial sums, then the Io's extra floats, whose count is known only at
-// run time and so come last. Kernels carve their pointers with carve(), the
-// launch code sizes the allocation with bytes().
+// the backward passes), then for the full passes the backward's dB / dC
+// terms and the partial sums, then the Io's extra floats, whose count is
+// known only at run time and so come last. Kernels carve their pointers
+// with carve(), the launch code sizes the allocation with bytes().
 template <int Q, Pass kPass>
 struct SmemLayout {
   using Tl = Tile<Q>;
@@ -139,7 +147,8 @@ struct SmemLayout {
       kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
   static constexpr int kChannelTile = Tl::channels * kRow;
   static constexpr int kStateTile = kSteps * Tl::state_row;
-  static constexpr int kGradRows = kPass == Pass::kBackward ? kSteps * Tl::states : 0;
+  static constexpr int kGradFloats =
+      kPass == Pass::kBackward ? 2 * kWarps * kPiece * Tl::grad_row : 0;
   static constexpr int kPartFloats = kPass == Pass::kForward    ? kThreads * kPart
                                      : kPass == Pass::kBackward ? 2 * kThreads * kPiece
                                                                 : 0;
@@ -148,10 +157,12 @@ struct SmemLayout {
   static constexpr int dy = dt + kChannelTile;
   static constexpr int B = dy + (kWithDy ? kChannelTile : 0);
   static constexpr int C = B + kStateTile;
-  static constexpr int dB = C + kStateTile;
-  static constexpr int dC = dB + kGradRows;
-  static constexpr int part = dC + kGradRows;
+  static constexpr int state_grads = C + kStateTile;
+  static constexpr int part = state_grads + kGradFloats;
   static constexpr int extra = part + kPartFloats;
+  static_assert(dt % 4 == 0 && dy % 4 == 0 && B % 4 == 0 && C % 4 == 0 &&
+                    state_grads % 4 == 0 && part % 4 == 0 && extra % 4 == 0,
+                "regions read as float4 start on 16-byte boundaries");
 
   static int bytes(int extra_floats) {
     return (extra + extra_floats) * static_cast<int>(sizeof(float));
@@ -164,13 +175,23 @@ struct SmemLayout {
     s.tile.dy = kWithDy ? smem + dy : nullptr;
     s.tile.B = smem + B;
     s.tile.C = smem + C;
-    s.dB = kGradRows > 0 ? smem + dB : nullptr;
-    s.dC = kGradRows > 0 ? smem + dC : nullptr;
+    s.state_grads = kGradFloats > 0 ? smem + state_grads : nullptr;
     s.part = kPartFloats > 0 ? smem + part : nullptr;
     s.extra = smem + extra;
     return s;
   }
 };
+
+// The block's sum of the warps' dB / dC term j (dB terms of the states, then
+// dC terms) of step t of a backward piece; `grads` holds [warp][kPiece]
+// rows of grad_row floats (see reduce_state_grads in scan_bwd.cuh).
+template <int Q>
+__device__ __forceinline__ float sum_state_grad(const float* grads, int t, int j) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += grads[(w * kPiece + t) * Tile<Q>::grad_row + j];
+  return sum;
+}
 
 // The lane's channel and its A (scaled by log2 e; zero for padding).
 template <int Q>

@@ -55,6 +55,26 @@ void launch_kernel(void (*kernel)(ScanParams), const ScanParams& p, dim3 grid,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether the backward keeps a piece's decays in registers (see
+// scan_bwd_kernel): only for an Io that allows it (Io::kMayKeepDecays), and
+// where the block's shared memory (`smem` bytes) already holds the SM to
+// fewer blocks than the kernel without them could run, so the 32 more
+// registers cost no occupancy.
+template <typename Io>
+bool keep_decays(int smem) {
+  if constexpr (Io::kMayKeepDecays) {
+    auto kernel = scan_bwd_kernel<Io, false>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, kernel, kThreads, smem));
+    return blocks < Tile<Io::Q>::bwd_blocks_per_sm;
+  } else {
+    return false;
+  }
+}
+
 // One pass (forward or backward) of Io's scan. With several segments: their
 // summaries (all but the one whose summary is never used), the carries
 // between them, then the full pass of every segment; `f32` places the
@@ -68,8 +88,10 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
               "large for one launch (", std::to_string(blocks), " blocks)");
   TORCH_CHECK(p.chunks < (int64_t{1} << 30), "selective_scan: sequence too "
               "long (", std::to_string(p.length), " steps)");
+  const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
   choose_segments(p, blocks,
-                  backward ? Tl::bwd_blocks_per_sm : Tl::fwd_blocks_per_sm);
+                  !backward ? Tl::fwd_blocks_per_sm
+                            : keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid_x = static_cast<unsigned>(blocks);
   // Freed when this returns: the caching allocator reuses memory in stream
@@ -92,7 +114,13 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
   }
   const dim3 grid(grid_x, p.segments);
   if (backward) {
-    launch_kernel<Io, Pass::kBackward>(scan_bwd_kernel<Io>, p, grid, stream);
+    if constexpr (Io::kMayKeepDecays) {
+      if (keep) {
+        launch_kernel<Io, Pass::kBackward>(scan_bwd_kernel<Io, true>, p, grid, stream);
+        return;
+      }
+    }
+    launch_kernel<Io, Pass::kBackward>(scan_bwd_kernel<Io, false>, p, grid, stream);
   } else {
     launch_kernel<Io, Pass::kForward>(scan_fwd_kernel<Io>, p, grid, stream);
   }

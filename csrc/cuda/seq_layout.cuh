@@ -25,6 +25,10 @@ struct SeqIo {
   static constexpr int kStateThreads = kThreads / Tl::states;
   static constexpr int kStateLoads = kSteps / kStateThreads;
 
+  // The backward never keeps decays (see scan_bwd_kernel): its shared
+  // memory allows the blocks its registers do.
+  static constexpr bool kMayKeepDecays = false;
+
   static int extra_floats(const ScanParams&, bool) { return 0; }
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
   __device__ static void finish(const ScanParams&, const BlockPos&, float*) {}
@@ -115,12 +119,10 @@ struct SeqIo {
     }
   }
 
-  // du and d(delta) of the tile (rows of kRow), and dB / dC ([step][state]),
-  // which it also zeroes for the next tile.
+  // du and d(delta) of the tile (rows of kRow).
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
                                      int64_t l0, const float* du_s,
-                                     const float* dd_s, float* dB_s, float* dC_s,
-                                     float*) {
+                                     const float* dd_s, float*) {
     for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
       const int c = i / kSteps, t = i % kSteps;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -131,16 +133,22 @@ struct SeqIo {
         static_cast<T*>(p.ddelta)[at] = static_cast<T>(dd_s[c * kRow + t]);
       }
     }
+  }
+
+  // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
+  // `grads`, see sum_state_grad). Threads take consecutive steps of a state.
+  __device__ static void store_state_grads(const ScanParams& p,
+                                           const BlockPos& pos, int64_t l,
+                                           const float* grads) {
     const int64_t bc = (pos.b * p.groups + pos.g) * p.d_state;
-    for (int i = threadIdx.x; i < Tl::states * kSteps; i += kThreads) {
-      const int n = i / kSteps, t = i % kSteps;
-      const int64_t l = l0 + t;
-      if (n < p.d_state && l < p.length) {
-        atomicAdd(p.dB + (bc + n) * p.length + l, dB_s[t * Tl::states + n]);
-        atomicAdd(p.dC + (bc + n) * p.length + l, dC_s[t * Tl::states + n]);
+#pragma unroll
+    for (int i = threadIdx.x; i < 2 * Tl::states * kPiece; i += kThreads) {
+      const int t = i % kPiece, j = i / kPiece;
+      const int n = j % Tl::states;
+      if (n < p.d_state && l + t < p.length) {
+        float* grad = j < Tl::states ? p.dB : p.dC;
+        atomicAdd(grad + (bc + n) * p.length + l + t, sum_state_grad<Q>(grads, t, j));
       }
-      dB_s[t * Tl::states + n] = 0.0f;
-      dC_s[t * Tl::states + n] = 0.0f;
     }
   }
 };
