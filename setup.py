@@ -77,6 +77,13 @@ def locate_cuda_toolkit() -> None:
             return
 
 
+def csrc_files(pattern: str) -> list:
+    """Paths (relative to the repository) of the files under csrc/ whose
+    names match ``pattern``, sorted: a new source file needs no edit here."""
+    return sorted(p.relative_to(ROOT).as_posix()
+                  for p in (ROOT / CSRC).rglob(pattern))
+
+
 def extension_modules():
     """Return (ext_modules, cmdclass) for the build, or empty ones.
 
@@ -115,13 +122,13 @@ def extension_modules():
     # some of their operators misbehave when compiled as C++20).
     release = tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2])
     std = '-std=c++20' if release >= (2, 14) else '-std=c++17'
-    sources = [f'{CSRC}/ops.cpp', f'{CSRC}/scan_cpu.cpp',
-               f'{CSRC}/scan_cpu_generic.cpp', f'{CSRC}/scan_cpu_avx2.cpp']
+    # Every C++ source under csrc/, and every CUDA one when building CUDA.
+    sources = csrc_files('*.cpp')
     cxx_flags = ['-O3', std, '-g0', '-Wno-psabi']
     define_macros = []
     if with_cuda:
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '9.0+PTX')
-        sources.append(f'{CSRC}/scan_cuda.cu')
+        sources += csrc_files('*.cu')
         define_macros.append(('MMVMAMBA_WITH_CUDA', None))
         nvcc_flags = ['-O3', std, '--use_fast_math', '-lineinfo',
                       '--expt-relaxed-constexpr']

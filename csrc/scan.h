@@ -1,5 +1,5 @@
 // Shared declarations of the selective-scan ops: shapes, argument checks and
-// the per-device implementations registered in ops.cpp / scan_cuda.cu.
+// the per-device implementations registered in ops.cpp / csrc/cuda/*.cu.
 #pragma once
 
 #include <ATen/Dispatch.h>

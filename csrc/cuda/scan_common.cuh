@@ -1,0 +1,257 @@
+// Device helpers shared by the CUDA selective scans (csrc/cuda/*.cu): the
+// block shape, the kernel parameters, the shared-memory layout, a lane's
+// channel and states, segments.
+//
+// Layout: Q lanes of a warp share one channel (a (batch, channel) row), each
+// lane holding P = 4 of its N <= 4Q states in registers (Q = 4 for N <= 16,
+// Q = 16 for N <= 64). A block of 128 threads runs 128 / Q channels of one
+// group, so the group's B and C serve all of them. Time is walked in tiles
+// of kChunk = 64 steps staged through shared memory (the next tile's loads
+// in flight during the forward's scan). Each lane scans its states
+// sequentially; sums over a channel's lanes (y, and the backward's <dh, B>
+// and <dh, A dA h>) go through a small per-warp buffer and are finished
+// every few steps, off the scan's dependency chain. Per-step outputs are
+// gathered in shared memory and written once per tile.
+//
+// The kernels (scan_fwd.cuh, scan_bwd.cuh) are written once and read / write
+// their tensors through an "Io" policy, one per layout: SeqIo
+// (seq_layout.cuh), the plain op's (batch, channels, L) rows, and CrossIo
+// (cross_layout.cuh), SS2D's four scan orders of one channels-last map.
+// scan_launch.cuh launches them; selective_scan.cu and cross_scan.cu hold
+// the host wrappers of the two op families.
+#pragma once
+
+#include <cstdint>
+
+#include "../scan.h"
+
+namespace mmvmamba {
+namespace scan_cuda {
+
+constexpr int kThreads = 128;
+constexpr int kP = 4;             // states per lane
+constexpr int kSteps = kChunk;    // time steps per tile (= checkpoint chunk)
+constexpr int kRow = kSteps + 1;  // padded row of a per-channel tile
+constexpr int kPiece = 8;         // backward recompute piece
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int Q>
+struct Tile {
+  // Resident blocks per SM the register budgets are set for; the backward
+  // that keeps a piece's decays in registers (scan_bwd.cuh) is set for 3.
+  static constexpr int fwd_blocks_per_sm = Q == 4 ? 5 : 4;
+  static constexpr int bwd_blocks_per_sm = Q == 4 ? 4 : 3;
+  static constexpr int bwd_keep_blocks_per_sm = 3;
+  static constexpr int channels = kThreads / Q;  // channels per block
+  static constexpr int states = kP * Q;          // states held by a channel
+  static constexpr int state_row = states;       // 16-byte rows
+  // A warp's dB and dC terms of one step: states each, padded so that 8
+  // steps x 4 values fall in distinct banks (row = 4 mod 32 words).
+  static constexpr int grad_row = 2 * states + 4;
+};
+
+constexpr int kWarps = kThreads / 32;
+
+struct ScanParams {
+  const void *u, *delta, *B, *C, *dy;
+  const float *A, *D, *delta_bias;
+  void *y, *du, *ddelta;
+  float *checkpoints, *dA, *dB, *dC, *dD, *ddelta_bias;
+  int64_t batch, channels, length, groups, per_group, d_state, chunks;
+  int channel_blocks;
+  bool softplus;
+  // The sequence's segments (blockIdx.y): seg_chunks chunks each, the last
+  // one shorter. With segments > 1, seg_state (batch, channels, segments,
+  // N) and seg_dt (batch, channels, segments) hold the segments' summaries,
+  // then the carries entering them (see scan_carry_kernel).
+  int seg_chunks, segments;
+  float *seg_state, *seg_dt;
+  // CrossIo only: x_dbl (in `delta`), dt_weight (4, D, R), their gradients.
+  float *dx_dbl, *ddt_weight;
+  const float* dt_weight;
+  int height, width, rank, row_stride, dt_pitch;  // row_stride = 4 (R + 2N)
+  float inv_height;
+};
+
+struct BlockPos {
+  int64_t b, g, cblock;  // batch, group, block of channels within the group
+};
+
+__device__ __forceinline__ BlockPos block_pos(const ScanParams& p) {
+  const int64_t blk = blockIdx.x;
+  BlockPos pos;
+  pos.cblock = blk % p.channel_blocks;
+  pos.g = (blk / p.channel_blocks) % p.groups;
+  pos.b = blk / (static_cast<int64_t>(p.channel_blocks) * p.groups);
+  return pos;
+}
+
+// softplus as torch computes it (x above 20 passes through), branch-free:
+// log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3, for e = exp(-|x|).
+__device__ __forceinline__ float softplus(float x) {
+  const float e = __expf(-fabsf(x));
+  const float s = __fdividef(e, 2.0f + e);
+  const float s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = fmaf(p, s2, 1.0f / 11.0f);
+  p = fmaf(p, s2, 1.0f / 9.0f);
+  p = fmaf(p, s2, 1.0f / 7.0f);
+  p = fmaf(p, s2, 1.0f / 5.0f);
+  p = fmaf(p, s2, 1.0f / 3.0f);
+  p = fmaf(p, s2, 1.0f);
+  const float sp = fmaxf(x, 0.0f) + 2.0f * s * p;
+  return x > 20.0f ? x : sp;
+}
+
+// Per-warp scratch of the lanes' partial sums, kPart steps deep: the scan
+// writes one value per lane and step, and every kPart steps the warp sums
+// them over each channel's Q lanes (no shuffles on the scan's path).
+constexpr int kPart = 16;
+
+// Index of (step, lane) in such a scratch: rows of 32 lanes, swizzled by
+// step so that the float4 reads of 8 steps by a quarter warp (one channel's
+// lanes each) fall in different banks.
+__device__ __forceinline__ int part_index(int step, int lane) {
+  return step * 32 + (lane ^ ((step & 7) << 2));
+}
+
+// The kernels of a scan; each lays out its shared memory differently.
+enum class Pass { kForward, kBackward, kForwardSummary, kBackwardSummary };
+
+// The shared-memory tiles of a block, kSteps steps deep: per channel (rows
+// of kRow) u, step sizes and dy; per step (rows of state_row) B and C.
+struct TileSmem {
+  float *u, *dt, *dy, *B, *C;
+};
+
+// A block's shared memory, carved by SmemLayout: the tiles, the backward's
+// per-warp dB / dC terms of a piece (two buffers of [warp][kPiece steps]
+// [grad_row]), the lanes' partial sums (per warp; kPart steps forward, two
+// buffers of kPiece steps backward) and the Io's extra floats. Regions a
+// pass does not use are null.
+struct Smem {
+  TileSmem tile;
+  float *state_grads, *part, *extra;
+};
+
+// The one layout of a block's shared memory, in floats: the tiles (dy for
+// the backward passes), then for the full passes the backward's dB / dC
+// terms and the partial sums, then the Io's extra floats, whose count is
+// known only at run time and so come last. Kernels carve their pointers
+// with carve(), the launch code sizes the allocation with bytes().
+template <int Q, Pass kPass>
+struct SmemLayout {
+  using Tl = Tile<Q>;
+  static constexpr bool kWithDy =
+      kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
+  static constexpr int kChannelTile = Tl::channels * kRow;
+  static constexpr int kStateTile = kSteps * Tl::state_row;
+  static constexpr int kGradFloats =
+      kPass == Pass::kBackward ? 2 * kWarps * kPiece * Tl::grad_row : 0;
+  static constexpr int kPartFloats = kPass == Pass::kForward    ? kThreads * kPart
+                                     : kPass == Pass::kBackward ? 2 * kThreads * kPiece
+                                                                : 0;
+  static constexpr int u = 0;
+  static constexpr int dt = u + kChannelTile;
+  static constexpr int dy = dt + kChannelTile;
+  static constexpr int B = dy + (kWithDy ? kChannelTile : 0);
+  static constexpr int C = B + kStateTile;
+  static constexpr int state_grads = C + kStateTile;
+  static constexpr int part = state_grads + kGradFloats;
+  static constexpr int extra = part + kPartFloats;
+  static_assert(dt % 4 == 0 && dy % 4 == 0 && B % 4 == 0 && C % 4 == 0 &&
+                    state_grads % 4 == 0 && part % 4 == 0 && extra % 4 == 0,
+                "regions read as float4 start on 16-byte boundaries");
+
+  static int bytes(int extra_floats) {
+    return (extra + extra_floats) * static_cast<int>(sizeof(float));
+  }
+
+  __device__ static Smem carve(float* smem) {
+    Smem s;
+    s.tile.u = smem + u;
+    s.tile.dt = smem + dt;
+    s.tile.dy = kWithDy ? smem + dy : nullptr;
+    s.tile.B = smem + B;
+    s.tile.C = smem + C;
+    s.state_grads = kGradFloats > 0 ? smem + state_grads : nullptr;
+    s.part = kPartFloats > 0 ? smem + part : nullptr;
+    s.extra = smem + extra;
+    return s;
+  }
+};
+
+// The block's sum of the warps' dB / dC term j (dB terms of the states, then
+// dC terms) of step t of a backward piece; `grads` holds [warp][kPiece]
+// rows of grad_row floats (see reduce_state_grads in scan_bwd.cuh).
+template <int Q>
+__device__ __forceinline__ float sum_state_grad(const float* grads, int t, int j) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += grads[(w * kPiece + t) * Tile<Q>::grad_row + j];
+  return sum;
+}
+
+// The lane's channel and its A (scaled by log2 e; zero for padding).
+template <int Q>
+struct Lane {
+  int q, c;           // state quarter, channel within the block
+  int64_t d;          // channel index
+  bool valid;
+  float a[kP];        // A * log2(e)
+
+  __device__ Lane(const ScanParams& p, const BlockPos& pos) {
+    q = threadIdx.x % Q;
+    c = threadIdx.x / Q;
+    const int64_t d_in_group = pos.cblock * Tile<Q>::channels + c;
+    valid = d_in_group < p.per_group;
+    d = pos.g * p.per_group + (valid ? d_in_group : 0);
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      const int n = q * kP + i;
+      a[i] = valid && n < p.d_state ? p.A[d * p.d_state + n] * kLog2e : 0.0f;
+    }
+  }
+
+  __device__ float* checkpoint(const ScanParams& p, int64_t b, int64_t chunk) const {
+    return p.checkpoints + ((b * p.channels + d) * p.chunks + chunk) * p.d_state;
+  }
+
+  // The row's states in seg_state of segment `seg`.
+  __device__ float* segment_state(const ScanParams& p, int64_t b, int seg) const {
+    return p.seg_state + ((b * p.channels + d) * p.segments + seg) * p.d_state;
+  }
+
+  // Reads (into v) the lane's states of an (N,) row; zero for padding.
+  __device__ void read_states(const float* row, int d_state, float (&v)[kP]) const {
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      v[i] = valid && q * kP + i < d_state ? row[q * kP + i] : 0.0f;
+    }
+  }
+
+  __device__ void write_states(float* row, int d_state, const float (&v)[kP]) const {
+    if (!valid) return;
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      if (q * kP + i < d_state) row[q * kP + i] = v[i];
+    }
+  }
+};
+
+// The chunks [first, end) of the block's segment (blockIdx.y + offset).
+struct SegmentRange {
+  int first, end;
+};
+
+__device__ __forceinline__ SegmentRange segment_range(const ScanParams& p,
+                                                      int offset = 0) {
+  SegmentRange r;
+  r.first = (static_cast<int>(blockIdx.y) + offset) * p.seg_chunks;
+  r.end = min(r.first + p.seg_chunks, static_cast<int>(p.chunks));
+  return r;
+}
+
+}  // namespace scan_cuda
+}  // namespace mmvmamba

@@ -1,0 +1,130 @@
+// Launch code of the CUDA scans: one pass (forward or backward) of an Io's
+// scan, with the segments a long sequence is split into.
+//
+// Segments: when the blocks of one sequence are too few to fill the GPU
+// (small batch, long L), the chunks are split into S segments of seg_chunks
+// chunks (blockIdx.y) scanned in parallel. A pass then takes three kernels:
+// a summary of every segment but the one never needed (the forward's end
+// state from zero; the backward's carry leaving the segment when entered with
+// none; and the sum of its step sizes, whose exp2(a * sum) is its decay),
+// scan_carry_kernel chaining those into the carry entering each segment, and
+// the full pass, each segment starting from its carry. Results equal the
+// one-segment ones up to float rounding. S is chosen per launch
+// (choose_segments) to give about 4 waves of blocks; the environment variable
+// MMVMAMBA_SCAN_SEGMENT_CHUNKS=n forces segments of n chunks (of 64 steps),
+// and 0 a single segment (unset or empty: the choice above; any other value
+// is an error). With one segment nothing extra runs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <string>
+
+#include "scan_bwd.cuh"
+#include "scan_common.cuh"
+#include "scan_fwd.cuh"
+
+namespace mmvmamba {
+namespace scan_cuda {
+
+// Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
+// segment (scan_launch.cu).
+void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm);
+
+// Launches scan_carry_kernel over p's segment summaries (scan_launch.cu).
+void launch_carry(const ScanParams& p, bool reverse, cudaStream_t stream);
+
+// Dynamic shared memory of a kernel of Io's pass.
+template <typename Io, Pass kPass>
+int shared_bytes(const ScanParams& p) {
+  constexpr bool backward = kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
+  return SmemLayout<Io::Q, kPass>::bytes(Io::extra_floats(p, backward));
+}
+
+// Launches `kernel` over the blocks and segments (gridDim.y) of a pass.
+template <typename Io, Pass kPass>
+void launch_kernel(void (*kernel)(ScanParams), const ScanParams& p, dim3 grid,
+                   cudaStream_t stream) {
+  const int smem = shared_bytes<Io, kPass>(p);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the backward keeps a piece's decays in registers (see
+// scan_bwd_kernel): only for an Io that allows it (Io::kMayKeepDecays), and
+// where the block's shared memory (`smem` bytes) already holds the SM to
+// fewer blocks than the kernel without them could run, so the 32 more
+// registers cost no occupancy.
+template <typename Io>
+bool keep_decays(int smem) {
+  if constexpr (Io::kMayKeepDecays) {
+    auto kernel = scan_bwd_kernel<Io, false>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, kernel, kThreads, smem));
+    return blocks < Tile<Io::Q>::bwd_blocks_per_sm;
+  } else {
+    return false;
+  }
+}
+
+// One pass (forward or backward) of Io's scan. With several segments: their
+// summaries (all but the one whose summary is never used), the carries
+// between them, then the full pass of every segment; `f32` places the
+// scratch tensors.
+template <typename Io>
+void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
+  using Tl = Tile<Io::Q>;
+  p.channel_blocks = static_cast<int>((p.per_group + Tl::channels - 1) / Tl::channels);
+  const int64_t blocks = p.batch * p.groups * p.channel_blocks;
+  TORCH_CHECK(blocks <= INT32_MAX, "selective_scan: batch x channels too "
+              "large for one launch (", std::to_string(blocks), " blocks)");
+  TORCH_CHECK(p.chunks < (int64_t{1} << 30), "selective_scan: sequence too "
+              "long (", std::to_string(p.length), " steps)");
+  const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
+  choose_segments(p, blocks,
+                  !backward ? Tl::fwd_blocks_per_sm
+                            : keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned grid_x = static_cast<unsigned>(blocks);
+  // Freed when this returns: the caching allocator reuses memory in stream
+  // order, after the kernels below.
+  at::Tensor seg_state, seg_dt;
+  if (p.segments > 1) {
+    seg_state = at::empty({p.batch, p.channels, p.segments, p.d_state}, f32);
+    seg_dt = at::empty({p.batch, p.channels, p.segments}, f32);
+    p.seg_state = seg_state.mutable_data_ptr<float>();
+    p.seg_dt = seg_dt.mutable_data_ptr<float>();
+    const dim3 grid(grid_x, p.segments - 1);
+    if (backward) {
+      launch_kernel<Io, Pass::kBackwardSummary>(scan_bwd_summary_kernel<Io>, p,
+                                                grid, stream);
+    } else {
+      launch_kernel<Io, Pass::kForwardSummary>(scan_fwd_summary_kernel<Io>, p,
+                                               grid, stream);
+    }
+    launch_carry(p, backward, stream);
+  }
+  const dim3 grid(grid_x, p.segments);
+  if (backward) {
+    if constexpr (Io::kMayKeepDecays) {
+      if (keep) {
+        launch_kernel<Io, Pass::kBackward>(scan_bwd_kernel<Io, true>, p, grid, stream);
+        return;
+      }
+    }
+    launch_kernel<Io, Pass::kBackward>(scan_bwd_kernel<Io, false>, p, grid, stream);
+  } else {
+    launch_kernel<Io, Pass::kForward>(scan_fwd_kernel<Io>, p, grid, stream);
+  }
+}
+
+}  // namespace scan_cuda
+}  // namespace mmvmamba

@@ -1,0 +1,157 @@
+// The plain op's layout (SeqIo): u / delta / y of shape (batch, channels, L)
+// and B / C of shape (batch, groups, N, L), in T = float, half or bfloat16.
+#pragma once
+
+#include "scan_common.cuh"
+
+namespace mmvmamba {
+namespace scan_cuda {
+
+// The plain op's tensors. One tile's loads: u, delta (and dy) of the block's
+// channels for steps [l0, l0 + kSteps), and the group's B and C. fetch()
+// issues every load at once into registers; stage() converts them and stores
+// them in shared memory (step sizes after bias and softplus; B, C as
+// [step][state]). Entries past L, past the group or past N are zero, and a
+// zero step is the identity. A row (channel or state) is read by
+// kThreads / rows threads, thread j of them taking steps j, j + R, j + 2R,
+// ...: one base address per row.
+template <typename T_, int Q_>
+struct SeqIo {
+  using T = T_;
+  static constexpr int Q = Q_;
+  using Tl = Tile<Q>;
+  static constexpr int kRowThreads = kThreads / Tl::channels;
+  static constexpr int kRowLoads = kSteps / kRowThreads;
+  static constexpr int kStateThreads = kThreads / Tl::states;
+  static constexpr int kStateLoads = kSteps / kStateThreads;
+
+  // The backward never keeps decays (see scan_bwd_kernel): its shared
+  // memory allows the blocks its registers do.
+  static constexpr bool kMayKeepDecays = false;
+
+  static int extra_floats(const ScanParams&, bool) { return 0; }
+  __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
+  __device__ static void finish(const ScanParams&, const BlockPos&, float*) {}
+
+  template <bool kWithDy>
+  struct Loads {
+    T u[kRowLoads], delta[kRowLoads], dy[kWithDy ? kRowLoads : 1];
+    T B[kStateLoads], C[kStateLoads];
+
+    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0) {
+      const T zero = T(0.0f);
+      {
+        const int c = threadIdx.x / kRowThreads;
+        const int64_t l = l0 + threadIdx.x % kRowThreads;
+        const int64_t d_in_group = pos.cblock * Tl::channels + c;
+        const bool row_ok = d_in_group < p.per_group;
+        const int64_t at = (pos.b * p.channels + pos.g * p.per_group +
+                            (row_ok ? d_in_group : 0)) * p.length + l;
+        const T* u_row = static_cast<const T*>(p.u) + at;
+        const T* delta_row = static_cast<const T*>(p.delta) + at;
+        const T* dy_row = static_cast<const T*>(p.dy) + at;
+#pragma unroll
+        for (int k = 0; k < kRowLoads; ++k) {
+          const bool ok = row_ok && l + k * kRowThreads < p.length;
+          u[k] = ok ? u_row[k * kRowThreads] : zero;
+          delta[k] = ok ? delta_row[k * kRowThreads] : zero;
+          if constexpr (kWithDy) dy[k] = ok ? dy_row[k * kRowThreads] : zero;
+        }
+      }
+      const int n = threadIdx.x / kStateThreads;
+      const int64_t l = l0 + threadIdx.x % kStateThreads;
+      const bool row_ok = n < p.d_state;
+      const int64_t at =
+          ((pos.b * p.groups + pos.g) * p.d_state + (row_ok ? n : 0)) * p.length + l;
+      const T* B_row = static_cast<const T*>(p.B) + at;
+      const T* C_row = static_cast<const T*>(p.C) + at;
+#pragma unroll
+      for (int k = 0; k < kStateLoads; ++k) {
+        const bool ok = row_ok && l + k * kStateThreads < p.length;
+        B[k] = ok ? B_row[k * kStateThreads] : zero;
+        C[k] = ok ? C_row[k * kStateThreads] : zero;
+      }
+    }
+
+    __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                          const TileSmem& s, float*) const {
+      {
+        const int c = threadIdx.x / kRowThreads;
+        const int j = threadIdx.x % kRowThreads;
+        const int64_t d_in_group = pos.cblock * Tl::channels + c;
+        const bool row_ok = d_in_group < p.per_group;
+        const float bias = p.delta_bias != nullptr && row_ok
+                               ? p.delta_bias[pos.g * p.per_group + d_in_group]
+                               : 0.0f;
+#pragma unroll
+        for (int k = 0; k < kRowLoads; ++k) {
+          const int t = j + k * kRowThreads;
+          // Padding keeps a zero step: no bias, no softplus.
+          const float x = static_cast<float>(delta[k]) + bias;
+          const float dt = p.softplus ? softplus(x) : x;
+          s.u[c * kRow + t] = static_cast<float>(u[k]);
+          s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? dt : 0.0f;
+          if constexpr (kWithDy) s.dy[c * kRow + t] = static_cast<float>(dy[k]);
+        }
+      }
+      const int n = threadIdx.x / kStateThreads;
+      const int j = threadIdx.x % kStateThreads;
+#pragma unroll
+      for (int k = 0; k < kStateLoads; ++k) {
+        const int t = j + k * kStateThreads;
+        s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
+        s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+      }
+    }
+  };
+
+  // y of the tile's steps (in `y_s`, rows of kRow per channel).
+  __device__ static void store_y(const ScanParams& p, const BlockPos& pos,
+                                 int64_t l0, const float* y_s) {
+    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
+      const int c = i / kSteps, t = i % kSteps;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      if (d_in_group < p.per_group && l0 + t < p.length) {
+        const int64_t at = (pos.b * p.channels + pos.g * p.per_group + d_in_group) *
+                               p.length + l0 + t;
+        static_cast<T*>(p.y)[at] = static_cast<T>(y_s[c * kRow + t]);
+      }
+    }
+  }
+
+  // du and d(delta) of the tile (rows of kRow).
+  __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
+                                     int64_t l0, const float* du_s,
+                                     const float* dd_s, float*) {
+    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
+      const int c = i / kSteps, t = i % kSteps;
+      const int64_t d_in_group = pos.cblock * Tl::channels + c;
+      if (d_in_group < p.per_group && l0 + t < p.length) {
+        const int64_t at = (pos.b * p.channels + pos.g * p.per_group + d_in_group) *
+                               p.length + l0 + t;
+        static_cast<T*>(p.du)[at] = static_cast<T>(du_s[c * kRow + t]);
+        static_cast<T*>(p.ddelta)[at] = static_cast<T>(dd_s[c * kRow + t]);
+      }
+    }
+  }
+
+  // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
+  // `grads`, see sum_state_grad). Threads take consecutive steps of a state.
+  __device__ static void store_state_grads(const ScanParams& p,
+                                           const BlockPos& pos, int64_t l,
+                                           const float* grads) {
+    const int64_t bc = (pos.b * p.groups + pos.g) * p.d_state;
+#pragma unroll
+    for (int i = threadIdx.x; i < 2 * Tl::states * kPiece; i += kThreads) {
+      const int t = i % kPiece, j = i / kPiece;
+      const int n = j % Tl::states;
+      if (n < p.d_state && l + t < p.length) {
+        float* grad = j < Tl::states ? p.dB : p.dC;
+        atomicAdd(grad + (bc + n) * p.length + l + t, sum_state_grad<Q>(grads, t, j));
+      }
+    }
+  }
+};
+
+}  // namespace scan_cuda
+}  // namespace mmvmamba

@@ -1,0 +1,278 @@
+"""A/B check of two builds of the CUDA scan kernels (GPU only).
+
+Two builds register the same torch ops, so each runs in its own process:
+
+    # in each tree (PYTHONPATH=<tree>): outputs and gradients to a file
+    python tools/scan_ab.py save OUT.pt
+    # in any process: compare runs, first the reference
+    python tools/scan_ab.py compare MAIN.pt MAIN_AGAIN.pt NEW.pt ...
+    # kernel times (median ms, CUDA events) of the raw ops
+    python tools/scan_ab.py time [--batch 128] [--repeat 20]
+    # one fused forward + backward per stage, to profile (ncu)
+    python tools/scan_ab.py profile [--batch 128] [--stages 0 2]
+
+``save`` runs the raw ops (``torch.ops.mmvmamba.*``: forward, then backward
+of a fixed output gradient) on seeded inputs at VMamba-T's four stage shapes
+(224 input): the fused four-direction scan (float32 and bfloat16 inputs) and
+the plain scan on the four directions' rows (float32, float16). Batch 2 takes
+the segmented paths where the sequence is long (stages 0 and 1) and one
+segment at stages 2 and 3 (four chunks or fewer).
+
+``compare`` measures each later file against the first, per tensor, by the
+largest difference over the reference's largest magnitude. The second file
+should be a second run of the reference build: float atomics make the last
+bits vary between runs, and its differences are the spread the others are
+held to: at most twice it (equal where it is exactly zero), and for outputs
+rounded to bfloat16 / float16 after float32 atomics (where one flipped
+rounding moves an element by an ulp) at most one ulp of the largest
+magnitude. It exits 1 when a file is outside that.
+"""
+import argparse
+import sys
+
+import torch
+
+# (C, H = W) of VMamba-T's stages at 224: d_inner = 2C, rank = ceil(C / 16).
+STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+D_STATE = 16
+DIRECTIONS = 4
+
+
+def _randn(g, *shape, scale=1.0, shift=0.0):
+    return torch.randn(*shape, generator=g, device=g.device) * scale + shift
+
+
+def cross_inputs(batch, C, side, dtype, seed):
+    """Inputs of cross_scan_fwd / _bwd at a stage, drawn on the GPU."""
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    d_inner, rank, length = 2 * C, -(-C // 16), side * side
+    x_dbl = torch.cat([
+        _randn(g, batch, length, DIRECTIONS, rank),
+        _randn(g, batch, length, DIRECTIONS, 2 * D_STATE)
+    ], -1)
+    a_log = torch.log(torch.arange(1, D_STATE + 1, device='cuda'))
+    args = dict(
+        u=_randn(g, batch, length, d_inner).to(dtype),
+        x_dbl=x_dbl.to(dtype),
+        dt_weight=_randn(g, DIRECTIONS, d_inner, rank, scale=rank**-0.5),
+        dt_bias=_randn(g, DIRECTIONS, d_inner, scale=0.5, shift=-4.0),
+        A=-torch.exp(a_log + _randn(g, DIRECTIONS * d_inner, D_STATE,
+                                    scale=0.1)),
+        D=_randn(g, DIRECTIONS * d_inner))
+    grad = _randn(g, batch, length, d_inner)
+    return args, grad, (side, side)
+
+
+def plain_inputs(batch, C, side, dtype, seed):
+    """Inputs of selective_scan_fwd / _bwd on the four directions' rows,
+    drawn on the GPU."""
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    channels, length = DIRECTIONS * 2 * C, side * side
+    a_log = torch.log(torch.arange(1, D_STATE + 1, device='cuda'))
+    args = dict(
+        u=_randn(g, batch, channels, length).to(dtype),
+        delta=_randn(g, batch, channels, length, scale=0.5).to(dtype),
+        A=-torch.exp(a_log + _randn(g, channels, D_STATE, scale=0.1)),
+        B=_randn(g, batch, DIRECTIONS, D_STATE, length).to(dtype),
+        C=_randn(g, batch, DIRECTIONS, D_STATE, length).to(dtype),
+        D=_randn(g, channels),
+        delta_bias=_randn(g, channels, scale=0.5, shift=-4.0))
+    grad = _randn(g, batch, channels, length).to(dtype)
+    return args, grad
+
+
+CROSS_GRADS = ('du', 'dx_dbl', 'ddt_weight', 'ddt_bias', 'dA', 'dD')
+PLAIN_GRADS = ('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias')
+
+
+def run_cross(args, grad, hw):
+    ops = torch.ops.mmvmamba
+    a = args
+    y, checkpoints = ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],
+                                        a['dt_bias'], a['A'], a['D'], *hw)
+    grads = ops.cross_scan_bwd(grad, a['u'], a['x_dbl'], a['dt_weight'],
+                               a['dt_bias'], a['A'], a['D'], *hw, checkpoints)
+    return y, checkpoints, grads
+
+
+def run_plain(args, grad):
+    ops = torch.ops.mmvmamba
+    a = args
+    y, checkpoints = ops.selective_scan_fwd(a['u'], a['delta'], a['A'], a['B'],
+                                            a['C'], a['D'], a['delta_bias'],
+                                            True)
+    grads = ops.selective_scan_bwd(grad, a['u'], a['delta'], a['A'], a['B'],
+                                   a['C'], a['D'], a['delta_bias'], True,
+                                   checkpoints)
+    return y, checkpoints, grads
+
+
+def cases():
+    """(name, kind, batch, C, side, dtype) of every saved case."""
+    for C, side in STAGES:
+        for dtype in (torch.float32, torch.bfloat16):
+            yield (f'cross C={C} {str(dtype)[6:]} b2', 'cross', 2, C, side,
+                   dtype)
+        for dtype in (torch.float32, torch.float16):
+            yield (f'plain C={C} {str(dtype)[6:]} b2', 'plain', 2, C, side,
+                   dtype)
+
+
+def save(path):
+    import mmvmamba.ops._ext  # noqa: F401 -- registers the ops' fake kernels
+    results = {}
+    for seed, (name, kind, batch, C, side, dtype) in enumerate(cases()):
+        if kind == 'cross':
+            args, grad, hw = cross_inputs(batch, C, side, dtype, seed)
+            y, checkpoints, grads = run_cross(args, grad, hw)
+            names = CROSS_GRADS
+        else:
+            args, grad = plain_inputs(batch, C, side, dtype, seed)
+            y, checkpoints, grads = run_plain(args, grad)
+            names = PLAIN_GRADS
+        tensors = dict(y=y, checkpoints=checkpoints, **dict(zip(names, grads)))
+        results[name] = {k: (v.float().cpu(), str(v.dtype)[6:])
+                         for k, v in tensors.items()}
+        print(f'saved {name}', flush=True)
+    torch.save(results, path)
+
+
+def difference(a, b):
+    """max |a - b| / max |b| (0 when both are zero; inf on a NaN)."""
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float('inf')
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+# One ulp of the low-precision output dtypes, relative.
+ULP = {'bfloat16': 2.0**-8, 'float16': 2.0**-11}
+
+
+def compare(paths):
+    runs = [torch.load(p) for p in paths]
+    reference, spread_run, others = runs[0], runs[1], runs[2:]
+    failed = False
+    header = f'{"case":28s} {"tensor":12s} {"spread":>9s}' + ''.join(
+        f' {p[-24:]:>24s}' for p in paths[2:])
+    print(header)
+    for case, tensors in reference.items():
+        for key, (ref, dtype) in tensors.items():
+            spread = difference(spread_run[case][key][0], ref)
+            cells = []
+            for run in others:
+                d = difference(run[case][key][0], ref)
+                ok = d <= max(2 * spread, ULP.get(dtype, 0.0))
+                failed |= not ok
+                cells.append(f'{d:.2e}{"" if ok else " OUT"}')
+            print(f'{case:28s} {key:12s} {spread:9.2e}' +
+                  ''.join(f' {c:>24s}' for c in cells))
+    print('all within the spread of the reference'
+          if not failed else 'SOME OUTSIDE THE SPREAD')
+    return 1 if failed else 0
+
+
+def time_ops(batch, repeat):
+    """Median ms of the fused scan's forward and backward (float32) and the
+    plain scan's, at each stage."""
+    import mmvmamba.ops._ext  # noqa: F401
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeat):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    ops = torch.ops.mmvmamba
+    print(f'{"stage":12s} {"op":6s} {"fwd ms":>8s} {"bwd ms":>8s} '
+          f'{"fwd+bwd":>8s}')
+    total = 0.0
+    for depth, (C, side) in zip((2, 2, 9, 2), STAGES):
+        args, grad, hw = cross_inputs(batch, C, side, torch.float32, 0)
+        a = args
+        fwd = lambda: ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],  # noqa: E731,E501
+                                         a['dt_bias'], a['A'], a['D'], *hw)
+        _, checkpoints = fwd()
+        bwd = lambda: ops.cross_scan_bwd(grad, a['u'], a['x_dbl'],  # noqa: E731
+                                         a['dt_weight'], a['dt_bias'], a['A'],
+                                         a['D'], *hw, checkpoints)
+        f, b = median_ms(fwd), median_ms(bwd)
+        total += depth * (f + b)
+        print(f'C={C:<3d} L={side * side:<4d} cross  {f:8.3f} {b:8.3f} '
+              f'{f + b:8.3f}', flush=True)
+        del args, grad, checkpoints
+        torch.cuda.empty_cache()
+    print(f'fused fwd+bwd summed over VMamba-T\'s 15 blocks: {total:.1f} ms')
+    for C, side in STAGES:
+        args, grad = plain_inputs(batch, C, side, torch.float32, 0)
+        a = args
+        fwd = lambda: ops.selective_scan_fwd(a['u'], a['delta'], a['A'],  # noqa: E731,E501
+                                             a['B'], a['C'], a['D'],
+                                             a['delta_bias'], True)
+        _, checkpoints = fwd()
+        bwd = lambda: ops.selective_scan_bwd(grad, a['u'], a['delta'], a['A'],  # noqa: E731,E501
+                                             a['B'], a['C'], a['D'],
+                                             a['delta_bias'], True, checkpoints)
+        f, b = median_ms(fwd), median_ms(bwd)
+        print(f'C={C:<3d} L={side * side:<4d} plain  {f:8.3f} {b:8.3f} '
+              f'{f + b:8.3f}', flush=True)
+        del args, grad, checkpoints
+        torch.cuda.empty_cache()
+
+
+def profile(batch, stages):
+    """One forward and one backward of the fused scan (float32) at each of
+    `stages` (indices into STAGES), for a profiler such as ncu."""
+    import mmvmamba.ops._ext  # noqa: F401
+    for stage in stages:
+        C, side = STAGES[stage]
+        args, grad, hw = cross_inputs(batch, C, side, torch.float32, 0)
+        run_cross(args, grad, hw)
+        torch.cuda.synchronize()
+        print(f'profiled C={C} L={side * side}', flush=True)
+        del args, grad
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='mode', required=True)
+    p = sub.add_parser('save', help='outputs and gradients to a file')
+    p.add_argument('path')
+    p = sub.add_parser('compare', help='reference, its rerun, then others')
+    p.add_argument('paths', nargs='+')
+    p = sub.add_parser('time', help='kernel times at VMamba-T stage shapes')
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--repeat', type=int, default=20)
+    p = sub.add_parser('profile', help='one fused forward and backward per '
+                       'stage, for a profiler')
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--stages', type=int, nargs='+', default=[0, 2])
+    args = parser.parse_args(argv)
+    if args.mode != 'compare' and not torch.cuda.is_available():
+        parser.error(f'{args.mode} needs a CUDA GPU')
+    if args.mode == 'save':
+        save(args.path)
+    elif args.mode == 'compare':
+        if len(args.paths) < 3:
+            parser.error('compare needs the reference, its rerun and at least '
+                         'one more file')
+        return compare(args.paths)
+    elif args.mode == 'time':
+        time_ops(args.batch, args.repeat)
+    else:
+        profile(args.batch, args.stages)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
