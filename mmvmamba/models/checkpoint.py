@@ -320,7 +320,7 @@ def infer_vmamba2_arch(backbone: Dict[str, torch.Tensor]) -> Dict:
         raise ValueError(
             f'in_proj gives {in_proj_rows} channels to an SS2D of '
             f'{d_inner}: an SS2D with a gate (the authors\' forward types '
-            f'without "_noz"), which VMamba2 does not implement')
+            f'without the _noz suffix), which VMamba2 does not implement')
     fc1 = backbone.get(first + 'mlp.fc1.weight')
     arch = dict(
         embed_dims=embed_dims,
