@@ -202,11 +202,13 @@ _V2_BACKBONE_RULES = [
     (r'^patch_embed\.(?:2|norm)\.(weight|bias)$', r'patch_embed.norm1.\1'),
     (r'^patch_embed\.5\.(weight|bias)$', r'patch_embed.conv2.\1'),
     (r'^patch_embed\.7\.(weight|bias)$', r'patch_embed.norm2.\1'),
-    (_V2_BLOCK + r'(?:norm|ln_1)\.(weight|bias)$', r'stages.\1.blocks.\2.norm.\3'),
+    (_V2_BLOCK + r'(?:norm|ln_1)\.(weight|bias)$',
+     r'stages.\1.blocks.\2.norm.\3'),
     (_V2_BLOCK + r'(?:op|self_attention)\.(' + _V2_SS2D_KEYS + r')$',
      r'stages.\1.blocks.\2.ss2d.\3'),
     (_V2_BLOCK + r'norm2\.(weight|bias)$', r'stages.\1.blocks.\2.norm2.\3'),
-    (_V2_BLOCK + r'mlp\.(fc[12]\.(?:weight|bias))$', r'stages.\1.blocks.\2.mlp.\3'),
+    (_V2_BLOCK + r'mlp\.(fc[12]\.(?:weight|bias))$',
+     r'stages.\1.blocks.\2.mlp.\3'),
     (r'^layers\.(\d+)\.downsample\.1\.(weight|bias)$',
      r'stages.\1.downsample.conv.\2'),
     (r'^layers\.(\d+)\.downsample\.3\.(weight|bias)$',
@@ -240,7 +242,8 @@ def authors_version(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
 
 
 def convert_authors_v2_state_dict(
-        state_dict: Dict[str, torch.Tensor]) -> Tuple[OrderedDict, OrderedDict]:
+    state_dict: Dict[str, torch.Tensor]
+) -> Tuple[OrderedDict, OrderedDict]:
     """Map a state dict of the authors' current VSSM to :class:`VMamba2`.
 
     Args:

@@ -116,8 +116,8 @@ def ref_backbone(state, x):
         while f'layers.{stage}.blocks.{block}.norm.weight' in state:
             p = sub(state, f'layers.{stage}.blocks.{block}.')
             x = x + ref_ss2d(ln(x, sub(p, 'norm.')), sub(p, 'op.'))
-            hidden = ref_linear_2d(
-                ln(x, sub(p, 'norm2.')), p['mlp.fc1.weight'], p['mlp.fc1.bias'])
+            hidden = ref_linear_2d(ln(x, sub(p, 'norm2.')),
+                                   p['mlp.fc1.weight'], p['mlp.fc1.bias'])
             x = x + ref_linear_2d(F.gelu(hidden), p['mlp.fc2.weight'],
                                   p['mlp.fc2.bias'])
             block += 1
@@ -135,7 +135,8 @@ def ref_classifier(state, x):
     _, x = ref_backbone(state, x)
     x = ref_layer_norm_2d(x, state['classifier.norm.weight'],
                           state['classifier.norm.bias']).mean((2, 3))
-    return x @ state['classifier.head.weight'].T + state['classifier.head.bias']
+    head = sub(state, 'classifier.head.')
+    return x @ head['weight'].T + head['bias']
 
 
 def double(state):
@@ -294,7 +295,8 @@ def test_layout_and_initialisation():
                  'ss2d.out_norm.bias', 'norm2.weight', 'mlp.fc2.bias'):
         assert block + name in keys
     # no bias in SS2D's layers (and no gate: in_proj gives d_inner)
-    for name in ('ss2d.in_proj.bias', 'ss2d.conv2d.bias', 'ss2d.out_proj.bias'):
+    for name in ('ss2d.in_proj.bias', 'ss2d.conv2d.bias',
+                 'ss2d.out_proj.bias'):
         assert block + name not in keys
     assert 'stages.2.downsample.conv.weight' in keys
     assert 'stages.3.downsample.conv.weight' not in keys

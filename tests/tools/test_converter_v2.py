@@ -226,7 +226,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, fixture):
     variant = dict(fixture['state_dict'])
     variant['layers.0.blocks.0.op.conv2d.bias'] = torch.zeros(32)
     torch.save(dict(model=variant), tmp_path / 'variant.pth')
-    refused(tmp_path / 'variant.pth', r'layers\.0\.blocks\.0\.op\.conv2d\.bias')
+    refused(tmp_path / 'variant.pth',
+            r'layers\.0\.blocks\.0\.op\.conv2d\.bias')
     gated = dict(fixture['state_dict'])
     for key in [k for k in gated if k.endswith('op.in_proj.weight')]:
         gated[key] = torch.cat([gated[key]] * 2)

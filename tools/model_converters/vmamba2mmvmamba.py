@@ -70,8 +70,9 @@ def find_weights(ckpt, src: str, ema: bool) -> Tuple[str, Dict]:
             return entry, ckpt[entry]
     if is_state_dict(ckpt):
         return '(the file itself)', ckpt
+    entries = ', '.join(map(str, ckpt))
     raise ConversionError(f'{src} has no model or state_dict entry of '
-                          f'weights (its entries: {", ".join(map(str, ckpt))})')
+                          f'weights (its entries: {entries})')
 
 
 def check_vmamba2(backbone: Dict[str, torch.Tensor],

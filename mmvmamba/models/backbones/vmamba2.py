@@ -185,9 +185,9 @@ class VSSStageV2(nn.Module):
     """A stage: VMamba2 blocks, then an optional downsample (applied by the
     backbone after it has taken the stage's output)."""
 
-    def __init__(self, embed_dims: int, depth: int, drop_paths: Sequence[float],
-                 downsample: bool, with_cp: bool, mlp_ratio: float,
-                 **ssm_cfg):
+    def __init__(self, embed_dims: int, depth: int,
+                 drop_paths: Sequence[float], downsample: bool,
+                 with_cp: bool, mlp_ratio: float, **ssm_cfg):
         super().__init__()
         self.blocks = nn.ModuleList([
             VSSBlockV2(embed_dims, mlp_ratio, drop_paths[i], with_cp,
