@@ -1,8 +1,9 @@
 """mmvmamba: VMamba for OpenMMLab (mmpretrain, mmdet, mmseg).
 
 ``import mmvmamba`` (or ``custom_imports=dict(imports=['mmvmamba'])`` in a
-config) registers the ``VMamba`` backbone in mmengine's root registry, and the
-``MeanLossAcrossRanksHook`` (:mod:`mmvmamba.engine`) in its root ``HOOKS``.
+config) registers the ``VMamba`` and ``VMamba2`` backbones in mmengine's root
+registry, and the ``MeanLossAcrossRanksHook`` (:mod:`mmvmamba.engine`) in its
+root ``HOOKS``.
 """
 from . import engine, models, ops
 from .version import __version__

@@ -5,6 +5,8 @@
 #
 #   bash tools/demo.sh              # detection, then segmentation
 #   bash tools/demo.sh det          # only one of them: det or seg
+#   bash tools/demo.sh det2 seg2    # the same with VMamba2 (the authors'
+#                                   # current models)
 #
 # Steps: (1) tools/setup_env.sh builds or reuses the virtualenv, (2) the
 # synthetic data sets are written to data/synthetic (seed 0), (3) each demo
@@ -33,7 +35,9 @@ for task in "${tasks[@]}"; do
     case "$task" in
         det) config=configs/demo/mask_rcnn_vmamba_demo_synthetic.py ;;
         seg) config=configs/demo/upernet_vmamba_demo_synthetic.py ;;
-        *) echo "unknown demo '$task' (det or seg)" >&2; exit 2 ;;
+        det2) config=configs/demo/mask_rcnn_vmamba2_demo_synthetic.py ;;
+        seg2) config=configs/demo/upernet_vmamba2_demo_synthetic.py ;;
+        *) echo "unknown demo '$task' (det, seg, det2 or seg2)" >&2; exit 2 ;;
     esac
     work="work_dirs/demo/$task"
     rm -rf "$work" "$work-test"
@@ -59,7 +63,7 @@ from mmvmamba.datasets.synthetic import constant_prediction_miou
 work, task = sys.argv[1:]
 with open(sorted(glob.glob(osp.join(work, '*', '*.json')))[-1]) as f:
     metrics = json.load(f)
-if task == 'det':
+if task.startswith('det'):
     print(f"bbox mAP {metrics['coco/bbox_mAP']:.3f}, "
           f"segm mAP {metrics['coco/segm_mAP']:.3f}")
 else:

@@ -36,7 +36,9 @@
 #   PORT [29500]        of tools/dist_*.sh
 #   COCO_SIZE [800], ADE_SIZE [512]  sides of the synthetic images
 #   VERBOSE [0]         1: also stream each step's output
-#   DET_CONFIG, SEG_CONFIG [the T configs]
+#   DET_CONFIG, SEG_CONFIG [the T configs]; VMamba2: DET_CONFIG=configs/
+#                       mask_rcnn_vmamba2_t_1x_coco.py SEG_CONFIG=configs/
+#                       upernet_vmamba2_t_512x512_160k_ade20k.py
 #   EXTRA_OPTS []       more --cfg-options for every training and test run
 #   SMOKE_CPU [0]       1: try the script itself on a CPU machine (single
 #                       mode, no --amp), e.g. SMOKE_CPU=1 ITERS=2

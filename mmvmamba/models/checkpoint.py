@@ -1,6 +1,9 @@
 """The authors' checkpoint keys, and strict loading of converted weights."""
+import math
 import os.path as osp
+import pickle
 import re
+import types
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
@@ -30,6 +33,10 @@ def convert_authors_state_dict(
         state_dict: Dict[str, torch.Tensor]) -> Tuple[OrderedDict, OrderedDict]:
     """Map an authors' VSSM state dict to mmvmamba names.
 
+    Their current models (:func:`authors_version` ``'v2'``) go to
+    :func:`convert_authors_v2_state_dict`, the others are taken for the
+    first version's.
+
     Args:
         state_dict (dict): The authors' ``model`` (or ``model_ema``) dict.
 
@@ -42,6 +49,8 @@ def convert_authors_state_dict(
     Raises:
         KeyError: If a key matches none of the known names.
     """
+    if authors_version(state_dict) == 'v2':
+        return convert_authors_v2_state_dict(state_dict)
     backbone, head, unknown = OrderedDict(), OrderedDict(), []
     stages = [re.match(r'^layers\.(\d+)\.', key) for key in state_dict]
     last_stage = max((int(m.group(1)) for m in stages if m), default=0)
@@ -63,14 +72,59 @@ def convert_authors_state_dict(
     return backbone, head
 
 
+class _Unimportable(dict):
+    """Stands in for an object whose class cannot be imported here."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self.__dict__['pickled_state'] = state
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    """Unpickles objects of classes that are not importable here (the
+    authors' checkpoints hold their yacs ``config``) as :class:`_Unimportable`
+    placeholders instead of failing."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Unimportable, ), {'__module__': module})
+
+
+_tolerant_pickle = types.ModuleType('mmvmamba_tolerant_pickle')
+_tolerant_pickle.Unpickler = _TolerantUnpickler
+_tolerant_pickle.load = lambda f, **kwargs: _TolerantUnpickler(
+    f, **kwargs).load()
+
+
 def load_user_checkpoint(path: str) -> dict:
     """Load a checkpoint file that the user named.
 
     Checkpoints of the authors and of mmengine runs hold Python objects that
     ``torch.load(weights_only=True)`` refuses, so files the user names are
-    read with the full unpickler: only name files you trust.
+    read with the full unpickler: only name files you trust. Objects of
+    classes that cannot be imported (the authors' yacs config) load as
+    placeholders.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        ValueError: If it is not a file ``torch.load`` can read.
     """
-    return torch.load(path, map_location='cpu', weights_only=False)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{path}: no such file')
+    try:
+        return torch.load(
+            path,
+            map_location='cpu',
+            weights_only=False,
+            pickle_module=_tolerant_pickle)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError,
+            TypeError, UnicodeDecodeError) as err:
+        raise ValueError(f'{path} is not a PyTorch checkpoint: torch.load '
+                         f'failed with {type(err).__name__}: {err}') from None
 
 
 def load_pretrained_backbone(model: torch.nn.Module,
@@ -140,3 +194,154 @@ def load_pretrained_backbone(model: torch.nn.Module,
     model.load_state_dict(
         {k: v
          for k, v in state_dict.items() if k in own}, strict=False)
+
+
+# The authors' current models (VMamba2): a convolutional stem and
+# downsampling, an MLP in every block, SS2D without gate or biases. Whole
+# keys, so that a variant with other parameters (a gate's wider in_proj is
+# caught by infer_vmamba2_arch) is reported, not half-converted.
+_V2_SS2D_KEYS = (r'in_proj\.weight|conv2d\.weight|x_proj_weight|'
+                 r'dt_projs_weight|dt_projs_bias|A_logs|Ds|'
+                 r'out_norm\.(?:weight|bias)|out_proj\.weight')
+_V2_BLOCK = r'^layers\.(\d+)\.blocks\.(\d+)\.'
+_V2_BACKBONE_RULES = [
+    (r'^patch_embed\.(?:0|proj)\.(weight|bias)$', r'patch_embed.conv1.\1'),
+    (r'^patch_embed\.(?:2|norm)\.(weight|bias)$', r'patch_embed.norm1.\1'),
+    (r'^patch_embed\.5\.(weight|bias)$', r'patch_embed.conv2.\1'),
+    (r'^patch_embed\.7\.(weight|bias)$', r'patch_embed.norm2.\1'),
+    (_V2_BLOCK + r'(?:norm|ln_1)\.(weight|bias)$',
+     r'stages.\1.blocks.\2.norm.\3'),
+    (_V2_BLOCK + r'(?:op|self_attention)\.(' + _V2_SS2D_KEYS + r')$',
+     r'stages.\1.blocks.\2.ss2d.\3'),
+    (_V2_BLOCK + r'norm2\.(weight|bias)$', r'stages.\1.blocks.\2.norm2.\3'),
+    (_V2_BLOCK + r'mlp\.(fc[12]\.(?:weight|bias))$',
+     r'stages.\1.blocks.\2.mlp.\3'),
+    (r'^layers\.(\d+)\.downsample\.1\.(weight|bias)$',
+     r'stages.\1.downsample.conv.\2'),
+    (r'^layers\.(\d+)\.downsample\.3\.(weight|bias)$',
+     r'stages.\1.downsample.norm.\2'),
+    (r'^outnorm(\d+)\.(weight|bias)$', r'norm\1.\2'),
+]  # yapf: disable
+# The classifier's norm (legacy name ``norm``) is the last stage's output
+# norm, named after that stage.
+_V2_FINAL_NORM = r'^(?:classifier\.)?norm\.(weight|bias)$'
+# Their Linear2d layers: (out, in) weights, or (out, in, 1, 1) in older files.
+_V2_LINEAR2D = re.compile(r'\.(?:in_proj|out_proj|fc1|fc2)\.weight$')
+
+
+def authors_version(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Which of the authors' VSSM families a state dict holds, by its keys.
+
+    Returns:
+        str | None: ``'v2'`` (their current models: a second stem conv
+        ``patch_embed.5``), ``'v1'`` (the first version: a single
+        ``patch_embed.proj`` or ``patch_embed.0`` conv), or None when the
+        keys are not the authors' (no ``layers.N.blocks.M.`` keys).
+    """
+    keys = set(state_dict)
+    if not any(re.match(r'layers\.\d+\.blocks\.\d+\.', k) for k in keys):
+        return None
+    if 'patch_embed.5.weight' in keys:
+        return 'v2'
+    if keys & {'patch_embed.proj.weight', 'patch_embed.0.weight'}:
+        return 'v1'
+    return None
+
+
+def convert_authors_v2_state_dict(
+    state_dict: Dict[str, torch.Tensor]
+) -> Tuple[OrderedDict, OrderedDict]:
+    """Map a state dict of the authors' current VSSM to :class:`VMamba2`.
+
+    Args:
+        state_dict (dict): Their classifier's ``model`` (or ``model_ema``),
+            or the backbone part of their detector / segmentor
+            (``outnorm{i}``), prefix removed.
+
+    Returns:
+        tuple[OrderedDict, OrderedDict]: The backbone's state dict (the
+        classifier's norm as ``norm{last stage}``) and the head's (``weight``,
+        ``bias`` of the classifier's linear layer; empty for a backbone).
+
+    Raises:
+        KeyError: If a key matches none of the names of VMamba2.
+    """
+    stages = [int(m.group(1)) for k in state_dict
+              for m in [re.match(r'layers\.(\d+)\.', k)] if m]
+    final_norm = f'norm{max(stages, default=3)}.' + r'\1'
+    rules = [(_V2_FINAL_NORM, final_norm)] + _V2_BACKBONE_RULES
+    backbone, head, unknown = OrderedDict(), OrderedDict(), []
+    for key, value in state_dict.items():
+        head_match = re.match(_HEAD_RULE, key)
+        if head_match:
+            head[head_match.group(1)] = value
+            continue
+        for pattern, replacement in rules:
+            new_key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                break
+        else:
+            unknown.append(key)
+            continue
+        if _V2_LINEAR2D.search(key) and value.dim() == 4:
+            value = value.flatten(1)
+        backbone[new_key] = value
+    if unknown:
+        raise KeyError(f'keys that VMamba2 does not have in the authors\' '
+                       f'checkpoint (another variant of their model?): '
+                       f'{unknown}')
+    return backbone, head
+
+
+def infer_vmamba2_arch(backbone: Dict[str, torch.Tensor]) -> Dict:
+    """The ``arch`` dict of :class:`VMamba2` that fits converted weights.
+
+    Args:
+        backbone (dict): Output of :func:`convert_authors_v2_state_dict`.
+
+    Returns:
+        dict: ``embed_dims``, ``depths``, ``ssm_ratio``, ``d_state``,
+        ``mlp_ratio``, and ``dt_rank`` unless it is ``'auto'``.
+
+    Raises:
+        ValueError: If the weights do not describe a VMamba2 (an SS2D with
+            a gate, stage widths that do not double, ...).
+    """
+    try:
+        embed_dims = backbone['patch_embed.conv2.weight'].shape[0]
+        depths = []
+        while any(k.startswith(f'stages.{len(depths)}.blocks.')
+                  for k in backbone):
+            depths.append(1 + max(
+                int(k.split('.')[3]) for k in backbone
+                if k.startswith(f'stages.{len(depths)}.blocks.')))
+        first = 'stages.0.blocks.0.'
+        d_inner = backbone[first + 'ss2d.x_proj_weight'].shape[2]
+        in_proj_rows = backbone[first + 'ss2d.in_proj.weight'].shape[0]
+        d_state = backbone[first + 'ss2d.A_logs'].shape[1]
+        ranks = [
+            backbone[f'stages.{i}.blocks.0.ss2d.dt_projs_weight'].shape[2]
+            for i in range(len(depths))
+        ]
+    except KeyError as err:
+        raise ValueError(f'not a VMamba2: no {err.args[0]} among its '
+                         f'weights') from None
+    if in_proj_rows != d_inner:
+        raise ValueError(
+            f'in_proj gives {in_proj_rows} channels to an SS2D of '
+            f'{d_inner}: an SS2D with a gate (the authors\' forward types '
+            f'without the _noz suffix), which VMamba2 does not implement')
+    fc1 = backbone.get(first + 'mlp.fc1.weight')
+    arch = dict(
+        embed_dims=embed_dims,
+        depths=depths,
+        ssm_ratio=d_inner / embed_dims,
+        d_state=d_state,
+        mlp_ratio=0.0 if fc1 is None else fc1.shape[0] / embed_dims)
+    auto = [math.ceil(embed_dims * 2**i / 16) for i in range(len(depths))]
+    if ranks != auto:
+        if len(set(ranks)) > 1:
+            raise ValueError(f'dt ranks {ranks} per stage: neither ceil(C / '
+                             f'16) = {auto} nor one rank for all stages')
+        arch['dt_rank'] = ranks[0]
+    return arch

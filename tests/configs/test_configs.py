@@ -42,7 +42,7 @@ def test_config_builds(path):
     cfg = Config.fromfile(path)
     assert cfg.custom_imports == dict(
         imports=['mmvmamba'], allow_failed_imports=False)
-    assert cfg.model.backbone.type == 'VMamba'
+    assert cfg.model.backbone.type in ('VMamba', 'VMamba2')
     init_cfg = cfg.model.backbone.get('init_cfg')
     size = re.search(r'(mask_rcnn|upernet)_vmamba_([tsb])_', path)
     if size:  # the detection and segmentation configs of this project

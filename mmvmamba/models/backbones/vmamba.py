@@ -13,28 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmvmamba.ops import NUM_DIRECTIONS, cross_selective_scan
 from mmvmamba.ops.checks import check_tensor
 from ..checkpoint import load_pretrained_backbone
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample.
-
-    Args:
-        drop_prob (float): Probability of dropping a sample's branch.
-    """
-
-    def __init__(self, drop_prob: float = 0.):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0. or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
-        return x * mask.bernoulli_(keep) / keep
-
-    def extra_repr(self) -> str:
-        return f'drop_prob={self.drop_prob}'
+from .common import (DropPath, check_frozen_stages, check_out_indices,
+                     init_linear_and_norm, init_ssm_parameters, parse_arch)
 
 
 class SS2D(nn.Module):
@@ -105,18 +85,7 @@ class SS2D(nn.Module):
         log-uniformly in ``[dt_min, dt_max]`` (at least ``dt_floor``);
         ``A_logs = log(1..N)``; ``Ds = 1``.
         """
-        for weight in self.x_proj_weight:
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        bound = self.dt_rank**-0.5
-        nn.init.uniform_(self.dt_projs_weight, -bound, bound)
-        dt = torch.exp(
-            torch.rand_like(self.dt_projs_bias) *
-            (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        states = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_logs.copy_(torch.log(states).expand_as(self.A_logs))
-        self.Ds.fill_(1.)
+        init_ssm_parameters(self, dt_min, dt_max, dt_floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
@@ -356,17 +325,8 @@ class VMamba(BaseModule):
         self.embed_dims = embed_dims
         self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
 
-        if isinstance(out_indices, int):
-            out_indices = [out_indices]
-        out_indices = [i % self.num_stages if i < 0 else i for i in out_indices]
-        for i in out_indices:
-            if not 0 <= i < self.num_stages:
-                raise ValueError(f'out_indices must lie in [0, '
-                                 f'{self.num_stages}), got {i}')
-        if not -1 <= frozen_stages <= self.num_stages:
-            raise ValueError(f'frozen_stages must lie in [-1, '
-                             f'{self.num_stages}], got {frozen_stages}')
-        self.out_indices = tuple(out_indices)
+        self.out_indices = check_out_indices(out_indices, self.num_stages)
+        check_frozen_stages(frozen_stages, self.num_stages)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
 
@@ -390,33 +350,10 @@ class VMamba(BaseModule):
         self._freeze_stages()
 
     def _parse_arch(self, arch: Union[str, Dict]) -> Dict:
-        if isinstance(arch, str):
-            key = arch.lower()
-            if key not in self.arch_zoo:
-                raise ValueError(f'arch must be one of '
-                                 f'{sorted(self.arch_zoo)} or a dict, '
-                                 f'got {arch!r}')
-            return dict(self.arch_zoo[key])
-        if not isinstance(arch, dict):
-            raise ValueError(f'arch must be a str or a dict, got {arch!r}')
-        missing = {'embed_dims', 'depths'} - set(arch)
-        unknown = set(arch) - {'embed_dims', 'depths', *self.ssm_keys}
-        if missing or unknown:
-            raise ValueError(f'arch dict needs embed_dims and depths and may '
-                             f'set {self.ssm_keys}; missing {sorted(missing)},'
-                             f' unknown {sorted(unknown)}')
-        return dict(arch)
+        return parse_arch(arch, self.arch_zoo, ('embed_dims', 'depths'),
+                          self.ssm_keys)
 
-    @staticmethod
-    def _init_module(m: nn.Module) -> None:
-        """Linear: truncated normal (std 0.02), zero bias; LayerNorm: 1, 0."""
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_module = staticmethod(init_linear_and_norm)
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s pretrained weights strictly, if any."""

@@ -1,0 +1,142 @@
+"""What the VMamba (v1) and VMamba2 backbones share: stochastic depth, the
+SSM parameters' initialisation, argument checks and the weight init."""
+import math
+from typing import Dict, Iterable, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+SCAN_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample.
+
+    Args:
+        drop_prob (float): Probability of dropping a sample's branch.
+    """
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
+        return x * mask.bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+def parse_scan_dtype(scan_dtype: str) -> torch.dtype:
+    """``'float32'`` or ``'bfloat16'`` -> the torch dtype, else ValueError."""
+    if scan_dtype not in SCAN_DTYPES:
+        raise ValueError(f'scan_dtype must be one of {sorted(SCAN_DTYPES)}, '
+                         f'got {scan_dtype!r}')
+    return SCAN_DTYPES[scan_dtype]
+
+
+@torch.no_grad()
+def init_ssm_parameters(ss2d: nn.Module,
+                        dt_min: float = 1e-3,
+                        dt_max: float = 1e-1,
+                        dt_floor: float = 1e-4) -> None:
+    """Initialise an SS2D's SSM parameters as the authors do.
+
+    ``x_proj_weight`` as ``nn.Linear``'s default; ``dt_projs_weight`` uniform
+    in ``±R^-0.5``; ``dt_projs_bias`` the inverse softplus of a step drawn
+    log-uniformly in ``[dt_min, dt_max]`` (at least ``dt_floor``);
+    ``A_logs = log(1..N)``; ``Ds = 1``.
+
+    Args:
+        ss2d (nn.Module): Has ``x_proj_weight`` (4, R + 2N, D),
+            ``dt_projs_weight`` (4, D, R), ``dt_projs_bias`` (4, D),
+            ``A_logs`` (4D, N) and ``Ds`` (4D).
+    """
+    for weight in ss2d.x_proj_weight:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = ss2d.dt_projs_weight.shape[2]**-0.5
+    nn.init.uniform_(ss2d.dt_projs_weight, -bound, bound)
+    dt = torch.exp(
+        torch.rand_like(ss2d.dt_projs_bias) *
+        (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_floor)
+    ss2d.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    d_state = ss2d.A_logs.shape[1]
+    states = torch.arange(
+        1, d_state + 1, dtype=torch.float32, device=ss2d.A_logs.device)
+    ss2d.A_logs.copy_(torch.log(states).expand_as(ss2d.A_logs))
+    ss2d.Ds.fill_(1.)
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """Linear: truncated normal (std 0.02), zero bias; LayerNorm: 1, 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def parse_arch(arch: Union[str, Dict], zoo: Dict[str, Dict],
+               required: Sequence[str], optional: Sequence[str]) -> Dict:
+    """An ``arch`` argument as a dict of settings.
+
+    Args:
+        arch (str | dict): A key of ``zoo`` (any case) or a dict.
+        zoo (dict): Named settings.
+        required (Sequence[str]): Keys a dict must have.
+        optional (Sequence[str]): Keys a dict may have.
+
+    Returns:
+        dict: A copy of the settings.
+    """
+    if isinstance(arch, str):
+        key = arch.lower()
+        if key not in zoo:
+            raise ValueError(f'arch must be one of {sorted(zoo)} or a dict, '
+                             f'got {arch!r}')
+        return dict(zoo[key])
+    if not isinstance(arch, dict):
+        raise ValueError(f'arch must be a str or a dict, got {arch!r}')
+    missing = [k for k in required if k not in arch]
+    unknown = set(arch) - set(required) - set(optional)
+    if missing or unknown:
+        raise ValueError(f'arch dict needs {tuple(required)} and may set '
+                         f'{tuple(optional)}; missing {missing}, unknown '
+                         f'{sorted(unknown)}')
+    return dict(arch)
+
+
+def check_out_indices(out_indices: Union[int, Iterable[int]],
+                      num_stages: int) -> Tuple[int, ...]:
+    """``out_indices`` as a tuple of stage indices (negative ones counted
+    from the end), each in ``[0, num_stages)``."""
+    if isinstance(out_indices, int):
+        out_indices = [out_indices]
+    out_indices = [i % num_stages if i < 0 else i for i in out_indices]
+    for i in out_indices:
+        if not 0 <= i < num_stages:
+            raise ValueError(f'out_indices must lie in [0, {num_stages}), '
+                             f'got {i}')
+    return tuple(out_indices)
+
+
+def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
+    """``frozen_stages`` must lie in ``[-1, num_stages]``."""
+    if not -1 <= frozen_stages <= num_stages:
+        raise ValueError(f'frozen_stages must lie in [-1, {num_stages}], '
+                         f'got {frozen_stages}')
+
+
+def freeze(modules: Iterable[nn.Module]) -> None:
+    """Eval mode and no gradients for ``modules``."""
+    for module in modules:
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad = False

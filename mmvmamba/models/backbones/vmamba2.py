@@ -1,0 +1,352 @@
+"""VMamba2: the authors' current VMamba models (VMamba-T[s1l8], S/B[s2l15])."""
+import math
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmvmamba.ops import cross_selective_scan
+from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
+from ..checkpoint import load_pretrained_backbone
+from .common import (DropPath, check_frozen_stages, check_out_indices, freeze,
+                     init_linear_and_norm, init_ssm_parameters, parse_arch,
+                     parse_scan_dtype)
+
+
+class SS2DV2(nn.Module):
+    """The token mixer of a VMamba2 block (the authors' ``v05_noz`` SS2D).
+
+    ``in_proj`` -> depthwise 3x3 conv -> SiLU -> four-direction selective
+    scan (:func:`mmvmamba.ops.cross_selective_scan`, ``D * u`` included,
+    directions summed) -> ``out_norm`` -> ``out_proj``. No gate and no bias
+    but ``dt_projs_bias``. Works on channels-last maps.
+
+    Args:
+        embed_dims (int): Channels C of the block.
+        d_state (int): State size N. Defaults to 1.
+        ssm_ratio (float): Inner width ``d_inner = int(ssm_ratio * C)``.
+            Defaults to 1.0.
+        dt_rank (int | str): Rank R of the step-size projection; ``'auto'``
+            is ``ceil(C / 16)`` (of the block's C, not of ``d_inner``).
+            Defaults to 'auto'.
+        scan_dtype (str): Dtype of the scan's inputs, ``'float32'`` or
+            ``'bfloat16'`` (the state and sums stay float32). Defaults to
+            'float32'.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 d_state: int = 1,
+                 ssm_ratio: float = 1.0,
+                 dt_rank: Union[int, str] = 'auto',
+                 scan_dtype: str = 'float32'):
+        super().__init__()
+        self.scan_dtype = parse_scan_dtype(scan_dtype)
+        d_inner = int(ssm_ratio * embed_dims)
+        if dt_rank == 'auto':
+            dt_rank = math.ceil(embed_dims / 16)
+        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
+        k = 4
+        self.in_proj = nn.Linear(embed_dims, d_inner, bias=False)
+        self.conv2d = nn.Conv2d(
+            d_inner, d_inner, 3, padding=1, groups=d_inner, bias=False)
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(k, dt_rank + 2 * d_state, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, embed_dims, bias=False)
+        init_ssm_parameters(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        x = self.in_proj(x)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        y = cross_selective_scan(
+            x,
+            self.x_proj_weight,
+            self.dt_projs_weight,
+            self.dt_projs_bias,
+            self.A_logs,
+            self.Ds,
+            channels_last=True,
+            # a float64 model (tests) scans in float64
+            scan_dtype=None if x.dtype == torch.float64 else self.scan_dtype)
+        # float32 from the scan; a half-precision model gets its own dtype.
+        y = self.out_norm(y.to(self.out_norm.weight.dtype))
+        return self.out_proj(y)
+
+
+class Mlp(nn.Module):
+    """``fc1`` -> GELU -> ``fc2`` over the channels of a channels-last map."""
+
+    def __init__(self, embed_dims: int, hidden_dims: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dims, hidden_dims)
+        self.fc2 = nn.Linear(hidden_dims, embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VSSBlockV2(nn.Module):
+    """VMamba2 block on channels-last maps, two pre-norm residuals::
+
+        x = x + DropPath(SS2DV2(norm(x)))
+        x = x + DropPath(Mlp(norm2(x)))      # when mlp_ratio > 0
+
+    Args:
+        embed_dims (int): Channels of the block.
+        mlp_ratio (float): Hidden width of the MLP, ``int(mlp_ratio * C)``;
+            0 leaves the MLP out. Defaults to 4.0.
+        drop_path (float): Stochastic depth rate. Defaults to 0.
+        with_cp (bool): Use gradient checkpointing. Defaults to False.
+        **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank`` and
+            ``scan_dtype`` of :class:`SS2DV2`.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 mlp_ratio: float = 4.0,
+                 drop_path: float = 0.,
+                 with_cp: bool = False,
+                 **ssm_cfg):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dims)
+        self.ss2d = SS2DV2(embed_dims, **ssm_cfg)
+        if mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(embed_dims)
+            self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio))
+        else:
+            self.norm2 = self.mlp = None
+        self.drop_path = DropPath(drop_path)
+        self.with_cp = with_cp
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.ss2d(self.norm(x)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def _to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convs (padding 1): ``conv1`` (to C/2) -> ``norm1``
+    -> GELU -> ``conv2`` (to C) -> ``norm2``; an ``(B, C_in, H, W)`` image to
+    a channels-last ``(B, ceil(ceil(H/2)/2), ..., C)`` map."""
+
+    def __init__(self, in_channels: int, embed_dims: int):
+        super().__init__()
+        mid = embed_dims // 2
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(mid)
+        self.conv2 = nn.Conv2d(mid, embed_dims, 3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(_to_channels_last(self.conv1(x))))
+        return self.norm2(_to_channels_last(self.conv2(_to_channels_first(x))))
+
+
+class ConvDownsample(nn.Module):
+    """3x3 stride-2 conv (padding 1) from C to 2C channels, then LayerNorm;
+    channels-last ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``."""
+
+    def __init__(self, embed_dims: int):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            embed_dims, 2 * embed_dims, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(2 * embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_to_channels_last(self.conv(_to_channels_first(x))))
+
+
+class VSSStageV2(nn.Module):
+    """A stage: VMamba2 blocks, then an optional downsample (applied by the
+    backbone after it has taken the stage's output)."""
+
+    def __init__(self, embed_dims: int, depth: int,
+                 drop_paths: Sequence[float], downsample: bool,
+                 with_cp: bool, mlp_ratio: float, **ssm_cfg):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            VSSBlockV2(embed_dims, mlp_ratio, drop_paths[i], with_cp,
+                       **ssm_cfg) for i in range(depth)
+        ])
+        self.downsample = ConvDownsample(embed_dims) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@MODELS.register_module()
+class VMamba2(BaseModule):
+    """VMamba2: the authors' current VMamba models.
+
+    The `VMamba <https://arxiv.org/abs/2401.10166>`_ family of the paper's
+    later versions and of the authors' released checkpoints: VMamba-T[s1l8],
+    S[s2l15] and B[s2l15] (their ``vmambav2v_tiny_224``, ``vmambav2_small_224``
+    and ``vmambav2_base_224``). Against :class:`VMamba` (the first version):
+    a convolutional stem and downsampling, d_state 1, no gate and no biases
+    in SS2D, an MLP in every block. Loads the authors' weights converted by
+    ``tools/model_converters/vmamba2mmvmamba.py``.
+
+    Args:
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` (or ``'t'``,
+            ``'s'``, ``'b'``), or a dict with ``embed_dims`` (stage-0 width),
+            ``depths``, ``ssm_ratio``, ``d_state``, ``mlp_ratio`` and
+            optionally ``dt_rank`` (default ``'auto'`` = ceil(C_i / 16)).
+            Defaults to 'tiny'.
+        in_channels (int): Input channels. Defaults to 3.
+        out_indices (Sequence[int] | int): Stages whose outputs are returned,
+            each after its own LayerNorm, taken before the stage's
+            downsample. Defaults to (3, ).
+        drop_path_rate (float): Stochastic depth, linear from 0 over all
+            blocks. Defaults to 0.2.
+        frozen_stages (int): Freeze the stem (0) and stages
+            ``0 .. frozen_stages - 1`` with their downsamples and output
+            norms. -1 freezes nothing. Defaults to -1.
+        norm_eval (bool): Keep normalisation layers with running statistics
+            in eval mode while training (VMamba2 itself has only
+            LayerNorms). Defaults to False.
+        with_cp (bool): Gradient checkpointing of every block. Defaults to
+            False.
+        scan_dtype (str): Dtype of the selective scan's inputs: ``'float32'``
+            (default) or ``'bfloat16'`` (see :class:`SS2DV2`).
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
+            prefix='backbone.')`` loads converted weights strictly (see
+            :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
+
+    Returns (forward):
+        tuple[Tensor]: ``(B, C_i, H_i, W_i)`` for each index in
+        ``out_indices``, ``C_i = C_0 * 2**i`` at stride ``4 * 2**i``
+        (``H_i = ceil(H / 2**(i + 2))``: no padding, no cropping).
+    """
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {
+            'embed_dims': 96, 'depths': [2, 2, 8, 2], 'ssm_ratio': 1.0,
+            'd_state': 1, 'mlp_ratio': 4.0}),
+        **dict.fromkeys(['s', 'small'], {
+            'embed_dims': 96, 'depths': [2, 2, 15, 2], 'ssm_ratio': 2.0,
+            'd_state': 1, 'mlp_ratio': 4.0}),
+        **dict.fromkeys(['b', 'base'], {
+            'embed_dims': 128, 'depths': [2, 2, 15, 2], 'ssm_ratio': 2.0,
+            'd_state': 1, 'mlp_ratio': 4.0}),
+    }  # yapf: disable
+    arch_keys = ('embed_dims', 'depths', 'ssm_ratio', 'd_state', 'mlp_ratio')
+
+    def __init__(self,
+                 arch: Union[str, Dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Union[int, Sequence[int]] = (3, ),
+                 drop_path_rate: float = 0.2,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 scan_dtype: str = 'float32',
+                 init_cfg: Optional[Dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        arch = parse_arch(arch, self.arch_zoo, self.arch_keys, ('dt_rank', ))
+        embed_dims, depths = arch['embed_dims'], list(arch['depths'])
+        ssm_cfg = dict(
+            d_state=arch['d_state'],
+            ssm_ratio=arch['ssm_ratio'],
+            dt_rank=arch.get('dt_rank', 'auto'),
+            scan_dtype=scan_dtype)
+        self.arch = arch
+        self.num_stages = len(depths)
+        self.embed_dims = embed_dims
+        self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
+        self.out_indices = check_out_indices(out_indices, self.num_stages)
+        check_frozen_stages(frozen_stages, self.num_stages)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+
+        self.patch_embed = ConvStem(in_channels, embed_dims)
+        drop_paths = torch.linspace(
+            0, drop_path_rate, sum(depths), device='cpu').tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            self.stages.append(
+                VSSStageV2(
+                    self.num_features[i],
+                    depth,
+                    drop_paths[first:first + depth],
+                    downsample=i < self.num_stages - 1,
+                    with_cp=with_cp,
+                    mlp_ratio=arch['mlp_ratio'],
+                    **ssm_cfg))
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+
+        self.apply(init_linear_and_norm)
+        self._freeze_stages()
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s pretrained weights strictly, if any."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            load_pretrained_backbone(self, cfg['checkpoint'],
+                                     cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        freeze(frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        check_tensor(
+            'x',
+            x, (None, self.patch_embed.conv1.in_channels, None, None),
+            HALF_AND_FLOAT,
+            labels='(batch, in_channels, H, W)')
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return tuple(outs)
