@@ -116,7 +116,11 @@ def extension_modules():
     release = tuple(int(v) for v in torch.__version__.split('+')[0].split('.')[:2])
     std = '-std=c++20' if release >= (2, 14) else '-std=c++17'
     sources = [f'{CSRC}/ops.cpp', f'{CSRC}/scan_cpu.cpp',
-               f'{CSRC}/scan_cpu_generic.cpp', f'{CSRC}/scan_cpu_avx2.cpp']
+               f'{CSRC}/scan_cpu_generic.cpp', f'{CSRC}/scan_cpu_avx2.cpp',
+               f'{CSRC}/cross_scan_cpu.cpp',
+               f'{CSRC}/cross_scan_cpu_generic.cpp',
+               f'{CSRC}/cross_scan_cpu_avx2.cpp',
+               f'{CSRC}/cross_scan_cpu_avx512.cpp']
     cxx_flags = ['-O3', std, '-g0', '-Wno-psabi']
     define_macros = []
     if with_cuda:

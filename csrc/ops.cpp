@@ -141,8 +141,8 @@ CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
                                  const at::Tensor& dt_bias, const at::Tensor& A,
                                  const at::Tensor& D, int64_t height,
                                  int64_t width) {
-  TORCH_CHECK(u.is_cuda(), "cross_scan: u is on ", u.device().str(),
-              ", expected a CUDA tensor");
+  TORCH_CHECK(u.is_cuda() || u.is_cpu(), "cross_scan: u is on ",
+              u.device().str(), ", expected a CPU or CUDA tensor");
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16,
               "cross_scan: u must be float32 or bfloat16, got ", u.scalar_type());
   TORCH_CHECK(u.dim() == 3, "cross_scan: u must be (batch, H*W, D), got shape ",
@@ -226,8 +226,10 @@ TORCH_LIBRARY(mmvmamba, m) {
       "delta_softplus, Tensor checkpoints) -> (Tensor du, Tensor ddelta, "
       "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor ddelta_bias)");
   // SS2D's four-direction scan of a channels-last map u (batch, H*W, D),
-  // fused (CUDA): x_dbl (batch, H*W, 4, R + 2N) holds each position's
-  // (dt_low, B, C) per scan order; out is the merged float32 (batch, H*W, D).
+  // fused (CUDA; forward only on the CPU): x_dbl (batch, H*W, 4, R + 2N)
+  // holds each position's (dt_low, B, C) per scan order; out is the merged
+  // float32 (batch, H*W, D); checkpoints are the CUDA backward's (empty on
+  // the CPU).
   m.def(
       "cross_scan_fwd(Tensor u, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, "
       "Tensor A, Tensor D, int height, int width) -> (Tensor out, Tensor "
