@@ -4,7 +4,8 @@ Importing this module tries to load the extension once and never raises: when
 it is missing or was built for another torch, :func:`ext_status` says why and
 how to rebuild. When it loads, its ops ``torch.ops.mmvmamba.selective_scan_fwd``
 and ``selective_scan_bwd`` (and the fused four-direction ``cross_scan_fwd`` /
-``_bwd``, CUDA only) get fake (meta) kernels and autograd here, so that
+``_bwd``: CUDA, and the forward on the CPU) get fake (meta) kernels and
+autograd here, so that
 :func:`selective_scan_kernel` and :func:`cross_scan_kernel` are
 differentiable, work under ``torch.compile(fullgraph=True)`` and pass
 ``torch.library.opcheck``.
@@ -131,9 +132,11 @@ def _register_cross() -> None:
     def _fwd_fake(u, x_dbl, dt_weight, dt_bias, A, D, height, width):
         batch, length, d_inner = u.shape
         chunks = (length + CHUNK - 1) // CHUNK
+        # the CPU forward keeps no checkpoints (it has no backward)
+        shape = ((batch, 4 * d_inner, chunks, A.shape[1])
+                 if u.device.type == 'cuda' else (0, ))
         return (u.new_empty(u.shape, dtype=torch.float32),
-                u.new_empty((batch, 4 * d_inner, chunks, A.shape[1]),
-                            dtype=torch.float32))
+                u.new_empty(shape, dtype=torch.float32))
 
     @torch.library.register_fake('mmvmamba::cross_scan_bwd')
     def _bwd_fake(grad_out, u, x_dbl, dt_weight, dt_bias, A, D, height, width,
@@ -190,15 +193,17 @@ def _kernels_built() -> dict:
         'cpu': has(_FWD, 'CPU'),
         'cuda': has(_FWD, 'CUDA'),
         'cross-cuda': has(_CROSS_FWD, 'CUDA'),
+        'cross-cpu': has(_CROSS_FWD, 'CPU'),
     }
 
 
 _BUILT = _kernels_built()
 
 
-def has_cross_kernel() -> bool:
-    """Whether the fused four-direction CUDA kernel was built."""
-    return _BUILT['cross-cuda']
+def has_cross_kernel(device_type: str = 'cuda') -> bool:
+    """Whether the fused four-direction kernel was built for ``device_type``
+    ('cuda': forward and backward; 'cpu': forward only)."""
+    return _BUILT.get(f'cross-{device_type}', False)
 
 
 def kernel_unsupported_reason(u: torch.Tensor,
@@ -242,7 +247,8 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
                       dt_weight: torch.Tensor, dt_bias: torch.Tensor,
                       A: torch.Tensor, D: torch.Tensor, height: int,
                       width: int) -> torch.Tensor:
-    """SS2D's four-direction scan on the fused CUDA kernel.
+    """SS2D's four-direction scan on the fused kernel (CUDA; on the CPU
+    forward only: no gradient flows back through it).
 
     Args:
         u (Tensor): Channels-last map ``(batch, H*W, D)``, float32 or
@@ -260,8 +266,13 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
         Tensor: The four outputs summed at their positions, float32
         ``(batch, H*W, D)``.
     """
-    if not has_cross_kernel():
-        raise RuntimeError(f'no fused CUDA cross-scan kernel: {_STATUS}')
+    if not has_cross_kernel(u.device.type):
+        raise RuntimeError(f'no fused {u.device.type} cross-scan kernel: '
+                           f'{_STATUS}')
+    if u.device.type == 'cpu' and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (u, x_dbl, dt_weight, dt_bias, A, D)):
+        raise RuntimeError('the fused CPU cross-scan kernel is forward only: '
+                           'call it without gradients (torch.no_grad())')
     out, _ = torch.ops.mmvmamba.cross_scan_fwd(u, x_dbl, dt_weight, dt_bias,
                                                A, D, int(height), int(width))
     return out
