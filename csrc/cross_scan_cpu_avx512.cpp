@@ -2,6 +2,8 @@
 // 16 floats a vector, chosen at run time when the processor has it. Standard
 // headers are included before the pragma, so only this kernel is compiled
 // for AVX-512.
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

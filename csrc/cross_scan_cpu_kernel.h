@@ -85,29 +85,48 @@ MMV_INLINE void store_lanes(float* p, vf v, int lanes) {
   }
 }
 
-// exp(x), relative error ~2e-7: x = k ln2 + r, |r| <= ln2 / 2, degree-6
-// polynomial for e^r, 2^k through the exponent bits. x is clamped to the
-// normal range (exp(-87.3) ~ 1e-38 stands in for smaller results).
-MMV_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.33f), hi = splat(88.37f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to an integer
-  const vf k = (x * 1.44269504f + magic) - magic;
-  vf r = x - k * 0.693145752f;
-  r = r - k * 1.42860677e-6f;
-  vf p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^t, relative error < 2e-7: t = k + r with k the nearest integer, a
+// degree-5 polynomial for 2^r on [-1/2, 1/2], times 2^k. The polynomial was
+// fitted for this kernel (reweighted least squares in relative error) with
+// its constant term pinned to 1: decays exp(dt A) close to 1 multiply into
+// the state over many steps, so 2^r must carry no bias near r = 0.
+MMV_INLINE vf vexp2(vf t) {
+#if MMV_VEC_BYTES == 64
+  // vscalefps makes p 2^k and handles the range (0 or inf beyond it).
+  const vf k = (vf)_mm512_roundscale_ps(
+      (__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  // t clamped to [-126, 127] (2^-126 ~ 1e-38 stands in for smaller
+  // results); adding 1.5 * 2^23 rounds it to an integer, which the low bits
+  // of the sum then hold.
+  const vf lo = splat(-126.0f), hi = splat(127.0f);
+  t = t > lo ? t : lo;
+  t = t < hi ? t : hi;
+  const vf shifted = t + 12582912.0f;
+  const vf k = shifted - 12582912.0f;
+#endif
+  const vf r = t - k;
+  vf p = splat(1.32200064e-3f);
+  p = p * r + 9.67169646e-3f;
+  p = p * r + 5.55088818e-2f;
+  p = p * r + 2.40222380e-1f;
+  p = p * r + 6.93146884e-1f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
+#if MMV_VEC_BYTES == 64
+  return (vf)_mm512_scalef_ps((__m512)p, (__m512)k);
+#else
+  vi bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits + (127 - 0x4B400000)) << 23;  // (k + 127) << 23
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+#endif
 }
+
+MMV_INLINE vf vexp(vf x) { return vexp2(x * kLog2e); }
 
 // softplus(x) as torch computes it (x above 20 passes through);
 // log1p(e) = 2 atanh(e / (2 + e)) stays exact for tiny e = exp(-|x|).
@@ -127,15 +146,20 @@ MMV_INLINE vf vsoftplus(vf x) {
   return x > 20.0f ? x : sp;
 }
 
+// Steps are taken in chunks of kChunkSteps: first the chunk's step sizes
+// (independent of each other, so their long dependency chains of dt_weight
+// @ dt_low and softplus overlap), then its recurrence.
+constexpr int kChunkSteps = 16;
+
 // A block's parameters for one direction, channel-major as the vectors need
-// them, in caller scratch: dt_weight (R vectors), A (kMaxStates vectors,
-// zero past N), bias and D; `row` holds one step's (dt_low, B, C) when x_dbl
-// cannot be read in place (bfloat16, or N padded).
+// them, in caller scratch: dt_weight (R vectors), A log2(e) (kMaxStates
+// vectors, zero past N), bias and D; `rows` holds a chunk's (dt_low, B, C)
+// when x_dbl cannot be read in place (bfloat16, or N padded).
 struct Block {
-  float *weight, *A, *bias, *D, *row;
+  float *weight, *A, *bias, *D, *rows;
 };
 
-int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+int64_t row_floats(int64_t rank) { return rank + 2 * kMaxStates; }
 
 Block carve(float* scratch, int64_t rank) {
   Block b;
@@ -143,7 +167,7 @@ Block carve(float* scratch, int64_t rank) {
   b.A = b.weight + rank * kLanes;
   b.bias = b.A + kMaxStates * kLanes;
   b.D = b.bias + kLanes;
-  b.row = b.D + kLanes;
+  b.rows = b.D + kLanes;
   return b;
 }
 
@@ -154,15 +178,17 @@ void prepare_block(const CrossArgs& a, int k, int64_t c0, int lanes,
   for (int i = 0; i < lanes; ++i) {
     const int64_t d = k * a.d_inner + c0 + i;
     for (int64_t r = 0; r < R; ++r) blk.weight[r * kLanes + i] = a.dt_weight[d * R + r];
-    for (int64_t n = 0; n < N; ++n) blk.A[n * kLanes + i] = a.A[d * N + n];
+    for (int64_t n = 0; n < N; ++n) {
+      blk.A[n * kLanes + i] = a.A[d * N + n] * kLog2e;
+    }
     blk.bias[i] = a.dt_bias[d];
     blk.D[i] = a.D[d];
   }
 }
 
 // One direction of one channel block; NS = N rounded up to a power of two.
-// The step's (dt_low, B, C) are read in place (float32 x_dbl and N = NS) or
-// through blk.row, laid out (dt_low, B padded to NS, C padded to NS).
+// A step's (dt_low, B, C) are read in place (float32 x_dbl and N = NS) or
+// from blk.rows, each laid out (dt_low, B padded to NS, C padded to NS).
 template <typename T, int NS>
 void scan_direction(const CrossArgs& a, int k, int64_t c0, int lanes,
                     const Block& blk, bool accumulate) {
@@ -176,41 +202,65 @@ void scan_direction(const CrossArgs& a, int k, int64_t c0, int lanes,
   const int32_t* order = a.orders + (k & 1) * L;
   const bool reverse = k >= 2;
   vf A[NS], h[NS];
+#pragma GCC unroll 16
   for (int n = 0; n < NS; ++n) {
     A[n] = load(blk.A + n * kLanes);
     h[n] = vf{};
   }
   const vf bias = load(blk.bias), D = load(blk.D);
-  if (!in_place) std::memset(blk.row, 0, sizeof(float) * (R + 2 * NS));
-  for (int64_t i = 0; i < L; ++i) {
-    const int64_t pos = order[reverse ? L - 1 - i : i];
-    const T* src = x_dbl + pos * stride;
-    const float* row;
-    if constexpr (std::is_same_v<T, float>) row = src;
-    if (!in_place) {
-      for (int64_t j = 0; j < R + N; ++j) blk.row[j] = to_float(src[j]);
-      for (int64_t n = 0; n < N; ++n) blk.row[R + NS + n] = to_float(src[R + N + n]);
-      row = blk.row;
-    }
-    vf delta = bias;
-    for (int64_t r = 0; r < R; ++r) delta += load(blk.weight + r * kLanes) * row[r];
-    const vf dt = vsoftplus(delta);
-    const vf uv = load_lanes(u + pos * Dm, lanes);
-    const vf dtu = dt * uv;
-    const float* B = row + R;
-    const float* C = row + R + NS;
-    vf y0 = D * uv, y1 = vf{};
-    for (int n = 0; n < NS; ++n) {
-      h[n] = vexp(A[n] * dt) * h[n] + dtu * B[n];
-      if (n % 2 == 0) {
-        y0 += C[n] * h[n];
-      } else {
-        y1 += C[n] * h[n];
+  if (!in_place) {
+    std::memset(blk.rows, 0, sizeof(float) * kChunkSteps * row_floats(R));
+  }
+  vf dts[kChunkSteps], dtus[kChunkSteps], skips[kChunkSteps];
+  const float* rows[kChunkSteps];
+  int64_t offsets[kChunkSteps];
+  for (int64_t i0 = 0; i0 < L; i0 += kChunkSteps) {
+    const int steps = static_cast<int>(L - i0 < kChunkSteps ? L - i0 : kChunkSteps);
+    for (int t = 0; t < steps; ++t) {
+      const int64_t i = i0 + t;
+      const int64_t pos = order[reverse ? L - 1 - i : i];
+      const T* src = x_dbl + pos * stride;
+      const float* row;
+      if constexpr (std::is_same_v<T, float>) row = src;
+      if (!in_place) {
+        float* copy = blk.rows + t * row_floats(R);
+        for (int64_t j = 0; j < R + N; ++j) copy[j] = to_float(src[j]);
+        for (int64_t n = 0; n < N; ++n) copy[R + NS + n] = to_float(src[R + N + n]);
+        row = copy;
       }
+      vf delta0 = bias, delta1 = vf{};
+      int64_t r = 0;
+      for (; r + 2 <= R; r += 2) {
+        delta0 += load(blk.weight + r * kLanes) * row[r];
+        delta1 += load(blk.weight + (r + 1) * kLanes) * row[r + 1];
+      }
+      if (r < R) delta0 += load(blk.weight + r * kLanes) * row[r];
+      const vf dt = vsoftplus(delta0 + delta1);
+      const vf uv = load_lanes(u + pos * Dm, lanes);
+      dts[t] = dt;
+      dtus[t] = dt * uv;
+      skips[t] = D * uv;
+      rows[t] = row;
+      offsets[t] = pos * Dm;
     }
-    vf y = y0 + y1;
-    if (accumulate) y += load_lanes(out + pos * Dm, lanes);
-    store_lanes(out + pos * Dm, y, lanes);
+    for (int t = 0; t < steps; ++t) {
+      const vf dt = dts[t], dtu = dtus[t];
+      const float* B = rows[t] + R;
+      const float* C = B + NS;
+      vf y0 = skips[t], y1 = vf{};
+#pragma GCC unroll 16
+      for (int n = 0; n < NS; ++n) {
+        h[n] = vexp2(A[n] * dt) * h[n] + dtu * B[n];
+        if (n % 2 == 0) {
+          y0 += C[n] * h[n];
+        } else {
+          y1 += C[n] * h[n];
+        }
+      }
+      vf y = y0 + y1;
+      if (accumulate) y += load_lanes(out + offsets[t], lanes);
+      store_lanes(out + offsets[t], y, lanes);
+    }
   }
 }
 
@@ -239,8 +289,8 @@ void forward_block_t(const CrossArgs& a, int64_t c0, const Block& blk) {
 int cross_lanes() { return kLanes; }
 
 int64_t cross_scratch_floats(int64_t rank) {
-  // weight, A, bias, D, then the row: R + 2 kMaxStates floats.
-  return (rank + kMaxStates + 2) * kLanes + padded(rank + 2 * kMaxStates);
+  // weight, A, bias, D, then a chunk's rows.
+  return (rank + kMaxStates + 2) * kLanes + kChunkSteps * row_floats(rank);
 }
 
 void cross_forward_block(const CrossArgs& a, int64_t c0, float* scratch) {

@@ -31,10 +31,12 @@ CASES = [
     (3, 17, 4, 9, 2, 8),
     (1, 100, 3, 5, 12, 2),
     (2, 96, 14, 13, 6, 16),  # VMamba-T stage-0 width
+    (1, 24, 40, 37, 4, 16),  # L = 1480: a biased exp would add up
 ]
 # Relative error of the float32 kernel against float64: measured at most
-# 3e-7 over these cases (the vectorised exp is within ~2e-7).
-TOLERANCE = 2e-6
+# 3e-7 over these cases (its exp is within 2e-7); an exp 1 + 1.2e-7 at 0
+# gave 1.2e-6 at L = 330 and more on longer maps.
+TOLERANCE = 1e-6
 
 
 def make_params(case, seed=None):
