@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cross_scan_cpu.h"
@@ -25,16 +27,27 @@ struct CrossKernels {
   decltype(&cpu::generic::cross_forward_block) forward_block;
 };
 
+// The widest instruction set the processor has, or the one that
+// MMVMAMBA_CPU_ISA names (avx512, avx2 or generic; for tests and
+// comparisons), if the processor has it.
 const CrossKernels& cross_kernels() {
   static const CrossKernels kernels = [] {
+    const char* env = std::getenv("MMVMAMBA_CPU_ISA");
+    const std::string want = env == nullptr ? "" : env;
+    TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" ||
+                    want == "generic",
+                "MMVMAMBA_CPU_ISA must be avx512, avx2 or generic (or unset), "
+                "got '", want, "'");
 #ifdef MMVMAMBA_CROSS_CPU_X86
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    if ((want.empty() || want == "avx512") &&
+        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
       return CrossKernels{cpu::avx512::cross_lanes,
                           cpu::avx512::cross_scratch_floats,
                           cpu::avx512::cross_forward_block};
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (want != "generic" && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma")) {
       return CrossKernels{cpu::avx2::cross_lanes, cpu::avx2::cross_scratch_floats,
                           cpu::avx2::cross_forward_block};
     }

@@ -6,6 +6,9 @@ the PyTorch reference. Skipped when ``mmvmamba._C`` has no CPU kernel of the
 op (pure-Python install).
 """
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +89,45 @@ def test_fused_cpu_matches_float64_reference(case):
         y = cross_selective_scan(x, **params, channels_last=True, fused=True)
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert rel_err(y, reference(x, params)) < TOLERANCE
+
+
+ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+from test_cross_scan_cpu import CASES, make_params, reference, rel_err
+from mmvmamba.ops import cross_selective_scan
+for case in (CASES[0], CASES[1], CASES[4]):
+    x, params = make_params(case, seed=1)
+    with torch.no_grad():
+        y = cross_selective_scan(x, **params, channels_last=True, fused=True)
+    print(rel_err(y, reference(x, params)))
+"""
+
+
+@pytest.mark.parametrize('isa', ['avx2', 'generic'])
+def test_narrower_instruction_sets_match_float64_reference(isa):
+    """The kernel built for AVX2 and for the baseline instruction set (the
+    widest the processor has runs by default), picked by MMVMAMBA_CPU_ISA in
+    a fresh process."""
+    script = ISA_SCRIPT.format(here=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MMVMAMBA_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, '-c', script], env=env, text=True,
+                         capture_output=True, check=True).stdout
+    errors = [float(line) for line in out.split()]
+    assert len(errors) == 3 and max(errors) < TOLERANCE, errors
+
+
+def test_unknown_instruction_set_raises():
+    script = ('import torch, mmvmamba.ops._ext\n'
+              'torch.ops.mmvmamba.cross_scan_fwd(torch.zeros(1, 1, 1), '
+              'torch.zeros(1, 1, 4, 3), torch.zeros(4, 1, 1), '
+              'torch.zeros(4, 1), torch.zeros(4, 1), torch.zeros(4), 1, 1)')
+    env = dict(os.environ, MMVMAMBA_CPU_ISA='sse9')
+    result = subprocess.run([sys.executable, '-c', script], env=env,
+                            text=True, capture_output=True)
+    assert result.returncode != 0
+    assert ("MMVMAMBA_CPU_ISA must be avx512, avx2 or generic (or unset), "
+            "got 'sse9'") in result.stderr
 
 
 def test_inference_takes_the_fused_path_training_the_unfused(monkeypatch):
