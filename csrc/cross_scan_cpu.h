@@ -22,15 +22,31 @@ struct CrossArgs {
   float* out;              // (L, D): the four directions summed
 };
 
-// cross_lanes(): channels per vector. cross_scratch_floats(R): floats of
-// scratch one call of cross_forward_block needs. cross_forward_block(a, c0,
-// scratch): runs the four scans of channels [c0, c0 + lanes) (fewer at the
-// end of D) and writes their sum to a.out.
-#define MMVMAMBA_DECLARE_CROSS_CPU(isa)                                    \
-  namespace isa {                                                          \
-  int cross_lanes();                                                       \
-  int64_t cross_scratch_floats(int64_t rank);                              \
-  void cross_forward_block(const CrossArgs& a, int64_t c0, float* scratch); \
+// Backward outputs of one batch entry, float32. du is written (this
+// direction's share); the others are added to.
+struct CrossGrads {
+  const float* dout;  // (L, D) gradient of out
+  float* du;          // (L, D)
+  float* dx_dbl;      // (L, 4, R + 2N)
+  float* dt_weight;   // (4, D, R)
+  float* dt_bias;     // (4, D)
+  float* dA;          // (4D, N)
+  float* dD;          // (4D,)
+};
+
+// cross_lanes(): channels per vector. cross_scratch_floats(R, L, backward):
+// floats of scratch, aligned to 64 bytes, that one call of the forward or
+// backward needs. cross_forward_block(a, c0, scratch): runs the four scans
+// of channels [c0, c0 + lanes) (fewer at the end of D) and writes their sum
+// to a.out. cross_backward_block(a, g, k, c0, scratch): the backward of
+// direction k of those channels.
+#define MMVMAMBA_DECLARE_CROSS_CPU(isa)                                     \
+  namespace isa {                                                           \
+  int cross_lanes();                                                        \
+  int64_t cross_scratch_floats(int64_t rank, int64_t length, bool backward); \
+  void cross_forward_block(const CrossArgs& a, int64_t c0, float* scratch);  \
+  void cross_backward_block(const CrossArgs& a, const CrossGrads& g, int k,  \
+                            int64_t c0, float* scratch);                     \
   }
 
 MMVMAMBA_DECLARE_CROSS_CPU(generic)

@@ -1,9 +1,11 @@
 // The fused cross-scan CPU kernel for x86-64 with AVX2 and FMA, 8 floats a
 // vector, chosen at run time when the processor has them. Standard headers
 // are included before the pragma, so only this kernel is compiled for AVX2.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "cross_scan_cpu.h"
 

@@ -4,9 +4,11 @@
 // for AVX-512.
 #include <immintrin.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "cross_scan_cpu.h"
 

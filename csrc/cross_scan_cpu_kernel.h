@@ -13,9 +13,11 @@
 // adds <C, h> + D u to the output. The first direction writes the block's
 // output, the other three add to it, so the four are summed without races
 // or extra buffers.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "cross_scan_cpu.h"
 
@@ -146,40 +148,73 @@ MMV_INLINE vf vsoftplus(vf x) {
   return x > 20.0f ? x : sp;
 }
 
+// The softplus' derivative sigmoid(x), 1 above 20 as torch has it.
+MMV_INLINE vf vsigmoid(vf x) {
+  const vf zero = vf{}, one = splat(1.0f);
+  const vf e = vexp(zero - (x < zero ? zero - x : x));
+  const vf sg = (x < zero ? e : one) / (1.0f + e);
+  return x > 20.0f ? one : sg;
+}
+
 // Steps are taken in chunks of kChunkSteps: first the chunk's step sizes
 // (independent of each other, so their long dependency chains of dt_weight
 // @ dt_low and softplus overlap), then its recurrence.
 constexpr int kChunkSteps = 16;
 
 // A block's parameters for one direction, channel-major as the vectors need
-// them, in caller scratch: dt_weight (R vectors), A log2(e) (kMaxStates
-// vectors, zero past N), bias and D; `rows` holds a chunk's (dt_low, B, C)
-// when x_dbl cannot be read in place (bfloat16, or N padded).
+// them, in caller scratch (aligned to a vector): dt_weight (R vectors), A
+// log2(e) and A (kMaxStates vectors each, zero past N), bias and D. The
+// backward adds the gradient sums of dt_weight (R vectors), room for one
+// step's lane sums (R + 2N vectors, padded) and the state at the start of
+// every chunk. Last, `rows` holds a chunk's (dt_low, B, C) when x_dbl
+// cannot be read in place (bfloat16, or N padded).
 struct Block {
-  float *weight, *A, *bias, *D, *rows;
+  float *weight, *A_log2, *A, *bias, *D, *dweight, *sums, *starts, *rows;
 };
 
 int64_t row_floats(int64_t rank) { return rank + 2 * kMaxStates; }
 
-Block carve(float* scratch, int64_t rank) {
+int64_t chunks_of(int64_t length) {
+  return (length + kChunkSteps - 1) / kChunkSteps;
+}
+
+int64_t sum_vectors(int64_t rank) {
+  return (rank + 2 * kMaxStates + kLanes - 1) / kLanes * kLanes;
+}
+
+// Vectors of scratch before the rows.
+int64_t block_vectors(int64_t rank, int64_t length, bool backward) {
+  const int64_t params = rank + 2 * kMaxStates + 2;
+  return backward ? params + rank + sum_vectors(rank) +
+                        chunks_of(length) * kMaxStates
+                  : params;
+}
+
+Block carve(float* scratch, int64_t rank, int64_t length, bool backward) {
   Block b;
   b.weight = scratch;
-  b.A = b.weight + rank * kLanes;
+  b.A_log2 = b.weight + rank * kLanes;
+  b.A = b.A_log2 + kMaxStates * kLanes;
   b.bias = b.A + kMaxStates * kLanes;
   b.D = b.bias + kLanes;
-  b.rows = b.D + kLanes;
+  b.dweight = b.D + kLanes;
+  b.sums = b.dweight + (backward ? rank * kLanes : 0);
+  b.starts = b.sums + (backward ? sum_vectors(rank) * kLanes : 0);
+  b.rows = scratch + block_vectors(rank, length, backward) * kLanes;
   return b;
 }
 
 void prepare_block(const CrossArgs& a, int k, int64_t c0, int lanes,
                    const Block& blk) {
   const int64_t R = a.rank, N = a.d_state;
-  std::memset(blk.weight, 0, sizeof(float) * (R + kMaxStates + 2) * kLanes);
+  std::memset(blk.weight, 0,
+              sizeof(float) * (R + 2 * kMaxStates + 2) * kLanes);
   for (int i = 0; i < lanes; ++i) {
     const int64_t d = k * a.d_inner + c0 + i;
     for (int64_t r = 0; r < R; ++r) blk.weight[r * kLanes + i] = a.dt_weight[d * R + r];
     for (int64_t n = 0; n < N; ++n) {
-      blk.A[n * kLanes + i] = a.A[d * N + n] * kLog2e;
+      blk.A[n * kLanes + i] = a.A[d * N + n];
+      blk.A_log2[n * kLanes + i] = a.A[d * N + n] * kLog2e;
     }
     blk.bias[i] = a.dt_bias[d];
     blk.D[i] = a.D[d];
@@ -190,64 +225,112 @@ void prepare_block(const CrossArgs& a, int k, int64_t c0, int lanes,
 // A step's (dt_low, B, C) are read in place (float32 x_dbl and N = NS) or
 // from blk.rows, each laid out (dt_low, B padded to NS, C padded to NS).
 template <typename T, int NS>
+struct Direction {
+  const CrossArgs& a;
+  const Block& blk;
+  int k, lanes;
+  int64_t L, Dm, R, N, stride;
+  bool in_place, reverse;
+  const T* u;
+  const T* x_dbl;
+  const int32_t* order;
+
+  Direction(const CrossArgs& args, const Block& block, int direction,
+            int64_t c0, int lanes_)
+      : a(args), blk(block), k(direction), lanes(lanes_) {
+    L = a.length;
+    Dm = a.d_inner;
+    R = a.rank;
+    N = a.d_state;
+    stride = kDirections * (R + 2 * N);
+    in_place = false;
+    if constexpr (std::is_same_v<T, float>) in_place = N == NS;
+    reverse = k >= 2;
+    u = static_cast<const T*>(a.u) + c0;
+    x_dbl = static_cast<const T*>(a.x_dbl) + k * (R + 2 * N);
+    order = a.orders + (k & 1) * L;
+    if (!in_place) {
+      std::memset(blk.rows, 0, sizeof(float) * kChunkSteps * row_floats(R));
+    }
+  }
+
+  // Row-major position of step i.
+  int64_t position(int64_t i) const { return order[reverse ? L - 1 - i : i]; }
+};
+
+// A chunk's per-step values: step sizes, dt u, D u, the (dt_low, B, C) row
+// and the offset of the position in a (L, D) map; the backward adds u and
+// the derivative of the softplus.
+template <bool kBackward>
+struct Chunk {
+  int steps;
+  vf dt[kChunkSteps], dtu[kChunkSteps], skip[kChunkSteps];
+  vf u[kBackward ? kChunkSteps : 1], slope[kBackward ? kChunkSteps : 1];
+  const float* rows[kChunkSteps];
+  int64_t positions[kChunkSteps], offsets[kChunkSteps];
+};
+
+// The step values of steps [i0, i0 + steps): independent of each other, so
+// the long dependency chains of dt_weight @ dt_low and softplus overlap.
+template <typename T, int NS, bool kBackward>
+void load_chunk(const Direction<T, NS>& dir, int64_t i0, Chunk<kBackward>& c) {
+  const Block& blk = dir.blk;
+  const int64_t R = dir.R, N = dir.N;
+  const vf bias = load(blk.bias), D = load(blk.D);
+  c.steps = static_cast<int>(dir.L - i0 < kChunkSteps ? dir.L - i0 : kChunkSteps);
+  for (int t = 0; t < c.steps; ++t) {
+    const int64_t pos = dir.position(i0 + t);
+    const T* src = dir.x_dbl + pos * dir.stride;
+    float* copy = blk.rows + t * row_floats(R);
+    const float* row = copy;
+    if (dir.in_place) {
+      if constexpr (std::is_same_v<T, float>) row = src;
+    } else {
+      for (int64_t j = 0; j < R + N; ++j) copy[j] = to_float(src[j]);
+      for (int64_t n = 0; n < N; ++n) copy[R + NS + n] = to_float(src[R + N + n]);
+    }
+    vf delta0 = bias, delta1 = vf{};
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) {
+      delta0 += load(blk.weight + r * kLanes) * row[r];
+      delta1 += load(blk.weight + (r + 1) * kLanes) * row[r + 1];
+    }
+    if (r < R) delta0 += load(blk.weight + r * kLanes) * row[r];
+    const vf delta = delta0 + delta1;
+    const vf dt = vsoftplus(delta);
+    const vf uv = load_lanes(dir.u + pos * dir.Dm, dir.lanes);
+    c.dt[t] = dt;
+    c.dtu[t] = dt * uv;
+    c.skip[t] = D * uv;
+    c.rows[t] = row;
+    c.positions[t] = pos;
+    c.offsets[t] = pos * dir.Dm;
+    if constexpr (kBackward) {
+      c.u[t] = uv;
+      c.slope[t] = vsigmoid(delta);
+    }
+  }
+}
+
+template <typename T, int NS>
 void scan_direction(const CrossArgs& a, int k, int64_t c0, int lanes,
                     const Block& blk, bool accumulate) {
-  const int64_t L = a.length, Dm = a.d_inner, R = a.rank, N = a.d_state;
-  const int64_t stride = kDirections * (R + 2 * N);
-  bool in_place = false;
-  if constexpr (std::is_same_v<T, float>) in_place = N == NS;
-  const T* u = static_cast<const T*>(a.u) + c0;
-  const T* x_dbl = static_cast<const T*>(a.x_dbl) + k * (R + 2 * N);
+  const Direction<T, NS> dir(a, blk, k, c0, lanes);
   float* out = a.out + c0;
-  const int32_t* order = a.orders + (k & 1) * L;
-  const bool reverse = k >= 2;
   vf A[NS], h[NS];
 #pragma GCC unroll 16
   for (int n = 0; n < NS; ++n) {
-    A[n] = load(blk.A + n * kLanes);
+    A[n] = load(blk.A_log2 + n * kLanes);
     h[n] = vf{};
   }
-  const vf bias = load(blk.bias), D = load(blk.D);
-  if (!in_place) {
-    std::memset(blk.rows, 0, sizeof(float) * kChunkSteps * row_floats(R));
-  }
-  vf dts[kChunkSteps], dtus[kChunkSteps], skips[kChunkSteps];
-  const float* rows[kChunkSteps];
-  int64_t offsets[kChunkSteps];
-  for (int64_t i0 = 0; i0 < L; i0 += kChunkSteps) {
-    const int steps = static_cast<int>(L - i0 < kChunkSteps ? L - i0 : kChunkSteps);
-    for (int t = 0; t < steps; ++t) {
-      const int64_t i = i0 + t;
-      const int64_t pos = order[reverse ? L - 1 - i : i];
-      const T* src = x_dbl + pos * stride;
-      const float* row;
-      if constexpr (std::is_same_v<T, float>) row = src;
-      if (!in_place) {
-        float* copy = blk.rows + t * row_floats(R);
-        for (int64_t j = 0; j < R + N; ++j) copy[j] = to_float(src[j]);
-        for (int64_t n = 0; n < N; ++n) copy[R + NS + n] = to_float(src[R + N + n]);
-        row = copy;
-      }
-      vf delta0 = bias, delta1 = vf{};
-      int64_t r = 0;
-      for (; r + 2 <= R; r += 2) {
-        delta0 += load(blk.weight + r * kLanes) * row[r];
-        delta1 += load(blk.weight + (r + 1) * kLanes) * row[r + 1];
-      }
-      if (r < R) delta0 += load(blk.weight + r * kLanes) * row[r];
-      const vf dt = vsoftplus(delta0 + delta1);
-      const vf uv = load_lanes(u + pos * Dm, lanes);
-      dts[t] = dt;
-      dtus[t] = dt * uv;
-      skips[t] = D * uv;
-      rows[t] = row;
-      offsets[t] = pos * Dm;
-    }
-    for (int t = 0; t < steps; ++t) {
-      const vf dt = dts[t], dtu = dtus[t];
-      const float* B = rows[t] + R;
+  Chunk<false> c;
+  for (int64_t i0 = 0; i0 < dir.L; i0 += kChunkSteps) {
+    load_chunk(dir, i0, c);
+    for (int t = 0; t < c.steps; ++t) {
+      const vf dt = c.dt[t], dtu = c.dtu[t];
+      const float* B = c.rows[t] + dir.R;
       const float* C = B + NS;
-      vf y0 = skips[t], y1 = vf{};
+      vf y0 = c.skip[t], y1 = vf{};
 #pragma GCC unroll 16
       for (int n = 0; n < NS; ++n) {
         h[n] = vexp2(A[n] * dt) * h[n] + dtu * B[n];
@@ -258,8 +341,8 @@ void scan_direction(const CrossArgs& a, int k, int64_t c0, int lanes,
         }
       }
       vf y = y0 + y1;
-      if (accumulate) y += load_lanes(out + offsets[t], lanes);
-      store_lanes(out + offsets[t], y, lanes);
+      if (accumulate) y += load_lanes(out + c.offsets[t], lanes);
+      store_lanes(out + c.offsets[t], y, lanes);
     }
   }
 }
@@ -274,32 +357,204 @@ void forward_block(const CrossArgs& a, int64_t c0, const Block& blk) {
   }
 }
 
-template <typename T>
-void forward_block_t(const CrossArgs& a, int64_t c0, const Block& blk) {
-  const int64_t N = a.d_state;
-  if (N <= 1) return forward_block<T, 1>(a, c0, blk);
-  if (N <= 2) return forward_block<T, 2>(a, c0, blk);
-  if (N <= 4) return forward_block<T, 4>(a, c0, blk);
-  if (N <= 8) return forward_block<T, 8>(a, c0, blk);
-  return forward_block<T, 16>(a, c0, blk);
+// Sums of vectors over their lanes, kLanes vectors at a time: level S adds
+// lanes S apart, pairing the vectors, so after log2(kLanes) levels lane i
+// holds the sum of v[i].
+constexpr int shuffle_lane(int j, int s, bool high) {
+  const int block = j / (2 * s) * 2 * s, offset = j % (2 * s);
+  return offset < s ? block + offset + (high ? s : 0)
+                    : kLanes + block + offset - s + (high ? s : 0);
 }
+
+template <int S, bool kHigh, size_t... J>
+MMV_INLINE vf pick(vf x, vf y, std::index_sequence<J...>) {
+  return __builtin_shuffle(x, y, vi{shuffle_lane(J, S, kHigh)...});
+}
+
+template <int S>
+MMV_INLINE void reduce_level(vf* v, int count) {
+  const auto lanes = std::make_index_sequence<kLanes>{};
+  for (int i = 0; i < count / 2; ++i) {
+    v[i] = pick<S, false>(v[2 * i], v[2 * i + 1], lanes) +
+           pick<S, true>(v[2 * i], v[2 * i + 1], lanes);
+  }
+}
+
+// v: kLanes vectors (overwritten); returns the vector of their sums.
+MMV_INLINE vf reduce_lanes(vf* v) {
+  reduce_level<1>(v, kLanes);
+  if constexpr (kLanes >= 4) reduce_level<2>(v, kLanes / 2);
+  if constexpr (kLanes >= 8) reduce_level<4>(v, kLanes / 4);
+  if constexpr (kLanes >= 16) reduce_level<8>(v, kLanes / 8);
+  return v[0];
+}
+
+// Adds the lane sums of v[0, count) (count padded up to kLanes with zero
+// vectors in v) to dst[0, count).
+MMV_INLINE void add_lane_sums(vf* v, int64_t count, float* dst) {
+  for (int64_t m = 0; m < count; m += kLanes) {
+    const int take = static_cast<int>(count - m < kLanes ? count - m : kLanes);
+    const vf sums = reduce_lanes(v + m);
+    store_lanes(dst + m, load_lanes(dst + m, take) + sums, take);
+  }
+}
+
+// The reverse scan of one direction of one block. A first pass keeps the
+// state at the start of every chunk; then, from the last chunk to the first,
+// the chunk's states and decays are recomputed from its start and the
+// adjoint dh_i = dy_i C_i + exp(dt_{i+1} A) dh_{i+1} walks it backwards.
+// du of this direction is written to g.du, the rest added to g.
+template <typename T, int NS>
+void backward_direction(const CrossArgs& a, const CrossGrads& g, int k,
+                        int64_t c0, int lanes, const Block& blk) {
+  const Direction<T, NS> dir(a, blk, k, c0, lanes);
+  const int64_t R = dir.R, N = dir.N, width = R + 2 * N;
+  const float* dout = g.dout + c0;
+  float* du = g.du + c0;
+  float* dx_dbl = g.dx_dbl + k * width;
+  vf A_log2[NS], h[NS];
+#pragma GCC unroll 16
+  for (int n = 0; n < NS; ++n) {
+    A_log2[n] = load(blk.A_log2 + n * kLanes);
+    h[n] = vf{};
+  }
+  const int64_t chunks = chunks_of(dir.L);
+  Chunk<true> c;
+  for (int64_t ci = 0; ci < chunks; ++ci) {
+    for (int n = 0; n < NS; ++n) store(blk.starts + (ci * NS + n) * kLanes, h[n]);
+    load_chunk(dir, ci * kChunkSteps, c);
+    for (int t = 0; t < c.steps; ++t) {
+      const float* B = c.rows[t] + R;
+#pragma GCC unroll 16
+      for (int n = 0; n < NS; ++n) {
+        h[n] = vexp2(A_log2[n] * c.dt[t]) * h[n] + c.dtu[t] * B[n];
+      }
+    }
+  }
+  const vf D = load(blk.D);
+  vf dh[NS], decay_next[NS], dA[NS];
+#pragma GCC unroll 16
+  for (int n = 0; n < NS; ++n) dh[n] = decay_next[n] = dA[n] = vf{};
+  vf dD = vf{}, dbias = vf{};
+  std::memset(blk.dweight, 0, sizeof(float) * R * kLanes);
+  vf hs[kChunkSteps][NS], decays[kChunkSteps][NS];
+  // Lane sums of a step: d dt_low (R), dB (N), dC (N), padded to kLanes.
+  const int64_t sums_padded = (width + kLanes - 1) / kLanes * kLanes;
+  vf* sums = reinterpret_cast<vf*>(blk.sums);  // aligned: see carve
+  for (int64_t ci = chunks - 1; ci >= 0; --ci) {
+    load_chunk(dir, ci * kChunkSteps, c);
+    const float* start = blk.starts + ci * NS * kLanes;
+    for (int n = 0; n < NS; ++n) h[n] = load(start + n * kLanes);
+    for (int t = 0; t < c.steps; ++t) {
+      const float* B = c.rows[t] + R;
+#pragma GCC unroll 16
+      for (int n = 0; n < NS; ++n) {
+        decays[t][n] = vexp2(A_log2[n] * c.dt[t]);
+        h[n] = decays[t][n] * h[n] + c.dtu[t] * B[n];
+        hs[t][n] = h[n];
+      }
+    }
+    for (int t = c.steps - 1; t >= 0; --t) {
+      const float* row = c.rows[t];
+      const float* B = row + R;
+      const float* C = B + NS;
+      const vf dy = load_lanes(dout + c.offsets[t], lanes);
+      vf sum_b = vf{}, sum_a = vf{};
+      for (int64_t m = width; m < sums_padded; ++m) sums[m] = vf{};
+#pragma GCC unroll 16
+      for (int n = 0; n < NS; ++n) {
+        dh[n] = dy * C[n] + decay_next[n] * dh[n];
+        const vf h_prev = t > 0 ? hs[t - 1][n] : load(start + n * kLanes);
+        const vf w = dh[n] * decays[t][n] * h_prev;
+        dA[n] += c.dt[t] * w;
+        sum_a += load(blk.A + n * kLanes) * w;
+        sum_b += dh[n] * B[n];
+        if (n < N) {
+          sums[R + n] = c.dtu[t] * dh[n];
+          sums[R + N + n] = dy * hs[t][n];
+        }
+        decay_next[n] = decays[t][n];
+      }
+      store_lanes(du + c.offsets[t], c.dt[t] * sum_b + D * dy, lanes);
+      dD += dy * c.u[t];
+      const vf ddelta = (c.u[t] * sum_b + sum_a) * c.slope[t];
+      dbias += ddelta;
+      for (int64_t r = 0; r < R; ++r) {
+        float* dw = blk.dweight + r * kLanes;
+        store(dw, load(dw) + ddelta * row[r]);
+        sums[r] = ddelta * load(blk.weight + r * kLanes);
+      }
+      add_lane_sums(sums, width, dx_dbl + c.positions[t] * dir.stride);
+    }
+  }
+  for (int i = 0; i < lanes; ++i) {
+    const int64_t d = k * a.d_inner + c0 + i;
+    for (int64_t n = 0; n < N; ++n) g.dA[d * N + n] += dA[n][i];
+    for (int64_t r = 0; r < R; ++r) g.dt_weight[d * R + r] += blk.dweight[r * kLanes + i];
+    g.dt_bias[d] += dbias[i];
+    g.dD[d] += dD[i];
+  }
+}
+
+template <typename T, int NS>
+void backward_block(const CrossArgs& a, const CrossGrads& g, int k, int64_t c0,
+                    const Block& blk) {
+  const int lanes = static_cast<int>(
+      a.d_inner - c0 < kLanes ? a.d_inner - c0 : kLanes);
+  prepare_block(a, k, c0, lanes, blk);
+  backward_direction<T, NS>(a, g, k, c0, lanes, blk);
+}
+
+// Calls F<T, NS>::run for the input type and N padded to a power of two.
+template <template <typename, int> class F, typename... Args>
+void dispatch(const CrossArgs& a, Args&&... args) {
+  const auto with_states = [&](auto type) {
+    using T = decltype(type);
+    const int64_t N = a.d_state;
+    if (N <= 1) return F<T, 1>::run(a, args...);
+    if (N <= 2) return F<T, 2>::run(a, args...);
+    if (N <= 4) return F<T, 4>::run(a, args...);
+    if (N <= 8) return F<T, 8>::run(a, args...);
+    return F<T, 16>::run(a, args...);
+  };
+  if (a.bf16) {
+    with_states(uint16_t{});
+  } else {
+    with_states(float{});
+  }
+}
+
+template <typename T, int NS>
+struct Forward {
+  static void run(const CrossArgs& a, int64_t c0, const Block& blk) {
+    forward_block<T, NS>(a, c0, blk);
+  }
+};
+
+template <typename T, int NS>
+struct Backward {
+  static void run(const CrossArgs& a, const CrossGrads& g, int k, int64_t c0,
+                  const Block& blk) {
+    backward_block<T, NS>(a, g, k, c0, blk);
+  }
+};
 
 }  // namespace
 
 int cross_lanes() { return kLanes; }
 
-int64_t cross_scratch_floats(int64_t rank) {
-  // weight, A, bias, D, then a chunk's rows.
-  return (rank + kMaxStates + 2) * kLanes + kChunkSteps * row_floats(rank);
+int64_t cross_scratch_floats(int64_t rank, int64_t length, bool backward) {
+  return block_vectors(rank, length, backward) * kLanes +
+         kChunkSteps * row_floats(rank);
 }
 
 void cross_forward_block(const CrossArgs& a, int64_t c0, float* scratch) {
-  const Block blk = carve(scratch, a.rank);
-  if (a.bf16) {
-    forward_block_t<uint16_t>(a, c0, blk);
-  } else {
-    forward_block_t<float>(a, c0, blk);
-  }
+  dispatch<Forward>(a, c0, carve(scratch, a.rank, a.length, false));
+}
+
+void cross_backward_block(const CrossArgs& a, const CrossGrads& g, int k,
+                          int64_t c0, float* scratch) {
+  dispatch<Backward>(a, g, k, c0, carve(scratch, a.rank, a.length, true));
 }
 
 }  // namespace mmvmamba::cpu::MMV_ISA

@@ -198,6 +198,13 @@ void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
               "cross_scan backward: grad_out must be float32 of u's shape ",
               shape_str(u), " on ", u.device().str(), ", got ",
               grad_out.scalar_type(), ", ", shape_str(grad_out));
+  if (u.is_cpu()) {
+    // The CPU forward keeps no checkpoints; its backward recomputes.
+    TORCH_CHECK(checkpoints.numel() == 0, "cross_scan backward: the CPU "
+                "kernel takes the forward's empty checkpoints, got shape ",
+                shape_str(checkpoints));
+    return;
+  }
   const int64_t chunks = (shape.height * shape.width + kChunk - 1) / kChunk;
   TORCH_CHECK(checkpoints.device() == u.device() &&
                   checkpoints.scalar_type() == at::kFloat &&
