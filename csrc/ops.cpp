@@ -233,10 +233,10 @@ TORCH_LIBRARY(mmvmamba, m) {
       "delta_softplus, Tensor checkpoints) -> (Tensor du, Tensor ddelta, "
       "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor ddelta_bias)");
   // SS2D's four-direction scan of a channels-last map u (batch, H*W, D),
-  // fused (CUDA; forward only on the CPU): x_dbl (batch, H*W, 4, R + 2N)
-  // holds each position's (dt_low, B, C) per scan order; out is the merged
-  // float32 (batch, H*W, D); checkpoints are the CUDA backward's (empty on
-  // the CPU).
+  // fused: x_dbl (batch, H*W, 4, R + 2N) holds each position's (dt_low, B,
+  // C) per scan order; out is the merged float32 (batch, H*W, D);
+  // checkpoints are the states the CUDA backward restarts from (empty on
+  // the CPU, whose backward recomputes them).
   m.def(
       "cross_scan_fwd(Tensor u, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, "
       "Tensor A, Tensor D, int height, int width) -> (Tensor out, Tensor "

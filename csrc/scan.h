@@ -55,8 +55,8 @@ using FwdResult = std::tuple<at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor>;
 
-// The fused four-direction scan of SS2D (cross_scan_fwd / _bwd on CUDA,
-// cross_scan_fwd on the CPU).
+// The fused four-direction scan of SS2D (cross_scan_fwd / _bwd, CUDA and
+// CPU).
 constexpr int64_t kDirections = 4;
 // Largest state size N of the fused kernel (VMamba uses 16).
 constexpr int64_t kMaxCrossDState = 16;
@@ -76,7 +76,8 @@ CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
                                  const at::Tensor& D, int64_t height,
                                  int64_t width);
 
-// Checks the backward's gradient (float32, like u) and checkpoints.
+// Checks the backward's gradient (float32, like u) and checkpoints (the
+// CUDA forward's; empty on the CPU).
 void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
                                 const at::Tensor& checkpoints,
                                 const CrossShape& shape);

@@ -4,8 +4,7 @@ Importing this module tries to load the extension once and never raises: when
 it is missing or was built for another torch, :func:`ext_status` says why and
 how to rebuild. When it loads, its ops ``torch.ops.mmvmamba.selective_scan_fwd``
 and ``selective_scan_bwd`` (and the fused four-direction ``cross_scan_fwd`` /
-``_bwd``: CUDA, and the forward on the CPU) get fake (meta) kernels and
-autograd here, so that
+``_bwd``) get fake (meta) kernels and autograd here, so that
 :func:`selective_scan_kernel` and :func:`cross_scan_kernel` are
 differentiable, work under ``torch.compile(fullgraph=True)`` and pass
 ``torch.library.opcheck``.
@@ -132,7 +131,7 @@ def _register_cross() -> None:
     def _fwd_fake(u, x_dbl, dt_weight, dt_bias, A, D, height, width):
         batch, length, d_inner = u.shape
         chunks = (length + CHUNK - 1) // CHUNK
-        # the CPU forward keeps no checkpoints (it has no backward)
+        # the CPU backward recomputes: its forward keeps no checkpoints
         shape = ((batch, 4 * d_inner, chunks, A.shape[1])
                  if u.device.type == 'cuda' else (0, ))
         return (u.new_empty(u.shape, dtype=torch.float32),
@@ -202,7 +201,7 @@ _BUILT = _kernels_built()
 
 def has_cross_kernel(device_type: str = 'cuda') -> bool:
     """Whether the fused four-direction kernel was built for ``device_type``
-    ('cuda': forward and backward; 'cpu': forward only)."""
+    ('cuda' or 'cpu')."""
     return _BUILT.get(f'cross-{device_type}', False)
 
 
@@ -247,8 +246,7 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
                       dt_weight: torch.Tensor, dt_bias: torch.Tensor,
                       A: torch.Tensor, D: torch.Tensor, height: int,
                       width: int) -> torch.Tensor:
-    """SS2D's four-direction scan on the fused kernel (CUDA; on the CPU
-    forward only: no gradient flows back through it).
+    """SS2D's four-direction scan on the fused kernel (CUDA or CPU).
 
     Args:
         u (Tensor): Channels-last map ``(batch, H*W, D)``, float32 or
@@ -269,10 +267,6 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
     if not has_cross_kernel(u.device.type):
         raise RuntimeError(f'no fused {u.device.type} cross-scan kernel: '
                            f'{_STATUS}')
-    if u.device.type == 'cpu' and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (u, x_dbl, dt_weight, dt_bias, A, D)):
-        raise RuntimeError('the fused CPU cross-scan kernel is forward only: '
-                           'call it without gradients (torch.no_grad())')
     out, _ = torch.ops.mmvmamba.cross_scan_fwd(u, x_dbl, dt_weight, dt_bias,
                                                A, D, int(height), int(width))
     return out

@@ -72,21 +72,15 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
 
 
 def _fused_unavailable_reason(x: torch.Tensor, length: int, d_state: int,
-                              scan_dtype: torch.dtype,
-                              needs_grad: bool) -> Optional[str]:
-    """Say why the fused kernel cannot run this call, or ``None``.
-
-    It runs forward and backward on CUDA, forward only on the CPU (there it
-    takes the calls that need no gradient: inference).
-    """
+                              scan_dtype: torch.dtype) -> Optional[str]:
+    """Say why the fused kernel (CUDA or CPU) cannot run this call, or
+    ``None``."""
     device = x.device.type
     if device not in ('cuda', 'cpu'):
         return f'x is on {device}, the fused kernel runs on CUDA and the CPU'
     if not _ext.has_cross_kernel(device):
         return (f'the fused {device.upper()} kernel was not built: ' +
                 _ext.ext_status()[1])
-    if device == 'cpu' and needs_grad:
-        return 'the fused CPU kernel is forward only and gradients are needed'
     if scan_backend_override() == 'reference':
         return 'MMVMAMBA_SCAN_BACKEND=reference'
     if scan_override_active():
@@ -171,10 +165,9 @@ def cross_selective_scan(x: torch.Tensor,
     @ dt_low``; the scan uses ``softplus(delta + dt_projs_bias[k])`` and
     ``A = -exp(A_logs)``; the four outputs are summed back in place.
 
-    On CUDA, and on the CPU when no gradient is needed, the fused kernel runs
-    it in one pass: it reads the map in the four orders by index, computes
-    the step sizes from ``dt_low`` itself and sums the four outputs into one
-    map. Otherwise (CPU training, N > 16,
+    The fused kernel (CUDA and CPU) runs it in one pass: it reads the map in
+    the four orders by index, computes the step sizes from ``dt_low`` itself
+    and sums the four outputs into one map. Otherwise (N > 16, float64,
     ``MMVMAMBA_SCAN_BACKEND=reference``) the four orders are copied out and
     scanned by :func:`selective_scan`.
 
@@ -214,12 +207,8 @@ def cross_selective_scan(x: torch.Tensor,
     if scan_dtype not in HALF_AND_FLOAT:
         raise ValueError(f'scan_dtype must be one of float32, bfloat16, '
                          f'float16, float64 or None, got {scan_dtype!r}')
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, x_proj_weight, dt_projs_weight,
-                                  dt_projs_bias, A_logs, Ds))
     reason = _fused_unavailable_reason(x, x_chw.shape[2] * x_chw.shape[3],
-                                       A_logs.shape[1], scan_dtype,
-                                       needs_grad)
+                                       A_logs.shape[1], scan_dtype)
     if fused and reason is not None:
         raise ValueError(f'fused=True, but the fused kernel cannot run: '
                          f'{reason}')
