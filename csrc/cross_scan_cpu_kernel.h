@@ -1,5 +1,6 @@
-// The CPU kernel of SS2D's fused four-direction scan (cross_scan_fwd),
-// written once with GCC vector extensions and compiled once per instruction
+// The CPU kernels of SS2D's fused four-direction scan (cross_scan_fwd /
+// _bwd), written once with GCC vector extensions and compiled once per
+// instruction
 // set: cross_scan_cpu_<isa>.cpp defines MMV_ISA (the namespace) and
 // MMV_VEC_BYTES (32: 8 floats a vector, 64: 16) and includes this file,
 // under a `#pragma GCC target` for the wider sets. Nothing here depends on
@@ -12,7 +13,9 @@
 // of each (in registers, N padded to 1, 2, 4, 8 or 16 with zero A, B, C) and
 // adds <C, h> + D u to the output. The first direction writes the block's
 // output, the other three add to it, so the four are summed without races
-// or extra buffers.
+// or extra buffers. The backward (backward_direction) recomputes the states
+// chunk by chunk and sums the gradients of B, C and dt_low over the
+// channels with a shuffle tree.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
