@@ -141,8 +141,8 @@ CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
                                  const at::Tensor& dt_bias, const at::Tensor& A,
                                  const at::Tensor& D, int64_t height,
                                  int64_t width) {
-  TORCH_CHECK(u.is_cuda(), "cross_scan: u is on ", u.device().str(),
-              ", expected a CUDA tensor");
+  TORCH_CHECK(u.is_cuda() || u.is_cpu(), "cross_scan: u is on ",
+              u.device().str(), ", expected a CPU or CUDA tensor");
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16,
               "cross_scan: u must be float32 or bfloat16, got ", u.scalar_type());
   TORCH_CHECK(u.dim() == 3, "cross_scan: u must be (batch, H*W, D), got shape ",
@@ -198,6 +198,13 @@ void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
               "cross_scan backward: grad_out must be float32 of u's shape ",
               shape_str(u), " on ", u.device().str(), ", got ",
               grad_out.scalar_type(), ", ", shape_str(grad_out));
+  if (u.is_cpu()) {
+    // The CPU forward keeps no checkpoints; its backward recomputes.
+    TORCH_CHECK(checkpoints.numel() == 0, "cross_scan backward: the CPU "
+                "kernel takes the forward's empty checkpoints, got shape ",
+                shape_str(checkpoints));
+    return;
+  }
   const int64_t chunks = (shape.height * shape.width + kChunk - 1) / kChunk;
   TORCH_CHECK(checkpoints.device() == u.device() &&
                   checkpoints.scalar_type() == at::kFloat &&
@@ -226,8 +233,10 @@ TORCH_LIBRARY(mmvmamba, m) {
       "delta_softplus, Tensor checkpoints) -> (Tensor du, Tensor ddelta, "
       "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor ddelta_bias)");
   // SS2D's four-direction scan of a channels-last map u (batch, H*W, D),
-  // fused (CUDA): x_dbl (batch, H*W, 4, R + 2N) holds each position's
-  // (dt_low, B, C) per scan order; out is the merged float32 (batch, H*W, D).
+  // fused: x_dbl (batch, H*W, 4, R + 2N) holds each position's (dt_low, B,
+  // C) per scan order; out is the merged float32 (batch, H*W, D);
+  // checkpoints are the states the CUDA backward restarts from (empty on
+  // the CPU, whose backward recomputes them).
   m.def(
       "cross_scan_fwd(Tensor u, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, "
       "Tensor A, Tensor D, int height, int width) -> (Tensor out, Tensor "

@@ -55,7 +55,8 @@ using FwdResult = std::tuple<at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor>;
 
-// The fused four-direction scan of SS2D (cross_scan_fwd / _bwd, CUDA only).
+// The fused four-direction scan of SS2D (cross_scan_fwd / _bwd, CUDA and
+// CPU).
 constexpr int64_t kDirections = 4;
 // Largest state size N of the fused kernel (VMamba uses 16).
 constexpr int64_t kMaxCrossDState = 16;
@@ -68,14 +69,15 @@ struct CrossShape {
 
 // Checks the fused op's arguments: u (batch, H*W, D) float32 / bfloat16,
 // x_dbl (batch, H*W, 4, R + 2N) of u's dtype, float32 dt_weight (4, D, R),
-// dt_bias (4, D), A (4D, N) and D (4D,), all on one CUDA device.
+// dt_bias (4, D), A (4D, N) and D (4D,), all on one CPU or CUDA device.
 CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
                                  const at::Tensor& dt_weight,
                                  const at::Tensor& dt_bias, const at::Tensor& A,
                                  const at::Tensor& D, int64_t height,
                                  int64_t width);
 
-// Checks the backward's gradient (float32, like u) and checkpoints.
+// Checks the backward's gradient (float32, like u) and checkpoints (the
+// CUDA forward's; empty on the CPU).
 void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
                                 const at::Tensor& checkpoints,
                                 const CrossShape& shape);

@@ -4,7 +4,7 @@ Importing this module tries to load the extension once and never raises: when
 it is missing or was built for another torch, :func:`ext_status` says why and
 how to rebuild. When it loads, its ops ``torch.ops.mmvmamba.selective_scan_fwd``
 and ``selective_scan_bwd`` (and the fused four-direction ``cross_scan_fwd`` /
-``_bwd``, CUDA only) get fake (meta) kernels and autograd here, so that
+``_bwd``) get fake (meta) kernels and autograd here, so that
 :func:`selective_scan_kernel` and :func:`cross_scan_kernel` are
 differentiable, work under ``torch.compile(fullgraph=True)`` and pass
 ``torch.library.opcheck``. The kernels' limits are the library's own
@@ -141,10 +141,12 @@ def _register_cross() -> None:
     def _fwd_fake(u, x_dbl, dt_weight, dt_bias, A, D, height, width):
         batch, length, _ = u.shape
         chunks = -(-length // LIMITS.chunk)
-        # A is (directions * D, N): a state per direction and channel
+        # A is (directions * D, N): a state per direction and channel; the
+        # CPU backward recomputes, so its forward keeps no checkpoints
+        shape = ((batch, A.shape[0], chunks, A.shape[1])
+                 if u.device.type == 'cuda' else (0, ))
         return (u.new_empty(u.shape, dtype=torch.float32),
-                u.new_empty((batch, A.shape[0], chunks, A.shape[1]),
-                            dtype=torch.float32))
+                u.new_empty(shape, dtype=torch.float32))
 
     @torch.library.register_fake('mmvmamba::cross_scan_bwd')
     def _bwd_fake(grad_out, u, x_dbl, dt_weight, dt_bias, A, D, height, width,
@@ -204,15 +206,17 @@ def _kernels_built() -> dict:
         'cpu': has(_FWD, 'CPU'),
         'cuda': has(_FWD, 'CUDA'),
         'cross-cuda': has(_CROSS_FWD, 'CUDA'),
+        'cross-cpu': has(_CROSS_FWD, 'CPU'),
     }
 
 
 _BUILT = _kernels_built()
 
 
-def has_cross_kernel() -> bool:
-    """Whether the fused four-direction CUDA kernel was built."""
-    return _BUILT['cross-cuda']
+def has_cross_kernel(device_type: str = 'cuda') -> bool:
+    """Whether the fused four-direction kernel was built for ``device_type``
+    ('cuda' or 'cpu')."""
+    return _BUILT.get(f'cross-{device_type}', False)
 
 
 def selective_scan_kernel(u: torch.Tensor,
@@ -245,7 +249,7 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
                       dt_weight: torch.Tensor, dt_bias: torch.Tensor,
                       A: torch.Tensor, D: torch.Tensor, height: int,
                       width: int) -> torch.Tensor:
-    """SS2D's four-direction scan on the fused CUDA kernel.
+    """SS2D's four-direction scan on the fused kernel (CUDA or CPU).
 
     Args:
         u (Tensor): Channels-last map ``(batch, H*W, D)``, float32 or
@@ -263,8 +267,9 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
         Tensor: The four outputs summed at their positions, float32
         ``(batch, H*W, D)``.
     """
-    if not has_cross_kernel():
-        raise RuntimeError(f'no fused CUDA cross-scan kernel: {_STATUS}')
+    if not has_cross_kernel(u.device.type):
+        raise RuntimeError(f'no fused {u.device.type} cross-scan kernel: '
+                           f'{_STATUS}')
     out, _ = torch.ops.mmvmamba.cross_scan_fwd(u, x_dbl, dt_weight, dt_bias,
                                                A, D, int(height), int(width))
     return out

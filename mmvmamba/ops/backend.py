@@ -147,7 +147,8 @@ def choose_scan_backend(u: torch.Tensor, A: torch.Tensor) -> str:
 
 def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
                              scan_dtype: torch.dtype) -> Optional[str]:
-    """Say why the fused four-direction CUDA kernel cannot run SS2D's core.
+    """Say why the fused four-direction kernel (CUDA or CPU) cannot run
+    SS2D's core.
 
     Args:
         x (Tensor): The map (its device decides).
@@ -158,10 +159,12 @@ def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
     Returns:
         str | None: The reason, or None if the fused kernel can run it.
     """
-    if not x.is_cuda:
-        return f'x is on {x.device.type}, the fused kernel is CUDA only'
-    if not _ext.has_cross_kernel():
-        return 'the fused CUDA kernel was not built: ' + _ext.ext_status()[1]
+    device = x.device.type
+    if device not in ('cuda', 'cpu'):
+        return f'x is on {device}, the fused kernel runs on CUDA and the CPU'
+    if not _ext.has_cross_kernel(device):
+        return (f'the fused {device.upper()} kernel was not built: ' +
+                _ext.ext_status()[1])
     if _backend == 'reference':
         return 'the scan backend is \'reference\''
     limits = _ext.LIMITS

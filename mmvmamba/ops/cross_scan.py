@@ -75,7 +75,7 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
 
 def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
                                 dt_projs_bias, A_logs, Ds, scan_dtype):
-    """The fused CUDA path on a channels-last map ``(batch, H, W, D)``.
+    """The fused path on a channels-last map ``(batch, H, W, D)``.
 
     The kernel computes in float32 from whatever it reads. A bfloat16 map
     (autocast, or a bfloat16 model) is therefore passed as it is even for a
@@ -144,9 +144,9 @@ def cross_selective_scan(x: torch.Tensor,
     @ dt_low``; the scan uses ``softplus(delta + dt_projs_bias[k])`` and
     ``A = -exp(A_logs)``; the four outputs are summed back in place.
 
-    On CUDA the fused kernel runs it in one pass: it reads the map in the
-    four orders by index, computes the step sizes from ``dt_low`` itself and
-    sums the four outputs into one map. Elsewhere (CPU, N > 16, the
+    The fused kernel (CUDA and CPU) runs it in one pass: it reads the map in
+    the four orders by index, computes the step sizes from ``dt_low`` itself
+    and sums the four outputs into one map. Otherwise (N > 16, float64, the
     ``'reference'`` backend; :func:`mmvmamba.ops.backend.
     fused_unsupported_reason`) the four orders are copied out and scanned by
     :func:`selective_scan`.
