@@ -142,14 +142,20 @@ __device__ __forceinline__ void n1_load_weights(const ScanParams& p,
 }
 
 // The thread's values of kN1Group steps from step l of a (batch, L, D) map
-// (`map` at the thread's batch element and channel), at the offsets `off`;
-// zero past L and for padding channels.
-template <typename T, typename V>
+// (`map` at the thread's batch element and channel, channel 0 for padding
+// channels), at the offsets `off`. kGuard: zero past L and for padding
+// channels; else whatever is there (offset 0 past L: always a valid
+// address), for callers that use no such value.
+template <bool kGuard, typename T, typename V>
 __device__ __forceinline__ void n1_load(V (&dst)[kN1Group], const T* map,
                                         const int* off, int l, int length, bool valid) {
 #pragma unroll
   for (int i = 0; i < kN1Group; ++i) {
-    dst[i] = valid && l + i < length ? static_cast<V>(map[off[i]]) : static_cast<V>(0.0f);
+    if constexpr (kGuard) {
+      dst[i] = valid && l + i < length ? static_cast<V>(map[off[i]]) : static_cast<V>(0.0f);
+    } else {
+      dst[i] = static_cast<V>(map[off[i]]);
+    }
   }
 }
 
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(kN1MaxWarps * 32, kN1FwdBlocksPerSm)
   stage.store(p, at, 0, x_s, pos_s, xo_s);
   __syncthreads();
   T uc[kN1Group], un[kN1Group];
-  n1_load(uc, u, pos_s, 0, length, valid);
+  n1_load<false>(uc, u, pos_s, 0, length, valid);
   float h = 0.0f;
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int buf = chunk & 1;
@@ -273,23 +279,28 @@ __global__ void __launch_bounds__(kN1MaxWarps * 32, kN1FwdBlocksPerSm)
         __syncthreads();
       }
       if (k + 1 < kN1Groups) {
-        n1_load(un, u, pb + t0 + kN1Group, l0 + t0 + kN1Group, length, valid);
+        n1_load<false>(un, u, pb + t0 + kN1Group, l0 + t0 + kN1Group, length, valid);
       } else if (more) {
-        n1_load(un, u, pos_next, l0 + kSteps, length, valid);
+        n1_load<false>(un, u, pos_next, l0 + kSteps, length, valid);
       }
       float x[kN1Group];
       n1_projection(x, bias, w_row, xb, t0, pitch);
       const float* B_s = xb + pitch * kSteps + t0;
       const float* C_s = B_s + kSteps;
+      const auto step = [&](int i) {
+        const float dt = softplus(x[i]);
+        const float uv = static_cast<float>(uc[i]);
+        h = exp2f(a * dt) * h + dt * uv * B_s[i];
+        if (valid) atomicAdd(y + pb[t0 + i], C_s[i] * h + d_skip * uv);
+      };
+      if (t0 + kN1Group <= steps) {
 #pragma unroll
-      for (int i = 0; i < kN1Group; ++i) {
-        if (t0 + i < steps) {
-          const float dt = softplus(x[i]);
-          const float uv = static_cast<float>(uc[i]);
-          h = exp2f(a * dt) * h + dt * uv * B_s[i];
-          if (valid) {
-            atomicAdd(y + pb[t0 + i], C_s[i] * h + d_skip * uv);
-          }
+        for (int i = 0; i < kN1Group; ++i) step(i);
+      } else {
+        // The sequence's last group: steps past L are skipped.
+#pragma unroll
+        for (int i = 0; i < kN1Group; ++i) {
+          if (t0 + i < steps) step(i);
         }
       }
 #pragma unroll
@@ -365,7 +376,7 @@ __global__ void __launch_bounds__(kN1MaxWarps * 32, kN1BwdBlocksPerSm)
       for (int k = 0; k + 1 < pieces; ++k) {
         const int t0 = k * kN1Group;
         T uv[kN1Group];
-        n1_load(uv, u, pos_s + t0, l0 + t0, length, valid);
+        n1_load<true>(uv, u, pos_s + t0, l0 + t0, length, valid);
         float x[kN1Group];
         n1_projection(x, bias, w_row, x_s, t0, pitch);
 #pragma unroll
@@ -388,8 +399,8 @@ __global__ void __launch_bounds__(kN1MaxWarps * 32, kN1BwdBlocksPerSm)
       const int* xb = xo_s + t0;
       T uv[kN1Group];
       float gy[kN1Group];
-      n1_load(uv, u, pb, l0 + t0, length, valid);
-      n1_load(gy, dy, pb, l0 + t0, length, valid);
+      n1_load<true>(uv, u, pb, l0 + t0, length, valid);
+      n1_load<true>(gy, dy, pb, l0 + t0, length, valid);
       float dt[kN1Group];
       n1_projection(dt, bias, w_row, x_s, t0, pitch);
       float hs[kN1Group], sig[kN1Group];
