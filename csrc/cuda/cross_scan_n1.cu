@@ -172,16 +172,14 @@ __device__ __forceinline__ void n1_projection(float (&x)[kN1Group], float bias,
     const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      {
-        const float4* row = reinterpret_cast<const float4*>(x_s + (r0 + j) * kSteps + t0);
+      const float4* row = reinterpret_cast<const float4*>(x_s + (r0 + j) * kSteps + t0);
 #pragma unroll
-        for (int q = 0; q < kN1Group / 4; ++q) {
-          const float4 v = row[q];
-          x[4 * q] = fmaf(wv[j], v.x, x[4 * q]);
-          x[4 * q + 1] = fmaf(wv[j], v.y, x[4 * q + 1]);
-          x[4 * q + 2] = fmaf(wv[j], v.z, x[4 * q + 2]);
-          x[4 * q + 3] = fmaf(wv[j], v.w, x[4 * q + 3]);
-        }
+      for (int q = 0; q < kN1Group / 4; ++q) {
+        const float4 v = row[q];
+        x[4 * q] = fmaf(wv[j], v.x, x[4 * q]);
+        x[4 * q + 1] = fmaf(wv[j], v.y, x[4 * q + 1]);
+        x[4 * q + 2] = fmaf(wv[j], v.z, x[4 * q + 2]);
+        x[4 * q + 3] = fmaf(wv[j], v.w, x[4 * q + 3]);
       }
     }
   }
