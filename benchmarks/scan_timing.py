@@ -15,7 +15,9 @@ counts one exponential per element and state forward, two forward+backward
 a channels-last map: projection, four-direction scan, merge) on the fused
 kernel against the unfused path (four copies of the map, the einsums, the
 kernel above, the merge), with the same floors, at the stage shapes of
-VMamba-T (d_inner = 2C, N = 16) or VMamba2-T (d_inner = C, N = 1).
+VMamba-T (d_inner = 2C, N = 16) or VMamba2-T (d_inner = C, N = 1); for N = 1
+also with the fused kernel's N = 1 specialisation turned off
+(``MMVMAMBA_SCAN_N1=0``: the generic fused kernel), in the same process.
 Run it through ``benchmarks/benchmark.py scan``.
 """
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -25,6 +27,7 @@ from timing import measure
 
 from mmvmamba.ops import (NUM_DIRECTIONS, _ext, cross_selective_scan,
                           selective_scan_reference)
+from mmvmamba.ops.backend import use_n1_kernels
 
 # (C, L) of the stages at 224 x 224 (VMamba-T and VMamba2-T alike).
 STAGES = ((96, 3136), (192, 784), (384, 196), (768, 49))
@@ -241,8 +244,10 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
     N = 16; VMamba2-T: d_inner = C, N = 1).
 
     Returns one dict per (stage, scan dtype, pass): ``fused_ms``,
-    ``unfused_ms`` (the four-copy path on the plain kernel; ``None`` if it
-    ran out of memory), bytes, GB/s and the fused path's ratios to the
+    ``generic_ms`` (N = 1 only: the fused path with its N = 1 kernels off;
+    else ``None``), ``unfused_ms`` (the four-copy path on the plain kernel;
+    ``None`` if it ran out of memory), bytes, GB/s and the fused path's
+    ratios to the
     bandwidth and exponential floors; the last dict holds the measured copy
     bandwidth and exponential rate.
     """
@@ -262,26 +267,35 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                 args = _ss2d_inputs(batch, C, L, core, torch.float32, device,
                                     backward)
                 times = {}
-                for fused in (True, False):
+                # 'generic': the fused path with the N = 1 kernels off.
+                variants = ['fused', 'unfused'] + (['generic'] if
+                                                   core.d_state == 1 else [])
+                for variant in variants:
 
                     def step():
                         y = cross_selective_scan(
                             **args, channels_last=True,
-                            scan_dtype=scan_dtype, fused=fused)
+                            scan_dtype=scan_dtype,
+                            fused=variant != 'unfused')
                         if backward:
                             torch.autograd.grad(y, list(args.values()),
                                                 torch.ones_like(y))
 
                     try:
-                        times[fused] = measure(step, device, warmup, repeat)
+                        with use_n1_kernels(
+                                False if variant == 'generic' else 'auto'):
+                            times[variant] = measure(step, device, warmup,
+                                                     repeat)
                     except torch.OutOfMemoryError:
-                        times[fused] = None
+                        times[variant] = None
                     torch.cuda.empty_cache()
                 rows.append(
                     dict(stage=f'C={C} L={L}', pass_=name,
                          scan_dtype=str(scan_dtype).replace('torch.', ''),
-                         fused_ms=times[True], unfused_ms=times[False],
-                         **_against_floors(times[True], moved[name],
+                         fused_ms=times['fused'],
+                         generic_ms=times.get('generic'),
+                         unfused_ms=times['unfused'],
+                         **_against_floors(times['fused'], moved[name],
                                            bandwidth, EXP_PASSES[name] * exps,
                                            exps_per_s)))
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9, exps_per_s=exps_per_s,
@@ -290,8 +304,8 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
 
 
 FUSED_HEADER = [
-    'stage', 'scan dtype', 'pass', 'fused ms', 'unfused ms', 'unfused / fused',
-    'GB moved', 'GB/s', 'x bw floor', 'x exp floor'
+    'stage', 'scan dtype', 'pass', 'fused ms', 'N=1 off ms', 'unfused ms',
+    'unfused / fused', 'GB moved', 'GB/s', 'x bw floor', 'x exp floor'
 ]
 
 
@@ -303,7 +317,7 @@ def format_fused_rows(rows: List[Dict]) -> List[List[str]]:
 
     return [[
         r['stage'], r['scan_dtype'], r['pass_'], fmt(r['fused_ms'], '.3f'),
-        fmt(r['unfused_ms'], '.3f'),
+        fmt(r.get('generic_ms'), '.3f'), fmt(r['unfused_ms'], '.3f'),
         fmt(r['unfused_ms'] / r['fused_ms'] if r['unfused_ms'] else None,
             '.2f'), f'{r["bytes"] / 1e9:.3f}', f'{r["gb_per_s"]:.0f}',
         f'{r["over_bandwidth_floor"]:.2f}', f'{r["over_exp_floor"]:.2f}'

@@ -1,6 +1,7 @@
 // CUDA implementation of mmvmamba::cross_scan_fwd / _bwd: SS2D's fused
 // four-direction scan of one channels-last map (cross_layout.cuh), float32
-// and bfloat16. The host wrappers follow selective_scan.cu's pattern.
+// and bfloat16. The host wrappers follow selective_scan.cu's pattern; N = 1
+// may run on the kernels of cross_scan_n1.cu (use_n1 decides per pass).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +9,7 @@
 
 #include "../scan.h"
 #include "cross_layout.cuh"
+#include "cross_scan_n1.cuh"
 #include "scan_launch.cuh"
 
 namespace mmvmamba {
@@ -68,8 +70,13 @@ FwdResult cross_scan_fwd_cuda(const at::Tensor& u_in, const at::Tensor& x_dbl_in
   if (u.numel() > 0) {
     p.y = y.mutable_data_ptr();
     p.checkpoints = checkpoints.mutable_data_ptr<float>();
+    const bool n1 = use_n1(p, /*backward=*/false);
     MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_fwd_cuda", [&] {
-      launch<CrossIo<scalar_t>>(p, /*backward=*/false, f32);
+      if (n1) {
+        launch_n1<scalar_t>(p, /*backward=*/false);
+      } else {
+        launch<CrossIo<scalar_t>>(p, /*backward=*/false, f32);
+      }
     });
   }
   return {y, checkpoints};
@@ -106,8 +113,13 @@ CrossBwdResult cross_scan_bwd_cuda(
     p.dA = dA.mutable_data_ptr<float>();
     p.dD = dD.mutable_data_ptr<float>();
     p.ddelta_bias = dbias.mutable_data_ptr<float>();
+    const bool n1 = use_n1(p, /*backward=*/true);
     MMVMAMBA_DISPATCH_CROSS_TYPES(u.scalar_type(), "cross_scan_bwd_cuda", [&] {
-      launch<CrossIo<scalar_t>>(p, /*backward=*/true, f32);
+      if (n1) {
+        launch_n1<scalar_t>(p, /*backward=*/true);
+      } else {
+        launch<CrossIo<scalar_t>>(p, /*backward=*/true, f32);
+      }
     });
   }
   return {du.to(u.scalar_type()), dx_dbl.to(u.scalar_type()), ddt_weight, dbias,

@@ -16,6 +16,11 @@ switch backends through it). Float64 inputs always run on the reference.
 the compiled kernel, or the fused four-direction CUDA kernel, cannot run
 given inputs. :class:`RecordScans` records which scans actually ran within a
 block, and :func:`describe` names them for the benchmark tables.
+
+For d_state N = 1 the fused kernel has a specialisation of its own
+(``csrc/cuda/cross_scan_n1.cu``, the same op): ``MMVMAMBA_SCAN_N1`` chooses
+it, read by the CUDA host code at every launch; :func:`use_n1_kernels` sets
+it within a block.
 """
 import contextlib
 import os
@@ -73,6 +78,40 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend = previous
+
+
+#: Environment variable of the fused kernel's N = 1 specialisation.
+N1_ENV_VARIABLE = 'MMVMAMBA_SCAN_N1'
+#: Its settings: ``'auto'`` (default; when batch x 4 x ceil(D / 32) warps
+#: give every SM at least 8, else the generic kernel, which splits long
+#: sequences into segments), ``'0'`` never, ``'1'`` whenever N = 1.
+N1_MODES = ('auto', '0', '1')
+
+
+@contextlib.contextmanager
+def use_n1_kernels(mode) -> Iterator[None]:
+    """Run the block with the fused kernel's N = 1 specialisation set to
+    ``mode``, then restore the previous setting (process-wide: it sets the
+    environment variable ``MMVMAMBA_SCAN_N1``, read at every launch).
+
+    Args:
+        mode (str | bool): One of :data:`N1_MODES`; ``True`` / ``False``
+            mean ``'1'`` / ``'0'``.
+    """
+    if isinstance(mode, bool):
+        mode = '1' if mode else '0'
+    if mode not in N1_MODES:
+        raise ValueError(f'use_n1_kernels(mode) must be a bool or one of '
+                         f'{N1_MODES}, got {mode!r}')
+    previous = os.environ.get(N1_ENV_VARIABLE)
+    os.environ[N1_ENV_VARIABLE] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[N1_ENV_VARIABLE]
+        else:
+            os.environ[N1_ENV_VARIABLE] = previous
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -65,6 +65,25 @@ def test_use_backend_nests_and_restores():
     assert current_backend() == before
 
 
+def test_use_n1_kernels_sets_and_restores_the_variable(monkeypatch):
+    name = backend.N1_ENV_VARIABLE
+    monkeypatch.delenv(name, raising=False)
+    with backend.use_n1_kernels(False):
+        assert os.environ[name] == '0'
+        with backend.use_n1_kernels('auto'):
+            assert os.environ[name] == 'auto'
+        with pytest.raises(RuntimeError, match='boom'):
+            with backend.use_n1_kernels(True):
+                assert os.environ[name] == '1'
+                raise RuntimeError('boom')
+        assert os.environ[name] == '0'
+    assert name not in os.environ
+    with pytest.raises(ValueError, match=r'use_n1_kernels\(mode\) must be'):
+        with backend.use_n1_kernels('yes'):
+            pass
+    assert name not in os.environ
+
+
 @needs_cpu_kernel
 def test_kernel_setting_raises_where_the_kernel_cannot_run(monkeypatch):
     args = scan_inputs(d_state=80)

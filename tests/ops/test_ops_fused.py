@@ -31,6 +31,20 @@ SEGMENT_CASE = (2, 40, 11, 37, 4, 16)
 # Twelve chunks: split into segments of 4 by default (few blocks on any GPU).
 LONG_CASE = (1, 16, 24, 30, 2, 16)
 SEGMENT_ENV = 'MMVMAMBA_SCAN_SEGMENT_CHUNKS'
+# The N = 1 kernels (csrc/cuda/cross_scan_n1.cu), forced on with
+# MMVMAMBA_SCAN_N1=1 (by default they run only where the launch fills the
+# GPU): L = 1 and D = 1; odd H, W and D; H = 1; W = 1 with R = 48; two
+# channel blocks (D = 200); a long sequence (64 chunks).
+N1_ENV = 'MMVMAMBA_SCAN_N1'
+N1_CASES = [
+    (1, 1, 1, 1, 1, 1),
+    (3, 33, 5, 7, 6, 1),
+    (1, 96, 13, 10, 6, 1),
+    (3, 96, 1, 9, 1, 1),
+    (2, 40, 9, 1, 48, 1),
+    (2, 200, 7, 7, 12, 1),
+    (1, 33, 64, 64, 6, 1),
+]
 # (x dtype, scan dtype) -> relative error allowed for output and gradients.
 TOLERANCE = {
     (torch.float32, torch.float32): 1e-4,
@@ -97,6 +111,72 @@ def check_against_reference(case, dtypes):
 @pytest.mark.parametrize('case', CASES, ids=str)
 def test_fused_matches_float64_reference(case, dtypes):
     check_against_reference(case, dtypes)
+
+
+@pytest.mark.parametrize('dtypes', list(TOLERANCE), ids=str)
+@pytest.mark.parametrize('case', N1_CASES, ids=str)
+def test_n1_kernels_match_float64_reference(case, dtypes, monkeypatch):
+    monkeypatch.setenv(N1_ENV, '1')
+    check_against_reference(case, dtypes)
+
+
+def raw_cross_args(case, dtype, seed=0):
+    """Arguments of cross_scan_fwd for a case, and an output gradient."""
+    x, params = make_params(case, 'cuda', seed=seed + 1)
+    batch, H, W, d_inner = x.shape
+    x_dbl = torch.einsum('bhwd,kcd->bhwkc', x, params['x_proj_weight'])
+    args = (x.reshape(batch, H * W, d_inner).to(dtype),
+            x_dbl.reshape(batch, H * W, 4, -1).to(dtype),
+            params['dt_projs_weight'], params['dt_projs_bias'],
+            -torch.exp(params['A_logs']), params['Ds'], H, W)
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    dy = torch.randn(batch, H * W, d_inner, generator=g, device='cuda')
+    return args, dy
+
+
+def raw_fwd_bwd(args, dy, fwd_mode, bwd_mode, monkeypatch):
+    ops = torch.ops.mmvmamba
+    monkeypatch.setenv(N1_ENV, fwd_mode)
+    y, checkpoints = ops.cross_scan_fwd(*args)
+    monkeypatch.setenv(N1_ENV, bwd_mode)
+    grads = ops.cross_scan_bwd(dy, *args, checkpoints)
+    return y, checkpoints, grads
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', [(3, 33, 5, 7, 6, 1), (2, 96, 20, 17, 12, 1),
+                                  (1, 40, 9, 1, 48, 1)], ids=str)
+def test_n1_kernels_agree_with_the_generic_ones(case, dtype, monkeypatch):
+    """Raw ops, specialised against generic kernels in one process, and
+    their checkpoints interchangeable (either backward after either
+    forward)."""
+    args, dy = raw_cross_args(case, dtype)
+    y0, ck0, g0 = raw_fwd_bwd(args, dy, '0', '0', monkeypatch)
+    y1, ck1, g1 = raw_fwd_bwd(args, dy, '1', '1', monkeypatch)
+    assert ck1.shape == ck0.shape == (case[0], 4 * case[1],
+                                      -(-case[2] * case[3] // 64), 1)
+    assert rel_err(y1, y0) < 1e-5
+    assert rel_err(ck1, ck0) < 1e-5
+    names = ['du', 'dx_dbl', 'ddt_weight', 'ddt_bias', 'dA', 'dD']
+
+    def tol(name):
+        # bfloat16 du / dx_dbl are rounded once from float32 sums.
+        return 1e-2 if dtype == torch.bfloat16 and name in names[:2] else 1e-4
+
+    for name, a, b in zip(names, g1, g0):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < tol(name), name
+    for modes in (('1', '0'), ('0', '1')):
+        _, _, g = raw_fwd_bwd(args, dy, *modes, monkeypatch)
+        for name, a, b in zip(names, g, g0):
+            assert rel_err(a, b) < tol(name), (modes, name)
+
+
+def test_n1_setting_must_be_known(monkeypatch):
+    args, _ = raw_cross_args((1, 8, 3, 3, 2, 1), torch.float32)
+    monkeypatch.setenv(N1_ENV, 'yes')
+    with pytest.raises(RuntimeError, match=f'{N1_ENV} must be 0'):
+        torch.ops.mmvmamba.cross_scan_fwd(*args)
 
 
 @pytest.mark.parametrize('segment_chunks', ['1', '2', '3'])
