@@ -274,7 +274,7 @@ def bench_scan(args) -> list:
                 f'SS2D core (cross_selective_scan, channels-last), {model} '
                 f'stages (d_inner = {core.ssm_ratio}C, N = {core.d_state}), '
                 f'batch {args.batch}, {device_name(device)}: '
-                f'{LABELS["fused"]} vs the unfused path (four copies + the '
+                f'{LABELS["fused-cuda"]} vs the unfused path (four copies + the '
                 f'plain kernel); {_rates(fused[-1])}',
                 FUSED_HEADER, format_fused_rows(fused))
             rows += [dict(r, model=model) for r in fused[:-1]]

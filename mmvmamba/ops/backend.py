@@ -44,7 +44,8 @@ LABELS = {
     'reference': 'selective-scan reference (PyTorch)',
     'cpu': 'compiled CPU kernel',
     'cuda': 'compiled CUDA kernel',
-    'fused': 'fused four-direction CUDA kernel',
+    'fused-cuda': 'fused four-direction CUDA kernel',
+    'fused-cpu': 'fused four-direction CPU kernel',
 }
 
 
@@ -256,7 +257,7 @@ class RecordScans(TorchFunctionMode):
             if name == 'mmvmamba::selective_scan_fwd':
                 self._add(args[0].device.type)
             elif name == 'mmvmamba::cross_scan_fwd':
-                self._add('fused')
+                self._add(f'fused-{args[0].device.type}')
         return func(*args, **kwargs)
 
 

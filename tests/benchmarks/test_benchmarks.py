@@ -16,7 +16,8 @@ from mmvmamba.ops import _ext, selective_scan
 from mmvmamba.ops.backend import LABELS
 
 # what a VMamba's scans run on here (the rows name what actually ran)
-VMAMBA_SCAN = LABELS['cpu' if _ext.has_kernel('cpu') else 'reference']
+VMAMBA_SCAN = LABELS['fused-cpu' if _ext.has_cross_kernel('cpu') else
+                     'reference']
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 

@@ -105,9 +105,22 @@ def test_no_kernel_for_a_device_is_a_reason():
 
 
 def test_fused_reasons_off_the_gpu():
+    x = torch.zeros(1, 4, 4, 8, device='meta')
+    reason = fused_unsupported_reason(x, 16, 16, torch.float32)
+    assert reason == 'x is on meta, the fused kernel runs on CUDA and the CPU'
     x = torch.zeros(1, 4, 4, 8)
     reason = fused_unsupported_reason(x, 16, 16, torch.float32)
-    assert reason == 'x is on cpu, the fused kernel is CUDA only'
+    if not _ext.has_cross_kernel('cpu'):
+        assert reason.startswith('the fused CPU kernel was not built: ')
+        return
+    assert reason is None
+    assert fused_unsupported_reason(x, 16, 17, torch.float32) == \
+        'd_state N=17 > 16'
+    assert fused_unsupported_reason(x, 16, 16, torch.float64) == \
+        'scan dtype float64'
+    with use_backend('reference'):
+        assert fused_unsupported_reason(x, 16, 16, torch.float32) == \
+            "the scan backend is 'reference'"
 
 
 @pytest.mark.parametrize('setting', ['auto', 'reference'])
@@ -116,14 +129,14 @@ def test_record_scans_names_what_ran(setting):
     x = torch.randn(1, 3, 16, 16)
     with use_backend(setting), RecordScans() as scans:
         model(x)
-    kernel = setting == 'auto' and _ext.has_kernel('cpu')
-    assert scans.ran == (['cpu'] if kernel else ['reference'])
-    assert describe(scans.ran) == ('compiled CPU kernel' if kernel else
-                                   'selective-scan reference (PyTorch)')
+    fused = setting == 'auto' and _ext.has_cross_kernel('cpu')
+    assert scans.ran == (['fused-cpu'] if fused else ['reference'])
+    assert describe(scans.ran) == ('fused four-direction CPU kernel' if fused
+                                   else 'selective-scan reference (PyTorch)')
     with RecordScans() as scans:
         torch.nn.Linear(2, 2)(torch.randn(1, 2))
     assert describe(scans.ran) == 'none'
-    assert describe(['cuda', 'fused']) == \
+    assert describe(['cuda', 'fused-cuda']) == \
         'compiled CUDA kernel + fused four-direction CUDA kernel'
 
 
