@@ -2,7 +2,8 @@
 
 ``import mmvmamba`` (or ``custom_imports=dict(imports=['mmvmamba'])`` in a
 config) registers the ``VMamba`` backbone in mmengine's root registry, and the
-``MeanLossAcrossRanksHook`` (:mod:`mmvmamba.engine`) in its root ``HOOKS``.
+``MeanLossAcrossRanksHook`` and ``RandomStateHook`` (:mod:`mmvmamba.engine`)
+in its root ``HOOKS``.
 """
 from . import engine, models, ops
 from .version import __version__
