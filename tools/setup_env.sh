@@ -45,7 +45,7 @@ run_logged() {
         sleep 1
         ticks=$((ticks + 1))
         if ((ticks % 30 == 0)) && kill -0 "$pid" 2>/dev/null; then
-            progress="$(grep -ao '^\[[0-9]*/[0-9]*\]' "$out" | tail -n 1 || true)"
+            progress="$(grep -aoE '^ *\[[0-9]+/[0-9]+\]' "$out" | tail -n 1 | tr -d ' ' || true)"
             log "  $what: $((SECONDS - start)) s${progress:+, ninja $progress}"
         fi
     done
@@ -129,10 +129,10 @@ if [[ -f "$repo/setup.py" ]]; then
         log "mmvmamba already installed from $repo"
     else
         rm -f "$project_stamp"
+        log "installing mmvmamba (editable) from $repo"
         MAX_JOBS="${MAX_JOBS:-2}" run_logged "$logs/mmvmamba-build.log" \
-            "installing mmvmamba (editable) from $repo" \
-            pip install -v --no-deps --no-build-isolation -e "$repo"
-        grep -a '^\[mmvmamba setup\]' "$logs/mmvmamba-build.log" >&2 || true
+            "mmvmamba build" pip install -v --no-deps --no-build-isolation -e "$repo"
+        grep -aE '^ *\[mmvmamba setup\]' "$logs/mmvmamba-build.log" | sed 's/^ *//' | awk '!seen[$0]++' >&2 || true
         if ! check_extension >&2; then
             log "the build's whole output: $logs/mmvmamba-build.log"
             exit 1
