@@ -167,6 +167,10 @@ def test_bad_input():
         model(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match='x must have shape'):
         model(torch.randn(3, 8, 8))
+    # an image batch as read from disk, not yet normalised
+    with pytest.raises(ValueError, match=r'x must have dtype in \(float32, '
+                       r'float16, bfloat16, float64\), got uint8'):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
 def test_scan_dtype_option():

@@ -11,7 +11,7 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import cross_selective_scan
-from mmvmamba.ops.checks import check_tensor
+from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
 from ..checkpoint import load_pretrained_backbone
 
 
@@ -443,7 +443,8 @@ class VMamba(BaseModule):
 
     def forward(self, x: torch.Tensor) -> tuple:
         check_tensor('x', x, (None, self.patch_embed.proj.in_channels, None,
-                              None), labels='(batch, in_channels, H, W)')
+                              None), HALF_AND_FLOAT,
+                     labels='(batch, in_channels, H, W)')
         x = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.stages):
