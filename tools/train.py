@@ -14,6 +14,11 @@ mmvmamba (``custom_imports``) works.
 """
 import argparse
 import sys
+import warnings
+
+# mmengine and mmcv import pkg_resources, which setuptools >= 80 warns about
+# (four lines per run): nothing a user can act on.
+warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
 
 from mmvmamba.apis import (InputNotFoundError, add_common_args, build_runner,
                            check_data, enable_amp, load_config,

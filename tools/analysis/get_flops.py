@@ -11,6 +11,11 @@ how the scan is counted (see ``mmvmamba/analysis/flops.py``): the VMamba v1
 paper's (3.5*BLDN + BLD) and the later releases' (9*BLDN + BLD).
 """
 import argparse
+import warnings
+
+# mmengine and mmcv import pkg_resources, which setuptools >= 80 warns about
+# (four lines per run): nothing a user can act on.
+warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
 
 import torch
 
