@@ -299,7 +299,8 @@ class VMamba(BaseModule):
             blocks. Defaults to 0.2.
         frozen_stages (int): Freeze the patch embedding and stages
             ``0 .. frozen_stages - 1`` (with their patch merging and output
-            norms). -1 freezes nothing. Defaults to -1.
+            norms); 0 freezes the patch embedding only, -1 nothing.
+            Defaults to -1.
         norm_eval (bool): Keep normalisation layers with running statistics
             in eval mode while training (VMamba itself has none; this
             reaches layers added by subclasses). Defaults to False.
@@ -420,7 +421,7 @@ class VMamba(BaseModule):
         super().init_weights()
 
     def _freeze_stages(self) -> None:
-        if self.frozen_stages <= 0:
+        if self.frozen_stages < 0:
             return
         frozen = [self.patch_embed]
         for i in range(self.frozen_stages):
