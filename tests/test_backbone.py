@@ -245,9 +245,10 @@ def test_scan_dtype_option():
                  scan_dtype='bfloat16')
     low.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 40, 48)
-    for a, b in zip(model(x), low(x)):
+    # measured (CPU kernel): 1.1e-5 at stage 0, 3.6e-4 at stage 3
+    for a, b, bound in zip(model(x), low(x), (1e-4, 4e-3)):
         err = ((a - b).norm() / a.norm()).item()
-        assert 0 < err < 3e-2
+        assert 0 < err < bound
     with pytest.raises(ValueError, match='scan_dtype must be one of'):
         VMamba(SMALL, scan_dtype='float16')
 
@@ -368,4 +369,4 @@ def test_kernel_model_matches_float64_reference(monkeypatch):
     ref_outs, ref_grads = run(model.double(), x.double())
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         err = ((a.double() - b).norm() / b.norm()).item()
-        assert err < 1e-4
+        assert err < 1e-5  # measured: at most 1.0e-6
