@@ -6,13 +6,20 @@
 // vectorised over N (scan_cpu_kernel.h, AVX2 when the processor has it).
 // The backward recomputes a row's states into a per-task buffer, then runs
 // the reverse scan; dB / dC are summed per task and reduced afterwards.
+//
+// MMVMAMBA_CPU_ISA picks the row kernels, read at each call: unset, empty or
+// "auto" the best this processor runs (AVX2 + FMA where built and
+// supported), "generic" the portable ones (to run them on any x86-64 too),
+// "avx2" the AVX2 ones or an error. torch.ops.mmvmamba.cpu_isa() says which.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -29,18 +36,44 @@ struct CpuRows {
   decltype(&cpu::generic::backward_row) backward_row;
 };
 
-const CpuRows& cpu_rows() {
-  static const CpuRows rows = [] {
+constexpr const char* kIsaEnv = "MMVMAMBA_CPU_ISA";
+
+bool avx2_available() {
 #ifdef MMVMAMBA_CPU_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return CpuRows{cpu::avx2::step_sizes, cpu::avx2::softplus_grad,
-                     cpu::avx2::forward_row, cpu::avx2::backward_row};
-    }
+  static const bool available =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return available;
+#else
+  return false;
 #endif
-    return CpuRows{cpu::generic::step_sizes, cpu::generic::softplus_grad,
-                   cpu::generic::forward_row, cpu::generic::backward_row};
-  }();
-  return rows;
+}
+
+// The instruction set the next call runs: "avx2" or "generic".
+std::string cpu_isa() {
+  const char* value = std::getenv(kIsaEnv);
+  const std::string wanted = value ? value : "";
+  TORCH_CHECK(wanted.empty() || wanted == "auto" || wanted == "generic" ||
+                  wanted == "avx2",
+              kIsaEnv, " must be auto, generic or avx2, got '", wanted, "'");
+  if (wanted == "generic") return "generic";
+  TORCH_CHECK(wanted != "avx2" || avx2_available(), kIsaEnv,
+              "=avx2 but this processor or build has no AVX2 + FMA kernels");
+  return avx2_available() ? "avx2" : "generic";
+}
+
+const CpuRows& cpu_rows() {
+  static const CpuRows generic{cpu::generic::step_sizes,
+                               cpu::generic::softplus_grad,
+                               cpu::generic::forward_row,
+                               cpu::generic::backward_row};
+#ifdef MMVMAMBA_CPU_AVX2
+  static const CpuRows avx2{cpu::avx2::step_sizes, cpu::avx2::softplus_grad,
+                            cpu::avx2::forward_row, cpu::avx2::backward_row};
+  if (cpu_isa() == "avx2") return avx2;
+#else
+  cpu_isa();  // checks the setting
+#endif
+  return generic;
 }
 
 // Number of 8-float vectors holding N states (1, 2, 4 or 8).
@@ -309,6 +342,12 @@ BwdResult selective_scan_bwd_cpu(
 
 }  // namespace
 }  // namespace mmvmamba
+
+TORCH_LIBRARY_FRAGMENT(mmvmamba, m) {
+  // The CPU row kernels the next call runs ("avx2" or "generic"), under the
+  // current MMVMAMBA_CPU_ISA.
+  m.def("cpu_isa() -> str", &mmvmamba::cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(mmvmamba, CPU, m) {
   m.impl("selective_scan_fwd", &mmvmamba::selective_scan_fwd_cpu);

@@ -337,6 +337,62 @@ def test_bad_inputs_raise(device):
                 args['delta_bias'], True, checkpoints[:, :, :1])
 
 
+ISA_ENV = 'MMVMAMBA_CPU_ISA'
+
+
+def test_cpu_isa_switch(monkeypatch):
+    """MMVMAMBA_CPU_ISA picks the CPU row kernels at each call."""
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    best = torch.ops.mmvmamba.cpu_isa()
+    assert best in ('avx2', 'generic')
+    for value, expected in (('', best), ('auto', best),
+                            ('generic', 'generic')):
+        monkeypatch.setenv(ISA_ENV, value)
+        assert torch.ops.mmvmamba.cpu_isa() == expected
+    args, softplus = make_inputs(CASES[0], torch.float32, 'cpu', False)
+    monkeypatch.setenv(ISA_ENV, 'sse4')
+    match = f"{ISA_ENV} must be auto, generic or avx2, got 'sse4'"
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mmvmamba.cpu_isa()
+    with pytest.raises(RuntimeError, match=match):
+        _ext.selective_scan_kernel(**args, delta_softplus=softplus)
+    monkeypatch.setenv(ISA_ENV, 'avx2')
+    if best == 'avx2':
+        assert torch.ops.mmvmamba.cpu_isa() == 'avx2'
+    else:
+        with pytest.raises(RuntimeError, match='no AVX2'):
+            torch.ops.mmvmamba.cpu_isa()
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_generic_cpu_kernel_matches_naive_loop(case, dtype, monkeypatch):
+    """The portable CPU rows (what a processor without AVX2 runs), here on
+    any x86-64 through MMVMAMBA_CPU_ISA=generic."""
+    monkeypatch.setenv(ISA_ENV, 'generic')
+    assert torch.ops.mmvmamba.cpu_isa() == 'generic'
+    check_against(naive_scan, case, dtype, 'cpu')
+
+
+def test_generic_and_avx2_rows_are_different_code(monkeypatch):
+    """Both run, and round differently (AVX2's FMA), so the switch does
+    reach the kernels."""
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    if torch.ops.mmvmamba.cpu_isa() != 'avx2':
+        pytest.skip('no AVX2 kernels on this processor or build')
+    args, softplus = make_inputs(CASES[0], torch.float32, 'cpu')
+    grad_out = torch.randn(args['u'].shape)
+    runs = []
+    for isa in ('generic', 'avx2'):
+        monkeypatch.setenv(ISA_ENV, isa)
+        runs.append(run_with_grads(_ext.selective_scan_kernel, args,
+                                   softplus, grad_out))
+    (y_gen, grads_gen), (y_avx, grads_avx) = runs
+    assert not torch.equal(y_gen, y_avx)
+    assert rel_err(y_gen, y_avx) < 1e-5
+    assert any(not torch.equal(grads_gen[k], grads_avx[k]) for k in grads_gen)
+
+
 def test_status_and_support():
     loaded, status = _ext.ext_status()
     assert loaded and 'loaded' in status
