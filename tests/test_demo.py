@@ -114,9 +114,9 @@ def workspace(tmp_path_factory):
 
 def test_detection_demo(workspace):
     """10 iterations, resumed for 10 more, then tested on the images it
-    trained on: bbox and segm mAP 0.40 and 0.395 (measured, as uninterrupted
-    20 iterations score), against 0 for
-    a predictor that ignores the image."""
+    trained on: bbox and segm mAP 0.40 and 0.395 (measured; 20 uninterrupted
+    iterations score the same), against 0 for a predictor that ignores the
+    image."""
     small = ['train_dataloader.batch_size=2', 'train_cfg.val_interval=100',
              *NO_WORKERS, *ON_VAL['det']]
     out = run([
