@@ -80,7 +80,7 @@ def environment(cpu=True):
     ``cpu=False``."""
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     if cpu:
-        env['CUDA_VISIBLE_DEVICES'] = 
+        env['CUDA_VISIBLE_DEVICES'] = ''
     env['PYTHONPATH'] = os.pathsep.join(
         p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
     return env
