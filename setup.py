@@ -1,14 +1,24 @@
 """Build and install mmvmamba.
 
-``pip install --no-deps --no-build-isolation -e .`` compiles the selective-scan
-extension ``mmvmamba._C`` from ``csrc/``:
+``pip install --no-deps --no-build-isolation -e .`` (or without ``-e``)
+compiles the selective-scan extension ``mmvmamba._C`` from ``csrc/`` against
+the environment's torch (pyproject.toml declares the PEP 517 / 660 build, so
+any pip >= 21.3 and setuptools >= 77 build it alike, with or without a
+package index):
 
 * CUDA + CPU kernels when torch is a CUDA build and ``nvcc`` is found (no GPU
   is needed at build time); ``MMVMAMBA_FORCE_CUDA=1`` makes a missing
   ``nvcc`` an error instead of a fallback;
-* CPU kernels only when torch has no CUDA or no ``nvcc`` is found;
+* CPU kernels only when torch has no CUDA, no ``nvcc`` is found, or
+  ``MMVMAMBA_WITH_CUDA=0`` (a quick build, e.g. for CPU-only tests);
 * nothing (pure Python, the PyTorch reference runs) with
-  ``MMVMAMBA_BUILD_EXT=0`` or when no C++ compiler works.
+  ``MMVMAMBA_BUILD_EXT=0`` or when no C++ compiler is found.
+
+When a C++ compiler is there and the build was not turned off, the install
+fails (it never falls back to pure Python): if torch cannot be imported (an
+isolated build: add ``--no-build-isolation``) or a compile fails. After the
+build, a line ``[mmvmamba setup] built mmvmamba._C ...`` says what was built
+and where (``pip install -v`` shows it).
 
 C++20 with torch >= 2.14 (its headers need it), C++17 before.
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``9.0+PTX``);
@@ -87,31 +97,39 @@ def csrc_files(pattern: str) -> list:
 def extension_modules():
     """Return (ext_modules, cmdclass) for the build, or empty ones.
 
-    Prints one line saying what is built and why.
+    Prints one line saying what is to be built and why; the build command
+    (:func:`reporting_build_ext`) says what it built.
     """
     if not env_flag('MMVMAMBA_BUILD_EXT', '1'):
         say('MMVMAMBA_BUILD_EXT=0: installing pure Python (no mmvmamba._C); '
             'the selective scan runs on the PyTorch reference.')
         return [], {}
-    locate_cuda_toolkit()
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
-        say('torch is not importable in the build environment: installing '
-            'pure Python. Install torch first and build with '
-            '`pip install --no-deps --no-build-isolation -e .`.')
-        return [], {}
     if not have_cxx_compiler():
         say('no C++ compiler found: installing pure Python (no mmvmamba._C); '
             'the selective scan runs on the PyTorch reference.')
         return [], {}
+    want_cuda = env_flag('MMVMAMBA_WITH_CUDA', '1')
+    if want_cuda:
+        locate_cuda_toolkit()
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:
+        raise SystemExit(
+            '[mmvmamba setup] cannot build mmvmamba._C: torch is not '
+            f'importable in the build environment ({error}). Install torch, '
+            'then build against it with `pip install --no-deps '
+            '--no-build-isolation -e .` (an isolated build does not see it); '
+            'MMVMAMBA_BUILD_EXT=0 installs pure Python on purpose.') from None
 
     force_cuda = env_flag('MMVMAMBA_FORCE_CUDA', '0')
+    if force_cuda and not want_cuda:
+        raise RuntimeError('MMVMAMBA_FORCE_CUDA=1 and MMVMAMBA_WITH_CUDA=0 '
+                           'contradict each other: unset one of them.')
     nvcc = cpp_extension.CUDA_HOME and os.path.join(cpp_extension.CUDA_HOME,
                                                     'bin', 'nvcc')
-    with_cuda = torch.version.cuda is not None and bool(nvcc) and os.path.exists(
-        nvcc)
+    with_cuda = want_cuda and torch.version.cuda is not None and bool(
+        nvcc) and os.path.exists(nvcc)
     if force_cuda and not with_cuda:
         raise RuntimeError(
             'MMVMAMBA_FORCE_CUDA=1 but torch is not a CUDA build '
@@ -135,17 +153,41 @@ def extension_modules():
         extension = cpp_extension.CUDAExtension(
             'mmvmamba._C', sources, define_macros=define_macros,
             extra_compile_args={'cxx': cxx_flags, 'nvcc': nvcc_flags})
-        say(f'building mmvmamba._C with CPU and CUDA kernels (nvcc {nvcc}, '
+        kernels = 'CPU and CUDA'
+        say(f'to build: mmvmamba._C with CPU and CUDA kernels (nvcc {nvcc}, '
             f'TORCH_CUDA_ARCH_LIST={os.environ["TORCH_CUDA_ARCH_LIST"]}).')
     else:
-        why = ('torch is a CPU build' if torch.version.cuda is None else
+        why = ('MMVMAMBA_WITH_CUDA=0' if not want_cuda else
+               'torch is a CPU build' if torch.version.cuda is None else
                'nvcc was not found')
         extension = cpp_extension.CppExtension(
             'mmvmamba._C', sources, define_macros=define_macros,
             extra_compile_args={'cxx': cxx_flags})
-        say(f'building mmvmamba._C with CPU kernels only ({why}).')
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [extension], {'build_ext': build_ext}
+        kernels = 'CPU'
+        say(f'to build: mmvmamba._C with CPU kernels only ({why}).')
+    return [extension], {'build_ext': reporting_build_ext(kernels)}
+
+
+def reporting_build_ext(kernels: str):
+    """torch's ``BuildExtension`` (ninja), saying what it built and where.
+
+    A failed compile or link raises (the install fails); so does a build
+    that leaves no library behind.
+    """
+    from torch.utils import cpp_extension
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class ReportingBuildExtension(base):
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                path = self.get_ext_fullpath(ext.name)
+                if not os.path.isfile(path):
+                    raise RuntimeError(f'building {ext.name} left no {path}')
+                say(f'built {ext.name} with {kernels} kernels: {path}')
+
+    return ReportingBuildExtension
 
 
 ext_modules, cmdclass = extension_modules()

@@ -38,5 +38,9 @@ optim_wrapper = dict(
         custom_keys={'A_logs': dict(decay_mult=0.0)}),
     clip_grad=dict(max_norm=5.0))
 
-# EMA of the weights (the authors' model_ema, decay 0.9999).
-custom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]
+# EMA of the weights (the authors' model_ema, decay 0.9999); the random
+# generators' states kept in checkpoints and restored by --resume.
+custom_hooks = [
+    dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),
+    dict(type='RandomStateHook')
+]

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cross_scan_cpu.h"
 #include "scan.h"
 
@@ -30,39 +31,28 @@ struct CrossKernels {
   decltype(&cpu::generic::cross_backward_block) backward_block;
 };
 
-// The widest instruction set the processor has, or the one that
-// MMVMAMBA_CPU_ISA names (avx512, avx2 or generic; for tests and
-// comparisons), if the processor has it.
+// The widest kernels built within the limit of MMVMAMBA_CPU_ISA (cpu_isa.h),
+// picked at each call.
 const CrossKernels& cross_kernels() {
-  static const CrossKernels kernels = [] {
-    const char* env = std::getenv("MMVMAMBA_CPU_ISA");
-    const std::string want = env == nullptr ? "" : env;
-    TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" ||
-                    want == "generic",
-                "MMVMAMBA_CPU_ISA must be avx512, avx2 or generic (or unset), "
-                "got '", want, "'");
+  static const CrossKernels generic{
+      cpu::generic::cross_lanes, cpu::generic::cross_scratch_floats,
+      cpu::generic::cross_forward_block, cpu::generic::cross_backward_block};
 #ifdef MMVMAMBA_CROSS_CPU_X86
-    if ((want.empty() || want == "avx512") &&
-        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      return CrossKernels{cpu::avx512::cross_lanes,
-                          cpu::avx512::cross_scratch_floats,
-                          cpu::avx512::cross_forward_block,
-                          cpu::avx512::cross_backward_block};
-    }
-    if (want != "generic" && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
-      return CrossKernels{cpu::avx2::cross_lanes, cpu::avx2::cross_scratch_floats,
-                          cpu::avx2::cross_forward_block,
-                          cpu::avx2::cross_backward_block};
-    }
+  static const CrossKernels avx512{
+      cpu::avx512::cross_lanes, cpu::avx512::cross_scratch_floats,
+      cpu::avx512::cross_forward_block, cpu::avx512::cross_backward_block};
+  static const CrossKernels avx2{
+      cpu::avx2::cross_lanes, cpu::avx2::cross_scratch_floats,
+      cpu::avx2::cross_forward_block, cpu::avx2::cross_backward_block};
+  switch (cpu_isa_limit()) {
+    case CpuIsa::kAvx512: return avx512;
+    case CpuIsa::kAvx2: return avx2;
+    default: return generic;
+  }
+#else
+  cpu_isa_limit();  // checks the setting
+  return generic;
 #endif
-    return CrossKernels{cpu::generic::cross_lanes,
-                        cpu::generic::cross_scratch_floats,
-                        cpu::generic::cross_forward_block,
-                        cpu::generic::cross_backward_block};
-  }();
-  return kernels;
 }
 
 // (2, L): the row-major positions of step l of the row order (l itself) and

@@ -6,16 +6,24 @@
 // vectorised over N (scan_cpu_kernel.h, AVX2 when the processor has it).
 // The backward recomputes a row's states into a per-task buffer, then runs
 // the reverse scan; dB / dC are summed per task and reduced afterwards.
+//
+// MMVMAMBA_CPU_ISA (cpu_isa.h, parsed here for every CPU kernel) limits the
+// row kernels, read at each call: AVX2 + FMA where built, supported and
+// allowed, else the portable ones (to run them on any x86-64 too).
+// torch.ops.mmvmamba.cpu_isa() says which rows run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "scan.h"
 #include "scan_cpu.h"
 
@@ -29,18 +37,82 @@ struct CpuRows {
   decltype(&cpu::generic::backward_row) backward_row;
 };
 
-const CpuRows& cpu_rows() {
-  static const CpuRows rows = [] {
-#ifdef MMVMAMBA_CPU_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return CpuRows{cpu::avx2::step_sizes, cpu::avx2::softplus_grad,
-                     cpu::avx2::forward_row, cpu::avx2::backward_row};
-    }
-#endif
-    return CpuRows{cpu::generic::step_sizes, cpu::generic::softplus_grad,
-                   cpu::generic::forward_row, cpu::generic::backward_row};
+constexpr const char* kIsaEnv = "MMVMAMBA_CPU_ISA";
+
+}  // namespace
+
+CpuIsa processor_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const CpuIsa isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      return CpuIsa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return CpuIsa::kAvx2;
+    return CpuIsa::kGeneric;
   }();
-  return rows;
+  return isa;
+#else
+  return CpuIsa::kGeneric;
+#endif
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+CpuIsa cpu_isa_limit() {
+  const char* value = std::getenv(kIsaEnv);
+  const std::string wanted = value ? value : "";
+  if (wanted.empty() || wanted == "auto") return processor_isa();
+  CpuIsa limit = CpuIsa::kGeneric;
+  if (wanted == "avx512") {
+    limit = CpuIsa::kAvx512;
+  } else if (wanted == "avx2") {
+    limit = CpuIsa::kAvx2;
+  } else {
+    TORCH_CHECK(wanted == "generic", kIsaEnv,
+                " must be auto, avx512, avx2 or generic, got '", wanted, "'");
+  }
+  TORCH_CHECK(static_cast<int>(limit) <= static_cast<int>(processor_isa()),
+              kIsaEnv, "=", wanted, " but this processor has no ", wanted,
+              " (its widest: ", cpu_isa_name(processor_isa()), ")");
+  return limit;
+}
+
+namespace {
+
+bool avx2_built() {
+#ifdef MMVMAMBA_CPU_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The row kernels the next call runs: "avx2" or "generic".
+std::string cpu_isa() {
+  const CpuIsa limit = cpu_isa_limit();
+  return avx2_built() && static_cast<int>(limit) >= 1 ? "avx2" : "generic";
+}
+
+const CpuRows& cpu_rows() {
+  static const CpuRows generic{cpu::generic::step_sizes,
+                               cpu::generic::softplus_grad,
+                               cpu::generic::forward_row,
+                               cpu::generic::backward_row};
+#ifdef MMVMAMBA_CPU_AVX2
+  static const CpuRows avx2{cpu::avx2::step_sizes, cpu::avx2::softplus_grad,
+                            cpu::avx2::forward_row, cpu::avx2::backward_row};
+  if (cpu_isa() == "avx2") return avx2;
+#else
+  cpu_isa_limit();  // checks the setting
+#endif
+  return generic;
 }
 
 // Number of 8-float vectors holding N states (1, 2, 4 or 8).
@@ -309,6 +381,12 @@ BwdResult selective_scan_bwd_cpu(
 
 }  // namespace
 }  // namespace mmvmamba
+
+TORCH_LIBRARY_FRAGMENT(mmvmamba, m) {
+  // The CPU row kernels the next call runs ("avx2" or "generic"), under the
+  // current MMVMAMBA_CPU_ISA.
+  m.def("cpu_isa() -> str", &mmvmamba::cpu_isa);
+}
 
 TORCH_LIBRARY_IMPL(mmvmamba, CPU, m) {
   m.impl("selective_scan_fwd", &mmvmamba::selective_scan_fwd_cpu);

@@ -2,8 +2,8 @@
 
 ``import mmvmamba`` (or ``custom_imports=dict(imports=['mmvmamba'])`` in a
 config) registers the ``VMamba`` and ``VMamba2`` backbones in mmengine's root
-registry, and the ``MeanLossAcrossRanksHook`` (:mod:`mmvmamba.engine`) in its
-root ``HOOKS``.
+registry, and the ``MeanLossAcrossRanksHook`` and ``RandomStateHook``
+(:mod:`mmvmamba.engine`) in its root ``HOOKS``.
 """
 from . import engine, models, ops
 from .version import __version__

@@ -25,6 +25,9 @@ bash tools/setup_env.sh
 source "$(bash tools/setup_env.sh --print-activate)"
 echo "using $(command -v python)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# stop when a C++ compiler is there but mmvmamba._C does not load (the demo
+# would run on the slow PyTorch reference; MMVMAMBA_ALLOW_NO_EXT=1 lets it)
+python -c 'import sys; from mmvmamba.ops._ext import check_extension; sys.exit(check_extension("demo"))'
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning}"
 
 echo "== [2/3] synthetic data -> data/synthetic"

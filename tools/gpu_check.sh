@@ -10,23 +10,31 @@
 #                     images resized to 800x800, ADE 512x512 crops), then
 #                     tools/test.py on the AMP checkpoint (COCO bbox/segm
 #                     mAP; mIoU, also with --tta); no loss may be NaN/Inf
-#            compare  2 GPUs: per task, COMPARE_ITERS iterations once on one
-#                     GPU with batch 4 (tools/train.py) and once on two with
-#                     batch 2 each (tools/dist_train.sh): same seed, data
-#                     and order, nothing drawn per process that changes the
-#                     loss (tools/gpu_check/cfg_options.py says what that
-#                     takes); the logged losses (2 GPUs: the mean of both
-#                     ranks, by MeanLossAcrossRanksHook) must agree within
-#                     TOL at every iteration (tools/analysis/
-#                     compare_losses.py); then tools/dist_test.sh on the
-#                     2-GPU checkpoint
-#            all      single, then compare
+#            compare  GPUS GPUs: per task, COMPARE_ITERS iterations once on
+#                     one GPU with batch 2 x GPUS (tools/train.py) and once
+#                     on GPUS GPUs with batch 2 each (tools/dist_train.sh):
+#                     same seed, data and order, nothing drawn per process
+#                     that changes the loss (tools/gpu_check/cfg_options.py
+#                     says what that takes); the logged losses (GPUS GPUs:
+#                     the mean over the ranks, by MeanLossAcrossRanksHook)
+#                     must agree within TOL at every iteration (tools/
+#                     analysis/compare_losses.py); then tools/dist_test.sh
+#                     on the GPUS-GPU checkpoint
+#            long     1 GPU: per task, LONG_ITERS iterations with --amp at
+#                     full scale: no loss NaN/Inf, the mean loss of the
+#                     last 50 iterations below that of the first 50, and
+#                     the number of steps the loss scaler skipped (optimizer
+#                     steps taken, from the last checkpoint, against
+#                     iterations) and its final scale, reported
+#            all      single, then compare (long runs on its own)
 #   WORK_DIR data, checkpoints and logs: WORK_DIR/logs/STEP.log holds each
 #            step's whole output, WORK_DIR/summary.txt the results
 #   TASK     det (Mask R-CNN) and/or seg (UperNet); default both
 #
 # Environment [default]:
-#   ITERS [200], FP32_ITERS [20], COMPARE_ITERS [20]  iterations of the runs
+#   ITERS [200], FP32_ITERS [20], COMPARE_ITERS [20], LONG_ITERS [1000]
+#                       iterations of the runs
+#   GPUS [2]            compare mode: GPUs of the distributed run
 #   TOL [0.05]          largest relative difference of the compared losses
 #   WARMUP [by task]    compare mode: the learning-rate warm-up, off (the
 #                       base rate from the first iteration) or keep; by
@@ -41,7 +49,7 @@
 #                       upernet_vmamba2_t_512x512_160k_ade20k.py
 #   EXTRA_OPTS []       more --cfg-options for every training and test run
 #   SMOKE_CPU [0]       1: try the script itself on a CPU machine (single
-#                       mode, no --amp), e.g. SMOKE_CPU=1 ITERS=2
+#                       or long mode, no --amp), e.g. SMOKE_CPU=1 ITERS=2
 #                       FP32_ITERS=2 COCO_SIZE=64 ADE_SIZE=64
 #                       DET_CONFIG=configs/demo/mask_rcnn_vmamba_demo_synthetic.py
 #                       SEG_CONFIG=configs/demo/upernet_vmamba_demo_synthetic.py
@@ -58,7 +66,7 @@ usage() {  # the comment above
 }
 [[ $# -ge 2 ]] || usage
 mode=$1
-case "$mode" in single | compare | all) ;; *) usage ;; esac
+case "$mode" in single | compare | long | all) ;; *) usage ;; esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work_arg=$2
 shift 2
@@ -74,6 +82,9 @@ work="$(cd "$work_arg" && pwd)"
 ITERS="${ITERS:-200}"
 FP32_ITERS="${FP32_ITERS:-20}"
 COMPARE_ITERS="${COMPARE_ITERS:-20}"
+LONG_ITERS="${LONG_ITERS:-1000}"
+GPUS="${GPUS:-2}"
+[[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a positive integer, got '$GPUS'" >&2; exit 2; }
 TOL="${TOL:-0.05}"
 NUM_WORKERS="${NUM_WORKERS:-2}"
 export PORT="${PORT:-29500}"
@@ -189,49 +200,107 @@ run_single() {
 }
 
 run_compare() {
-    local task=$1 config out ckpt one=() two=() test=()
+    local task=$1 config out ckpt one=() two=() test=() devices
+    local global=$((2 * GPUS)) many="${GPUS}gpu"
+    devices="$(seq -s, 0 $((GPUS - 1)))"
     config="$(config_of "$task")"
     out="$work/compare/$task"
-    section "1 GPU x batch 4 against 2 GPUs x batch 2, $task: $config"
+    section "1 GPU x batch $global against $GPUS GPUs x batch 2, $task: $config"
     rm -rf "$out"
     options one train "$task" --config "$config" --mode compare \
-        --iters "$COMPARE_ITERS" --batch-size 4 --global-batch 4 \
+        --iters "$COMPARE_ITERS" --batch-size "$global" --global-batch "$global" \
         --data-root "$data" --workers "$NUM_WORKERS" ${WARMUP:+--warmup "$WARMUP"} &&
         options two train "$task" --config "$config" --mode compare \
-            --iters "$COMPARE_ITERS" --batch-size 2 --global-batch 4 \
+            --iters "$COMPARE_ITERS" --batch-size 2 --global-batch "$global" \
             --data-root "$data" --workers "$NUM_WORKERS" ${WARMUP:+--warmup "$WARMUP"} &&
         options test test "$task" --config "$config" --data-root "$data" \
             --workers "$NUM_WORKERS" ||
         { fail "$task: no options"; return; }
-    CUDA_VISIBLE_DEVICES=0 step "$task-1gpu-batch4" python tools/train.py \
+    CUDA_VISIBLE_DEVICES=0 step "$task-1gpu-batch$global" python tools/train.py \
         "$config" --work-dir "$out/1gpu" --cfg-options "${one[@]}" || return
-    CUDA_VISIBLE_DEVICES=0,1 step "$task-2gpu-batch2" \
-        bash tools/dist_train.sh "$config" 2 --work-dir "$out/2gpu" \
+    CUDA_VISIBLE_DEVICES="$devices" step "$task-$many-batch2" \
+        bash tools/dist_train.sh "$config" "$GPUS" --work-dir "$out/$many" \
         --cfg-options "${two[@]}" || return
     # each loss term, for information; then the verdict on the total loss
-    python tools/analysis/compare_losses.py "$out/1gpu" "$out/2gpu" \
+    python tools/analysis/compare_losses.py "$out/1gpu" "$out/$many" \
         --iters "$COMPARE_ITERS" --tol "$TOL" --keys all \
         > "$logs/$task-compare-terms.log" 2>&1
     step "$task-compare-losses" python tools/analysis/compare_losses.py \
-        "$out/1gpu" "$out/2gpu" --iters "$COMPARE_ITERS" --tol "$TOL"
+        "$out/1gpu" "$out/$many" --iters "$COMPARE_ITERS" --tol "$TOL"
     sed '1d' "$logs/$task-compare-losses.log"
     grep -E '^(PASS|FAIL)' "$logs/$task-compare-losses.log" >> "$summary"
     echo "each term, for information (tables: $logs/$task-compare-terms.log):"
     grep -E '^(largest difference|mean of)' "$logs/$task-compare-terms.log" |
         sed 's/^/     /' | tee -a "$summary"
-    ckpt="$(cat "$out/2gpu/last_checkpoint")"
-    CUDA_VISIBLE_DEVICES=0,1 step "$task-dist-test" bash tools/dist_test.sh \
-        "$config" "$ckpt" 2 --work-dir "$out/dist-test" \
+    ckpt="$(cat "$out/$many/last_checkpoint")"
+    CUDA_VISIBLE_DEVICES="$devices" step "$task-dist-test" bash tools/dist_test.sh \
+        "$config" "$ckpt" "$GPUS" --work-dir "$out/dist-test" \
         --cfg-options "${test[@]}" &&
         metrics "$task-dist-test-metrics" "$out/dist-test"
 }
 
-need_gpus=2
-[[ "$mode" == single ]] && need_gpus=1
+# long_check NAME WORK_DIR ITERS: the loss falls (mean of the last 50
+# logged iterations below the first 50's); the loss scaler's skipped steps
+# (iterations less the optimizer's steps in the last checkpoint) and scale
+long_check() {
+    step "$1" python - "$2" "$3" <<'EOF' && note "     $(tail -n 1 "$logs/$1.log")"
+import glob
+import json
+import os.path as osp
+import sys
+
+import torch
+
+work, iters = sys.argv[1], int(sys.argv[2])
+losses = {}
+for path in sorted(glob.glob(osp.join(work, '*', 'vis_data', 'scalars.json'))):
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if 'loss' in row and 'step' in row:
+                losses[int(row['step'])] = float(row['loss'])
+if len(losses) < iters or len(losses) < 2:
+    sys.exit(f'{len(losses)} iterations logged, expected {iters}')
+series = [losses[i] for i in sorted(losses)]
+window = min(50, len(series) // 2)  # a smoke run's few: half of them
+first = sum(series[:window]) / window
+last = sum(series[-window:]) / window
+with open(osp.join(work, 'last_checkpoint')) as f:
+    ckpt = torch.load(f.read().strip(), map_location='cpu', weights_only=False)
+state = ckpt['optimizer']
+steps = max(int(s['step']) for s in state['state'].values() if 'step' in s)
+scaler = state.get('loss_scaler', {})
+summary = (f'loss {first:.4f} -> {last:.4f} (means of the first and last '
+           f'{window} iterations); loss scaler: {iters - steps} of {iters} '
+           f'steps skipped, final scale {scaler.get("scale", "none")}')
+if not last < first:
+    sys.exit(f'the loss did not fall: {summary}')
+print(summary)
+EOF
+}
+
+run_long() {
+    local task=$1 config out opts=()
+    local -x CUDA_VISIBLE_DEVICES="${SINGLE_GPU:-0}"
+    config="$(config_of "$task")"
+    out="$work/long/$task"
+    section "long AMP run, 1 GPU, $task: $config ($LONG_ITERS iterations)"
+    rm -rf "$out"
+    options opts train "$task" --config "$config" --mode single \
+        --iters "$LONG_ITERS" --batch-size 2 --data-root "$data" \
+        --workers "$NUM_WORKERS" || { fail "$task: no options"; return; }
+    step "$task-long-amp" python tools/train.py "$config" "${amp_flag[@]}" \
+        --work-dir "$out" --cfg-options "${opts[@]}" || return
+    losses "$task-long-losses" "$out" "$LONG_ITERS"
+    long_check "$task-long-check" "$out" "$LONG_ITERS"
+}
+
+need_gpus=$GPUS
+[[ "$mode" == single || "$mode" == long ]] && need_gpus=1
 amp_flag=(--amp)
 if [[ "$SMOKE_CPU" == 1 ]]; then
-    [[ "$mode" == single ]] ||
-        { echo "SMOKE_CPU=1 runs single mode only" >&2; exit 2; }
+    [[ "$mode" == single || "$mode" == long ]] ||
+        { echo "SMOKE_CPU=1 runs single or long mode only" >&2; exit 2; }
     need_gpus=0
     amp_flag=()  # CPU autocast is bfloat16, which mmcv's nms refuses
 fi
@@ -275,7 +344,8 @@ section "synthetic data: $data"
 # enough training images for the longest Mask R-CNN epoch (iters x batch)
 coco_train=$((ITERS * 2))
 ((FP32_ITERS * 2 > coco_train)) && coco_train=$((FP32_ITERS * 2))
-((COMPARE_ITERS * 4 > coco_train)) && coco_train=$((COMPARE_ITERS * 4))
+((COMPARE_ITERS * 2 * GPUS > coco_train)) && coco_train=$((COMPARE_ITERS * 2 * GPUS))
+[[ "$mode" == long ]] && ((LONG_ITERS * 2 > coco_train)) && coco_train=$((LONG_ITERS * 2))
 data_args=(--out "$data" --seed 0 --coco-train "$coco_train" --coco-val 16
     --coco-size "$COCO_SIZE" --ade-train 200 --ade-val 16
     --ade-size "$ADE_SIZE")
@@ -292,11 +362,14 @@ else
     echo "${data_args[*]}" > "$data/.args"
 fi
 
-if [[ "$mode" != compare ]]; then
+if [[ "$mode" == single || "$mode" == all ]]; then
     for task in "${tasks[@]}"; do run_single "$task"; done
 fi
-if [[ "$mode" != single ]]; then
+if [[ "$mode" == compare || "$mode" == all ]]; then
     for task in "${tasks[@]}"; do run_compare "$task"; done
+fi
+if [[ "$mode" == long ]]; then
+    for task in "${tasks[@]}"; do run_long "$task"; done
 fi
 
 section "summary (also in $summary)"

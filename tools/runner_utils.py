@@ -11,7 +11,7 @@ import os
 import os.path as osp
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.registry import RUNNERS
@@ -59,7 +59,12 @@ def load_config(path: str,
 
     Returns:
         Config: The config, ready for :func:`build_runner`.
+
+    Raises:
+        InputNotFoundError: If ``path`` names no file.
     """
+    if not osp.isfile(path):
+        raise InputNotFoundError(f'config: no file at {path!r}')
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -78,11 +83,141 @@ def load_config(path: str,
 
 def set_resume(cfg: Config, resume: Optional[str]) -> None:
     """Apply ``--resume``: ``'auto'`` (latest checkpoint of ``work_dir``) or
-    a checkpoint path; ``None`` leaves the config as it is."""
+    a checkpoint path; ``None`` leaves the config as it is.
+
+    Raises:
+        InputNotFoundError: If the checkpoint path names no file.
+    """
     if resume is None:
         return
+    if resume != 'auto':
+        check_checkpoint('--resume', resume)
     cfg.resume = True
     cfg.load_from = None if resume == 'auto' else resume
+
+
+class InputNotFoundError(FileNotFoundError):
+    """A file the command line or the config names is not there; the
+    message says which and what to do (the tools print it, no traceback)."""
+
+
+def check_checkpoint(argument: str, path: str) -> None:
+    """Raise :class:`InputNotFoundError` unless ``path`` is a file (local
+    paths only; a URL or other backend is left to the loader)."""
+    if '://' not in path and not osp.isfile(path):
+        raise InputNotFoundError(
+            f'{argument}: no checkpoint file at {path!r}'
+            f'{" (it is a folder)" if osp.isdir(path) else ""}')
+
+
+# Where the configs' data sets live, for the message of a missing one.
+_DATA_SETS = {
+    'CocoDataset': ('COCO', 'data/coco',
+                    ['annotations/instances_train2017.json',
+                     'annotations/instances_val2017.json', 'train2017/',
+                     'val2017/']),
+    'ADE20KDataset': ('ADE20K', 'data/ade/ADEChallengeData2016',
+                      ['images/training/', 'images/validation/',
+                       'annotations/training/', 'annotations/validation/']),
+    'ImageNet': ('ImageNet', 'data/imagenet',
+                 ['train/', 'val/', 'meta/train.txt (optional)',
+                  'meta/val.txt (optional)']),
+}
+
+
+def _datasets(dataset_cfg) -> List[dict]:
+    """The dataset configs inside a (possibly wrapping) dataset config."""
+    if not isinstance(dataset_cfg, dict):
+        return []
+    inner = dataset_cfg.get('datasets', dataset_cfg.get('dataset'))
+    if isinstance(inner, (list, tuple)):
+        return [d for cfg in inner for d in _datasets(cfg)]
+    if isinstance(inner, dict):
+        return _datasets(inner)
+    return [dataset_cfg]
+
+
+def _local(path) -> bool:
+    return isinstance(path, str) and bool(path) and '://' not in path
+
+
+def _missing_paths(dataset: dict) -> List[Tuple[str, str]]:
+    """(what, path) of the files and folders of a dataset config that are
+    not there, as its class would join them to ``data_root``."""
+    root = dataset.get('data_root') or ''
+    if _local(root) and not osp.isdir(root):
+        return [('data_root', root)]
+    if root and not _local(root):
+        return []
+
+    def under_root(path):
+        return path if osp.isabs(path) else osp.join(root, path)
+
+    missing = []
+    ann_file = dataset.get('ann_file')
+    if _local(ann_file) and not osp.isfile(under_root(ann_file)):
+        missing.append(('ann_file', under_root(ann_file)))
+    prefix = dataset.get('data_prefix')
+    prefixes = prefix.items() if isinstance(prefix, dict) else [
+        ('data_prefix', prefix)
+    ]
+    if not prefix and _local(dataset.get('split')):  # mmpretrain's ImageNet
+        prefixes = [('split', dataset['split'])]
+    for key, path in prefixes:
+        if _local(path) and not osp.exists(under_root(path)):
+            missing.append((key, under_root(path)))
+    return missing
+
+
+def check_data(cfg: Config, loaders: Sequence[str],
+               config_path: str) -> None:
+    """Check that the data the run will read is where the config says.
+
+    Looks at each named dataloader's dataset (inside dataset wrappers):
+    ``data_root``, ``ann_file`` and the ``data_prefix`` folders, joined as
+    mmengine's ``BaseDataset`` joins them, and at the matching evaluator's
+    ``ann_file`` (COCO's); remote paths (``s3://``...) are not checked.
+
+    Raises:
+        InputNotFoundError: Naming each missing path and the config key
+            that sets it, the layout the data set is expected in, and how to
+            run on the synthetic data instead.
+    """
+    lines, layouts = [], {}
+    for loader in loaders:
+        loader_cfg = cfg.get(loader)
+        if not isinstance(loader_cfg, dict):
+            continue
+        for dataset in _datasets(loader_cfg.get('dataset')):
+            kind = str(dataset.get('type', '')).split('.')[-1]
+            for key, path in _missing_paths(dataset):
+                lines.append(f'  {loader} ({kind}): {key} {path} does not '
+                             'exist')
+                if kind in _DATA_SETS:
+                    layouts[kind] = dataset.get('data_root')
+        evaluator = cfg.get(loader.replace('_dataloader', '_evaluator'))
+        for metric in evaluator if isinstance(evaluator, list) else [
+                evaluator
+        ]:
+            ann_file = metric.get('ann_file') if isinstance(metric,
+                                                            dict) else None
+            if _local(ann_file) and not osp.isfile(ann_file):
+                lines.append(f'  {loader.replace("_dataloader", "_evaluator")}'
+                             f': ann_file {ann_file} does not exist')
+    if not lines:
+        return
+    message = [f'the data of {config_path} is not there:', *dict.fromkeys(lines)]
+    for kind, root in layouts.items():
+        name, default_root, layout = _DATA_SETS[kind]
+        root = (root or default_root).rstrip('/')
+        message.append(f'{name} is expected under {root} in this layout:')
+        message += [f'  {root}/{entry}' for entry in layout]
+    message.append(
+        'Put the data there (a symbolic link will do), or point the config '
+        'at it with --cfg-options (e.g. '
+        'train_dataloader.dataset.data_root=PATH). `bash tools/demo.sh` '
+        'runs on synthetic data, with nothing to download.')
+    raise InputNotFoundError('\n'.join(message))
 
 
 def enable_amp(cfg: Config) -> None:

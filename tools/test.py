@@ -12,9 +12,17 @@ The checkpoint is unpickled in full (it may be one mmengine wrote, with
 training state), so only pass files you trust.
 """
 import argparse
+import sys
+import warnings
 
-from runner_utils import (add_common_args, build_runner, enable_show_dir,
-                          enable_tta, load_config, set_local_rank)
+# mmengine and mmcv import pkg_resources, which setuptools >= 80 warns about
+# (four lines per run): nothing a user can act on.
+warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
+
+from runner_utils import (InputNotFoundError, add_common_args,  # noqa: E402
+                          build_runner, check_checkpoint, check_data,
+                          enable_show_dir, enable_tta, load_config,
+                          set_local_rank)
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,8 +45,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     set_local_rank(args.local_rank)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir,
-                      args.launcher)
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.work_dir,
+                          args.launcher)
+        check_checkpoint('checkpoint', args.checkpoint)
+        # before the runner, which makes the work dir and logs
+        check_data(cfg, ['test_dataloader'], args.config)
+    except InputNotFoundError as error:
+        sys.exit(f'{sys.argv[0]}: {error}')
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_show_dir(cfg, args.show_dir)

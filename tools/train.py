@@ -13,9 +13,16 @@ The config's ``default_scope`` decides the task; any config that imports
 mmvmamba (``custom_imports``) works.
 """
 import argparse
+import sys
+import warnings
 
-from runner_utils import (add_common_args, build_runner, enable_amp,
-                          load_config, set_local_rank, set_resume)
+# mmengine and mmcv import pkg_resources, which setuptools >= 80 warns about
+# (four lines per run): nothing a user can act on.
+warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
+
+from runner_utils import (InputNotFoundError, add_common_args,  # noqa: E402
+                          build_runner, check_data, enable_amp, load_config,
+                          set_local_rank, set_resume)
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,11 +47,19 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     set_local_rank(args.local_rank)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir,
-                      args.launcher)
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.work_dir,
+                          args.launcher)
+        set_resume(cfg, args.resume)
+        # before the runner, which makes the work dir and logs
+        validating = cfg.get('val_cfg') is not None and cfg.get(
+            'val_dataloader') is not None
+        check_data(cfg, ['train_dataloader'] +
+                   (['val_dataloader'] if validating else []), args.config)
+    except InputNotFoundError as error:
+        sys.exit(f'{sys.argv[0]}: {error}')
     if args.amp:
         enable_amp(cfg)
-    set_resume(cfg, args.resume)
     runner = build_runner(cfg)
     runner.train()
 

@@ -1,4 +1,4 @@
 """Training-loop helpers, registered in mmengine's root registries."""
-from .hooks import MeanLossAcrossRanksHook
+from .hooks import MeanLossAcrossRanksHook, RandomStateHook
 
-__all__ = ['MeanLossAcrossRanksHook']
+__all__ = ['MeanLossAcrossRanksHook', 'RandomStateHook']

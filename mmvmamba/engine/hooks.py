@@ -1,8 +1,10 @@
 """Hooks of mmvmamba, registered in mmengine's root ``HOOKS`` registry (so
 mmdet, mmseg and mmpretrain configs find them under their own scopes)."""
+import random
 import zlib
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from mmengine import dist
 from mmengine.hooks import Hook
@@ -97,3 +99,112 @@ def mean_across_ranks(outputs: dict) -> dict:
         outputs[key] = chunk.reshape(value.shape).to(
             device=value.device, dtype=dtype)
     return outputs
+
+
+@HOOKS.register_module()
+class RandomStateHook(Hook):
+    """Save the random generators in checkpoints; restore them on resume.
+
+    mmengine's checkpoints keep the model, optimizer, loss scaler,
+    schedulers and message hub, but not the state of the random generators,
+    so a resumed run draws other random numbers than the run it continues
+    (dropout, the detectors' proposal samplers, the data pipeline when it
+    runs in the main process) and its losses drift from the uninterrupted
+    run's. This hook stores, in ``checkpoint['meta']['random_states']``, one
+    entry per process: the states of torch's CPU generator and of every
+    visible CUDA device's, numpy's global generator and Python's ``random``.
+
+    - Saving (``before_save_checkpoint``): every process gathers all the
+      processes' states (the checkpoint is written by rank 0). Only plain
+      types and tensors are stored (``torch.load(weights_only=True)``
+      reads them).
+    - Restoring (``before_train``): after mmengine's resume has finished
+      (including its re-seeding when the checkpoint's seed differs from the
+      config's) and before the first iteration; only when training resumes
+      (``runner.iter > 0``), not when ``load_from`` fine-tunes from a
+      checkpoint. Each process takes its own rank's states. A different
+      number of processes than the checkpoint's, or a checkpoint without
+      states, leaves the generators as they are, with a warning.
+    - Data loaded in worker processes draws from the workers' own seeds
+      (mmengine derives them from the run's seed), not from these states.
+
+    Enable it in a config (the project's schedules do)::
+
+        custom_hooks = [dict(type='RandomStateHook')]
+    """
+
+    priority = 'LOWEST'
+    KEY = 'random_states'
+
+    def __init__(self) -> None:
+        self._loaded = None
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        states = get_random_states()
+        if dist.is_distributed() and dist.get_world_size() > 1:
+            everyone = dist.all_gather_object(states)
+        else:
+            everyone = [states]
+        checkpoint.setdefault('meta', {})[self.KEY] = everyone
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._loaded = checkpoint.get('meta', {}).get(self.KEY)
+
+    def before_train(self, runner) -> None:
+        loaded, self._loaded = self._loaded, None
+        if runner.iter == 0:  # a new run, or load_from: nothing to continue
+            return
+        world_size = dist.get_world_size()
+        if loaded is None:
+            runner.logger.warning(
+                'RandomStateHook: the resumed checkpoint holds no random '
+                'states (saved without this hook); the random generators '
+                'are not restored')
+        elif len(loaded) != world_size:
+            runner.logger.warning(
+                f'RandomStateHook: the checkpoint holds the random states '
+                f'of {len(loaded)} processes, this run has {world_size}; '
+                'the random generators are not restored')
+        else:
+            set_random_states(loaded[dist.get_rank()])
+            runner.logger.info('RandomStateHook: random generators restored '
+                               'from the checkpoint')
+
+
+def get_random_states() -> dict:
+    """The states of torch's (CPU, each CUDA device), numpy's and Python's
+    global random generators, in plain types and tensors."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() else [],
+        numpy=dict(
+            kind=kind,
+            keys=torch.from_numpy(keys.astype(np.int64)),
+            pos=int(pos),
+            has_gauss=int(has_gauss),
+            cached_gaussian=float(cached_gaussian)),
+        python=dict(
+            version=version, internal=list(internal), gauss_next=gauss_next))
+
+
+def set_random_states(states: dict) -> None:
+    """Restore what :func:`get_random_states` returned.
+
+    CUDA devices are restored up to the number both the states and this
+    process have.
+    """
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        count = min(len(states['cuda']), torch.cuda.device_count())
+        for index in range(count):
+            torch.cuda.set_rng_state(states['cuda'][index], index)
+    numpy = states['numpy']
+    np.random.set_state(
+        (numpy['kind'], numpy['keys'].numpy().astype(np.uint32), numpy['pos'],
+         numpy['has_gauss'], numpy['cached_gaussian']))
+    python = states['python']
+    random.setstate((python['version'], tuple(python['internal']),
+                     python['gauss_next']))

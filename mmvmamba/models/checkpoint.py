@@ -127,6 +127,19 @@ def load_user_checkpoint(path: str) -> dict:
                          f'failed with {type(err).__name__}: {err}') from None
 
 
+def _some(keys, count: int = 8) -> str:
+    """The first ``count`` keys, and how many more there are."""
+    keys = list(keys)
+    shown = ', '.join(keys[:count])
+    return shown + (f', ... ({len(keys) - count} more)'
+                    if len(keys) > count else '')
+
+
+def _top_prefixes(keys) -> str:
+    """The distinct first name parts of the keys, e.g. 'backbone., head.'."""
+    return ', '.join(dict.fromkeys(k.split('.')[0] + '.' for k in keys))
+
+
 def load_pretrained_backbone(model: torch.nn.Module,
                              checkpoint: str,
                              prefix: Optional[str] = None) -> None:
@@ -154,21 +167,40 @@ def load_pretrained_backbone(model: torch.nn.Module,
             f'{CONVERTER} AUTHORS_CKPT.pth {checkpoint}\nor train from '
             f'scratch with --cfg-options model.backbone.init_cfg=None')
     ckpt = load_user_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{checkpoint} holds a {type(ckpt).__name__}, not '
+                         'a checkpoint dict (state_dict or model weights)')
     if 'state_dict' in ckpt:
         state_dict = ckpt['state_dict']
     elif 'model' in ckpt:
-        state_dict, _ = convert_authors_state_dict(ckpt['model'])
+        try:
+            state_dict, _ = convert_authors_state_dict(ckpt['model'])
+        except KeyError:
+            raise ValueError(
+                f'{checkpoint} is not an authors\' VMamba (v1) checkpoint: '
+                'its "model" holds keys no VMamba has, such as '
+                f'{_some(ckpt["model"], 5)}') from None
         prefix = None
     else:
         state_dict = ckpt
     if prefix:
+        all_keys = list(state_dict)
         state_dict = OrderedDict((k[len(prefix):], v)
                                  for k, v in state_dict.items()
                                  if k.startswith(prefix))
-    if not state_dict:
-        raise KeyError(f'no weights with prefix {prefix!r} in {checkpoint}')
+        if not state_dict:
+            raise ValueError(
+                f'no weights under the prefix {prefix!r} in {checkpoint} '
+                f'(init_cfg.prefix); its keys begin with: '
+                f'{_top_prefixes(all_keys)}')
 
     own = model.state_dict()
+    if not any(k in own for k in state_dict):
+        raise ValueError(
+            f'{checkpoint} holds no VMamba weights'
+            f'{f" under {prefix!r}" if prefix else ""}: is it the '
+            'checkpoint of another model? Its keys: '
+            f'{_some(state_dict, 5)}; a VMamba\'s: {_some(own, 3)}')
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
@@ -185,10 +217,12 @@ def load_pretrained_backbone(model: torch.nn.Module,
     if bad_missing or bad_unexpected or mismatched:
         lines = [f'{checkpoint} does not fit this VMamba:']
         if bad_missing:
-            lines.append(f'  missing keys: {bad_missing}')
+            lines.append(f'  missing keys: {bad_missing[:20]}'
+                         f'{" ..." if len(bad_missing) > 20 else ""}')
         if bad_unexpected:
-            lines.append(f'  unexpected keys: {bad_unexpected}')
-        for key, got, want in mismatched:
+            lines.append(f'  unexpected keys: {bad_unexpected[:20]}'
+                         f'{" ..." if len(bad_unexpected) > 20 else ""}')
+        for key, got, want in mismatched[:20]:
             lines.append(f'  {key}: checkpoint {got}, model {want}')
         raise RuntimeError('\n'.join(lines))
     model.load_state_dict(

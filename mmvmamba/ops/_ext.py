@@ -14,6 +14,8 @@ inputs is :mod:`mmvmamba.ops.backend`'s decision.
 import glob
 import os
 import re
+import shutil
+import sysconfig
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -187,6 +189,54 @@ if _LOADED:
 def ext_status() -> Tuple[bool, str]:
     """Return whether ``mmvmamba._C`` is usable, and a sentence saying why."""
     return _LOADED, _STATUS
+
+
+# Set to 1 to run the tests or the demo without mmvmamba._C although a C++
+# compiler is there (see :func:`missing_extension_error`).
+ALLOW_NO_EXT = 'MMVMAMBA_ALLOW_NO_EXT'
+
+
+def find_cxx_compiler() -> Optional[str]:
+    """The C++ compiler an install would build with (``$CXX``, else
+    Python's), if it is on ``PATH`` (as setup.py decides)."""
+    cxx = os.environ.get('CXX') or sysconfig.get_config_var('CXX') or 'c++'
+    return shutil.which(cxx.split()[0])
+
+
+def missing_extension_error() -> Optional[str]:
+    """Say why it is an error that ``mmvmamba._C`` did not load, or ``None``.
+
+    It is one when a C++ compiler is there (so the install should have built
+    the extension, and its absence means a failed or skipped build that would
+    leave the slow PyTorch reference running and the kernel tests skipped),
+    unless ``MMVMAMBA_ALLOW_NO_EXT=1`` or ``MMVMAMBA_BUILD_EXT=0`` says that
+    pure Python is wanted.
+    """
+    if _LOADED:
+        return None
+    for name, value in ((ALLOW_NO_EXT, '1'), ('MMVMAMBA_BUILD_EXT', '0')):
+        if os.environ.get(name, '').strip() == value:
+            return None
+    compiler = find_cxx_compiler()
+    if compiler is None:
+        return None
+    return (f'a C++ compiler is there ({compiler}) but {_STATUS}. See what '
+            'the build says with `pip install -v --no-deps '
+            '--no-build-isolation -e .`; to go on without the compiled '
+            f'kernels, set {ALLOW_NO_EXT}=1.')
+
+
+def check_extension(tag: str) -> Optional[str]:
+    """Print the extension's status as ``[tag] ...``; return the message to
+    stop with (see :func:`missing_extension_error`), or ``None``.
+
+    The shell tools call it as ``python -c 'import sys; from
+    mmvmamba.ops._ext import check_extension;
+    sys.exit(check_extension("TAG"))'``.
+    """
+    print(f'[{tag}] {_STATUS}', flush=True)
+    error = missing_extension_error()
+    return None if error is None else f'[{tag}] stopping: {error}'
 
 
 def has_kernel(device_type: str) -> bool:

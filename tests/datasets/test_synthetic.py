@@ -134,3 +134,39 @@ def test_demo_config_names_the_classes():
     assert classes == SYNTHETIC_COCO_CLASSES
     assert cfg.model.roi_head.bbox_head.num_classes == len(classes)
     assert cfg.model.roi_head.mask_head.num_classes == len(classes)
+
+
+def test_seg_demo_config_has_the_seven_classes(data):
+    """The seg demo trains and evaluates the 7 classes the scenes hold
+    (labels 0..6, in ADE20K's order), so its class table has 7 rows."""
+    from mmengine.config import Config
+    from mmvmamba.datasets import SYNTHETIC_ADE_CLASSES
+    path = osp.join(REPO, 'configs/demo/upernet_vmamba_demo_synthetic.py')
+    cfg = Config.fromfile(path)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        classes = tuple(cfg[loader].dataset.metainfo.classes)
+        assert classes == SYNTHETIC_ADE_CLASSES
+    assert cfg.model.decode_head.num_classes == 7
+    assert cfg.model.auxiliary_head.num_classes == 7
+    item = _first_item(path, osp.join(data, 'ADEChallengeData2016'))
+    seg = item['data_samples'].gt_sem_seg.data
+    assert set(seg.unique().tolist()) <= set(range(7)) | {255}
+    assert len(set(seg.unique().tolist()) - {255}) >= 2
+
+
+def test_running_the_generator_module_does_not_warn(tmp_path):
+    """``python -m mmvmamba.datasets.synthetic``: no runpy warning that the
+    module was imported before it ran."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONWARNINGS='default')
+    env['PYTHONPATH'] = os.pathsep.join(
+        p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
+    proc = subprocess.run([
+        sys.executable, '-m', 'mmvmamba.datasets.synthetic', '--out',
+        str(tmp_path), '--coco-train', '1', '--coco-val', '1',
+        '--ade-train', '1', '--ade-val', '1', '--coco-size', '32',
+        '--ade-size', '32'
+    ], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ''

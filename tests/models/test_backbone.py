@@ -65,15 +65,21 @@ def test_output_shapes_any_size(size, expected):
 
 
 def test_padding_is_zero_not_crop():
-    """Pixels of the last, partial patch change the output (no cropping)."""
-    model = VMamba(SMALL, out_indices=(0, )).eval()
-    x = torch.randn(1, 3, 10, 10)
+    """A size that is not a multiple of the patch (4) is zero-padded at the
+    bottom and right: the outputs equal those of the input padded so by
+    hand, at every stage (patch merging pads odd sizes alike); and the
+    pixels of the last, partial patch count (no cropping)."""
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3)).eval()
+    x = torch.randn(2, 3, 10, 13)
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 2))  # to 12 x 16
     y = x.clone()
-    y[..., 9, 9] += 1.0
+    y[..., 9, 12] += 1.0
     with torch.no_grad():
-        a, b = model(x)[0], model(y)[0]
-    assert a.shape[2:] == (3, 3)
-    assert not torch.allclose(a[..., 2, 2], b[..., 2, 2])
+        outs, outs_padded, outs_y = model(x), model(padded), model(y)
+    assert [o.shape[2:] for o in outs] == [(3, 4), (2, 2), (1, 1), (1, 1)]
+    for a, b in zip(outs, outs_padded):
+        assert torch.equal(a, b)
+    assert not torch.allclose(outs[0][..., 2, 3], outs_y[0][..., 2, 3])
 
 
 def test_layout_of_a_block():
@@ -92,36 +98,95 @@ def test_layout_of_a_block():
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
 
 
-def test_frozen_stages():
-    model = VMamba(SMALL, out_indices=(0, 1, 2, 3), frozen_stages=2)
+@pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 3])
+def test_frozen_stages(frozen_stages):
+    """The patch embedding (from 0 on) and stages ``< frozen_stages`` with
+    their patch merging and output norms: eval mode, no gradients, not
+    changed by a training step; the rest trains."""
+    model = VMamba(SMALL, out_indices=(0, 1, 2, 3),
+                   frozen_stages=frozen_stages)
     model.train()
-    frozen = [model.patch_embed, model.stages[0], model.stages[1],
-              model.norm0, model.norm1]
-    for module in frozen:
-        assert not module.training
-        assert all(not p.requires_grad for p in module.parameters())
-    for module in (model.stages[2], model.stages[3], model.norm2):
-        assert module.training
-        assert all(p.requires_grad for p in module.parameters())
-    out = sum(o.sum() for o in model(torch.randn(1, 3, 32, 32)))
-    out.backward()
-    assert model.stages[1].downsample.reduction.weight.grad is None
-    assert model.stages[2].blocks[0].ss2d.A_logs.grad is not None
+    # the patch embedding, then each stage with its output norm
+    parts = [torch.nn.Sequential(model.patch_embed)] + [
+        torch.nn.Sequential(model.stages[i], getattr(model, f'norm{i}'))
+        for i in range(4)
+    ]
+    frozen = parts[:frozen_stages + 1]
+    before = [p.clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sum(o.sum() for o in model(torch.randn(1, 3, 32, 32))).backward()
+    optimizer.step()
+    for index, part in enumerate(parts):
+        is_frozen = index < len(frozen)
+        modules = list(part.modules())[1:]  # not the wrapping Sequential
+        assert all(not m.training for m in modules) == is_frozen
+        assert all(m.training for m in modules) != is_frozen
+        for p in part.parameters():
+            assert p.requires_grad != is_frozen
+            assert (p.grad is None) == is_frozen
+    changed = [not torch.equal(a, b)
+               for a, b in zip(before, model.parameters())]
+    frozen_ids = {id(p) for part in frozen for p in part.parameters()}
+    for param, moved in zip(model.parameters(), changed):
+        if id(param) in frozen_ids:
+            assert not moved
+    assert any(changed)
+    # train() again (as the runner does each epoch) keeps them frozen
+    model.train()
+    assert all(not m.training for part in frozen
+               for m in list(part.modules())[1:])
+    everything = VMamba(SMALL, frozen_stages=4).train()
+    assert not any(p.requires_grad for p in everything.parameters())
 
 
-def test_with_cp_gives_same_outputs_and_grads():
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_norm_eval(norm_eval):
+    """norm_eval keeps BatchNorm layers (of subclasses; VMamba has none) in
+    eval mode while training: running statistics unchanged."""
+
+    class WithBN(VMamba):
+
+        def __init__(self, **kwargs):
+            super().__init__(SMALL, **kwargs)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return super().forward(self.bn(x))
+
+    model = WithBN(norm_eval=norm_eval).train()
+    assert model.bn.training != norm_eval
+    assert all(m.training for m in model.stages.modules())
+    model(torch.randn(2, 3, 16, 16) + 5)
+    moved = not torch.equal(model.bn.running_mean, torch.zeros(3))
+    assert moved != norm_eval
+    model.eval()
+    assert not model.bn.training
+
+
+def test_with_cp_gives_same_outputs_and_grads_and_saves_memory():
+    """Gradient checkpointing with stochastic depth on: the same outputs and
+    gradients (the recomputation redraws the same drop masks), and less
+    kept for the backward."""
     torch.manual_seed(0)
-    plain = VMamba(SMALL, out_indices=(1, 3), drop_path_rate=0.)
-    ckpt = VMamba(SMALL, out_indices=(1, 3), drop_path_rate=0., with_cp=True)
+    kwargs = dict(out_indices=(1, 3), drop_path_rate=0.5)
+    plain = VMamba(SMALL, **kwargs).train()
+    ckpt = VMamba(SMALL, with_cp=True, **kwargs).train()
     ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 24, 20)
-    grads = []
+    x = torch.randn(4, 3, 24, 20)
+    results = []
     loss = RandomProjection()
     for model in (plain, ckpt):
-        loss(model(x)).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.manual_seed(1)  # the same drop masks
+        outs, saved = saved_bytes(model, x)
+        loss(outs).backward()
+        results.append((outs, saved, [p.grad for p in model.parameters()]))
+    (outs, saved, grads), (outs_cp, saved_cp, grads_cp) = results
+    for a, b in zip([*outs, *grads], [*outs_cp, *grads_cp]):
+        assert torch.equal(a, b)
+    # kept: 105 KB with checkpointing against 1.48 MB without (measured)
+    assert saved_cp < saved / 10
+    with torch.no_grad():  # stochastic depth was on: eval differs
+        assert not torch.equal(plain.eval()(x)[1], outs[1])
 
 
 def test_drop_path_rates_are_linear():
@@ -168,6 +233,10 @@ def test_bad_input():
         model(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match='x must have shape'):
         model(torch.randn(3, 8, 8))
+    # an image batch as read from disk, not yet normalised
+    with pytest.raises(ValueError, match=r'x must have dtype in \(float32, '
+                       r'float16, bfloat16, float64\), got uint8'):
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
 def test_scan_dtype_option():
@@ -177,9 +246,10 @@ def test_scan_dtype_option():
                  scan_dtype='bfloat16')
     low.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 40, 48)
-    for a, b in zip(model(x), low(x)):
+    # measured (CPU kernel): 1.1e-5 at stage 0, 3.6e-4 at stage 3
+    for a, b, bound in zip(model(x), low(x), (1e-4, 4e-3)):
         err = ((a - b).norm() / a.norm()).item()
-        assert 0 < err < 3e-2
+        assert 0 < err < bound
     with pytest.raises(ValueError, match='scan_dtype must be one of'):
         VMamba(SMALL, scan_dtype='float16')
 
@@ -300,4 +370,4 @@ def test_kernel_model_matches_float64_reference():
         ref_outs, ref_grads = run(model.double(), x.double())
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         err = ((a.double() - b).norm() / b.norm()).item()
-        assert err < 1e-4
+        assert err < 1e-5  # measured: at most 1.0e-6

@@ -194,3 +194,92 @@ def test_three_stages_convert_and_load(tmp_path):
            init_cfg=dict(type='Pretrained',
                          checkpoint=str(tmp_path / 'converted.pth'),
                          prefix='backbone.')).init_weights()
+
+
+def pretrained(path, prefix='backbone.', arch=None, fixture=None, **kwargs):
+    """A VMamba whose init_cfg loads ``path``."""
+    return VMamba(arch or small_arch(fixture),
+                  init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                prefix=prefix), **kwargs)
+
+
+def test_authors_raw_checkpoint_through_init_cfg(fixture):
+    """init_cfg takes the authors' file itself (converted on the fly, the
+    prefix ignored) and loads what the converter would."""
+    model = pretrained(FIXTURE, fixture=fixture)
+    model.init_weights()
+    weights = fixture['model']
+    torch.testing.assert_close(model.patch_embed.proj.weight,
+                               weights['patch_embed.proj.weight'], rtol=0,
+                               atol=0)
+    torch.testing.assert_close(
+        model.stages[1].downsample.reduction.weight,
+        weights['layers.1.downsample.reduction.weight'], rtol=0, atol=0)
+    torch.testing.assert_close(model.norm3.weight, weights['norm.weight'],
+                               rtol=0, atol=0)
+
+
+def test_unexpected_keys_are_an_error(tmp_path, fixture, converted):
+    state = torch.load(converted, weights_only=True)['state_dict']
+    state['backbone.stages.0.blocks.0.extra'] = torch.zeros(1)
+    path = tmp_path / 'extra.pth'
+    torch.save(dict(state_dict=state), path)
+    with pytest.raises(RuntimeError, match=r"unexpected keys: \['stages\.0\."
+                       r"blocks\.0\.extra'\]"):
+        pretrained(path, fixture=fixture).init_weights()
+    # the classifier head and unused output norms are allowed
+    state.pop('backbone.stages.0.blocks.0.extra')
+    state['backbone.head.fc.weight'] = torch.zeros(1)
+    torch.save(dict(state_dict=state), path)
+    pretrained(path, fixture=fixture).init_weights()
+
+
+def test_missing_final_norm_is_an_error(tmp_path, fixture, converted):
+    state = torch.load(converted, weights_only=True)['state_dict']
+    del state['backbone.norm3.weight'], state['backbone.norm3.bias']
+    path = tmp_path / 'no_norm3.pth'
+    torch.save(dict(state_dict=state), path)
+    with pytest.raises(RuntimeError, match=r"missing keys: \['norm3\.weight',"
+                       r" 'norm3\.bias'\]"):
+        pretrained(path, fixture=fixture).init_weights()
+    # norms 0-2 are fresh output norms: missing is fine
+    pretrained(path, fixture=fixture, out_indices=(0, 1, 2)).init_weights()
+
+
+def test_no_weights_under_the_prefix(fixture, converted):
+    with pytest.raises(ValueError, match=r"no weights under the prefix "
+                       r"'model\.backbone\.' in .*vmamba_small\.pth "
+                       r"\(init_cfg\.prefix\); its keys begin with: "
+                       r"backbone\., head\.$"):
+        pretrained(converted, prefix='model.backbone.',
+                   fixture=fixture).init_weights()
+
+
+def test_checkpoint_of_another_model(tmp_path, fixture):
+    """A ResNet's mmdet checkpoint, a torchvision-style state dict, another
+    model's 'model' entry: each named as not a VMamba's."""
+    path = tmp_path / 'resnet.pth'
+    torch.save(dict(state_dict={
+        'backbone.conv1.weight': torch.zeros(64, 3, 7, 7),
+        'backbone.layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1),
+        'neck.lateral_convs.0.conv.weight': torch.zeros(1)
+    }), path)
+    with pytest.raises(ValueError, match=r"resnet\.pth holds no VMamba "
+                       r"weights under 'backbone\.': is it the checkpoint of "
+                       r"another model\? Its keys: conv1\.weight, "
+                       r"layer1\.0\.conv1\.weight; a VMamba's: "
+                       r"patch_embed\.proj\.weight"):
+        pretrained(path, fixture=fixture).init_weights()
+    torch.save({'fc.weight': torch.zeros(2, 2)}, path)
+    with pytest.raises(ValueError, match=r'holds no VMamba weights: .* Its '
+                       r'keys: fc\.weight;'):
+        pretrained(path, prefix=None, fixture=fixture).init_weights()
+    torch.save(dict(model={'pos_embed': torch.zeros(1),
+                           'blocks.0.attn.qkv.weight': torch.zeros(1)}), path)
+    with pytest.raises(ValueError, match=r"is not an authors' VMamba \(v1\) "
+                       r'checkpoint: its "model" holds keys no VMamba has, '
+                       r'such as pos_embed, blocks\.0\.attn\.qkv\.weight'):
+        pretrained(path, fixture=fixture).init_weights()
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match='holds a Tensor, not a checkpoint'):
+        pretrained(path, fixture=fixture).init_weights()

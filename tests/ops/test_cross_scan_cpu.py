@@ -148,7 +148,7 @@ def test_unknown_instruction_set_raises():
     result = subprocess.run([sys.executable, '-c', script], env=env,
                             text=True, capture_output=True)
     assert result.returncode != 0
-    assert ("MMVMAMBA_CPU_ISA must be avx512, avx2 or generic (or unset), "
+    assert ("MMVMAMBA_CPU_ISA must be auto, avx512, avx2 or generic, "
             "got 'sse9'") in result.stderr
 
 

@@ -78,8 +78,10 @@ def test_reference_float32_and_optional_args():
     torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_reference_half_inputs_keep_dtype(dtype):
+# measured: 2.7e-4 (float16) and 1.9e-3 (bfloat16)
+@pytest.mark.parametrize('dtype,bound', [(torch.float16, 3e-3),
+                                         (torch.bfloat16, 2e-2)])
+def test_reference_half_inputs_keep_dtype(dtype, bound):
     args = random_scan_inputs(1, 2, 2, 4, 33, dtype=torch.float32, seed=2)
     half = {k: (v.to(dtype) if k in ('u', 'delta', 'B', 'C') else v)
             for k, v in args.items()}
@@ -88,7 +90,7 @@ def test_reference_half_inputs_keep_dtype(dtype):
     expected = recurrence(*(v.double() for v in half.values()),
                           softplus=True)
     err = (y.double() - expected).norm() / expected.norm()
-    assert err < 1e-2
+    assert err < bound
 
 
 def test_reference_gradcheck():
@@ -186,7 +188,8 @@ def test_cross_selective_scan_channels_last_and_bf16_scan():
     low = cross_selective_scan(x, *params, scan_dtype=torch.bfloat16)
     assert low.dtype == torch.float32
     err = ((low - first).norm() / first.norm()).item()
-    assert 0 < err < 3e-2  # rounded inputs, float32 state
+    # rounded inputs, float32 state; measured 4.8e-3
+    assert 0 < err < 3e-2
 
 
 def test_cross_selective_scan_bad_options():

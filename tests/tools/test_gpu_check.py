@@ -248,13 +248,22 @@ def test_script_arguments(tmp_path):
     assert proc.returncode == 2 and "unknown task 'cls'" in proc.stdout
     assert not (tmp_path / 'w').exists()
     proc = run_script('compare', str(tmp_path), SMOKE_CPU='1')
-    assert proc.returncode == 2 and 'single mode only' in proc.stdout
+    assert proc.returncode == 2 and 'single or long mode only' in proc.stdout
+    for gpus in ('0', 'x', '-2'):
+        proc = run_script('compare', str(tmp_path), GPUS=gpus)
+        assert proc.returncode == 2
+        assert f"GPUS must be a positive integer, got '{gpus}'" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')
-def test_script_preflight_needs_gpus(tmp_path):
-    proc = run_script('single', str(tmp_path), 'seg')
+@pytest.mark.parametrize('mode,env,gpus', [('single', {}, 1),
+                                           ('long', {}, 1),
+                                           ('compare', {}, 2),
+                                           ('compare', dict(GPUS='4'), 4),
+                                           ('all', dict(GPUS='4'), 4)])
+def test_script_preflight_needs_gpus(tmp_path, mode, env, gpus):
+    proc = run_script(mode, str(tmp_path), 'seg', **env)
     assert proc.returncode == 2, proc.stdout
-    assert 'this mode needs 1 GPU(s), found 0' in proc.stdout
+    assert f'this mode needs {gpus} GPU(s), found 0' in proc.stdout
     assert 'preflight failed' in proc.stdout
     assert not (tmp_path / 'synthetic').exists()  # it stopped there

@@ -14,10 +14,15 @@ BLD).
 import argparse
 import os.path as osp
 import sys
+import warnings
 
-import torch
+# mmengine and mmcv import pkg_resources, which setuptools >= 80 warns about
+# (four lines per run): nothing a user can act on.
+warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
 
-from mmvmamba.ops.flops import CONVENTIONS
+import torch  # noqa: E402
+
+from mmvmamba.ops.flops import CONVENTIONS  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(REPO, 'benchmarks'))  # named models, FLOPs

@@ -26,3 +26,8 @@ optim_wrapper = dict(
         betas=(0.9, 0.999),
         weight_decay=0.05),
     paramwise_cfg=_base_.paramwise_cfg)
+
+# Checkpoints keep the random generators' states and --resume restores them,
+# so that a resumed run continues as if it had not stopped (mmvmamba's
+# RandomStateHook).
+custom_hooks = [dict(type='RandomStateHook')]

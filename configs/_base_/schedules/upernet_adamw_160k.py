@@ -23,3 +23,8 @@ param_scheduler = [
         end=160000,
         by_epoch=False)
 ]
+
+# Checkpoints keep the random generators' states and --resume restores them,
+# so that a resumed run continues as if it had not stopped (mmvmamba's
+# RandomStateHook).
+custom_hooks = [dict(type='RandomStateHook')]

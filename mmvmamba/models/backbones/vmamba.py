@@ -11,7 +11,7 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, cross_selective_scan
-from mmvmamba.ops.checks import check_tensor
+from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
 from ..checkpoint import load_pretrained_backbone
 from .common import (DropPath, check_frozen_stages, check_out_indices,
                      init_linear_and_norm, init_ssm_parameters, parse_arch)
@@ -277,7 +277,8 @@ class VMamba(BaseModule):
             blocks. Defaults to 0.2.
         frozen_stages (int): Freeze the patch embedding and stages
             ``0 .. frozen_stages - 1`` (with their patch merging and output
-            norms). -1 freezes nothing. Defaults to -1.
+            norms); 0 freezes the patch embedding only, -1 nothing.
+            Defaults to -1.
         norm_eval (bool): Keep normalisation layers with running statistics
             in eval mode while training (VMamba itself has none; this
             reaches layers added by subclasses). Defaults to False.
@@ -366,7 +367,7 @@ class VMamba(BaseModule):
         super().init_weights()
 
     def _freeze_stages(self) -> None:
-        if self.frozen_stages <= 0:
+        if self.frozen_stages < 0:
             return
         frozen = [self.patch_embed]
         for i in range(self.frozen_stages):
@@ -389,7 +390,8 @@ class VMamba(BaseModule):
 
     def forward(self, x: torch.Tensor) -> tuple:
         check_tensor('x', x, (None, self.patch_embed.proj.in_channels, None,
-                              None), labels='(batch, in_channels, H, W)')
+                              None), HALF_AND_FLOAT,
+                     labels='(batch, in_channels, H, W)')
         x = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.stages):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Train on a Slurm cluster: one srun task per GPU, mmengine's slurm launcher
+# (--launcher slurm: ranks and the master address from Slurm's variables).
+#
+#   bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [train.py options]
+#
+# Environment [default]: GPUS [8] tasks (GPUs) in all, GPUS_PER_NODE [8],
+# CPUS_PER_TASK [5], SRUN_ARGS [] more srun options (e.g. "--time=2-00:00:00"),
+# MASTER_PORT [29500] of the rank-0 process.
+# Example: GPUS=16 bash tools/slurm_train.sh gpu vmamba_det \
+#              configs/mask_rcnn_vmamba_t_1x_coco.py work_dirs/det
+set -euo pipefail
+if [[ $# -lt 4 ]]; then
+    echo "usage: $0 PARTITION JOB_NAME CONFIG WORK_DIR [train.py options]" >&2
+    echo "  env: GPUS (8), GPUS_PER_NODE (8), CPUS_PER_TASK (5), SRUN_ARGS" >&2
+    exit 2
+fi
+partition=$1
+job_name=$2
+config=$3
+work_dir=$4
+shift 4
+gpus=${GPUS:-8}
+gpus_per_node=${GPUS_PER_NODE:-8}
+read -r -a srun_args <<< "${SRUN_ARGS:-}"
+tools="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHONPATH="$tools/..${PYTHONPATH:+:$PYTHONPATH}" \
+srun --partition="$partition" \
+    --job-name="$job_name" \
+    --gres="gpu:$gpus_per_node" \
+    --ntasks="$gpus" \
+    --ntasks-per-node="$gpus_per_node" \
+    --cpus-per-task="${CPUS_PER_TASK:-5}" \
+    --kill-on-bad-exit=1 \
+    ${srun_args[@]+"${srun_args[@]}"} \
+    python -u "$tools/train.py" "$config" --work-dir "$work_dir" \
+    --launcher slurm "$@"
