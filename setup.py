@@ -143,6 +143,12 @@ def extension_modules():
     # Every C++ source under csrc/, and every CUDA one when building CUDA.
     sources = csrc_files('*.cpp')
     cxx_flags = ['-O3', std, '-g0', '-Wno-psabi']
+    link_flags = []
+    # at::parallel_for is inline: without OpenMP in this build it runs the
+    # CPU kernels on one thread (torch's libgomp is the one loaded).
+    if torch.backends.openmp.is_available():
+        cxx_flags.append('-fopenmp')
+        link_flags.append('-fopenmp')
     define_macros = []
     if with_cuda:
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '9.0+PTX')
@@ -152,7 +158,8 @@ def extension_modules():
                       '--expt-relaxed-constexpr']
         extension = cpp_extension.CUDAExtension(
             'mmvmamba._C', sources, define_macros=define_macros,
-            extra_compile_args={'cxx': cxx_flags, 'nvcc': nvcc_flags})
+            extra_compile_args={'cxx': cxx_flags, 'nvcc': nvcc_flags},
+            extra_link_args=link_flags)
         kernels = 'CPU and CUDA'
         say(f'to build: mmvmamba._C with CPU and CUDA kernels (nvcc {nvcc}, '
             f'TORCH_CUDA_ARCH_LIST={os.environ["TORCH_CUDA_ARCH_LIST"]}).')
@@ -162,7 +169,8 @@ def extension_modules():
                'nvcc was not found')
         extension = cpp_extension.CppExtension(
             'mmvmamba._C', sources, define_macros=define_macros,
-            extra_compile_args={'cxx': cxx_flags})
+            extra_compile_args={'cxx': cxx_flags},
+            extra_link_args=link_flags)
         kernels = 'CPU'
         say(f'to build: mmvmamba._C with CPU kernels only ({why}).')
     return [extension], {'build_ext': reporting_build_ext(kernels)}

@@ -233,6 +233,7 @@ def test_non_square_classifier_matches_the_reference(fixture):
     classifier = CLS_MODELS.build(
         dict(
             type='ImageClassifier',
+            _scope_='mmpretrain',  # whatever scope earlier tests left
             backbone=dict(type='VMamba2', arch=fixture_arch(fixture)),
             neck=dict(type='GlobalAveragePooling'),
             head=dict(type='LinearClsHead', num_classes=10,

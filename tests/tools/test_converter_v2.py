@@ -71,6 +71,7 @@ def fixture_classifier(fixture):
     return MODELS.build(
         dict(
             type='ImageClassifier',
+            _scope_='mmpretrain',  # whatever scope earlier tests left
             backbone=dict(type='VMamba2', arch=arch, out_indices=(3, )),
             neck=dict(type='GlobalAveragePooling'),
             head=dict(type='LinearClsHead', num_classes=cfg['num_classes'],
