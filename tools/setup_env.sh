@@ -122,7 +122,8 @@ check_extension() {  # from outside the checkout: the installed package
 if [[ -f "$repo/setup.py" ]]; then
     project_stamp="$env_dir/.mmvmamba-project"
     want_project="$( (echo "$repo ${MMVMAMBA_BUILD_EXT:-1} ${MMVMAMBA_WITH_CUDA:-1}"; \
-        cat "$repo/setup.py" "$repo/pyproject.toml" "$repo"/csrc/* 2>/dev/null) \
+        cat "$repo/setup.py" "$repo/pyproject.toml"; \
+        find "$repo/csrc" -type f | sort | xargs cat) \
         | sha1sum | cut -d' ' -f1)"
     if [[ -f "$project_stamp" && "$(cat "$project_stamp")" == "$want_project" ]] \
         && check_extension > /dev/null 2>&1; then
