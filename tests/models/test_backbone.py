@@ -183,8 +183,9 @@ def test_with_cp_gives_same_outputs_and_grads_and_saves_memory():
     (outs, saved, grads), (outs_cp, saved_cp, grads_cp) = results
     for a, b in zip([*outs, *grads], [*outs_cp, *grads_cp]):
         assert torch.equal(a, b)
-    # kept: 105 KB with checkpointing against 1.48 MB without (measured)
-    assert saved_cp < saved / 10
+    # kept: 105 KB with checkpointing against 906 KB without (measured on
+    # the fused CPU scan, which keeps less than the unfused path's 1.48 MB)
+    assert saved_cp < saved / 5
     with torch.no_grad():  # stochastic depth was on: eval differs
         assert not torch.equal(plain.eval()(x)[1], outs[1])
 

@@ -23,6 +23,8 @@ def run_tool(tool, args, cwd, monkeypatch):
     message it exits with."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, 'argv', [tool, *args])
+    # as `python tools/x.py` does: the script's folder first on the path
+    monkeypatch.syspath_prepend(osp.dirname(tool))
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(tool, run_name='__main__')
     assert isinstance(exit_info.value.code, str), exit_info.value.code
