@@ -62,32 +62,8 @@ MMV_INLINE vf vexp(vf x) {
   return p * scale;
 }
 
-// softplus(x) as torch computes it (x above 20 passes through), and its
-// derivative sigmoid(x). log1p(e) = 2 atanh(e / (2 + e)) stays exact for
-// tiny e = exp(-|x|).
-MMV_INLINE vf vsoftplus(vf x) {
-  const vf zero = vf{};
-  const vf e = vexp(zero - (x < zero ? zero - x : x));
-  const vf s = e / (2.0f + e);
-  const vf s2 = s * s;
-  vf p = splat(1.0f / 13.0f);
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  const vf sp = (x > zero ? x : zero) + 2.0f * s * p;
-  return x > 20.0f ? x : sp;
-}
-
-MMV_INLINE vf vsigmoid(vf x) {
-  const vf zero = vf{};
-  const vf e = vexp(zero - (x < zero ? zero - x : x));
-  const vf one = splat(1.0f);
-  const vf sg = (x < zero ? e : one) / (1.0f + e);
-  return x > 20.0f ? one : sg;
-}
+// softplus and sigmoid over this kernel's vexp.
+#include "cpu_vec_softplus.h"
 
 // Applies f to n floats of src + bias into dst, 8 at a time; the tail goes
 // through a padded copy.

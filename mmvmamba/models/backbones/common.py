@@ -1,10 +1,16 @@
 """What the VMamba (v1) and VMamba2 backbones share: stochastic depth, the
-SSM parameters' initialisation, argument checks and the weight init."""
+SSM parameters' initialisation, argument checks, the weight init and the
+backbone's frame (:class:`VSSBackbone`)."""
 import math
 from typing import Dict, Iterable, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from mmengine.model import BaseModule
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
+from ..checkpoint import load_pretrained_backbone
 
 SCAN_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
@@ -140,3 +146,90 @@ def freeze(modules: Iterable[nn.Module]) -> None:
         module.eval()
         for param in module.parameters():
             param.requires_grad = False
+
+
+class VSSBackbone(BaseModule):
+    """The frame of the VMamba and VMamba2 backbones around their stages:
+    argument checks, output norms, frozen stages, ``norm_eval``, pretrained
+    loading and the forward.
+
+    A subclass calls :meth:`_set_outputs` first, then builds
+    ``patch_embed`` (channels last out) and ``stages`` (each with a
+    ``downsample``, None on the last stage), then calls
+    :meth:`_add_output_norms` and :meth:`_freeze_stages`, in that order (the
+    order of the state dict's keys).
+    """
+
+    def _set_outputs(self, in_channels: int, embed_dims: int, num_stages: int,
+                     out_indices: Union[int, Iterable[int]],
+                     frozen_stages: int, norm_eval: bool) -> None:
+        """Check and keep the settings of the stages' outputs.
+
+        Args:
+            in_channels (int): Input channels.
+            embed_dims (int): Stage-0 width (stage i: ``embed_dims * 2**i``).
+            num_stages (int): Number of stages.
+            out_indices (Sequence[int] | int): Stages whose outputs are
+                returned.
+            frozen_stages (int): Stages to freeze, in ``[-1, num_stages]``.
+            norm_eval (bool): Keep BatchNorms in eval mode while training.
+        """
+        self.in_channels = in_channels
+        self.num_stages = num_stages
+        self.embed_dims = embed_dims
+        self.num_features = [embed_dims * 2**i for i in range(num_stages)]
+        self.out_indices = check_out_indices(out_indices, num_stages)
+        check_frozen_stages(frozen_stages, num_stages)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+
+    def _add_output_norms(self) -> None:
+        """A LayerNorm ``norm{i}`` for each stage ``i`` in ``out_indices``."""
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s pretrained weights strictly, if any."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            load_pretrained_backbone(self, cfg['checkpoint'],
+                                     cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.patch_embed]
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        freeze(frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        check_tensor(
+            'x',
+            x, (None, self.in_channels, None, None),
+            HALF_AND_FLOAT,
+            labels='(batch, in_channels, H, W)')
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return tuple(outs)

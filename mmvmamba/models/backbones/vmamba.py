@@ -6,15 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, cross_selective_scan
-from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
-from ..checkpoint import load_pretrained_backbone
-from .common import (DropPath, check_frozen_stages, check_out_indices,
-                     init_linear_and_norm, init_ssm_parameters, parse_arch)
+from .common import (DropPath, VSSBackbone, init_linear_and_norm,
+                     init_ssm_parameters, parse_arch)
 
 
 class SS2D(nn.Module):
@@ -258,7 +254,7 @@ class VSSStage(nn.Module):
 
 
 @MODELS.register_module()
-class VMamba(BaseModule):
+class VMamba(VSSBackbone):
     """VMamba: Visual State Space Model (paper version 1).
 
     A implementation of `VMamba: Visual State Space Model
@@ -322,14 +318,8 @@ class VMamba(BaseModule):
         embed_dims, depths = arch['embed_dims'], list(arch['depths'])
         ssm_cfg = {k: arch[k] for k in self.ssm_keys if k in arch}
         ssm_cfg.update(scan_dtype=scan_dtype, recompute_gate=recompute_gate)
-        self.num_stages = len(depths)
-        self.embed_dims = embed_dims
-        self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
-
-        self.out_indices = check_out_indices(out_indices, self.num_stages)
-        check_frozen_stages(frozen_stages, self.num_stages)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_outputs(in_channels, embed_dims, len(depths), out_indices,
+                          frozen_stages, norm_eval)
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims)
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -344,8 +334,7 @@ class VMamba(BaseModule):
                     downsample=i < self.num_stages - 1,
                     with_cp=with_cp,
                     **ssm_cfg))
-        for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+        self._add_output_norms()
 
         self.apply(self._init_module)
         self._freeze_stages()
@@ -355,50 +344,3 @@ class VMamba(BaseModule):
                           self.ssm_keys)
 
     _init_module = staticmethod(init_linear_and_norm)
-
-    def init_weights(self) -> None:
-        """Load ``init_cfg``'s pretrained weights strictly, if any."""
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_pretrained_backbone(self, cfg['checkpoint'],
-                                     cfg.get('prefix'))
-            self._is_init = True
-            return
-        super().init_weights()
-
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        frozen = [self.patch_embed]
-        for i in range(self.frozen_stages):
-            frozen.append(self.stages[i])
-            if i in self.out_indices:
-                frozen.append(getattr(self, f'norm{i}'))
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> tuple:
-        check_tensor('x', x, (None, self.patch_embed.proj.in_channels, None,
-                              None), HALF_AND_FLOAT,
-                     labels='(batch, in_channels, H, W)')
-        x = self.patch_embed(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                out = getattr(self, f'norm{i}')(x)
-                outs.append(out.permute(0, 3, 1, 2).contiguous())
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return tuple(outs)

@@ -6,16 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
 from mmengine.registry import MODELS
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import cross_selective_scan
-from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
-from ..checkpoint import load_pretrained_backbone
-from .common import (DropPath, check_frozen_stages, check_out_indices, freeze,
-                     init_linear_and_norm, init_ssm_parameters, parse_arch,
-                     parse_scan_dtype)
+from .common import (DropPath, VSSBackbone, init_linear_and_norm,
+                     init_ssm_parameters, parse_arch, parse_scan_dtype)
 
 
 class SS2DV2(nn.Module):
@@ -202,7 +197,7 @@ class VSSStageV2(nn.Module):
 
 
 @MODELS.register_module()
-class VMamba2(BaseModule):
+class VMamba2(VSSBackbone):
     """VMamba2: the authors' current VMamba models.
 
     The `VMamba <https://arxiv.org/abs/2401.10166>`_ family of the paper's
@@ -276,13 +271,8 @@ class VMamba2(BaseModule):
             dt_rank=arch.get('dt_rank', 'auto'),
             scan_dtype=scan_dtype)
         self.arch = arch
-        self.num_stages = len(depths)
-        self.embed_dims = embed_dims
-        self.num_features = [embed_dims * 2**i for i in range(self.num_stages)]
-        self.out_indices = check_out_indices(out_indices, self.num_stages)
-        check_frozen_stages(frozen_stages, self.num_stages)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self._set_outputs(in_channels, embed_dims, len(depths), out_indices,
+                          frozen_stages, norm_eval)
 
         self.patch_embed = ConvStem(in_channels, embed_dims)
         drop_paths = torch.linspace(
@@ -299,54 +289,7 @@ class VMamba2(BaseModule):
                     with_cp=with_cp,
                     mlp_ratio=arch['mlp_ratio'],
                     **ssm_cfg))
-        for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+        self._add_output_norms()
 
         self.apply(init_linear_and_norm)
         self._freeze_stages()
-
-    def init_weights(self) -> None:
-        """Load ``init_cfg``'s pretrained weights strictly, if any."""
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_pretrained_backbone(self, cfg['checkpoint'],
-                                     cfg.get('prefix'))
-            self._is_init = True
-            return
-        super().init_weights()
-
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        frozen = [self.patch_embed]
-        for i in range(self.frozen_stages):
-            frozen.append(self.stages[i])
-            if i in self.out_indices:
-                frozen.append(getattr(self, f'norm{i}'))
-        freeze(frozen)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> tuple:
-        check_tensor(
-            'x',
-            x, (None, self.patch_embed.conv1.in_channels, None, None),
-            HALF_AND_FLOAT,
-            labels='(batch, in_channels, H, W)')
-        x = self.patch_embed(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                out = getattr(self, f'norm{i}')(x)
-                outs.append(out.permute(0, 3, 1, 2).contiguous())
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        return tuple(outs)
