@@ -9,6 +9,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmvmamba.ops import NUM_DIRECTIONS
 from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
 from ..checkpoint import load_pretrained_backbone
 
@@ -43,6 +44,28 @@ def parse_scan_dtype(scan_dtype: str) -> torch.dtype:
         raise ValueError(f'scan_dtype must be one of {sorted(SCAN_DTYPES)}, '
                          f'got {scan_dtype!r}')
     return SCAN_DTYPES[scan_dtype]
+
+
+def add_ssm_parameters(ss2d: nn.Module, embed_dims: int, d_inner: int,
+                       d_state: int, dt_rank: Union[int, str]) -> None:
+    """Register an SS2D's per-direction SSM parameters (uninitialised).
+
+    Sets ``ss2d.d_inner``, ``d_state`` and ``dt_rank`` (``'auto'`` is
+    ``ceil(embed_dims / 16)``) and adds ``x_proj_weight`` (4, R + 2N, D),
+    ``dt_projs_weight`` (4, D, R), ``dt_projs_bias`` (4, D), ``A_logs``
+    (4D, N) and ``Ds`` (4D), in the authors' order; see
+    :func:`init_ssm_parameters`.
+    """
+    if dt_rank == 'auto':
+        dt_rank = math.ceil(embed_dims / 16)
+    ss2d.d_inner, ss2d.d_state, ss2d.dt_rank = d_inner, d_state, dt_rank
+    k = NUM_DIRECTIONS
+    ss2d.x_proj_weight = nn.Parameter(
+        torch.empty(k, dt_rank + 2 * d_state, d_inner))
+    ss2d.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
+    ss2d.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
+    ss2d.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
+    ss2d.Ds = nn.Parameter(torch.empty(k * d_inner))
 
 
 @torch.no_grad()

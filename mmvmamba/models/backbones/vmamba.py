@@ -1,5 +1,4 @@
 """VMamba backbone (paper version 1, January 2024)."""
-import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -8,9 +7,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.registry import MODELS
 
-from mmvmamba.ops import NUM_DIRECTIONS, cross_selective_scan
-from .common import (DropPath, VSSBackbone, init_linear_and_norm,
-                     init_ssm_parameters, parse_arch)
+from mmvmamba.ops import cross_selective_scan
+from .common import (DropPath, VSSBackbone, add_ssm_parameters,
+                     init_linear_and_norm, init_ssm_parameters, parse_arch)
 
 
 class SS2D(nn.Module):
@@ -52,19 +51,10 @@ class SS2D(nn.Module):
         self.scan_dtype = self.scan_dtypes[scan_dtype]
         self.recompute_gate = recompute_gate
         d_inner = int(ssm_ratio * embed_dims)
-        if dt_rank == 'auto':
-            dt_rank = math.ceil(embed_dims / 16)
-        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
-        k = NUM_DIRECTIONS
         self.in_proj = nn.Linear(embed_dims, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(
             d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
-        self.x_proj_weight = nn.Parameter(
-            torch.empty(k, dt_rank + 2 * d_state, d_inner))
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
-        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
-        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
-        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        add_ssm_parameters(self, embed_dims, d_inner, d_state, dt_rank)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, embed_dims, bias=False)
         self.reset_ssm_parameters()

@@ -1,5 +1,4 @@
 """VMamba2: the authors' current VMamba models (VMamba-T[s1l8], S/B[s2l15])."""
-import math
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -9,8 +8,9 @@ import torch.utils.checkpoint as cp
 from mmengine.registry import MODELS
 
 from mmvmamba.ops import cross_selective_scan
-from .common import (DropPath, VSSBackbone, init_linear_and_norm,
-                     init_ssm_parameters, parse_arch, parse_scan_dtype)
+from .common import (DropPath, VSSBackbone, add_ssm_parameters,
+                     init_linear_and_norm, init_ssm_parameters, parse_arch,
+                     parse_scan_dtype)
 
 
 class SS2DV2(nn.Module):
@@ -43,19 +43,10 @@ class SS2DV2(nn.Module):
         super().__init__()
         self.scan_dtype = parse_scan_dtype(scan_dtype)
         d_inner = int(ssm_ratio * embed_dims)
-        if dt_rank == 'auto':
-            dt_rank = math.ceil(embed_dims / 16)
-        self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
-        k = 4
         self.in_proj = nn.Linear(embed_dims, d_inner, bias=False)
         self.conv2d = nn.Conv2d(
             d_inner, d_inner, 3, padding=1, groups=d_inner, bias=False)
-        self.x_proj_weight = nn.Parameter(
-            torch.empty(k, dt_rank + 2 * d_state, d_inner))
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, dt_rank))
-        self.dt_projs_bias = nn.Parameter(torch.empty(k, d_inner))
-        self.A_logs = nn.Parameter(torch.empty(k * d_inner, d_state))
-        self.Ds = nn.Parameter(torch.empty(k * d_inner))
+        add_ssm_parameters(self, embed_dims, d_inner, d_state, dt_rank)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, embed_dims, bias=False)
         init_ssm_parameters(self)
