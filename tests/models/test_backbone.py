@@ -1,8 +1,6 @@
 """The VMamba backbone: layout, sizes, options, registries and errors."""
 import pytest
 import torch
-from mmengine.config import Config
-from mmengine.registry import MODELS
 
 from mmvmamba.models import VMamba
 from mmvmamba.models.backbones.vmamba import SS2D, RecomputedGate
@@ -195,23 +193,6 @@ def test_drop_path_rates_are_linear():
                    drop_path_rate=0.5)
     rates = [b.drop_path.drop_prob for s in model.stages for b in s.blocks]
     assert rates == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
-
-
-@pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
-def test_builds_from_each_registry(scope):
-    registry = pytest.importorskip(f'{scope}.registry').MODELS
-    model = registry.build(dict(type='VMamba', arch=SMALL))
-    assert isinstance(model, VMamba)
-
-
-def test_builds_from_config_with_custom_imports():
-    cfg = Config.fromstring(
-        "custom_imports = dict(imports=['mmvmamba'], "
-        "allow_failed_imports=False)\n"
-        "model = dict(type='VMamba', arch='tiny', out_indices=(0, 1))\n",
-        file_format='.py')
-    model = MODELS.build(cfg.model)
-    assert model.out_indices == (0, 1)
 
 
 @pytest.mark.parametrize('kwargs,match', [

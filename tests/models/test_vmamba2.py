@@ -12,8 +12,6 @@ import os.path as osp
 import pytest
 import torch
 import torch.nn.functional as F
-from mmengine.config import Config
-from mmengine.registry import MODELS
 
 from mmvmamba.models import VMamba2, convert_authors_state_dict
 from mmvmamba.models.backbones.vmamba2 import SS2DV2
@@ -425,23 +423,6 @@ def test_with_cp_saves_memory_for_backward():
     plain = VMamba2(SMALL, drop_path_rate=0.)
     ckpt = VMamba2(SMALL, drop_path_rate=0., with_cp=True)
     assert saved_bytes(ckpt) < 0.5 * saved_bytes(plain)
-
-
-@pytest.mark.parametrize('scope', ['mmpretrain', 'mmdet', 'mmseg'])
-def test_builds_from_each_registry(scope):
-    registry = pytest.importorskip(f'{scope}.registry').MODELS
-    model = registry.build(dict(type='VMamba2', arch=SMALL))
-    assert isinstance(model, VMamba2)
-
-
-def test_builds_from_config_with_custom_imports():
-    cfg = Config.fromstring(
-        "custom_imports = dict(imports=['mmvmamba'], "
-        "allow_failed_imports=False)\n"
-        "model = dict(type='VMamba2', arch='t', out_indices=(0, 1))\n",
-        file_format='.py')
-    model = MODELS.build(cfg.model)
-    assert model.out_indices == (0, 1)
 
 
 @pytest.mark.parametrize('kwargs, match', [
