@@ -44,6 +44,8 @@ __global__ void scan_carry_kernel(const ScanParams p, bool reverse) {
 
 // Segments are at least this many chunks long (unless forced).
 constexpr int64_t kMinSegChunks = 4;
+// Waves of blocks a split sequence is cut for.
+constexpr int64_t kSegmentWaves = 2;
 constexpr const char* kSegmentChunksEnv = "MMVMAMBA_SCAN_SEGMENT_CHUNKS";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -67,10 +69,13 @@ int64_t segment_chunks_from_env() {
 }  // namespace
 
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
-// segment. The sequence is split when those leave the GPU short of about 4
-// waves of blocks_per_sm blocks on every SM, into as many segments as fill
-// them, each at least kMinSegChunks chunks long; the environment variable
-// above overrides that.
+// segment. Every segment but one costs a summary pass over its chunks (about
+// two thirds of a full pass), so the sequence is split only when its blocks
+// fill less than half of one wave (blocks_per_sm blocks on every SM), and
+// then into as many segments as make about kSegmentWaves waves, each at
+// least kMinSegChunks chunks long; the environment variable above overrides
+// that. (Splitting wherever fewer than 4 waves ran cost VMamba-T 16% of its
+// bf16 training step at 1024 x 1024, batch 6, all of it summaries.)
 void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm) {
   int64_t seg_chunks = p.chunks;
   const int64_t forced = segment_chunks_from_env();
@@ -81,9 +86,10 @@ void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm) {
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                           device));
-    const int64_t target = int64_t{4} * sms * blocks_per_sm;
-    if (blocks < target) {
-      seg_chunks = std::max(kMinSegChunks, ceil_div(p.chunks * blocks, target));
+    const int64_t wave = int64_t{sms} * blocks_per_sm;
+    if (2 * blocks < wave) {
+      seg_chunks = std::max(kMinSegChunks,
+                            ceil_div(p.chunks * blocks, kSegmentWaves * wave));
     }
   }
   // At most 65535 segments (gridDim.y), at most one.

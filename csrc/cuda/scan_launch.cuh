@@ -10,7 +10,8 @@
 // scan_carry_kernel chaining those into the carry entering each segment, and
 // the full pass, each segment starting from its carry. Results equal the
 // one-segment ones up to float rounding. S is chosen per launch
-// (choose_segments) to give about 4 waves of blocks; the environment variable
+// (choose_segments) where one segment's blocks would fill less than half a
+// wave, to give about 2 waves; the environment variable
 // MMVMAMBA_SCAN_SEGMENT_CHUNKS=n forces segments of n chunks (of 64 steps),
 // and 0 a single segment (unset or empty: the choice above; any other value
 // is an error). With one segment nothing extra runs.
