@@ -10,9 +10,10 @@
 #                     images resized to 800x800, ADE 512x512 crops), then
 #                     tools/test.py on the AMP checkpoint (COCO bbox/segm
 #                     mAP; mIoU, also with --tta); no loss may be NaN/Inf
-#            compare  GPUS GPUs: per task, COMPARE_ITERS iterations once on
-#                     one GPU with batch 2 x GPUS (tools/train.py) and once
-#                     on GPUS GPUs with batch 2 each (tools/dist_train.sh):
+#            compare  GPUS GPUs (any number, 1 too): per task,
+#                     COMPARE_ITERS iterations once on one GPU with batch
+#                     2 x GPUS (tools/train.py) and once on GPUS GPUs with
+#                     batch 2 each (tools/dist_train.sh):
 #                     same seed, data and order, nothing drawn per process
 #                     that changes the loss (tools/gpu_check/cfg_options.py
 #                     says what that takes); the logged losses (GPUS GPUs:
@@ -26,7 +27,16 @@
 #                     the number of steps the loss scaler skipped (optimizer
 #                     steps taken, from the last checkpoint, against
 #                     iterations) and its final scale, reported
-#            all      single, then compare (long runs on its own)
+#            scaling  per task and GPU count N of SCALING_GPUS, training
+#                     throughput: SCALING_ITERS iterations of tools/
+#                     dist_train.sh CONFIG N (N = 1 too) with batch 2 per
+#                     GPU, the configs' settings but no validation; img/s
+#                     from the median iteration time over iterations
+#                     SCALING_FIRST..SCALING_LAST and the scaling
+#                     efficiency img/s(N) / (N x img/s(1)), as a markdown
+#                     table (tools/gpu_check/throughput.py)
+#            all      single, then compare (long and scaling run on their
+#                     own)
 #   WORK_DIR data, checkpoints and logs: WORK_DIR/logs/STEP.log holds each
 #            step's whole output, WORK_DIR/summary.txt the results
 #   TASK     det (Mask R-CNN) and/or seg (UperNet); default both
@@ -34,7 +44,12 @@
 # Environment [default]:
 #   ITERS [200], FP32_ITERS [20], COMPARE_ITERS [20], LONG_ITERS [1000]
 #                       iterations of the runs
-#   GPUS [2]            compare mode: GPUs of the distributed run
+#   GPUS [2]            compare mode: GPUs of the distributed run;
+#                       scaling mode: the largest count of SCALING_GPUS
+#   SCALING_GPUS [1 2 4 ... up to GPUS]  scaling mode: the GPU counts
+#   SCALING_ITERS [150] scaling mode: iterations of each run
+#   SCALING_FIRST [50], SCALING_LAST [SCALING_ITERS]  scaling mode: the
+#                       iterations (both included) of the median
 #   TOL [0.05]          largest relative difference of the compared losses
 #   WARMUP [by task]    compare mode: the learning-rate warm-up, off (the
 #                       base rate from the first iteration) or keep; by
@@ -66,7 +81,7 @@ usage() {  # the comment above
 }
 [[ $# -ge 2 ]] || usage
 mode=$1
-case "$mode" in single | compare | long | all) ;; *) usage ;; esac
+case "$mode" in single | compare | long | scaling | all) ;; *) usage ;; esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work_arg=$2
 shift 2
@@ -85,6 +100,26 @@ COMPARE_ITERS="${COMPARE_ITERS:-20}"
 LONG_ITERS="${LONG_ITERS:-1000}"
 GPUS="${GPUS:-2}"
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a positive integer, got '$GPUS'" >&2; exit 2; }
+default_scaling=1
+for ((n = 2; n <= GPUS; n *= 2)); do default_scaling+=" $n"; done
+SCALING_GPUS="${SCALING_GPUS:-$default_scaling}"
+read -r -a scaling_gpus <<< "${SCALING_GPUS//,/ }"
+max_scaling=0
+for n in "${scaling_gpus[@]}"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ && " ${scaling_gpus[*]} " != *" $n "*" $n "* ]] ||
+        { echo "SCALING_GPUS must be distinct GPU counts (positive integers, e.g. '1 2 4'), got '$SCALING_GPUS'" >&2; exit 2; }
+    ((n > max_scaling)) && max_scaling=$n
+done
+((max_scaling > 0)) || { echo "SCALING_GPUS names no GPU count: '$SCALING_GPUS'" >&2; exit 2; }
+SCALING_ITERS="${SCALING_ITERS:-150}"
+SCALING_FIRST="${SCALING_FIRST:-50}"
+SCALING_LAST="${SCALING_LAST:-$SCALING_ITERS}"
+for name in SCALING_ITERS SCALING_FIRST SCALING_LAST; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
+done
+((SCALING_FIRST <= SCALING_LAST && SCALING_LAST <= SCALING_ITERS)) ||
+    { echo "need SCALING_FIRST ($SCALING_FIRST) <= SCALING_LAST ($SCALING_LAST) <= SCALING_ITERS ($SCALING_ITERS)" >&2; exit 2; }
 TOL="${TOL:-0.05}"
 NUM_WORKERS="${NUM_WORKERS:-2}"
 export PORT="${PORT:-29500}"
@@ -295,8 +330,43 @@ run_long() {
     long_check "$task-long-check" "$out" "$LONG_ITERS"
 }
 
-need_gpus=$GPUS
+# run_scaling TASK: tools/dist_train.sh on each count of SCALING_GPUS; the
+# runs that trained go to scaling_runs as TASK:N:WORK_DIR
+run_scaling() {
+    local task=$1 config out n opts=()
+    config="$(config_of "$task")"
+    out="$work/scaling/$task"
+    rm -rf "$out"
+    for n in "${scaling_gpus[@]}"; do
+        section "throughput, $n GPU(s) x batch 2, $task: $config ($SCALING_ITERS iterations)"
+        options opts train "$task" --config "$config" --mode scaling \
+            --iters "$SCALING_ITERS" --batch-size 2 \
+            --global-batch $((2 * n)) --data-root "$data" \
+            --workers "$NUM_WORKERS" || { fail "$task: no options"; return; }
+        CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((n - 1)))" \
+            step "$task-scaling-${n}gpu" bash tools/dist_train.sh "$config" \
+            "$n" --work-dir "$out/${n}gpu" --cfg-options "${opts[@]}" &&
+            scaling_runs+=("$task:$n:$out/${n}gpu")
+    done
+}
+
+# throughput: the table of tools/gpu_check/throughput.py over scaling_runs,
+# into the summary
+throughput() {
+    section "throughput"
+    [[ ${#scaling_runs[@]} -gt 0 ]] || { fail "throughput: no run trained"; return; }
+    step scaling-throughput python tools/gpu_check/throughput.py \
+        "${scaling_runs[@]}" --first "$SCALING_FIRST" \
+        --last "$SCALING_LAST" --batch-per-gpu 2
+    sed '1d' "$logs/scaling-throughput.log" | tee -a "$summary"
+}
+
+need_gpus=$GPUS need_hint=
 [[ "$mode" == single || "$mode" == long ]] && need_gpus=1
+if [[ "$mode" == scaling ]]; then
+    need_gpus=$max_scaling
+    need_hint="SCALING_GPUS='${scaling_gpus[*]}' runs on up to $max_scaling; set SCALING_GPUS (or GPUS) to counts no larger than the GPUs found"
+fi
 amp_flag=(--amp)
 if [[ "$SMOKE_CPU" == 1 ]]; then
     [[ "$mode" == single || "$mode" == long ]] ||
@@ -308,12 +378,12 @@ fi
 section "preflight ($mode: ${tasks[*]}; work dir $work)"
 command -v python > /dev/null || { echo "no 'python' on PATH" >&2; exit 2; }
 echo "python: $(command -v python)"
-if ! python - "$need_gpus" "${tasks[*]}" <<'EOF'
+if ! python - "$need_gpus" "${tasks[*]}" "$need_hint" <<'EOF'
 import sys
 
 import torch
 
-need, tasks = int(sys.argv[1]), sys.argv[2].split()
+need, tasks, hint = int(sys.argv[1]), sys.argv[2].split(), sys.argv[3]
 import mmcv, mmdet, mmengine, mmseg  # noqa: E401
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), mmengine '
       f'{mmengine.__version__}, mmcv {mmcv.__version__}, mmdet '
@@ -324,7 +394,8 @@ count = torch.cuda.device_count() if torch.cuda.is_available() else 0
 print(f'{count} GPU(s): ' + ', '.join(
     torch.cuda.get_device_name(i) for i in range(count)))
 if count < need:
-    sys.exit(f'this mode needs {need} GPU(s), found {count}')
+    sys.exit(f'this mode needs {need} GPU(s), found {count}' +
+             (f': {hint}' if hint else ''))
 if 'det' in tasks and need:  # Mask R-CNN runs mmcv's nms and RoIAlign
     from mmcv.ops import nms, roi_align
     boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.]]).cuda()
@@ -346,6 +417,8 @@ coco_train=$((ITERS * 2))
 ((FP32_ITERS * 2 > coco_train)) && coco_train=$((FP32_ITERS * 2))
 ((COMPARE_ITERS * 2 * GPUS > coco_train)) && coco_train=$((COMPARE_ITERS * 2 * GPUS))
 [[ "$mode" == long ]] && ((LONG_ITERS * 2 > coco_train)) && coco_train=$((LONG_ITERS * 2))
+[[ "$mode" == scaling ]] && ((SCALING_ITERS * 2 * max_scaling > coco_train)) &&
+    coco_train=$((SCALING_ITERS * 2 * max_scaling))
 data_args=(--out "$data" --seed 0 --coco-train "$coco_train" --coco-val 16
     --coco-size "$COCO_SIZE" --ade-train 200 --ade-val 16
     --ade-size "$ADE_SIZE")
@@ -370,6 +443,11 @@ if [[ "$mode" == compare || "$mode" == all ]]; then
 fi
 if [[ "$mode" == long ]]; then
     for task in "${tasks[@]}"; do run_long "$task"; done
+fi
+if [[ "$mode" == scaling ]]; then
+    scaling_runs=()
+    for task in "${tasks[@]}"; do run_scaling "$task"; done
+    throughput
 fi
 
 section "summary (also in $summary)"

@@ -13,7 +13,8 @@ SCRIPTS = [
     'benchmarks/benchmark.py', 'benchmarks/scaling.py',
     'tools/analysis/get_flops.py', 'tools/analysis/erf.py',
     'tools/analysis/compare_losses.py', 'tools/gpu_check/cfg_options.py',
-    'tools/gpu_check/check_losses.py', 'tools/train.py', 'tools/test.py'
+    'tools/gpu_check/check_losses.py', 'tools/gpu_check/throughput.py',
+    'tools/train.py', 'tools/test.py'
 ]
 
 

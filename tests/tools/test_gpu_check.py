@@ -40,7 +40,7 @@ def test_every_option_set_applies(configs, task):
     sets = all_option_sets(configs[task], ROOT)
     assert set(sets) == {
         'single', 'compare-1gpu', 'compare-2gpu', 'compare-warmup-keep',
-        'compare-warmup-off', 'test'
+        'compare-warmup-off', 'scaling', 'test'
     }
     for options in sets.values():
         cfg = merged(configs[task], options)
@@ -127,6 +127,41 @@ def test_seg_options(configs):
     cfg = merged(seg, eval_options(seg, ROOT))
     assert cfg.test_dataloader.dataset.data_root == (
         f'{ROOT}/ADEChallengeData2016')
+
+
+@pytest.mark.parametrize('task', sorted(CONFIGS))
+def test_scaling_options(configs, task):
+    """Scaling mode trains as single mode does (the configs' own
+    augmentation, warm-up, stochastic depth) but validates nothing."""
+    cfg = configs[task]
+    single = train_options(cfg, ROOT, 'single', 150, 2, 8)
+    scaling = train_options(cfg, ROOT, 'scaling', 150, 2, 8)
+    assert scaling == single + [
+        'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None'
+    ]
+    merged_single = merged(cfg, single)
+    merged_scaling = merged(cfg, scaling)
+    assert merged_scaling.val_dataloader is None
+    assert merged_scaling.val_cfg is None
+    assert merged_scaling.val_evaluator is None
+    assert merged_scaling.train_dataloader.batch_size == 2
+    assert merged_scaling.default_hooks.logger.interval == 1
+    assert merged_scaling.log_processor.window_size == 1
+    assert 'mean_loss' not in merged_scaling.default_hooks
+    assert (merged_scaling.train_dataloader.dataset.pipeline ==
+            cfg.train_dataloader.dataset.pipeline)
+    assert merged_scaling.model.backbone.drop_path_rate == (
+        cfg.model.backbone.drop_path_rate) > 0
+    assert merged_scaling.param_scheduler == cfg.param_scheduler
+    if task == 'det':  # one epoch over 150 iterations of 8 images
+        assert merged_scaling.train_dataloader.dataset.indices == 1200
+        assert merged_scaling.train_cfg.max_epochs == 1
+    else:
+        assert merged_scaling.train_cfg.max_iters == 150
+    a, b = merged_single.to_dict(), merged_scaling.to_dict()
+    for key in ('val_dataloader', 'val_cfg', 'val_evaluator'):
+        a.pop(key), b.pop(key)
+    assert a == b
 
 
 def test_unknown_keys_are_refused(configs):
@@ -247,8 +282,23 @@ def test_script_arguments(tmp_path):
     proc = run_script('single', str(tmp_path / 'w'), 'cls')
     assert proc.returncode == 2 and "unknown task 'cls'" in proc.stdout
     assert not (tmp_path / 'w').exists()
-    proc = run_script('compare', str(tmp_path), SMOKE_CPU='1')
-    assert proc.returncode == 2 and 'single or long mode only' in proc.stdout
+    for mode in ('compare', 'scaling'):
+        proc = run_script(mode, str(tmp_path), SMOKE_CPU='1')
+        assert proc.returncode == 2
+        assert 'single or long mode only' in proc.stdout
+    for value in ('0', 'x', '1 2 x', '2 1 2', '-1', ','):
+        proc = run_script('scaling', str(tmp_path), SCALING_GPUS=value)
+        assert proc.returncode == 2, proc.stdout
+        assert 'SCALING_GPUS' in proc.stdout and f"'{value}'" in proc.stdout
+    proc = run_script('scaling', str(tmp_path), SCALING_ITERS='10')
+    assert proc.returncode == 2
+    assert ('need SCALING_FIRST (50) <= SCALING_LAST (10) <= SCALING_ITERS '
+            '(10)') in proc.stdout
+    proc = run_script('scaling', str(tmp_path), SCALING_LAST='200')
+    assert proc.returncode == 2 and 'SCALING_ITERS (150)' in proc.stdout
+    proc = run_script('scaling', str(tmp_path), SCALING_FIRST='0')
+    assert proc.returncode == 2
+    assert "SCALING_FIRST must be a positive integer, got '0'" in proc.stdout
     for gpus in ('0', 'x', '-2'):
         proc = run_script('compare', str(tmp_path), GPUS=gpus)
         assert proc.returncode == 2
@@ -260,10 +310,17 @@ def test_script_arguments(tmp_path):
                                            ('long', {}, 1),
                                            ('compare', {}, 2),
                                            ('compare', dict(GPUS='4'), 4),
-                                           ('all', dict(GPUS='4'), 4)])
+                                           ('all', dict(GPUS='4'), 4),
+                                           ('scaling', {}, 2),
+                                           ('scaling',
+                                            dict(SCALING_GPUS='1,8'), 8)])
 def test_script_preflight_needs_gpus(tmp_path, mode, env, gpus):
     proc = run_script(mode, str(tmp_path), 'seg', **env)
     assert proc.returncode == 2, proc.stdout
     assert f'this mode needs {gpus} GPU(s), found 0' in proc.stdout
+    if mode == 'scaling':  # which counts asked for them
+        counts = '1 2' if gpus == 2 else '1 8'
+        assert (f"SCALING_GPUS='{counts}' runs on up to {gpus}; set "
+                'SCALING_GPUS (or GPUS)') in proc.stdout
     assert 'preflight failed' in proc.stdout
     assert not (tmp_path / 'synthetic').exists()  # it stopped there

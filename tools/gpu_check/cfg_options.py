@@ -33,8 +33,13 @@ What the options do:
   UperNet's loop is iteration-based: ``max_iters``, ``val_interval`` and the
   checkpoint interval become ``iters``. The learning-rate schedules are the
   configs' own.
-- ``--mode compare`` (one process with batch 4 against two with batch 2,
-  which must see the same images and the same randomness): no validation;
+- ``--mode scaling`` (the throughput runs of ``tools/dist_train.sh`` on 1,
+  2, 4... GPUs with batch 2 each): the options above and no validation (the
+  runs are timed; the checkpoint at the end is saved after the last timed
+  iteration); nothing else changes, so each run trains as its config does.
+- ``--mode compare`` (one process with batch ``2 N`` against ``N`` with
+  batch 2 each, for any ``N``, which must see the same images and the same
+  randomness): no validation;
   ``MeanLossAcrossRanksHook``, so that rank 0 logs the whole batch's loss; the
   sampler's seed fixed; nothing drawn per process that changes the loss: no
   stochastic depth, no dropout in UperNet's heads, and in the train pipeline
@@ -94,7 +99,7 @@ NEW_KEYS = frozenset({
     'train_dataloader.dataset.indices',
     'default_hooks.mean_loss.type',
 })
-MODES = ('single', 'compare')
+MODES = ('single', 'compare', 'scaling')
 
 
 def task_of(cfg: Config) -> str:
@@ -148,7 +153,7 @@ def train_options(cfg: Config,
     Args:
         cfg (Config): The loaded config (Mask R-CNN or UperNet).
         data_root (str): Output folder of ``mmvmamba.datasets.synthetic``.
-        mode (str): ``'single'`` or ``'compare'``.
+        mode (str): ``'single'``, ``'compare'`` or ``'scaling'``.
         iters (int): Training iterations.
         batch_size (int): Images per process.
         global_batch (int, optional): Images per iteration over all
@@ -189,9 +194,11 @@ def train_options(cfg: Config,
         ]
     if mode == 'single':
         return options
+    options += ['val_dataloader=None', 'val_cfg=None', 'val_evaluator=None']
+    if mode == 'scaling':
+        return options
     pipe = 'train_dataloader.dataset.pipeline'
     options += [
-        'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None',
         'default_hooks.mean_loss.type=MeanLossAcrossRanksHook',
         'train_dataloader.sampler.seed=0',
         'model.backbone.drop_path_rate=0.0',
@@ -287,6 +294,7 @@ def all_option_sets(cfg: Config, data_root: str = 'data/gpu_check'):
             cfg, data_root, 'compare', 20, 2, 4, warmup='keep'),
         'compare-warmup-off': train_options(
             cfg, data_root, 'compare', 20, 2, 4, warmup='off'),
+        'scaling': train_options(cfg, data_root, 'scaling', 150, 2, 4),
         'test': eval_options(cfg, data_root),
     }
 
