@@ -4,7 +4,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ext
 from .backend import fused_unsupported_reason
 from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
 from .selective_scan import selective_scan

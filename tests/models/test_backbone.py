@@ -342,12 +342,21 @@ def test_recomputed_output_equals_the_plain_graph_bitwise(case):
 
 @pytest.mark.parametrize('recompute_gate', [False, True])
 def test_torch_compile_fullgraph_matches_eager(recompute_gate):
+    """Outputs and parameter gradients (the fused scan's and the
+    recomputing Functions' backwards traced too)."""
     torch._dynamo.reset()
     model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.,
                    recompute_gate=recompute_gate)
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     x = torch.randn(2, 3, 37, 53)
-    for a, b in zip(model(x), compiled(x)):
+    loss = RandomProjection()
+    results = []
+    for run in (model, compiled):
+        outs = run(x)
+        results.append((outs, torch.autograd.grad(loss(outs),
+                                                  list(model.parameters()))))
+    for a, b in zip([*results[0][0], *results[0][1]],
+                    [*results[1][0], *results[1][1]]):
         torch.testing.assert_close(b, a)
 
 
