@@ -4,7 +4,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ext
 from .backend import fused_unsupported_reason
 from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
 from .selective_scan import selective_scan
@@ -73,8 +72,81 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight,
                       dt_projs_bias=dt_projs_bias, A_logs=A_logs, Ds=Ds)
 
 
+def _project_and_scan(u, weight, params, H, W, scan_dtype):
+    """x_proj and the fused kernel on ``u`` ``(batch, H*W, D)``.
+
+    Returns:
+        tuple: The kernel's output and checkpoints, ``x_dbl`` as the kernel
+        read it, and the dtype x_proj ran in (autocast's, if on).
+    """
+    batch, length, d_inner = u.shape
+    # x_dbl as the authors compute it: in u's dtype (or autocast's), then
+    # cast for the scan.
+    x_dbl = F.linear(u, weight)
+    linear_dtype = x_dbl.dtype
+    x_dbl = x_dbl.view(batch, length, NUM_DIRECTIONS, -1).to(scan_dtype)
+    x_dbl = x_dbl.contiguous()
+    y, checkpoints = torch.ops.mmvmamba.cross_scan_fwd(
+        u.to(scan_dtype).contiguous(), x_dbl, *params, H, W)
+    return y, checkpoints, x_dbl, linear_dtype
+
+
+class _SiLUCrossScan(torch.autograd.Function):
+    """``SiLU``, x_proj and the fused kernel, keeping the map before the
+    SiLU instead of after it for the backward.
+
+    Only the pre-activation ``v`` (which the SiLU's own backward keeps
+    anyway) is kept, not ``u = SiLU(v)`` (read by x_proj's and the kernel's
+    backward); the backward recomputes ``u``. It calls the kernels autograd
+    calls for the plain graph (``F.silu``, ``F.linear``, the op), in the
+    same dtypes (autocast's included), so outputs and gradients equal the
+    plain graph's bit for bit. Takes a channels-last ``v`` whose reshape to
+    ``(batch, H*W, D)`` is a contiguous view (as the conv's output is).
+    """
+
+    @staticmethod
+    def forward(ctx, v, weight, dt_weight, dt_bias, A, D, scan_dtype):
+        batch, H, W, d_inner = v.shape
+        u = F.silu(v).view(batch, H * W, d_inner)
+        params = (dt_weight, dt_bias, A, D)
+        y, checkpoints, x_dbl, ctx.linear_dtype = _project_and_scan(
+            u, weight, params, H, W, scan_dtype)
+        ctx.scan_dtype, ctx.weight_dtype = scan_dtype, weight.dtype
+        # the weight only for the map's gradient, as linear's autograd
+        ctx.save_for_backward(v, weight if ctx.needs_input_grad[0] else None,
+                              x_dbl, *params, checkpoints)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, weight, x_dbl, *params, checkpoints = ctx.saved_tensors
+        batch, H, W, d_inner = v.shape
+        u = F.silu(v).view(batch, H * W, d_inner)
+        du_scan, dx_dbl, *dparams = torch.ops.mmvmamba.cross_scan_bwd(
+            grad, u.to(ctx.scan_dtype).contiguous(), x_dbl, *params, H, W,
+            checkpoints)
+        need_v, need_weight = ctx.needs_input_grad[:2]
+        # x_proj's backward as linear's autograd computes it: mm on the
+        # 2-D views, each gradient cast back to its input's dtype
+        linear_dtype = ctx.linear_dtype
+        grad_2d = dx_dbl.to(linear_dtype).view(batch * H * W, -1)
+        grad_v = grad_weight = None
+        if need_v:
+            du = torch.mm(grad_2d, weight.to(linear_dtype)).view(u.shape)
+            du = du_scan.to(u.dtype) + du.to(u.dtype)
+            grad_v = torch.ops.aten.silu_backward(du.view(v.shape), v)
+        if need_weight:
+            grad_weight = torch.mm(grad_2d.t(),
+                                   u.view(-1, d_inner).to(linear_dtype))
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return (grad_v, grad_weight, *(
+            grad if need else None
+            for grad, need in zip(dparams, ctx.needs_input_grad[2:6])), None)
+
+
 def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
-                                dt_projs_bias, A_logs, Ds, scan_dtype):
+                                dt_projs_bias, A_logs, Ds, scan_dtype,
+                                silu=False):
     """The fused path on a channels-last map ``(batch, H, W, D)``.
 
     The kernel computes in float32 from whatever it reads. A bfloat16 map
@@ -82,20 +154,23 @@ def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
     float32 scan: its upcast is exact, and so are those of its projections
     and of the gradients coming back (rounded to bfloat16 once, as the
     backward of an upcast does). The numerics are those of float32 inputs,
-    with half the bytes read and kept for the backward.
+    with half the bytes read and kept for the backward. With ``silu``, the
+    SiLU of ``x`` is taken first, by :class:`_SiLUCrossScan` when autograd
+    records.
     """
     batch, H, W, d_inner = x.shape
     if x.dtype == torch.bfloat16 and scan_dtype == torch.float32:
         scan_dtype = torch.bfloat16
-    # x_dbl as the authors compute it: in x's dtype (or autocast's), then
-    # cast for the scan.
-    x_flat = x.reshape(batch, H * W, d_inner)
-    x_dbl = F.linear(x_flat, x_proj_weight.reshape(-1, d_inner).to(x.dtype))
-    x_dbl = x_dbl.view(batch, H * W, NUM_DIRECTIONS, -1).to(scan_dtype)
-    y = _ext.cross_scan_kernel(
-        x_flat.to(scan_dtype).contiguous(), x_dbl.contiguous(),
-        dt_projs_weight.float(), dt_projs_bias.float(),
-        -torch.exp(A_logs.float()), Ds.float(), H, W)
+    weight = x_proj_weight.reshape(-1, d_inner).to(x.dtype)
+    params = (dt_projs_weight.float(), dt_projs_bias.float(),
+              -torch.exp(A_logs.float()), Ds.float())
+    if silu and torch.is_grad_enabled() and x.is_contiguous():
+        y = _SiLUCrossScan.apply(x, weight, *params, scan_dtype)
+    else:
+        if silu:
+            x = F.silu(x)
+        y = _project_and_scan(x.reshape(batch, H * W, d_inner), weight,
+                              params, H, W, scan_dtype)[0]
     return y.view(batch, H, W, d_inner)
 
 
@@ -136,7 +211,8 @@ def cross_selective_scan(x: torch.Tensor,
                          Ds: torch.Tensor,
                          channels_last: bool = False,
                          scan_dtype: Optional[torch.dtype] = None,
-                         fused: Optional[bool] = None) -> torch.Tensor:
+                         fused: Optional[bool] = None,
+                         silu: bool = False) -> torch.Tensor:
     """SS2D's core: four directional selective scans of a map, merged.
 
     Per direction ``k`` the map, read in that scan order, is projected by
@@ -152,8 +228,9 @@ def cross_selective_scan(x: torch.Tensor,
     :func:`selective_scan`.
 
     Args:
-        x (Tensor): Map after the depthwise conv and SiLU, ``(batch, D, H,
-            W)``, or ``(batch, H, W, D)`` with ``channels_last``.
+        x (Tensor): Map after the depthwise conv and SiLU (before the SiLU
+            with ``silu``), ``(batch, D, H, W)``, or ``(batch, H, W, D)``
+            with ``channels_last``.
         x_proj_weight (Tensor): ``(4, R + 2N, D)``.
         dt_projs_weight (Tensor): ``(4, D, R)``.
         dt_projs_bias (Tensor): ``(4, D)``.
@@ -169,12 +246,18 @@ def cross_selective_scan(x: torch.Tensor,
         fused (bool, optional): ``None`` takes the fused kernel whenever it
             can run, ``False`` never, ``True`` always (``ValueError`` saying
             why when it cannot).
+        silu (bool): Take ``SiLU(x)`` first. On the fused path with a
+            contiguous channels-last ``x`` the backward then keeps ``x``
+            alone, not also its SiLU, and recomputes that (same results,
+            bit for bit). Defaults to False.
 
     Returns:
         Tensor: Same layout as ``x``, float32 (float64 for float64 input).
     """
     if not isinstance(channels_last, bool):
         raise ValueError(f'channels_last must be a bool, got {channels_last!r}')
+    if not isinstance(silu, bool):
+        raise ValueError(f'silu must be a bool, got {silu!r}')
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         check_tensor('x', x, (None, None, None, None), HALF_AND_FLOAT,
                      '(batch, H, W, D)' if channels_last else '(batch, D, H, W)')
@@ -196,8 +279,10 @@ def cross_selective_scan(x: torch.Tensor,
         x_hwc = x if channels_last else x.permute(0, 2, 3, 1)
         y = _cross_selective_scan_fused(x_hwc, x_proj_weight,
                                         dt_projs_weight, dt_projs_bias,
-                                        A_logs, Ds, scan_dtype)
+                                        A_logs, Ds, scan_dtype, silu)
         return y if channels_last else y.permute(0, 3, 1, 2)
+    if silu:
+        x_chw = F.silu(x_chw)
     y = _cross_selective_scan_unfused(x_chw, x_proj_weight, dt_projs_weight,
                                       dt_projs_bias, A_logs, Ds, scan_dtype)
     return y.permute(0, 2, 3, 1) if channels_last else y

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from mmvmamba.models import VMamba
-from mmvmamba.models.backbones.vmamba import SS2D, RecomputedGate
+from mmvmamba.models.backbones.common import ss2d_output
+from mmvmamba.models.backbones.vmamba import SS2D
 from mmvmamba.ops.backend import use_backend
 
 SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1])
@@ -181,8 +182,8 @@ def test_with_cp_gives_same_outputs_and_grads_and_saves_memory():
     (outs, saved, grads), (outs_cp, saved_cp, grads_cp) = results
     for a, b in zip([*outs, *grads], [*outs_cp, *grads_cp]):
         assert torch.equal(a, b)
-    # kept: 105 KB with checkpointing against 906 KB without (measured on
-    # the fused CPU scan, which keeps less than the unfused path's 1.48 MB)
+    # kept: 105 KB with checkpointing against 724 KB without (measured on
+    # the fused CPU scan, which keeps less than the unfused path's 1.35 MB)
     assert saved_cp < saved / 5
     with torch.no_grad():  # stochastic depth was on: eval differs
         assert not torch.equal(plain.eval()(x)[1], outs[1])
@@ -255,9 +256,11 @@ def saved_bytes(model, x):
 
 def test_recompute_gate_same_results_less_memory():
     torch.manual_seed(0)
-    plain = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.)
-    lean = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.,
-                  recompute_gate=True)
+    plain = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.,
+                   recompute_gate=False)
+    lean = VMamba(SMALL, out_indices=(0, 3), drop_path_rate=0.)
+    assert all(m.recompute_gate for m in lean.modules()
+               if isinstance(m, SS2D))  # the default
     lean.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 40, 52)
     maps = []  # the gate's inputs: (B, H, W, d_inner) maps, one per block
@@ -275,9 +278,9 @@ def test_recompute_gate_same_results_less_memory():
     (outs, saved, grads), (outs_lean, saved_lean, grads_lean) = results
     for a, b in zip([*outs, *grads], [*outs_lean, *grads_lean]):
         assert torch.equal(a, b)
-    # not kept: the norm's float32 output, SiLU(z) and the norm's mean and
-    # 1 / std per position
-    gate_bytes = sum(2 * 4 * torch.Size(shape).numel() * (1 + 1 / shape[-1])
+    # not kept (float32): the norm's output, SiLU(z), their product
+    # (out_proj's input) and the norm's mean and 1 / std per position
+    gate_bytes = sum(torch.Size(shape[:3]).numel() * (3 * 4 * shape[3] + 8)
                      for shape in maps)
     assert len(maps) == 5 and saved - saved_lean == gate_bytes
     with torch.no_grad():  # nothing to recompute for
@@ -285,53 +288,75 @@ def test_recompute_gate_same_results_less_memory():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize('case', ['float32', 'autocast', 'half-autocast',
-                                  'frozen-norm', 'compiled'])
-def test_recomputed_gate_equals_the_plain_gate_bitwise(case):
+@pytest.mark.parametrize('case', [
+    'float32', 'autocast', 'half-autocast', 'frozen-norm', 'frozen-proj',
+    'frozen-input', 'bias', 'bias-autocast', 'no-gate', 'no-gate-autocast',
+    'compiled', 'compiled-autocast'
+])
+def test_recomputed_output_equals_the_plain_graph_bitwise(case):
+    """out_proj(out_norm(y) * SiLU(z)) by RecomputedOutput and by autograd:
+    the same output and gradients, bit for bit, in their dtypes."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if case == 'half-autocast' else torch.float32
+    autocast = 'autocast' in case
     y = torch.randn(2, 5, 7, 24, dtype=dtype)
-    z = torch.randn(2, 5, 7, 24, dtype=dtype)
+    z = None if 'no-gate' in case else torch.randn(2, 5, 7, 24, dtype=dtype)
     norm = torch.nn.LayerNorm(24).to(dtype)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
+    proj = torch.nn.Linear(24, 10, bias='bias' in case).to(dtype)
+    for param in (*norm.parameters(), *proj.parameters()):
+        torch.nn.init.normal_(param)
     norm.requires_grad_(case != 'frozen-norm')
-    grad = torch.randn(2, 5, 7, 24)
+    proj.requires_grad_(case != 'frozen-proj')
+    grad = torch.randn(2, 5, 7, 10)
 
     def plain(y, z):
-        return norm(y) * torch.nn.functional.silu(z)
+        return ss2d_output(y, z, norm, proj, recompute=False)
 
     def lean(y, z):
-        return RecomputedGate.apply(y, z, norm.weight, norm.bias, norm.eps)
+        return ss2d_output(y, z, norm, proj, recompute=True)
 
-    if case == 'compiled':
+    if 'compiled' in case:
         torch._dynamo.reset()
         lean = torch.compile(lean, fullgraph=True, backend='aot_eager')
     results = []
-    for gate in (plain, lean):
-        inputs = [y.clone().requires_grad_(), z.clone().requires_grad_()]
-        with torch.autocast('cpu', dtype=torch.bfloat16,
-                            enabled='autocast' in case):
-            if 'autocast' in case:  # z as a linear layer's output
+    for output in (plain, lean):
+        inputs = [t if t is None else
+                  t.clone().requires_grad_(case != 'frozen-input')
+                  for t in (y, z)]
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            if autocast and z is not None:  # z as a linear layer's output
                 inputs[1] = inputs[1].to(torch.bfloat16)
-            out = gate(*inputs)
-        wrt = [t for t in (*inputs, norm.weight, norm.bias) if t.requires_grad]
-        results.append((out, torch.autograd.grad(out, wrt, grad.to(out.dtype))))
+            out = output(*inputs)
+        wrt = [t for t in (*inputs, *norm.parameters(), *proj.parameters())
+               if t is not None and t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wrt,
+                                                 grad.to(out.dtype))))
     (out, grads), (out_lean, grads_lean) = results
-    assert out.dtype == out_lean.dtype
-    assert len(grads) == len(grads_lean) == (2 if case == 'frozen-norm' else 4)
+    expected = {'frozen-norm': 3, 'frozen-proj': 4, 'frozen-input': 3,
+                'bias': 6, 'bias-autocast': 6, 'no-gate': 4,
+                'no-gate-autocast': 4}.get(case, 5)
+    assert len(grads) == len(grads_lean) == expected
     for a, b in zip((out, *grads), (out_lean, *grads_lean)):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize('recompute_gate', [False, True])
 def test_torch_compile_fullgraph_matches_eager(recompute_gate):
+    """Outputs and parameter gradients (the fused scan's and the
+    recomputing Functions' backwards traced too)."""
     torch._dynamo.reset()
     model = VMamba(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.,
                    recompute_gate=recompute_gate)
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     x = torch.randn(2, 3, 37, 53)
-    for a, b in zip(model(x), compiled(x)):
+    loss = RandomProjection()
+    results = []
+    for run in (model, compiled):
+        outs = run(x)
+        results.append((outs, torch.autograd.grad(loss(outs),
+                                                  list(model.parameters()))))
+    for a, b in zip([*results[0][0], *results[0][1]],
+                    [*results[1][0], *results[1][1]]):
         torch.testing.assert_close(b, a)
 
 

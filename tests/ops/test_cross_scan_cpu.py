@@ -323,3 +323,140 @@ def test_backbone_fused_on_and_off_agree(size, monkeypatch):
         assert rel_err(a.detach(), b.detach()) < 1e-5
     for a, b in zip(fused_grads, plain_grads):
         assert rel_err(a, b) < 1e-4
+
+
+def saved_storage_bytes(fn):
+    """fn() and the bytes of the distinct storages autograd keeps for its
+    backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage(
+        ).nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+# mode -> (map dtype, dtype of the projections' weights (the other
+# parameters are float32), scan dtype, autocast, frozen)
+SILU_MODES = {
+    'float32': (torch.float32, torch.float32, None, False, ()),
+    'autocast': (torch.bfloat16, torch.float32, None, True, ()),
+    'autocast-bf16-scan': (torch.bfloat16, torch.float32, torch.bfloat16,
+                           True, ()),
+    'bf16-model': (torch.bfloat16, torch.bfloat16, None, False, ()),
+    'bf16-scan': (torch.float32, torch.float32, torch.bfloat16, False, ()),
+    'frozen-x-proj': (torch.float32, torch.float32, None, False,
+                      ('x_proj_weight', )),
+    'frozen-scan-params': (torch.bfloat16, torch.float32, None, True,
+                           ('dt_projs_weight', 'dt_projs_bias', 'A_logs',
+                            'Ds')),
+    'frozen-map': (torch.float32, torch.float32, None, False, ('x', )),
+}
+
+
+def silu_graphs(case, mode, silu_in_op, seed=0):
+    """SS2D's core after the SiLU of a channels-last map: the output, the
+    gradients of the map and the parameters, and the bytes kept for the
+    backward; the SiLU taken by the op (``silu_in_op``) or before it."""
+    map_dtype, param_dtype, scan_dtype, autocast, frozen = SILU_MODES[mode]
+    x, params = make_params(case, seed)
+    leaves = [t.to(dtype).requires_grad_(name not in frozen)
+              for name, t, dtype in zip(NAMES, (x, *params.values()),
+                                        (map_dtype, ) + (param_dtype, ) * 2 +
+                                        (torch.float32, ) * 3)]
+
+    def core():
+        v = leaves[0] * 1  # a map made in the graph, as the conv's output
+        if silu_in_op:
+            return cross_selective_scan(v, *leaves[1:], channels_last=True,
+                                        scan_dtype=scan_dtype, silu=True)
+        return cross_selective_scan(torch.nn.functional.silu(v), *leaves[1:],
+                                    channels_last=True, scan_dtype=scan_dtype)
+
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        y, saved = saved_storage_bytes(core)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=g)
+    wrt = [t for t in leaves if t.requires_grad]
+    return y, torch.autograd.grad(y, wrt, dy), saved
+
+
+@pytest.mark.parametrize('case', [CASES[0], CASES[1], CASES[5], CASES[7]])
+@pytest.mark.parametrize('mode', list(SILU_MODES))
+def test_fused_silu_equals_the_plain_graph_bitwise(case, mode):
+    """SiLU inside the fused op: the outputs and every gradient of the plain
+    graph (SiLU, then the op) bit for bit, in their dtypes, keeping the
+    SiLU's output less (its float32 copy too for a bfloat16 scan of a
+    float32 map; nothing less when only the map before it is kept)."""
+    y, grads, saved = silu_graphs(case, mode, silu_in_op=False)
+    y_new, grads_new, saved_new = silu_graphs(case, mode, silu_in_op=True)
+    assert y.dtype == y_new.dtype == torch.float32
+    assert len(grads) == len(grads_new) == 6 - len(SILU_MODES[mode][4])
+    for a, b in zip((y, *grads), (y_new, *grads_new)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    batch, d_inner, H, W = case[:4]
+    map_dtype = SILU_MODES[mode][0]
+    u_bytes = batch * H * W * d_inner * map_dtype.itemsize
+    expected = {'bf16-scan': u_bytes * 3 // 2, 'frozen-map': 0}.get(
+        mode, u_bytes)
+    assert saved - saved_new == expected
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_compiled_fused_silu_matches_eager_bitwise(autocast):
+    x, params = make_params(CASES[0], seed=0)
+
+    def loss(x, *weights):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            y = cross_selective_scan(x * 1, *weights, channels_last=True,
+                                     silu=True)
+        return (y * y).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend='aot_eager')
+    leaves = [t.clone().requires_grad_() for t in (x, *params.values())]
+    eager = torch.autograd.grad(loss(*leaves), leaves)
+    traced = torch.autograd.grad(compiled(*leaves), leaves)
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('path', ['unfused', 'channels-first', 'strided'])
+def test_silu_elsewhere_than_the_fused_op_is_the_plain_graph(path):
+    """silu=True where the fused op does not take it (the unfused path, a
+    map whose rows are not contiguous): the plain graph, bit for bit and
+    byte for byte."""
+    x, params = make_params(CASES[5], seed=0)
+    if path == 'channels-first':
+        x = x.permute(0, 3, 1, 2).contiguous()
+    elif path == 'strided':  # channels-last view of a channels-first map
+        x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    results = []
+    for silu_in_op in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, *params.values())]
+
+        def core():
+            v = leaves[0] * 1
+            if not silu_in_op:
+                v = torch.nn.functional.silu(v)
+            return cross_selective_scan(
+                v, *leaves[1:], channels_last=path != 'channels-first',
+                fused=False if path == 'unfused' else None, silu=silu_in_op)
+
+        y, saved = saved_storage_bytes(core)
+        results.append((y, torch.autograd.grad(y, leaves, torch.ones_like(y)),
+                        saved))
+    (y, grads, saved), (y_new, grads_new, saved_new) = results
+    assert saved == saved_new
+    for a, b in zip((y, *grads), (y_new, *grads_new)):
+        assert torch.equal(a, b)
+
+
+def test_silu_must_be_a_bool():
+    x, params = make_params(CASES[0], seed=0)
+    with pytest.raises(ValueError, match="silu must be a bool, got 'yes'"):
+        cross_selective_scan(x, **params, channels_last=True, silu='yes')

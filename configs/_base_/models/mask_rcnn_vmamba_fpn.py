@@ -14,9 +14,6 @@ model = dict(
         frozen_stages=-1,
         norm_eval=False,
         with_cp=False,
-        # out_norm x SiLU(z) recomputed in the backward: same results, about
-        # 1 GiB less at 800x1333, batch 2 (README, "Benchmarks")
-        recompute_gate=True,
         # made by tools/model_converters/vmamba2mmvmamba.py (see README)
         init_cfg=dict(
             type='Pretrained',

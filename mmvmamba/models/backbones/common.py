@@ -1,11 +1,12 @@
 """What the VMamba (v1) and VMamba2 backbones share: stochastic depth, the
-SSM parameters' initialisation, argument checks, the weight init and the
-backbone's frame (:class:`VSSBackbone`)."""
+SSM parameters' initialisation, SS2D's output stage, argument checks, the
+weight init and the backbone's frame (:class:`VSSBackbone`)."""
 import math
-from typing import Dict, Iterable, Sequence, Tuple, Union
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -99,6 +100,109 @@ def init_ssm_parameters(ss2d: nn.Module,
         1, d_state + 1, dtype=torch.float32, device=ss2d.A_logs.device)
     ss2d.A_logs.copy_(torch.log(states).expand_as(ss2d.A_logs))
     ss2d.Ds.fill_(1.)
+
+
+def output_gate(y: torch.Tensor, z: Optional[torch.Tensor],
+                weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> Tuple[torch.Tensor, torch.dtype]:
+    """SS2D's output gate ``LayerNorm(y) * SiLU(z)`` (``out_norm``'s
+    parameters); ``LayerNorm(y)`` alone when ``z`` is None (VMamba2).
+
+    Returns:
+        tuple[Tensor, torch.dtype]: The gated map, and the dtype the norm
+        ran in (float32 under autocast), which :class:`RecomputedOutput`
+        recomputes it in.
+    """
+    normed = F.layer_norm(y, weight.shape, weight, bias, eps)
+    gated = normed if z is None else normed * F.silu(z)
+    return gated, normed.dtype
+
+
+class RecomputedOutput(torch.autograd.Function):
+    """SS2D's output stage ``out_proj(output_gate(y, z))`` keeping only its
+    inputs; the backward recomputes the norm's statistics, SiLU(z) and the
+    gated map (``out_proj``'s input).
+
+    Not kept, against the plain graph: the norm's output and its mean and
+    1 / std per position, SiLU(z), and ``out_proj``'s input (the gated map,
+    cast to bfloat16 under autocast) with autocast's copy of its weight.
+    The backward calls the ATen kernels that autograd calls for the plain
+    graph (``native_layer_norm`` and its backward, ``silu_backward``, and
+    ``mm`` on the 2-D views as linear's backward does), in the dtypes the
+    forward ran in (autocast included), so gradients equal the plain
+    graph's bit for bit. Lighter on the host than
+    ``torch.utils.checkpoint`` and traceable by ``torch.compile``.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, z: Optional[torch.Tensor],
+                norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                eps: float, proj_weight: torch.Tensor,
+                proj_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        gated, ctx.norm_dtype = output_gate(y, z, norm_weight, norm_bias,
+                                            eps)
+        out = F.linear(gated, proj_weight, proj_bias)
+        # the dtype out_proj ran in (autocast's, if on)
+        ctx.linear_dtype = out.dtype
+        ctx.eps = eps
+        ctx.save_for_backward(y, z, norm_weight, norm_bias, proj_weight,
+                              proj_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, z, norm_weight, norm_bias, proj_weight, proj_bias = \
+            ctx.saved_tensors
+        need_y, need_z, need_nw, need_nb, _, need_pw, need_pb = \
+            ctx.needs_input_grad
+        norm_in = [t.to(ctx.norm_dtype) for t in (y, norm_weight, norm_bias)]
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(
+            norm_in[0], norm_weight.shape, norm_in[1], norm_in[2], ctx.eps)
+        act = None if z is None else F.silu(z)
+        gated = normed if act is None else normed * act
+        # out_proj's backward as linear's: mm on the 2-D views, each
+        # gradient cast back to its input's dtype
+        linear_dtype = ctx.linear_dtype
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        grad_pw = grad_pb = None
+        if need_pw:
+            gated_2d = gated.to(linear_dtype).view(-1, gated.shape[-1])
+            grad_pw = torch.mm(grad_2d.t(), gated_2d).to(proj_weight.dtype)
+        if need_pb:
+            grad_pb = grad_2d.sum_to_size(proj_bias.shape).to(
+                proj_bias.dtype)
+        grad_y = grad_z = grad_nw = grad_nb = None
+        if need_y or need_z or need_nw or need_nb:
+            grad_gated = torch.mm(grad_2d, proj_weight.to(linear_dtype))
+            grad_gated = grad_gated.view(gated.shape).to(gated.dtype)
+            grad_normed = grad_gated
+            if act is not None:
+                # the product's backward: each factor's gradient in its
+                # own dtype
+                grad_normed = (grad_gated * act).to(normed.dtype)
+                if need_z:
+                    grad_z = torch.ops.aten.silu_backward(
+                        (grad_gated * normed).to(act.dtype), z)
+            grad_y, grad_nw, grad_nb = \
+                torch.ops.aten.native_layer_norm_backward(
+                    grad_normed, norm_in[0], norm_weight.shape, mean, rstd,
+                    norm_in[1], norm_in[2], [need_y, need_nw, need_nb])
+            grad_y = grad_y.to(y.dtype) if need_y else None
+            grad_nw = grad_nw.to(norm_weight.dtype) if need_nw else None
+            grad_nb = grad_nb.to(norm_bias.dtype) if need_nb else None
+        return grad_y, grad_z, grad_nw, grad_nb, None, grad_pw, grad_pb
+
+
+def ss2d_output(y: torch.Tensor, z: Optional[torch.Tensor],
+                out_norm: nn.LayerNorm, out_proj: nn.Linear,
+                recompute: bool) -> torch.Tensor:
+    """``out_proj(out_norm(y) * SiLU(z))`` (no gate when ``z`` is None),
+    by :class:`RecomputedOutput` with ``recompute`` when autograd records.
+    """
+    args = (y, z, out_norm.weight, out_norm.bias, out_norm.eps)
+    if recompute and torch.is_grad_enabled():
+        return RecomputedOutput.apply(*args, out_proj.weight, out_proj.bias)
+    return out_proj(output_gate(*args)[0])
 
 
 def init_linear_and_norm(m: nn.Module) -> None:

@@ -1,5 +1,5 @@
 """VMamba backbone (paper version 1, January 2024)."""
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -9,7 +9,8 @@ from mmengine.registry import MODELS
 
 from mmvmamba.ops import cross_selective_scan
 from .common import (DropPath, VSSBackbone, add_ssm_parameters,
-                     init_linear_and_norm, init_ssm_parameters, parse_arch)
+                     init_linear_and_norm, init_ssm_parameters, parse_arch,
+                     ss2d_output)
 
 
 class SS2D(nn.Module):
@@ -17,7 +18,9 @@ class SS2D(nn.Module):
 
     ``in_proj`` -> (x, z); x -> depthwise 3x3 conv -> SiLU -> four-direction
     selective scan (:func:`mmvmamba.ops.cross_selective_scan`) -> ``out_norm``
-    -> times SiLU(z) -> ``out_proj``. Works on channels-last maps.
+    -> times SiLU(z) -> ``out_proj``. Works on channels-last maps. On the
+    fused kernel the SiLU is taken inside the scan's op, whose backward
+    keeps the conv's output only and recomputes the SiLU (same results).
 
     Args:
         embed_dims (int): Channels C of the block.
@@ -29,11 +32,12 @@ class SS2D(nn.Module):
         scan_dtype (str): Dtype of the scan's inputs, ``'float32'`` (the
             authors' numerics) or ``'bfloat16'`` (half the bytes; the state
             and sums stay float32). Defaults to 'float32'.
-        recompute_gate (bool): Recompute ``out_norm`` and the SiLU gate in
-            the backward instead of keeping their outputs for it (the
-            float32 norm output and SiLU(z): 3/2 of a float32 map of
-            ``d_inner`` channels under bf16 autocast). Same results.
-            Defaults to False.
+        recompute_gate (bool): Recompute ``out_norm``, the SiLU gate and
+            ``out_proj``'s input in the backward instead of keeping them for
+            it (:class:`~.common.RecomputedOutput`: the float32 norm output,
+            SiLU(z) and the bf16 gated map, 2 float32 maps of ``d_inner``
+            channels under bf16 autocast). Same results, bit for bit.
+            Defaults to True.
     """
     scan_dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
@@ -43,7 +47,7 @@ class SS2D(nn.Module):
                  ssm_ratio: float = 2.0,
                  dt_rank: Union[int, str] = 'auto',
                  scan_dtype: str = 'float32',
-                 recompute_gate: bool = False):
+                 recompute_gate: bool = True):
         super().__init__()
         if scan_dtype not in self.scan_dtypes:
             raise ValueError(f'scan_dtype must be one of '
@@ -76,7 +80,7 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = cross_selective_scan(
             x,
             self.x_proj_weight,
@@ -85,70 +89,12 @@ class SS2D(nn.Module):
             self.A_logs,
             self.Ds,
             channels_last=True,
-            scan_dtype=self.scan_dtype)
+            scan_dtype=self.scan_dtype,
+            silu=True)
         # float32 from the scan; a half-precision model gets its own dtype.
         y = y.to(self.out_norm.weight.dtype)
-        norm = self.out_norm
-        gate_args = (y, z, norm.weight, norm.bias, norm.eps)
-        if self.recompute_gate and torch.is_grad_enabled():
-            y = RecomputedGate.apply(*gate_args)
-        else:
-            y, _ = output_gate(*gate_args)
-        return self.out_proj(y)
-
-
-def output_gate(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor,
-                eps: float) -> Tuple[torch.Tensor, torch.dtype]:
-    """SS2D's output gate ``LayerNorm(y) * SiLU(z)`` (``out_norm``'s
-    parameters).
-
-    Returns:
-        tuple[Tensor, torch.dtype]: The gated map, and the dtype the norm
-        ran in (float32 under autocast), which :class:`RecomputedGate`
-        recomputes it in.
-    """
-    normed = F.layer_norm(y, weight.shape, weight, bias, eps)
-    return normed * F.silu(z), normed.dtype
-
-
-class RecomputedGate(torch.autograd.Function):
-    """:func:`output_gate` keeping only its inputs; the backward recomputes
-    the norm's statistics and SiLU(z).
-
-    The backward calls the ATen backward kernels that autograd calls for the
-    plain gate, in the dtypes the forward ran in (autocast included), so
-    gradients equal the plain gate's bit for bit. Lighter on the host than
-    ``torch.utils.checkpoint`` and traceable by ``torch.compile``.
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor, eps: float) -> torch.Tensor:
-        out, ctx.norm_dtype = output_gate(y, z, weight, bias, eps)
-        ctx.eps = eps
-        ctx.save_for_backward(y, z, weight, bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        y, z, weight, bias = ctx.saved_tensors
-        norm_in = [t.to(ctx.norm_dtype) for t in (y, weight, bias)]
-        normed, mean, rstd = torch.ops.aten.native_layer_norm(
-            *norm_in[:1], weight.shape, *norm_in[1:], ctx.eps)
-        act = F.silu(z)
-        # the product's backward: each factor's gradient in its own dtype
-        grad_normed = (grad * act).to(normed.dtype)
-        grad_z = torch.ops.aten.silu_backward((grad * normed).to(act.dtype),
-                                              z)
-        need_y, need_z, need_w, need_b = ctx.needs_input_grad[:4]
-        grad_y, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            grad_normed, norm_in[0], weight.shape, mean, rstd, norm_in[1],
-            norm_in[2], [need_y, need_w, need_b])
-        return (grad_y.to(y.dtype) if need_y else None,
-                grad_z if need_z else None,
-                grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None)
+        return ss2d_output(y, z, self.out_norm, self.out_proj,
+                           self.recompute_gate)
 
 
 class VSSBlock(nn.Module):
@@ -273,10 +219,11 @@ class VMamba(VSSBackbone):
         scan_dtype (str): Dtype of the selective scan's inputs: ``'float32'``
             as the authors (default), or ``'bfloat16'``, faster on the GPU
             with the state and sums still float32 (see :class:`SS2D`).
-        recompute_gate (bool): Recompute each block's ``out_norm`` and SiLU
-            gate in the backward rather than keep their outputs: less
-            activation memory than without, much less recomputation than
-            ``with_cp`` (see :class:`SS2D`). Defaults to False.
+        recompute_gate (bool): Recompute each block's ``out_norm``, SiLU
+            gate and ``out_proj`` input in the backward rather than keep
+            them: less activation memory, the same results bit for bit, much
+            less recomputation than ``with_cp`` (see :class:`SS2D`).
+            Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')`` loads converted weights strictly (see
             :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
@@ -301,7 +248,7 @@ class VMamba(VSSBackbone):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  scan_dtype: str = 'float32',
-                 recompute_gate: bool = False,
+                 recompute_gate: bool = True,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         arch = self._parse_arch(arch)

@@ -10,7 +10,7 @@ from mmengine.registry import MODELS
 from mmvmamba.ops import cross_selective_scan
 from .common import (DropPath, VSSBackbone, add_ssm_parameters,
                      init_linear_and_norm, init_ssm_parameters, parse_arch,
-                     parse_scan_dtype)
+                     parse_scan_dtype, ss2d_output)
 
 
 class SS2DV2(nn.Module):
@@ -19,7 +19,9 @@ class SS2DV2(nn.Module):
     ``in_proj`` -> depthwise 3x3 conv -> SiLU -> four-direction selective
     scan (:func:`mmvmamba.ops.cross_selective_scan`, ``D * u`` included,
     directions summed) -> ``out_norm`` -> ``out_proj``. No gate and no bias
-    but ``dt_projs_bias``. Works on channels-last maps.
+    but ``dt_projs_bias``. Works on channels-last maps. On the fused kernel
+    the SiLU is taken inside the scan's op, whose backward keeps the conv's
+    output only and recomputes the SiLU (same results).
 
     Args:
         embed_dims (int): Channels C of the block.
@@ -32,6 +34,11 @@ class SS2DV2(nn.Module):
         scan_dtype (str): Dtype of the scan's inputs, ``'float32'`` or
             ``'bfloat16'`` (the state and sums stay float32). Defaults to
             'float32'.
+        recompute_norm (bool): Recompute ``out_norm`` and ``out_proj``'s
+            input in the backward instead of keeping the latter (bf16 under
+            autocast) and the norm's statistics for it
+            (:class:`~.common.RecomputedOutput`). Same results, bit for bit.
+            Defaults to True.
     """
 
     def __init__(self,
@@ -39,9 +46,11 @@ class SS2DV2(nn.Module):
                  d_state: int = 1,
                  ssm_ratio: float = 1.0,
                  dt_rank: Union[int, str] = 'auto',
-                 scan_dtype: str = 'float32'):
+                 scan_dtype: str = 'float32',
+                 recompute_norm: bool = True):
         super().__init__()
         self.scan_dtype = parse_scan_dtype(scan_dtype)
+        self.recompute_norm = recompute_norm
         d_inner = int(ssm_ratio * embed_dims)
         self.in_proj = nn.Linear(embed_dims, d_inner, bias=False)
         self.conv2d = nn.Conv2d(
@@ -54,7 +63,7 @@ class SS2DV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         x = self.in_proj(x)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = cross_selective_scan(
             x,
             self.x_proj_weight,
@@ -64,10 +73,12 @@ class SS2DV2(nn.Module):
             self.Ds,
             channels_last=True,
             # a float64 model (tests) scans in float64
-            scan_dtype=None if x.dtype == torch.float64 else self.scan_dtype)
+            scan_dtype=None if x.dtype == torch.float64 else self.scan_dtype,
+            silu=True)
         # float32 from the scan; a half-precision model gets its own dtype.
-        y = self.out_norm(y.to(self.out_norm.weight.dtype))
-        return self.out_proj(y)
+        y = y.to(self.out_norm.weight.dtype)
+        return ss2d_output(y, None, self.out_norm, self.out_proj,
+                           self.recompute_norm)
 
 
 class Mlp(nn.Module):
@@ -94,8 +105,8 @@ class VSSBlockV2(nn.Module):
             0 leaves the MLP out. Defaults to 4.0.
         drop_path (float): Stochastic depth rate. Defaults to 0.
         with_cp (bool): Use gradient checkpointing. Defaults to False.
-        **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank`` and
-            ``scan_dtype`` of :class:`SS2DV2`.
+        **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank``, ``scan_dtype``
+            and ``recompute_norm`` of :class:`SS2DV2`.
     """
 
     def __init__(self,
@@ -221,6 +232,10 @@ class VMamba2(VSSBackbone):
             False.
         scan_dtype (str): Dtype of the selective scan's inputs: ``'float32'``
             (default) or ``'bfloat16'`` (see :class:`SS2DV2`).
+        recompute_norm (bool): Recompute each block's ``out_norm`` and
+            ``out_proj`` input in the backward rather than keep them: less
+            activation memory, the same results bit for bit (see
+            :class:`SS2DV2`). Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')`` loads converted weights strictly (see
             :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
@@ -252,6 +267,7 @@ class VMamba2(VSSBackbone):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  scan_dtype: str = 'float32',
+                 recompute_norm: bool = True,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         arch = parse_arch(arch, self.arch_zoo, self.arch_keys, ('dt_rank', ))
@@ -260,7 +276,8 @@ class VMamba2(VSSBackbone):
             d_state=arch['d_state'],
             ssm_ratio=arch['ssm_ratio'],
             dt_rank=arch.get('dt_rank', 'auto'),
-            scan_dtype=scan_dtype)
+            scan_dtype=scan_dtype,
+            recompute_norm=recompute_norm)
         self.arch = arch
         self._set_outputs(in_channels, embed_dims, len(depths), out_indices,
                           frozen_stages, norm_eval)
