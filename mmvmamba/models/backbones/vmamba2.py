@@ -83,8 +83,9 @@ class SS2DV2(nn.Module):
 
 
 class RecomputedMlp(torch.autograd.Function):
-    """``fc2(GELU(fc1(x)))`` keeping fc1's input (as fc1 read it) and its
-    output only; the backward recomputes the GELU (``fc2``'s input).
+    """``fc2(GELU(fc1(x)))`` keeping fc1's output and its input (as fc1
+    read it, when fc1's weight needs a gradient) only; the backward
+    recomputes the GELU (``fc2``'s input).
 
     Not kept, against the plain graph: the GELU's output, and under
     autocast its copies of both weights. The backward calls the ATen kernels
@@ -317,9 +318,9 @@ class VMamba2(VSSBackbone):
             activation memory, the same results bit for bit (see
             :class:`SS2DV2`). Defaults to True.
         recompute_mlp (bool): Recompute each block's MLP GELU in the
-            backward rather than keep its output (``4 C`` values per
-            position): less activation memory, the same results bit for bit
-            (see :class:`Mlp`). Defaults to True.
+            backward rather than keep its output (``mlp_ratio * C`` values
+            per position): less activation memory, the same results bit for
+            bit (see :class:`Mlp`). Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')`` loads converted weights strictly (see
             :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
