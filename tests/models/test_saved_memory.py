@@ -68,6 +68,14 @@ def silu_before_the_op(enabled):
             module.cross_selective_scan = cross_selective_scan
 
 
+def _scaled_difference(a, b):
+    """The largest difference of ``b`` from ``a`` over ``a``'s largest
+    magnitude."""
+    scale = a.detach().abs().max().float().clamp_min(1e-30)
+    return ((b.detach().float() - a.detach().float()).abs().max() /
+            scale).item()
+
+
 def blocks_of(model):
     return [block for stage in model.stages for block in stage.blocks]
 
@@ -192,6 +200,7 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
                                    autocast)
 
     outs, grads, _ = results['before']
+    worst = 0.0
     for variant in variants[1:]:
         outs_v, grads_v, _ = results[variant]
         assert len(grads_v) == len(grads)
@@ -201,11 +210,18 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
                 assert torch.equal(a, b), variant
             else:
                 # the CUDA kernels sum dx_dbl, du and y by atomics, whose
-                # order (so the last bits) changes from run to run: float32
-                # within 1e-4, half precision within torch's defaults
-                tol = (dict(rtol=1e-4, atol=1e-5)
-                       if a.dtype == torch.float32 else {})
-                torch.testing.assert_close(b, a, msg=variant, **tol)
+                # order (so the last bits) changes from run to run, and the
+                # recomputing functions' matrix products may round apart
+                # from autograd's: each tensor within a share of its
+                # largest magnitude (float32 1e-5; under autocast, where
+                # one flipped bfloat16 rounding moves a value by 2^-8, 1e-2)
+                worst = max(worst, _scaled_difference(a, b))
+                limit = 1e-2 if autocast else 1e-5
+                assert _scaled_difference(a, b) <= limit, (
+                    variant, _scaled_difference(a, b))
+    if device != 'cpu':
+        print(f'{case} (cuda): largest difference over the largest '
+              f'magnitude, any tensor: {worst:.2e}')
 
     shapes = shapes[:len(blocks_of(plain))]
     block_maps = [(shape[:3].numel(), shape[3], d_inner, hidden)
