@@ -84,10 +84,12 @@ struct CrossIo {
   static constexpr int kPositionFloats = kSteps;
   // The scanned chunk's positions lie in the padding column of the u and dt
   // tiles, which are contiguous: rows 0 .. kSteps - 1 of the two.
-  static_assert(SmemLayout<Q, Pass::kForward>::dt == Tl::channels * kRow &&
-                    SmemLayout<Q, Pass::kBackward>::dt == Tl::channels * kRow &&
-                    SmemLayout<Q, Pass::kForward>::u == 0 &&
-                    SmemLayout<Q, Pass::kBackward>::u == 0 &&
+  template <Pass kPass>
+  static constexpr bool kPaddingColumn = SmemLayout<Q, kPass>::u == 0 &&
+                                         SmemLayout<Q, kPass>::dt == Tl::channels * kRow;
+  static_assert(kPaddingColumn<Pass::kForward> && kPaddingColumn<Pass::kBackward> &&
+                    kPaddingColumn<Pass::kForwardSummary> &&
+                    kPaddingColumn<Pass::kBackwardSummary> &&
                     2 * Tl::channels >= kSteps && kRow > kSteps,
                 "a padding column of kSteps rows in the u and dt tiles");
 
@@ -107,15 +109,15 @@ struct CrossIo {
     return dt_low(extra, p) + kSteps * p.dt_pitch;
   }
 
-  // The positions of the chunk to be fetched (entry t: step t of it; 0 past
-  // L).
-  __device__ static const int* table(const float* extra) {
-    return reinterpret_cast<const int*>(extra);
+  // Positions are kept in float words, bit for bit (no type punning).
+  // The position of step t of the chunk to be fetched (0 past L).
+  __device__ static int next_position(const float* extra, int t) {
+    return __float_as_int(extra[t]);
   }
 
   // The position of step t of the chunk being scanned (stage() copied it).
   __device__ static int scanned_position(const TileSmem& s, int t) {
-    return reinterpret_cast<const int*>(s.u)[t * kRow + kSteps];
+    return __float_as_int(s.u[t * kRow + kSteps]);
   }
 
   // Writes the positions of chunk `chunk`'s steps into the table (threads 0
@@ -125,10 +127,10 @@ struct CrossIo {
                                      int64_t chunk, float* extra) {
     if (threadIdx.x < kSteps) {
       const int64_t l = chunk * kSteps + threadIdx.x;
-      reinterpret_cast<int*>(extra)[threadIdx.x] =
+      extra[threadIdx.x] = __int_as_float(
           l < p.length ? cross_position(static_cast<int>(pos.g), static_cast<int>(l),
                                         p.height, p.width, p.inv_height)
-                       : 0;
+                       : 0);
     }
   }
 
@@ -198,7 +200,6 @@ struct CrossIo {
     __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const float* extra) {
       const T zero = T(0.0f);
-      const int* at_step = table(extra);
       const int steps = chunk_steps(p, l0);
       {
         const int c = threadIdx.x % Tl::channels;
@@ -211,7 +212,7 @@ struct CrossIo {
             kWithDy ? static_cast<const float*>(p.dy) + start : nullptr;
 #pragma unroll
         for (int k = 0; k < kRowLoads; ++k) {
-          const int at = at_step[j + k * kStepThreads];
+          const int at = next_position(extra, j + k * kStepThreads);
           const bool ok = row_ok && j + k * kStepThreads < steps;
           const T* u_at = row_at(u_map, at, map_pitch<T>(p));
           u[k] = ok ? *u_at : zero;
@@ -229,7 +230,7 @@ struct CrossIo {
       const T* C_rows = B_rows + p.d_state;
 #pragma unroll
       for (int k = 0; k < kStateLoads; ++k) {
-        const int at = at_step[j + k * kStateThreads];
+        const int at = next_position(extra, j + k * kStateThreads);
         const bool ok = state_ok && j + k * kStateThreads < steps;
         const T* B_at = row_at(B_rows, at, row_pitch<T>(p));
         const T* C_at = row_at(C_rows, at, row_pitch<T>(p));
@@ -268,8 +269,8 @@ struct CrossIo {
         const int t = threadIdx.x % kSteps;
         const int r0 = threadIdx.x / kSteps;
         const bool ok = t < chunk_steps(p, l0);
-        const int at = table(extra)[t];
-        if (r0 == 0) reinterpret_cast<int*>(s.u)[t * kRow + kSteps] = at;
+        const int at = next_position(extra, t);
+        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(at);
         const T* row = row_at(static_cast<const T*>(p.delta) + x_image_start(p, pos) +
                                   pos.g * (p.rank + 2 * p.d_state),
                               at, row_pitch<T>(p));
