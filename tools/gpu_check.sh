@@ -59,6 +59,8 @@
 #   PORT [29500]        of tools/dist_*.sh
 #   COCO_SIZE [800], ADE_SIZE [512]  sides of the synthetic images
 #   VERBOSE [0]         1: also stream each step's output
+#   PREFLIGHT_TIMEOUT [300]  seconds the preflight (imports, GPUs, mmcv's
+#                       CUDA ops) may take
 #   DET_CONFIG, SEG_CONFIG [the T configs]; VMamba2: DET_CONFIG=configs/
 #                       mask_rcnn_vmamba2_t_1x_coco.py SEG_CONFIG=configs/
 #                       upernet_vmamba2_t_512x512_160k_ade20k.py
@@ -378,12 +380,16 @@ fi
 section "preflight ($mode: ${tasks[*]}; work dir $work)"
 command -v python > /dev/null || { echo "no 'python' on PATH" >&2; exit 2; }
 echo "python: $(command -v python)"
-if ! python - "$need_gpus" "${tasks[*]}" "$need_hint" <<'EOF'
+# each stage says when it starts, so that a hang shows where (a timeout of
+# PREFLIGHT_TIMEOUT seconds stops it)
+if ! timeout "${PREFLIGHT_TIMEOUT:-300}" python - "$need_gpus" "${tasks[*]}" "$need_hint" <<'EOF'
 import sys
 
+print('preflight: importing torch', flush=True)
 import torch
 
 need, tasks, hint = int(sys.argv[1]), sys.argv[2].split(), sys.argv[3]
+print('preflight: importing mmcv, mmdet, mmengine, mmseg', flush=True)
 import mmcv, mmdet, mmengine, mmseg  # noqa: E401
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), mmengine '
       f'{mmengine.__version__}, mmcv {mmcv.__version__}, mmdet '
@@ -397,6 +403,7 @@ if count < need:
     sys.exit(f'this mode needs {need} GPU(s), found {count}' +
              (f': {hint}' if hint else ''))
 if 'det' in tasks and need:  # Mask R-CNN runs mmcv's nms and RoIAlign
+    print("preflight: running mmcv's CUDA nms and roi_align", flush=True)
     from mmcv.ops import nms, roi_align
     boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.]]).cuda()
     nms(boxes, torch.tensor([0.9, 0.8]).cuda(), 0.5)

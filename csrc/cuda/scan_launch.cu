@@ -44,8 +44,9 @@ __global__ void scan_carry_kernel(const ScanParams p, bool reverse) {
 
 // Segments are at least this many chunks long (unless forced).
 constexpr int64_t kMinSegChunks = 4;
-// Waves of blocks a split sequence is cut for.
-constexpr int64_t kSegmentWaves = 2;
+// Waves of blocks a split sequence is cut for, by pass (choose_segments).
+constexpr int64_t kForwardWaves = 2;
+constexpr int64_t kBackwardWaves = 4;
 constexpr const char* kSegmentChunksEnv = "MMVMAMBA_SCAN_SEGMENT_CHUNKS";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -69,14 +70,20 @@ int64_t segment_chunks_from_env() {
 }  // namespace
 
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
-// segment. Every segment but one costs a summary pass over its chunks (about
-// two thirds of a full pass), so the sequence is split only when its blocks
-// fill less than half of one wave (blocks_per_sm blocks on every SM), and
-// then into as many segments as make about kSegmentWaves waves, each at
-// least kMinSegChunks chunks long; the environment variable above overrides
-// that. (Splitting wherever fewer than 4 waves ran cost VMamba-T 16% of its
-// bf16 training step at 1024 x 1024, batch 6, all of it summaries.)
-void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm) {
+// segment of the forward or backward pass. Every segment but one costs a
+// summary pass over its chunks: about two thirds of a full pass forward (the
+// whole recurrence, without C and y), about a sixth backward (the carry of
+// dh alone). So the forward splits the sequence only when its blocks fill
+// less than half of one wave (blocks_per_sm blocks on every SM), into about
+// kForwardWaves waves; the backward splits it whenever its blocks make fewer
+// than kBackwardWaves waves, into that many. Segments are at least
+// kMinSegChunks chunks long; the environment variable above overrides all
+// that. (With the backward's rule for both, the forward summaries took 8% of
+// VMamba-T's bf16 training step at 1024 x 1024, batch 6, on an H200; with
+// fewer forward segments, none at its last two stages, its bf16 inference
+// took 54.2 ms against 61.2.)
+void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm,
+                     bool backward) {
   int64_t seg_chunks = p.chunks;
   const int64_t forced = segment_chunks_from_env();
   if (forced > 0) {
@@ -87,9 +94,10 @@ void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                           device));
     const int64_t wave = int64_t{sms} * blocks_per_sm;
-    if (2 * blocks < wave) {
-      seg_chunks = std::max(kMinSegChunks,
-                            ceil_div(p.chunks * blocks, kSegmentWaves * wave));
+    const bool split = backward ? blocks < kBackwardWaves * wave : 2 * blocks < wave;
+    if (split) {
+      const int64_t waves = backward ? kBackwardWaves : kForwardWaves;
+      seg_chunks = std::max(kMinSegChunks, ceil_div(p.chunks * blocks, waves * wave));
     }
   }
   // At most 65535 segments (gridDim.y), at most one.

@@ -10,8 +10,8 @@
 // scan_carry_kernel chaining those into the carry entering each segment, and
 // the full pass, each segment starting from its carry. Results equal the
 // one-segment ones up to float rounding. S is chosen per launch
-// (choose_segments) where one segment's blocks would fill less than half a
-// wave, to give about 2 waves; the environment variable
+// (choose_segments: the forward only below half a wave of blocks, for about
+// 2 waves; the backward below 4 waves, for 4); the environment variable
 // MMVMAMBA_SCAN_SEGMENT_CHUNKS=n forces segments of n chunks (of 64 steps),
 // and 0 a single segment (unset or empty: the choice above; any other value
 // is an error). With one segment nothing extra runs.
@@ -32,8 +32,9 @@ namespace mmvmamba {
 namespace scan_cuda {
 
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
-// segment (scan_launch.cu).
-void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm);
+// segment of the forward or backward pass (scan_launch.cu).
+void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm,
+                     bool backward);
 
 // Launches scan_carry_kernel over p's segment summaries (scan_launch.cu).
 void launch_carry(const ScanParams& p, bool reverse, cudaStream_t stream);
@@ -92,7 +93,8 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
   const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
   choose_segments(p, blocks,
                   !backward ? Tl::fwd_blocks_per_sm
-                            : keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm);
+                            : keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm,
+                  backward);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid_x = static_cast<unsigned>(blocks);
   // Freed when this returns: the caching allocator reuses memory in stream
