@@ -200,28 +200,33 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
                                    autocast)
 
     outs, grads, _ = results['before']
-    worst = 0.0
+    names = [f'output {i}' for i in range(len(outs))] + [
+        f'grad of {n}' for n, p in plain.named_parameters() if p.requires_grad
+    ]
+    worst = (0.0, None)
     for variant in variants[1:]:
         outs_v, grads_v, _ = results[variant]
         assert len(grads_v) == len(grads)
-        for a, b in zip((*outs, *grads), (*outs_v, *grads_v)):
+        for tensor, a, b in zip(names, (*outs, *grads), (*outs_v, *grads_v)):
             assert a.dtype == b.dtype, variant
             if device == 'cpu':
-                assert torch.equal(a, b), variant
-            else:
-                # the CUDA kernels sum dx_dbl, du and y by atomics, whose
-                # order (so the last bits) changes from run to run, and the
-                # recomputing functions' matrix products may round apart
-                # from autograd's: each tensor within a share of its
-                # largest magnitude (float32 1e-5; under autocast, where
-                # one flipped bfloat16 rounding moves a value by 2^-8, 1e-2)
-                worst = max(worst, _scaled_difference(a, b))
-                limit = 1e-2 if autocast else 1e-5
-                assert _scaled_difference(a, b) <= limit, (
-                    variant, _scaled_difference(a, b))
+                assert torch.equal(a, b), (variant, tensor)
+                continue
+            # the CUDA kernels sum dx_dbl, du and y by atomics, whose order
+            # (so the last bits) changes from run to run, and compute the
+            # SiLU with their own exponential; the recomputing functions'
+            # matrix products may round apart from autograd's: each tensor
+            # within a share of its largest magnitude (float32 5e-4; the
+            # largest measured on an H200 was 7.3e-5, a gradient summed over
+            # every position; bfloat16 autocast 1e-2, where one flipped
+            # rounding moves a value by 2^-8)
+            difference = _scaled_difference(a, b)
+            worst = max(worst, (difference, f'{variant}: {tensor}'))
+            assert difference <= (1e-2 if autocast else 5e-4), (
+                variant, tensor, difference)
     if device != 'cpu':
         print(f'{case} (cuda): largest difference over the largest '
-              f'magnitude, any tensor: {worst:.2e}')
+              f'magnitude: {worst[0]:.2e} ({worst[1]})')
 
     shapes = shapes[:len(blocks_of(plain))]
     block_maps = [(shape[:3].numel(), shape[3], d_inner, hidden)
