@@ -153,7 +153,10 @@ def expected_savings(name, autocast, block_maps, frozen_blocks):
     'VMamba-float32', 'VMamba-autocast', 'VMamba-autocast-frozen',
     'VMamba2-float32', 'VMamba2-autocast', 'VMamba2-autocast-frozen'
 ])
-def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
+def test_fused_silu_and_recompute_saved_bytes_per_block(
+        case, device, monkeypatch):
+    # float32 means float32: no TensorFloat-32 in cuDNN's convolutions
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     name = case.split('-')[0]
     autocast = 'autocast' in case
     frozen = 'frozen' in case
@@ -203,7 +206,7 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
     names = [f'output {i}' for i in range(len(outs))] + [
         f'grad of {n}' for n, p in plain.named_parameters() if p.requires_grad
     ]
-    worst = (0.0, None)
+    worst = (0.0, 'none')
     for variant in variants[1:]:
         outs_v, grads_v, _ = results[variant]
         assert len(grads_v) == len(grads)
@@ -212,17 +215,18 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
             if device == 'cpu':
                 assert torch.equal(a, b), (variant, tensor)
                 continue
-            # the CUDA kernels sum dx_dbl, du and y by atomics, whose order
-            # (so the last bits) changes from run to run, and compute the
-            # SiLU with their own exponential; the recomputing functions'
-            # matrix products may round apart from autograd's: each tensor
-            # within a share of its largest magnitude (float32 5e-4; the
-            # largest measured on an H200 was 7.3e-5, a gradient summed over
-            # every position; bfloat16 autocast 1e-2, where one flipped
-            # rounding moves a value by 2^-8)
+            # the CUDA kernels sum y, du and dx_dbl by atomics, whose order
+            # (so the last bits) changes from run to run, and the
+            # recomputing functions' matrix products may round apart from
+            # autograd's: each tensor within a share of its largest
+            # magnitude. Largest measured on an H200 (2026-11-29): float32
+            # 1.6e-6, held to 2e-5; under bfloat16 autocast, where such a
+            # difference flips the rounding of bfloat16 values (2^-8 each)
+            # and stage 3's out_proj gradient sums 8 positions, 1.3e-2,
+            # held to 5e-2.
             difference = _scaled_difference(a, b)
             worst = max(worst, (difference, f'{variant}: {tensor}'))
-            assert difference <= (1e-2 if autocast else 5e-4), (
+            assert difference <= (5e-2 if autocast else 2e-5), (
                 variant, tensor, difference)
     if device != 'cpu':
         print(f'{case} (cuda): largest difference over the largest '
