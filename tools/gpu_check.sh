@@ -120,11 +120,7 @@ done
 SCALING_ITERS="${SCALING_ITERS:-150}"
 SCALING_FIRST="${SCALING_FIRST:-50}"
 SCALING_LAST="${SCALING_LAST:-$SCALING_ITERS}"
-for name in SCALING_ITERS SCALING_FIRST SCALING_LAST; do
-    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
-        { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
-done
-for name in LONG_ITERS LONG_EPOCHS; do
+for name in SCALING_ITERS SCALING_FIRST SCALING_LAST LONG_ITERS LONG_EPOCHS; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
         { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
 done

@@ -307,8 +307,8 @@ class VMamba2(VSSBackbone):
             :class:`SS2DV2`). Defaults to True.
         recompute_mlp (bool): Recompute each block's MLP GELU in the
             backward rather than keep its output (``mlp_ratio * C`` values
-            per position): less activation memory, the same results bit for
-            bit (see :class:`Mlp`). Defaults to True.
+            per position): less activation memory, the same results (see
+            :class:`Mlp`). Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')`` loads converted weights strictly (see
             :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
