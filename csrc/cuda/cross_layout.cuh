@@ -60,7 +60,8 @@ __device__ __forceinline__ V* row_at(V* base, int at, int pitch) {
 // into a table in the extra floats (read by fetch and stage); stage copies
 // it into the padding column (kSteps) of the u and dt tiles, where the
 // stores of the chunk read it (the tiles' rows are only ever written at
-// steps < kSteps). So the kernels call index_chunk for the next chunk after
+// steps < kSteps); that copy holds -1 past L, which the dB / dC stores
+// test instead of the step. So the kernels call index_chunk for the next chunk after
 // stage (its barrier follows the table's last reads) and before the barrier
 // that precedes the next fetch; see the kernels.
 template <typename T_>
@@ -93,15 +94,22 @@ struct CrossIo {
                     2 * Tl::channels >= kSteps && kRow > kSteps,
                 "a padding column of kSteps rows in the u and dt tiles");
 
-  // The position table, dt_weight rows, the tile's dt_low, and (backward)
-  // d dt_weight rows.
+  // The backward's offset of the block's first dB column in dx_dbl (int64,
+  // in floats from p.dx_dbl: two float words of a float4 slot, after the
+  // position table), written by prepare, read by store_state_grads.
+  static constexpr int kOffsetFloats = 4;
+
+  // The position table, the dB column's offset, dt_weight rows, the tile's
+  // dt_low, and (backward) d dt_weight rows.
   static int extra_floats(const ScanParams& p, bool backward) {
-    return kPositionFloats + ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
+    return kPositionFloats + kOffsetFloats +
+           ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
   }
 
-  // The regions of the extra shared memory (16-byte aligned: kPositionFloats
-  // and dt_pitch are multiples of 4).
-  __device__ static float* weights(float* extra) { return extra + kPositionFloats; }
+  // The regions of the extra shared memory (16-byte aligned: kPositionFloats,
+  // kOffsetFloats and dt_pitch are multiples of 4).
+  __device__ static float* column_offset(float* extra) { return extra + kPositionFloats; }
+  __device__ static float* weights(float* extra) { return column_offset(extra) + kOffsetFloats; }
   __device__ static float* dt_low(float* extra, const ScanParams& p) {
     return weights(extra) + Tl::channels * p.dt_pitch;
   }
@@ -115,7 +123,8 @@ struct CrossIo {
     return __float_as_int(extra[t]);
   }
 
-  // The position of step t of the chunk being scanned (stage() copied it).
+  // The position of step t of the chunk being scanned (stage() copied it;
+  // -1 past L).
   __device__ static int scanned_position(const TileSmem& s, int t) {
     return __float_as_int(s.u[t * kRow + kSteps]);
   }
@@ -174,6 +183,15 @@ struct CrossIo {
                    ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
                    : 0.0f;
       if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
+    }
+    if (p.ddt_weight != nullptr && threadIdx.x == 0) {
+      // Row (b, 0) of dx_dbl, direction g, its first dB column (R); the
+      // backward's stores add state and position offsets to it.
+      const uint64_t offset = static_cast<uint64_t>(
+          x_image_start(p, pos) + static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank);
+      float* words = column_offset(extra);
+      words[0] = __uint_as_float(static_cast<uint32_t>(offset));
+      words[1] = __uint_as_float(static_cast<uint32_t>(offset >> 32));
     }
   }
 
@@ -270,7 +288,7 @@ struct CrossIo {
         const int r0 = threadIdx.x / kSteps;
         const bool ok = t < chunk_steps(p, l0);
         const int at = next_position(extra, t);
-        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(at);
+        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(ok ? at : -1);
         const T* row = row_at(static_cast<const T*>(p.delta) + x_image_start(p, pos) +
                                   pos.g * (p.rank + 2 * p.d_state),
                               at, row_pitch<T>(p));
@@ -410,30 +428,31 @@ struct CrossIo {
     }
   }
 
-  // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
-  // `grads`, see sum_state_grad) into dx_dbl. A warp takes the values of a
-  // step (one row of x_dbl): thread value j = threadIdx % (2 states), the
-  // dB of state j or the dC of state j - states, steps threadIdx / (2
-  // states) + 4 i.
+  // Adds the block's dB / dC of the kPiece steps from step t0 of the tile
+  // from l0 (the warps' terms in `grads`, see sum_state_grad) into dx_dbl. A
+  // warp takes the values of a step (one row of x_dbl): thread value j =
+  // threadIdx % (2 states), the dB of state j or the dC of state j - states,
+  // steps threadIdx / (2 states) + 4 i. The column's offset comes from
+  // prepare (one shared load a piece, not 64-bit products).
   __device__ static void store_state_grads(const ScanParams& p,
-                                           const BlockPos& pos, int64_t l,
-                                           const float* grads, const TileSmem& s) {
+                                           const BlockPos& pos, int64_t l0, int t0,
+                                           const float* grads, const TileSmem& s,
+                                           float* extra) {
     constexpr int kValues = 2 * Tl::states;
     static_assert(kThreads % kValues == 0 && kPiece % (kThreads / kValues) == 0,
                   "whole steps a pass");
     const int j = threadIdx.x % kValues;
     const int n = j % Tl::states;
     if (n >= p.d_state) return;
-    const int t0 = static_cast<int>(static_cast<uint64_t>(l) % kSteps);
-    const int steps = p.length - l < kPiece ? static_cast<int>(p.length - l) : kPiece;
-    float* column = p.dx_dbl + x_image_start(p, pos) +
-                    static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank +
-                    (j < Tl::states ? n : p.d_state + n);
+    const float2 words = *reinterpret_cast<const float2*>(column_offset(extra));
+    const uint64_t offset = static_cast<uint64_t>(__float_as_uint(words.y)) << 32 |
+                            __float_as_uint(words.x);
+    float* column = p.dx_dbl + (offset + (j < Tl::states ? n : p.d_state + n));
 #pragma unroll
     for (int t = threadIdx.x / kValues; t < kPiece; t += kThreads / kValues) {
-      if (t < steps) {
-        atomicAdd(row_at(column, scanned_position(s, t0 + t), row_pitch<float>(p)),
-                  sum_state_grad<Q>(grads, t, j));
+      const int at = scanned_position(s, t0 + t);  // -1 past L
+      if (at >= 0) {
+        atomicAdd(row_at(column, at, row_pitch<float>(p)), sum_state_grad<Q>(grads, t, j));
       }
     }
   }

@@ -188,11 +188,13 @@ struct SmemLayout {
 // The block's sum of the warps' dB / dC term j (dB terms of the states, then
 // dC terms) of step t of a backward piece; `grads` holds [warp][kPiece]
 // rows of grad_row floats (see reduce_state_grads in scan_bwd.cuh).
+// The sum starts from the first warp's term (0 + x is x but for the sign of
+// a zero; the sums are added to zeros).
 template <int Q>
 __device__ __forceinline__ float sum_state_grad(const float* grads, int t, int j) {
-  float sum = 0.0f;
+  float sum = grads[t * Tile<Q>::grad_row + j];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) sum += grads[(w * kPiece + t) * Tile<Q>::grad_row + j];
+  for (int w = 1; w < kWarps; ++w) sum += grads[(w * kPiece + t) * Tile<Q>::grad_row + j];
   return sum;
 }
 
