@@ -44,10 +44,12 @@ __device__ __forceinline__ V* row_at(V* base, int at, int pitch) {
 // SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
 // reads 32 channels of one position (coalesced in every scan order); the
 // extra shared memory holds the positions of the next chunk's steps
-// (below), dt_weight of the block's channels and the tile's dt_low (and the
-// backward's d dt_weight), in rows of dt_pitch floats: R rounded up to a
-// multiple of 4 and zero-padded, so that the products over the rank read 4
-// ranks a load (float4).
+// (below), dt_weight of the block's channels (and the backward's d
+// dt_weight) in rows of dt_pitch floats: R rounded up to a multiple of 4 and
+// zero-padded, so that the products over the rank read 4 ranks a load
+// (float4); and the tile's dt_low transposed, dt_pitch rows (ranks, the
+// padding ones zero) of kSteps floats, so that its loads (4 steps a float4)
+// sit at compile-time offsets from one address a rank pass.
 //
 // Positions: the map position of step l depends only on the direction and
 // l, so each chunk's kSteps positions are computed once, as int32 (0 past
@@ -99,6 +101,14 @@ struct CrossIo {
   // position table), written by prepare, read by store_state_grads.
   static constexpr int kOffsetFloats = 4;
 
+  // The tile's dt_low, [rank][step]: rows of kLowPitch floats (a multiple
+  // of 4, so every row is as 16-byte aligned as the region); the step-size
+  // product gives a thread kRowLoads consecutive steps, read 4 a float4.
+  static constexpr int kLowPitch = kSteps;
+  static_assert(kLowPitch % 4 == 0 && kRowLoads % 4 == 0 &&
+                    kStepThreads * kRowLoads == kSteps,
+                "float4 rows of dt_low, whole float4 step groups a thread");
+
   // The position table, the dB column's offset, dt_weight rows, the tile's
   // dt_low, and (backward) d dt_weight rows.
   static int extra_floats(const ScanParams& p, bool backward) {
@@ -114,7 +124,7 @@ struct CrossIo {
     return weights(extra) + Tl::channels * p.dt_pitch;
   }
   __device__ static float* weight_grads(float* extra, const ScanParams& p) {
-    return dt_low(extra, p) + kSteps * p.dt_pitch;
+    return dt_low(extra, p) + kLowPitch * p.dt_pitch;
   }
 
   // Positions are kept in float words, bit for bit (no type punning).
@@ -293,33 +303,45 @@ struct CrossIo {
                                   pos.g * (p.rank + 2 * p.d_state),
                               at, row_pitch<T>(p));
         for (int r = r0; r < p.dt_pitch; r += kThreads / kSteps) {
-          dtl_s[t * p.dt_pitch + r] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
+          dtl_s[r * kLowPitch + t] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
         }
       }
       __syncthreads();
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
       const bool row_ok = d_in_group < p.per_group;
       const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
+      // The steps before L, none for a padding channel (step t < L - l0 as
+      // an int compare).
+      const int live = row_ok ? chunk_steps(p, l0) : 0;
+      // Thread: channel c, steps j kRowLoads + k (the warp's steps: the
+      // dt_low loads are broadcasts).
       float x[kRowLoads];
 #pragma unroll
       for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
-      // Four ranks a pass (the padding adds zeros).
+      // Four ranks a pass (the padding adds zeros), each step's sum in rank
+      // order.
+      const float* dtl_steps = dtl_s + j * kRowLoads;
+      const float* w_row = w_s + c * p.dt_pitch;
       for (int r = 0; r < p.rank; r += 4) {
-        const float4 w = *reinterpret_cast<const float4*>(w_s + c * p.dt_pitch + r);
+        const float4 w4 = *reinterpret_cast<const float4*>(w_row + r);
+        const float w[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
-        for (int k = 0; k < kRowLoads; ++k) {
-          const float4 v = *reinterpret_cast<const float4*>(
-              dtl_s + (j + k * kStepThreads) * p.dt_pitch + r);
-          x[k] = fmaf(w.x, v.x, x[k]);
-          x[k] = fmaf(w.y, v.y, x[k]);
-          x[k] = fmaf(w.z, v.z, x[k]);
-          x[k] = fmaf(w.w, v.w, x[k]);
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int k = 0; k < kRowLoads; k += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(
+                dtl_steps + (r + i) * kLowPitch + k);
+            x[k] = fmaf(w[i], v.x, x[k]);
+            x[k + 1] = fmaf(w[i], v.y, x[k + 1]);
+            x[k + 2] = fmaf(w[i], v.z, x[k + 2]);
+            x[k + 3] = fmaf(w[i], v.w, x[k + 3]);
+          }
         }
       }
 #pragma unroll
       for (int k = 0; k < kRowLoads; ++k) {
-        const int t = j + k * kStepThreads;
-        s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? softplus(x[k]) : 0.0f;
+        const int t = j * kRowLoads + k;
+        s.dt[c * kRow + t] = t < live ? softplus(x[k]) : 0.0f;
       }
     }
   };
@@ -407,15 +429,23 @@ struct CrossIo {
       const int c = threadIdx.x % Tl::channels;
       const int g0 = threadIdx.x / Tl::channels;
       for (int r = 4 * g0; r < p.rank; r += 4 * (kThreads / Tl::channels)) {
+        // Each rank's sum in step order; 4 steps of a rank a load
+        // (broadcasts: r is the warp's).
         float sum[4] = {};
+        const float* dtl_ranks = dtl_s + r * kLowPitch;
 #pragma unroll 8
-        for (int t = 0; t < kSteps; ++t) {
-          const float d = dd_s[c * kRow + t];
-          const float4 v = *reinterpret_cast<const float4*>(dtl_s + t * p.dt_pitch + r);
-          sum[0] = fmaf(d, v.x, sum[0]);
-          sum[1] = fmaf(d, v.y, sum[1]);
-          sum[2] = fmaf(d, v.z, sum[2]);
-          sum[3] = fmaf(d, v.w, sum[3]);
+        for (int t = 0; t < kSteps; t += 4) {
+          float d[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) d[q] = dd_s[c * kRow + t + q];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float4 v = *reinterpret_cast<const float4*>(dtl_ranks + i * kLowPitch + t);
+            sum[i] = fmaf(d[0], v.x, sum[i]);
+            sum[i] = fmaf(d[1], v.y, sum[i]);
+            sum[i] = fmaf(d[2], v.z, sum[i]);
+            sum[i] = fmaf(d[3], v.w, sum[i]);
+          }
         }
         float4* dw = reinterpret_cast<float4*>(dw_s + c * p.dt_pitch + r);
         float4 acc = *dw;
