@@ -575,11 +575,15 @@ struct CrossIo {
       // float4). Warp w: m-tile w % 2, rows g: channel (g % 4) + 16 (g / 4) +
       // 8 (w % 2), rows g + 8: 4 channels on (distinct banks for dd's
       // reads); n-tiles 8 (w / 2) + 16 j, two a pass.
+      // The warp's n-tiles: a warp-uniform loop (the shuffle tells the
+      // compiler so; a trip count it thinks divergent around mma.sync makes
+      // it guard the whole kernel's warp-synchronous code).
+      const int n_first = __shfl_sync(0xffffffffu, 8 * (warp >> 1), 0);
       const int c = (g & 3) + 16 * (g >> 2) + 8 * (warp & 1);
       const float* dd_a = dd_s + c * kRow + 4 * q;
       const float* l_even = dtl_s + low_index(g, 4 * q);
       const float* l_odd = dtl_s + low_index(g, 16 + 4 * q);
-      for (int n0 = 8 * (warp >> 1); n0 < p.dt_pitch; n0 += 32) {
+      for (int n0 = n_first; n0 < p.dt_pitch; n0 += 32) {
         float acc[2][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
