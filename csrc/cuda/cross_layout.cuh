@@ -380,8 +380,15 @@ struct CrossIo {
         const T* row = row_at(static_cast<const T*>(p.delta) + x_image_start(p, pos) +
                                   pos.g * (p.rank + 2 * p.d_state),
                               at, row_pitch<T>(p));
-        for (int r = r0; r < p.dt_pitch; r += kThreads / kSteps) {
-          dtl_s[low_index(r, t)] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
+        // low_index permutes the steps by r % 4 only: ranks r0 + 4 i and r0
+        // + 4 i + 2 (dt_pitch is a multiple of 4).
+        static_assert(kThreads / kSteps == 2, "two ranks a pass of the staging");
+        float* dtl_a = dtl_s + low_index(r0, t);
+        float* dtl_b = dtl_s + low_index(r0 + 2, t);
+        for (int r = r0; r < p.dt_pitch; r += 4) {
+          dtl_a[(r - r0) * kLowPitch] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
+          dtl_b[(r - r0) * kLowPitch] =
+              ok && r + 2 < p.rank ? static_cast<float>(row[r + 2]) : 0.0f;
         }
       }
       __syncthreads();
@@ -539,30 +546,26 @@ struct CrossIo {
           FragA a;
           a.set(dd_a[8 * ks * kRow], dd_a[8 * ks * kRow + 1], dd_a[(8 * ks + 4) * kRow],
                 dd_a[(8 * ks + 4) * kRow + 1]);
-          FragB b[4];
+          // The n-tiles from dt_pitch on are skipped (a warp-uniform test).
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int r = n0 + 8 * j + g;
-            const float* w_r = w_s + r * Tl::channels + q;
-            const bool ok = r < p.dt_pitch;
-            b[j].set(ok ? w_r[4 * ((2 * ks) ^ group)] : 0.0f,
-                     ok ? w_r[4 * ((2 * ks + 1) ^ group)] : 0.0f);
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (n0 + 8 * j < p.dt_pitch) mma_small_terms(acc[j], a, b[j]);
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (n0 + 8 * j < p.dt_pitch) mma_large_term(acc[j], a, b[j]);
+            if (n0 + 8 * j < p.dt_pitch) {
+              const float* w_r = w_s + (n0 + 8 * j + g) * Tl::channels + q;
+              FragB b;
+              b.set(w_r[4 * ((2 * ks) ^ group)], w_r[4 * ((2 * ks + 1) ^ group)]);
+              mma_small_terms(acc[j], a, b);
+              mma_large_term(acc[j], a, b);
+            }
           }
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
+          if (n0 + 8 * j < p.dt_pitch) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int r = n0 + 8 * j + 2 * q + i % 2;
-            if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
+            for (int i = 0; i < 4; ++i) {
+              const int r = n0 + 8 * j + 2 * q + i % 2;
+              if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
+            }
           }
         }
       }
@@ -584,14 +587,17 @@ struct CrossIo {
       const float* l_even = dtl_s + low_index(g, 4 * q);
       const float* l_odd = dtl_s + low_index(g, 16 + 4 * q);
       for (int n0 = n_first; n0 < p.dt_pitch; n0 += 32) {
+        // The second n-tile only below dt_pitch (a warp-uniform test; the
+        // first always is).
+        const bool second = n0 + 16 < p.dt_pitch;
         float acc[2][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int r = n0 + 16 * j + 2 * q;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            acc[j][i] = r < p.dt_pitch ? dw_s[weight_grad_index(c + 4 * (i / 2), r + i % 2)]
-                                       : 0.0f;
+            acc[j][i] = j == 0 || second ? dw_s[weight_grad_index(c + 4 * (i / 2), r + i % 2)]
+                                         : 0.0f;
           }
         }
 #pragma unroll
@@ -599,12 +605,13 @@ struct CrossIo {
           FragB b[2][2];
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const int n = n0 + 16 * j;
-            const float* l = (P & 1 ? l_odd : l_even) + n * kLowPitch + 32 * (P >> 1);
-            const float4 v = n + g < p.dt_pitch ? *reinterpret_cast<const float4*>(l)
-                                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            b[j][0].set(v.x, v.y);
-            b[j][1].set(v.z, v.w);
+            if (j == 0 || second) {
+              const float* l =
+                  (P & 1 ? l_odd : l_even) + (n0 + 16 * j) * kLowPitch + 32 * (P >> 1);
+              const float4 v = *reinterpret_cast<const float4*>(l);
+              b[j][0].set(v.x, v.y);
+              b[j][1].set(v.z, v.w);
+            }
           }
 #pragma unroll
           for (int k = 0; k < 2; ++k) {
@@ -613,18 +620,18 @@ struct CrossIo {
             a.set(dd_a[t], dd_a[4 * kRow + t], dd_a[t + 1], dd_a[4 * kRow + t + 1]);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-              if (n0 + 16 * j < p.dt_pitch) mma_small_terms(acc[j], a, b[j][k]);
+              if (j == 0 || second) mma_small_terms(acc[j], a, b[j][k]);
             }
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-              if (n0 + 16 * j < p.dt_pitch) mma_large_term(acc[j], a, b[j][k]);
+              if (j == 0 || second) mma_large_term(acc[j], a, b[j][k]);
             }
           }
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int r = n0 + 16 * j + 2 * q;
-          if (r < p.dt_pitch) {
+          if (j == 0 || second) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               dw_s[weight_grad_index(c + 4 * (i / 2), r + i % 2)] = acc[j][i];
