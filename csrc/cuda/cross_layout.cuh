@@ -396,6 +396,35 @@ struct CrossIo {
     }
   };
 
+  // One k-step (ranks k0 .. k0 + 7; !kFull: k0 .. k0 + 3, the ranks from k0
+  // + 4 on zero) of step_sizes' product.
+  template <bool kFull>
+  __device__ static void step_size_kstep(float (&acc)[2][2][4], const float* w_a,
+                                         const float* w_b, const float* const (&l_a)[2],
+                                         int k0) {
+    const float4 w0 = *reinterpret_cast<const float4*>(w_a + k0 * Tl::channels);
+    const float4 w1 = kFull ? *reinterpret_cast<const float4*>(w_b + k0 * Tl::channels)
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    FragA a[2];
+    a[0].set(w0.x, w0.y, w1.x, w1.y);
+    a[1].set(w0.z, w0.w, w1.z, w1.w);
+    FragB b[2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      b[nt].set(l_a[nt][k0 * kLowPitch], kFull ? l_a[nt][(k0 + 4) * kLowPitch] : 0.0f);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) mma_small_terms(acc[mt][nt], a[mt], b[nt]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) mma_large_term(acc[mt][nt], a[mt], b[nt]);
+    }
+  }
+
   // The step sizes softplus(bias + dt_weight @ dt_low) of the tile (the
   // padding channels and steps past L zero) into s.dt, on the tensor cores:
   // [32 channels x 64 steps] = W [32 x R] L [R x 64] in 3xTF32, K = 8 ranks
@@ -434,35 +463,14 @@ struct CrossIo {
     // Ranks k0 + q (a0, a1, b0) and k0 + q + 4 (a2, a3, b1).
     const float* w_a = w_s + weight_index(4 * g, q);
     const float* w_b = w_s + weight_index(4 * g, q + 4);
-    const float* l_a[2];
+    const float* l_a[2] = {};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       l_a[nt] = dtl_s + low_index(q, 16 * warp + 8 * nt + (g >> 1) + 4 * (g & 1));
     }
-    for (int k0 = 0; k0 < p.dt_pitch; k0 += 8) {
-      const bool full = k0 + 4 < p.dt_pitch;
-      const float4 w0 = *reinterpret_cast<const float4*>(w_a + k0 * Tl::channels);
-      const float4 w1 = full ? *reinterpret_cast<const float4*>(w_b + k0 * Tl::channels)
-                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      FragA a[2];
-      a[0].set(w0.x, w0.y, w1.x, w1.y);
-      a[1].set(w0.z, w0.w, w1.z, w1.w);
-      FragB b[2];
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        b[nt].set(l_a[nt][k0 * kLowPitch], full ? l_a[nt][(k0 + 4) * kLowPitch] : 0.0f);
-      }
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma_small_terms(acc[mt][nt], a[mt], b[nt]);
-      }
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) mma_large_term(acc[mt][nt], a[mt], b[nt]);
-      }
-    }
+    int k0 = 0;
+    for (; k0 + 8 <= p.dt_pitch; k0 += 8) step_size_kstep<true>(acc, w_a, w_b, l_a, k0);
+    if (k0 < p.dt_pitch) step_size_kstep<false>(acc, w_a, w_b, l_a, k0);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -538,35 +546,14 @@ struct CrossIo {
         rows[h] = t_row + h < steps ? row_at(x_rows, at, row_pitch<float>(p)) : nullptr;
       }
       const float* dd_a = dd_s + q * kRow + t_row;
-      const int group = 2 * (g & 3) + (g >> 2);  // weight_index's permutation at rank g
+      // Passes of 4 n-tiles, the last one of those below dt_pitch only (a
+      // warp-uniform count).
       for (int n0 = 0; n0 < p.dt_pitch; n0 += 32) {
-        float acc[4][4] = {};
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          FragA a;
-          a.set(dd_a[8 * ks * kRow], dd_a[8 * ks * kRow + 1], dd_a[(8 * ks + 4) * kRow],
-                dd_a[(8 * ks + 4) * kRow + 1]);
-          // The n-tiles from dt_pitch on are skipped (a warp-uniform test).
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (n0 + 8 * j < p.dt_pitch) {
-              const float* w_r = w_s + (n0 + 8 * j + g) * Tl::channels + q;
-              FragB b;
-              b.set(w_r[4 * ((2 * ks) ^ group)], w_r[4 * ((2 * ks + 1) ^ group)]);
-              mma_small_terms(acc[j], a, b);
-              mma_large_term(acc[j], a, b);
-            }
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (n0 + 8 * j < p.dt_pitch) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int r = n0 + 8 * j + 2 * q + i % 2;
-              if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
-            }
-          }
+        switch (min(4, (p.dt_pitch - n0 + 7) / 8)) {
+          case 4: low_grad_pass<4>(p, w_s, dd_a, rows, n0); break;
+          case 3: low_grad_pass<3>(p, w_s, dd_a, rows, n0); break;
+          case 2: low_grad_pass<2>(p, w_s, dd_a, rows, n0); break;
+          default: low_grad_pass<1>(p, w_s, dd_a, rows, n0); break;
         }
       }
     }
@@ -589,55 +576,104 @@ struct CrossIo {
       for (int n0 = n_first; n0 < p.dt_pitch; n0 += 32) {
         // The second n-tile only below dt_pitch (a warp-uniform test; the
         // first always is).
-        const bool second = n0 + 16 < p.dt_pitch;
-        float acc[2][4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int r = n0 + 16 * j + 2 * q;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            acc[j][i] = j == 0 || second ? dw_s[weight_grad_index(c + 4 * (i / 2), r + i % 2)]
-                                         : 0.0f;
-          }
+        if (n0 + 16 < p.dt_pitch) {
+          weight_grad_pass<2>(p, dw_s, dd_a, l_even, l_odd, c, n0);
+        } else {
+          weight_grad_pass<1>(p, dw_s, dd_a, l_even, l_odd, c, n0);
         }
+      }
+    }
+  }
+
+  // kTiles n-tiles (n0 + 8 j) of store_grads' d dt_low product, added into
+  // the rows of dx_dbl (rows[h]: step t_row + h, null past L).
+  template <int kTiles>
+  __device__ static void low_grad_pass(const ScanParams& p, const float* w_s,
+                                       const float* dd_a, float* const (&rows)[2], int n0) {
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, q = lane % 4;
+    const int group = 2 * (g & 3) + (g >> 2);  // weight_index's permutation at rank g
+    float acc[kTiles][4] = {};
 #pragma unroll
-        for (int P = 0; P < 4; ++P) {
-          FragB b[2][2];
+    for (int ks = 0; ks < 4; ++ks) {
+      FragA a;
+      a.set(dd_a[8 * ks * kRow], dd_a[8 * ks * kRow + 1], dd_a[(8 * ks + 4) * kRow],
+            dd_a[(8 * ks + 4) * kRow + 1]);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            if (j == 0 || second) {
-              const float* l =
-                  (P & 1 ? l_odd : l_even) + (n0 + 16 * j) * kLowPitch + 32 * (P >> 1);
-              const float4 v = *reinterpret_cast<const float4*>(l);
-              b[j][0].set(v.x, v.y);
-              b[j][1].set(v.z, v.w);
-            }
-          }
+      for (int j = 0; j < kTiles; ++j) {
+        // (the last n-tile may end at dt_pitch after 4 ranks: zeros past it)
+        const int r = n0 + 8 * j + g;
+        const bool ok = j + 1 < kTiles || r < p.dt_pitch;
+        const float* w_r = w_s + r * Tl::channels + q;
+        FragB b;
+        b.set(ok ? w_r[4 * ((2 * ks) ^ group)] : 0.0f, ok ? w_r[4 * ((2 * ks + 1) ^ group)] : 0.0f);
+        mma_small_terms(acc[j], a, b);
+        mma_large_term(acc[j], a, b);
+      }
+    }
 #pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            const int t = 16 * P + 2 * k;
-            FragA a;
-            a.set(dd_a[t], dd_a[4 * kRow + t], dd_a[t + 1], dd_a[4 * kRow + t + 1]);
+    for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              if (j == 0 || second) mma_small_terms(acc[j], a, b[j][k]);
-            }
+      for (int i = 0; i < 4; ++i) {
+        const int r = n0 + 8 * j + 2 * q + i % 2;
+        if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
+      }
+    }
+  }
+
+  // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product, onto
+  // dw_s (rows of channel c, c + 4).
+  // The last n-tile may end at dt_pitch after 4 ranks: zero B values past
+  // it, and its accumulators there are neither read nor written.
+  template <int kTiles>
+  __device__ static void weight_grad_pass(const ScanParams& p, float* dw_s, const float* dd_a,
+                                          const float* l_even, const float* l_odd, int c,
+                                          int n0) {
+    const int g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+    // Output (h, e) of n-tile j: channel c + 4 h, rank n0 + 16 j + 2 q + e,
+    // at weight_grad_index, whose permutation (by (rank / 2) % 4 = q) is
+    // the lane's.
+    const int out[2] = {2 * q * Tl::channels + (c ^ (4 * q)),
+                        2 * q * Tl::channels + ((c + 4) ^ (4 * q))};
+    float acc[kTiles][4];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              if (j == 0 || second) mma_large_term(acc[j], a, b[j][k]);
-            }
-          }
-        }
+    for (int j = 0; j < kTiles; ++j) {
+      const bool ok = j + 1 < kTiles || n0 + 16 * j + 2 * q < p.dt_pitch;
+      const float* dw = dw_s + (n0 + 16 * j) * Tl::channels;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int r = n0 + 16 * j + 2 * q;
-          if (j == 0 || second) {
+      for (int i = 0; i < 4; ++i) {
+        acc[j][i] = ok ? dw[out[i / 2] + (i % 2) * Tl::channels] : 0.0f;
+      }
+    }
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              dw_s[weight_grad_index(c + 4 * (i / 2), r + i % 2)] = acc[j][i];
-            }
-          }
-        }
+    for (int P = 0; P < 4; ++P) {
+      FragB b[kTiles][2];
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const float* l = (P & 1 ? l_odd : l_even) + (n0 + 16 * j) * kLowPitch + 32 * (P >> 1);
+        const float4 v = j + 1 < kTiles || n0 + 16 * j + g < p.dt_pitch
+                             ? *reinterpret_cast<const float4*>(l)
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        b[j][0].set(v.x, v.y);
+        b[j][1].set(v.z, v.w);
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int t = 16 * P + 2 * k;
+        FragA a;
+        a.set(dd_a[t], dd_a[4 * kRow + t], dd_a[t + 1], dd_a[4 * kRow + t + 1]);
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) mma_small_terms(acc[j], a, b[j][k]);
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) mma_large_term(acc[j], a, b[j][k]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      if (j + 1 < kTiles || n0 + 16 * j + 2 * q < p.dt_pitch) {
+        float* dw = dw_s + (n0 + 16 * j) * Tl::channels;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dw[out[i / 2] + (i % 2) * Tl::channels] = acc[j][i];
       }
     }
   }
