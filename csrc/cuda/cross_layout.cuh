@@ -105,11 +105,12 @@ __device__ __forceinline__ void mma_large_term(float (&d)[4], const FragA& a,
 // reads 32 channels of one position (coalesced in every scan order); the
 // extra shared memory holds the positions of the next chunk's steps
 // (below), dt_weight of the block's channels (and the backward's d
-// dt_weight) in rows of dt_pitch floats: R rounded up to a multiple of 4 and
-// zero-padded, so that the products over the rank read 4 ranks a load
-// (float4); and the tile's dt_low transposed, dt_pitch rows (ranks, the
-// padding ones zero) of kSteps floats, so that its loads (4 steps a float4)
-// sit at compile-time offsets from one address a rank pass.
+// dt_weight), dt_pitch ranks (R rounded up to a multiple of 4, zero-padded)
+// of 32 channels; and the tile's dt_low transposed, dt_pitch ranks (the
+// padding ones zero) of kSteps steps. The rank products run on the tensor
+// cores (3xTF32, see split_tf32); the three tiles are stored permuted
+// (weight_index, low_index, weight_grad_index) so that their fragment reads
+// are free of bank conflicts.
 //
 // Positions: the map position of step l depends only on the direction and
 // l, so each chunk's kSteps positions are computed once, as int32 (0 past
