@@ -524,6 +524,9 @@ struct CrossIo {
                                      int64_t l0, const TileSmem& s, float* extra) {
     const float* dd_s = s.dt;
     add_to_map(p, pos, l0, static_cast<float*>(p.du), s.u, s);
+    // The padding channels' lanes left add_to_map early: the warp is whole
+    // again before mma.sync.aligned.
+    __syncwarp();
     const float* w_s = weights(extra);
     const float* dtl_s = dt_low(extra, p);
     float* dw_s = weight_grads(extra, p);
