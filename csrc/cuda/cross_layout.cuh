@@ -144,6 +144,9 @@ struct CrossIo {
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.
   static constexpr bool kPositions = true;
+  // The backward's softplus derivative by sigmoid_from_softplus (1-2 ulp
+  // from -expm1f(-dt), half the instructions).
+  static constexpr bool kBranchFreeSigmoid = true;
   // The table of the next chunk's kSteps int32 positions, in floats.
   static constexpr int kPositionFloats = kSteps;
   // The scanned chunk's positions lie in the padding column of the u and dt

@@ -283,7 +283,14 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
           const float dt = dt_s[c * kRow + t], u = u_s[c * kRow + t];
           const float g = dy_s[c * kRow + t];
           float ddt = sb * u + sa * kLn2;
-          if (p.softplus) ddt *= -expm1f(-dt);  // sigmoid(x) = 1 - e^-softplus(x)
+          // sigmoid(x) = 1 - e^-softplus(x)
+          if (p.softplus) {
+            if constexpr (Io::kBranchFreeSigmoid) {
+              ddt *= sigmoid_from_softplus(dt);
+            } else {
+              ddt *= -expm1f(-dt);
+            }
+          }
           dbias[i] += ddt;
           dD[i] += g * u;
           u_s[c * kRow + t] = sb * dt + out_D[i] * g;

@@ -30,6 +30,9 @@ struct SeqIo {
   static constexpr bool kMayKeepDecays = false;
   // Rows are contiguous in L: no table of positions (see CrossIo).
   static constexpr bool kPositions = false;
+  // The backward's softplus derivative stays -expm1f(-dt): the plain op is
+  // the reference its A/B runs compare the fused one against.
+  static constexpr bool kBranchFreeSigmoid = false;
 
   static int extra_floats(const ScanParams&, bool) { return 0; }
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
