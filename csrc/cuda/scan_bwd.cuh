@@ -167,9 +167,11 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
     const float* dtrow = dt_s + lane.c * kRow;
     const float* dyrow = dy_s + lane.c * kRow;
     // Pass 2 skips the pieces wholly past L (the sequence's last chunk only,
-    // walked first by the last segment: dh is still zero there). Pass 1
-    // walks them all: a data-dependent exit there makes the compiler spill
-    // the piece starts.
+    // walked first by the last segment: dh is still zero there); so does
+    // pass 1 with kept decays (block-uniform exits). Without them (128
+    // registers) an exit in pass 1 made the compiler spill the piece starts
+    // (or copy them, guarded instead), costing full chunks more than the
+    // last chunk gains at its ranks (R <= 12: stages 0 and 1).
     const int64_t left = p.length - l0;
     const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
                                      : kPieces;
@@ -190,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
 #pragma unroll
         for (int i = 0; i < kP; ++i) start[s][i] = h[i];
         if (s + 1 == kPieces) break;
+        if (kKeepDecays && s + 1 >= pieces) break;  // no later start is read
 #pragma unroll
         for (int t = s * kPiece; t < (s + 1) * kPiece; ++t) {
           const float dt = dtrow[t], dtu = dt * urow[t];
