@@ -277,9 +277,10 @@ struct CrossIo {
               : 0.0f;
       if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
     }
-    if (p.ddt_weight != nullptr && threadIdx.x == 0) {
+    if (threadIdx.x == 0) {
       // Row (b, 0) of dx_dbl, direction g, its first dB column (R); the
-      // backward's stores add state and position offsets to it.
+      // backward's stores add state and position offsets to it (written in
+      // every pass: store_state_grads reads it unconditionally).
       const uint64_t offset = static_cast<uint64_t>(
           x_image_start(p, pos) + static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank);
       float* words = column_offset(extra);

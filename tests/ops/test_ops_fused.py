@@ -29,6 +29,10 @@ CASES = [
     (2, 96, 20, 17, 6, 16),  # VMamba-T stage 0 width, several chunks
     (1, 33, 11, 30, 48, 16),  # rank 48 (stage 3), L over 5 chunks
     (1, 16, 3, 30, 1, 1),  # N = 1, R = 1
+    (2, 40, 9, 15, 20, 8),  # N = 8, R = 20; the last chunk 7 steps
+    (2, 33, 10, 14, 12, 16),  # R = 12 (VMamba-T stage 1), D odd
+    (1, 64, 8, 17, 64, 16),  # R = 64 (VMamba-B stage 3)
+    (1, 24, 5, 13, 70, 16),  # R = 70: rank rows past 64; the last chunk 1 step
 ]
 # The kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): L = 407,
 # seven chunks of 64 steps, the last one partial, two channel blocks.
