@@ -397,7 +397,15 @@ struct CrossIo {
         }
       }
       __syncthreads();
-      step_sizes(p, pos, l0, s, extra);
+      // The backward's recomputation on the tensor cores; the forward on the
+      // FMA pipes, where the products' fragments and accumulators would
+      // spill under the forward's register bound (measured slower at R = 6
+      // and 12; see docs/scan_kernel_notes.md).
+      if constexpr (kWithDy) {
+        step_sizes(p, pos, l0, s, extra);
+      } else {
+        step_sizes_fma(p, pos, l0, s, extra);
+      }
     }
   };
 
@@ -487,6 +495,50 @@ struct CrossIo {
           s.dt[c * kRow + t] = t < live[mt][i / 2] ? softplus(acc[mt][nt][i]) : 0.0f;
         }
       }
+    }
+  }
+
+  // step_sizes on the FMA pipes, reading the same permuted tiles: thread
+  // channel c, steps j kRowLoads .. j kRowLoads + kRowLoads - 1 (j the
+  // warp: the dt_low loads are broadcasts), each step's sum in rank order,
+  // four ranks a pass (the padding adds zeros).
+  __device__ static void step_sizes_fma(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                                        const TileSmem& s, float* extra) {
+    static_assert(kRowLoads == 16, "a thread's steps: one 16-step group of low_index");
+    const float* w_s = weights(extra);
+    const float* dtl_s = dt_low(extra, p);
+    const int c = threadIdx.x % Tl::channels;
+    const int j = threadIdx.x / Tl::channels;
+    const int64_t d_in_group = pos.cblock * Tl::channels + c;
+    const bool row_ok = d_in_group < p.per_group;
+    const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
+    // The steps before L, none for a padding channel.
+    const int live = row_ok ? chunk_steps(p, l0) : 0;
+    float x[kRowLoads];
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
+    // Rank r + i (r a multiple of 4) permutes by i alone: low_index flips
+    // bit 4 of the step (the 16-step group) for odd i and bit 3 for i >= 2.
+    const float* group[2] = {dtl_s + kRowLoads * j, dtl_s + kRowLoads * (j ^ 1)};
+    for (int r = 0; r < p.rank; r += 4) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float w = w_s[weight_index(c, r + i)];
+        const float* steps = group[i & 1] + (r + i) * kLowPitch;
+#pragma unroll
+        for (int k = 0; k < kRowLoads; k += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(steps + (k ^ (8 * (i >> 1))));
+          x[k] = fmaf(w, v.x, x[k]);
+          x[k + 1] = fmaf(w, v.y, x[k + 1]);
+          x[k + 2] = fmaf(w, v.z, x[k + 2]);
+          x[k + 3] = fmaf(w, v.w, x[k + 3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) {
+      const int t = j * kRowLoads + k;
+      s.dt[c * kRow + t] = t < live ? softplus(x[k]) : 0.0f;
     }
   }
 
