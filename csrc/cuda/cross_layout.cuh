@@ -41,13 +41,76 @@ __device__ __forceinline__ V* row_at(V* base, int at, int pitch) {
   return reinterpret_cast<V*>(reinterpret_cast<Byte*>(base) + offset);
 }
 
+// The rank products run on the tensor cores (mma.sync m16n8k8, tf32 in,
+// float32 accumulators) with the 3xTF32 split: a = hi + lo, hi = a rounded
+// to tf32 (nearest, ties away: 10 fraction bits), lo = a - hi (exact in
+// float32), and a b ~ lo_a hi_b + hi_a lo_b + hi_a hi_b (lo lo dropped).
+// The tensor core reads the upper 19 bits of an operand word (ptxas's own
+// cvt.rna.tf32.f32 hands it the rounded word unmasked), so lo enters
+// truncated toward zero: |a - hi| <= 2^-11 |a|, and lo's truncation and the
+// dropped lo lo term leave each product within about 2.5 x 2^-21 |a b| (see
+// docs/scan_kernel_notes.md, "Rank products on tensor cores (3xTF32)").
+struct Tf32Split {
+  uint32_t hi, lo;
+};
+__device__ __forceinline__ Tf32Split split_tf32(float a) {
+  const uint32_t hi = (__float_as_uint(a) + 0x1000u) & 0xffffe000u;
+  return {hi, __float_as_uint(a - __uint_as_float(hi))};
+}
+
+// d += a b for one m16n8k8 tile (a: rows g, g + 8 x columns q, q + 4 of
+// lane 4 g + q; b: rows q, q + 4 x column g; d: rows g, g + 8 x columns
+// 2 q, 2 q + 1).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1,
+                                         uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// An A fragment (4 values) and a B fragment (2 values), split.
+struct FragA {
+  Tf32Split v[4];
+  __device__ void set(float a0, float a1, float a2, float a3) {
+    v[0] = split_tf32(a0);
+    v[1] = split_tf32(a1);
+    v[2] = split_tf32(a2);
+    v[3] = split_tf32(a3);
+  }
+};
+struct FragB {
+  Tf32Split v[2];
+  __device__ void set(float b0, float b1) {
+    v[0] = split_tf32(b0);
+    v[1] = split_tf32(b1);
+  }
+};
+
+// The two small terms of d += a b (issue them for every tile of a k-step
+// first, then the large ones: the three products of a tile are dependent).
+__device__ __forceinline__ void mma_small_terms(float (&d)[4], const FragA& a,
+                                                const FragB& b) {
+  mma_tf32(d, a.v[0].lo, a.v[1].lo, a.v[2].lo, a.v[3].lo, b.v[0].hi, b.v[1].hi);
+  mma_tf32(d, a.v[0].hi, a.v[1].hi, a.v[2].hi, a.v[3].hi, b.v[0].lo, b.v[1].lo);
+}
+__device__ __forceinline__ void mma_large_term(float (&d)[4], const FragA& a,
+                                               const FragB& b) {
+  mma_tf32(d, a.v[0].hi, a.v[1].hi, a.v[2].hi, a.v[3].hi, b.v[0].hi, b.v[1].hi);
+}
+
 // SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
 // reads 32 channels of one position (coalesced in every scan order); the
 // extra shared memory holds the positions of the next chunk's steps
-// (below), dt_weight of the block's channels and the tile's dt_low (and the
-// backward's d dt_weight), in rows of dt_pitch floats: R rounded up to a
-// multiple of 4 and zero-padded, so that the products over the rank read 4
-// ranks a load (float4).
+// (below), dt_weight of the block's channels (and the backward's d
+// dt_weight), dt_pitch ranks (R rounded up to a multiple of 4, zero-padded)
+// of 32 channels; and the tile's dt_low transposed, dt_pitch ranks (the
+// padding ones zero) of kSteps steps. The rank products run on the tensor
+// cores (3xTF32, see split_tf32); the three tiles are stored permuted
+// (weight_index, low_index, weight_grad_index) so that their fragment reads
+// are free of bank conflicts.
 //
 // Positions: the map position of step l depends only on the direction and
 // l, so each chunk's kSteps positions are computed once, as int32 (0 past
@@ -60,7 +123,8 @@ __device__ __forceinline__ V* row_at(V* base, int at, int pitch) {
 // into a table in the extra floats (read by fetch and stage); stage copies
 // it into the padding column (kSteps) of the u and dt tiles, where the
 // stores of the chunk read it (the tiles' rows are only ever written at
-// steps < kSteps). So the kernels call index_chunk for the next chunk after
+// steps < kSteps); that copy holds -1 past L, which the dB / dC stores
+// test instead of the step. So the kernels call index_chunk for the next chunk after
 // stage (its barrier follows the table's last reads) and before the barrier
 // that precedes the next fetch; see the kernels.
 template <typename T_>
@@ -80,6 +144,9 @@ struct CrossIo {
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.
   static constexpr bool kPositions = true;
+  // The backward's softplus derivative by sigmoid_from_softplus (1-2 ulp
+  // from -expm1f(-dt), half the instructions).
+  static constexpr bool kBranchFreeSigmoid = true;
   // The table of the next chunk's kSteps int32 positions, in floats.
   static constexpr int kPositionFloats = kSteps;
   // The scanned chunk's positions lie in the padding column of the u and dt
@@ -93,20 +160,53 @@ struct CrossIo {
                     2 * Tl::channels >= kSteps && kRow > kSteps,
                 "a padding column of kSteps rows in the u and dt tiles");
 
-  // The position table, dt_weight rows, the tile's dt_low, and (backward)
-  // d dt_weight rows.
-  static int extra_floats(const ScanParams& p, bool backward) {
-    return kPositionFloats + ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
+  // The backward's offset of the block's first dB column in dx_dbl (int64,
+  // in floats from p.dx_dbl: two float words of a float4 slot, after the
+  // position table), written by prepare, read by store_state_grads.
+  static constexpr int kOffsetFloats = 4;
+
+  // The tile's dt_low, [rank][step]: rows of kLowPitch floats (a multiple
+  // of 4, so every row is as 16-byte aligned as the region).
+  static constexpr int kLowPitch = kSteps;
+  // The rank products' fragment maps (store_grads, Loads::stage) are written
+  // for this block shape.
+  static_assert(Tl::channels == 32 && kSteps == 64 && kThreads == 128 &&
+                    kLowPitch == 64,
+                "the rank products' tiles: 32 channels, 64 steps, 4 warps");
+
+  // Where the rank products' operands lie in shared memory (each region the
+  // same size as before; see the notes for the bank maps). dt_weight of the
+  // block, [rank][channel]: the 8 groups of 4 channels of rank r permuted by
+  // r (a float4 keeps its channels in order). dt_low, [rank][step]: steps
+  // permuted by bits 0 and 1 of the rank (bits 3 and 4 of the step flipped).
+  // d dt_weight, [rank][channel]: channels permuted by bits 1 and 2 of the
+  // rank. The tiles are conflict-free to read as fragments that way.
+  __device__ static int weight_index(int c, int r) {
+    return r * Tl::channels + (((c >> 2) ^ (2 * (r & 3) + ((r >> 2) & 1))) << 2) + (c & 3);
+  }
+  __device__ static int low_index(int r, int t) {
+    return r * kLowPitch + (t ^ (16 * (r & 1) + 8 * ((r >> 1) & 1)));
+  }
+  __device__ static int weight_grad_index(int c, int r) {
+    return r * Tl::channels + (c ^ (4 * ((r >> 1) & 3)));
   }
 
-  // The regions of the extra shared memory (16-byte aligned: kPositionFloats
-  // and dt_pitch are multiples of 4).
-  __device__ static float* weights(float* extra) { return extra + kPositionFloats; }
+  // The position table, the dB column's offset, dt_weight rows, the tile's
+  // dt_low, and (backward) d dt_weight rows.
+  static int extra_floats(const ScanParams& p, bool backward) {
+    return kPositionFloats + kOffsetFloats +
+           ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
+  }
+
+  // The regions of the extra shared memory (16-byte aligned: kPositionFloats,
+  // kOffsetFloats and dt_pitch are multiples of 4).
+  __device__ static float* column_offset(float* extra) { return extra + kPositionFloats; }
+  __device__ static float* weights(float* extra) { return column_offset(extra) + kOffsetFloats; }
   __device__ static float* dt_low(float* extra, const ScanParams& p) {
     return weights(extra) + Tl::channels * p.dt_pitch;
   }
   __device__ static float* weight_grads(float* extra, const ScanParams& p) {
-    return dt_low(extra, p) + kSteps * p.dt_pitch;
+    return dt_low(extra, p) + kLowPitch * p.dt_pitch;
   }
 
   // Positions are kept in float words, bit for bit (no type punning).
@@ -115,7 +215,8 @@ struct CrossIo {
     return __float_as_int(extra[t]);
   }
 
-  // The position of step t of the chunk being scanned (stage() copied it).
+  // The position of step t of the chunk being scanned (stage() copied it;
+  // -1 past L).
   __device__ static int scanned_position(const TileSmem& s, int t) {
     return __float_as_int(s.u[t * kRow + kSteps]);
   }
@@ -170,10 +271,21 @@ struct CrossIo {
     for (int i = threadIdx.x; i < Tl::channels * p.dt_pitch; i += kThreads) {
       const int c = i / p.dt_pitch, r = i % p.dt_pitch;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      w_s[i] = d_in_group < p.per_group && r < p.rank
-                   ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
-                   : 0.0f;
+      w_s[weight_index(c, r)] =
+          d_in_group < p.per_group && r < p.rank
+              ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
+              : 0.0f;
       if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
+    }
+    if (threadIdx.x == 0) {
+      // Row (b, 0) of dx_dbl, direction g, its first dB column (R); the
+      // backward's stores add state and position offsets to it (written in
+      // every pass: store_state_grads reads it unconditionally).
+      const uint64_t offset = static_cast<uint64_t>(
+          x_image_start(p, pos) + static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank);
+      float* words = column_offset(extra);
+      words[0] = __uint_as_float(static_cast<uint32_t>(offset));
+      words[1] = __uint_as_float(static_cast<uint32_t>(offset >> 32));
     }
   }
 
@@ -187,7 +299,7 @@ struct CrossIo {
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
       if (d_in_group < p.per_group) {
         atomicAdd(p.ddt_weight + (pos.g * p.per_group + d_in_group) * p.rank + r,
-                  dw_s[c * p.dt_pitch + r]);
+                  dw_s[weight_grad_index(c, r)]);
       }
     }
   }
@@ -262,7 +374,6 @@ struct CrossIo {
           s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
         }
       }
-      const float* w_s = weights(extra);
       float* dtl_s = dt_low(extra, p);
       {
         // Thread: step t, ranks r0, r0 + 2, ...
@@ -270,41 +381,166 @@ struct CrossIo {
         const int r0 = threadIdx.x / kSteps;
         const bool ok = t < chunk_steps(p, l0);
         const int at = next_position(extra, t);
-        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(at);
+        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(ok ? at : -1);
         const T* row = row_at(static_cast<const T*>(p.delta) + x_image_start(p, pos) +
                                   pos.g * (p.rank + 2 * p.d_state),
                               at, row_pitch<T>(p));
-        for (int r = r0; r < p.dt_pitch; r += kThreads / kSteps) {
-          dtl_s[t * p.dt_pitch + r] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
+        // low_index permutes the steps by r % 4 only: ranks r0 + 4 i and r0
+        // + 4 i + 2 (dt_pitch is a multiple of 4).
+        static_assert(kThreads / kSteps == 2, "two ranks a pass of the staging");
+        float* dtl_a = dtl_s + low_index(r0, t);
+        float* dtl_b = dtl_s + low_index(r0 + 2, t);
+        for (int r = r0; r < p.dt_pitch; r += 4) {
+          dtl_a[(r - r0) * kLowPitch] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
+          dtl_b[(r - r0) * kLowPitch] =
+              ok && r + 2 < p.rank ? static_cast<float>(row[r + 2]) : 0.0f;
         }
       }
       __syncthreads();
-      const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      const bool row_ok = d_in_group < p.per_group;
-      const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
-      float x[kRowLoads];
-#pragma unroll
-      for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
-      // Four ranks a pass (the padding adds zeros).
-      for (int r = 0; r < p.rank; r += 4) {
-        const float4 w = *reinterpret_cast<const float4*>(w_s + c * p.dt_pitch + r);
-#pragma unroll
-        for (int k = 0; k < kRowLoads; ++k) {
-          const float4 v = *reinterpret_cast<const float4*>(
-              dtl_s + (j + k * kStepThreads) * p.dt_pitch + r);
-          x[k] = fmaf(w.x, v.x, x[k]);
-          x[k] = fmaf(w.y, v.y, x[k]);
-          x[k] = fmaf(w.z, v.z, x[k]);
-          x[k] = fmaf(w.w, v.w, x[k]);
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kRowLoads; ++k) {
-        const int t = j + k * kStepThreads;
-        s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? softplus(x[k]) : 0.0f;
+      // The backward's recomputation on the tensor cores; the forward on the
+      // FMA pipes, where the products' fragments and accumulators would
+      // spill under the forward's register bound (measured slower at R = 6
+      // and 12; see docs/scan_kernel_notes.md).
+      if constexpr (kWithDy) {
+        step_sizes(p, pos, l0, s, extra);
+      } else {
+        step_sizes_fma(p, pos, l0, s, extra);
       }
     }
   };
+
+  // One k-step (ranks k0 .. k0 + 7; !kFull: k0 .. k0 + 3, the ranks from k0
+  // + 4 on zero) of step_sizes' product.
+  template <bool kFull>
+  __device__ static void step_size_kstep(float (&acc)[2][2][4], const float* w_a,
+                                         const float* w_b, const float* const (&l_a)[2],
+                                         int k0) {
+    const float4 w0 = *reinterpret_cast<const float4*>(w_a + k0 * Tl::channels);
+    const float4 w1 = kFull ? *reinterpret_cast<const float4*>(w_b + k0 * Tl::channels)
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    FragA a[2];
+    a[0].set(w0.x, w0.y, w1.x, w1.y);
+    a[1].set(w0.z, w0.w, w1.z, w1.w);
+    FragB b[2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      b[nt].set(l_a[nt][k0 * kLowPitch], kFull ? l_a[nt][(k0 + 4) * kLowPitch] : 0.0f);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) mma_small_terms(acc[mt][nt], a[mt], b[nt]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) mma_large_term(acc[mt][nt], a[mt], b[nt]);
+    }
+  }
+
+  // The step sizes softplus(bias + dt_weight @ dt_low) of the tile (the
+  // padding channels and steps past L zero) into s.dt, on the tensor cores:
+  // [32 channels x 64 steps] = W [32 x R] L [R x 64] in 3xTF32, K = 8 ranks
+  // a k-step (the last one half when dt_pitch % 8 = 4: zero fragments, no
+  // loads past dt_pitch). Warp w: steps 16 w .. 16 w + 15 (2 n-tiles), all
+  // channels (2 m-tiles); lane 4 g + q. Tile rows: channel 4 g + 2 mt (rows
+  // g) and 4 g + 2 mt + 1 (rows g + 8), so a lane's A values of a rank are
+  // one float4 of weight_index; columns n of n-tile nt: step 16 w + 8 nt +
+  // n / 2 + 4 (n % 2), so that the lane's outputs (steps q, q + 4) are
+  // stored without bank conflicts (s.dt's rows of kRow = 65).
+  __device__ static void step_sizes(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                                    const TileSmem& s, float* extra) {
+    const float* w_s = weights(extra);
+    const float* dtl_s = dt_low(extra, p);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, q = lane % 4;
+    const int steps = chunk_steps(p, l0);
+    float acc[2][2][4];
+    int live[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t d_in_group = pos.cblock * Tl::channels + 4 * g + 2 * mt + h;
+        const bool row_ok = d_in_group < p.per_group;
+        const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
+        // The steps before L, none for a padding channel.
+        live[mt][h] = row_ok ? steps : 0;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          acc[mt][nt][2 * h] = bias;
+          acc[mt][nt][2 * h + 1] = bias;
+        }
+      }
+    }
+    // Ranks k0 + q (a0, a1, b0) and k0 + q + 4 (a2, a3, b1).
+    const float* w_a = w_s + weight_index(4 * g, q);
+    const float* w_b = w_s + weight_index(4 * g, q + 4);
+    const float* l_a[2] = {};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      l_a[nt] = dtl_s + low_index(q, 16 * warp + 8 * nt + (g >> 1) + 4 * (g & 1));
+    }
+    int k0 = 0;
+    for (; k0 + 8 <= p.dt_pitch; k0 += 8) step_size_kstep<true>(acc, w_a, w_b, l_a, k0);
+    if (k0 < p.dt_pitch) step_size_kstep<false>(acc, w_a, w_b, l_a, k0);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int c = 4 * g + 2 * mt + i / 2;
+          const int t = 16 * warp + 8 * nt + q + 4 * (i % 2);
+          s.dt[c * kRow + t] = t < live[mt][i / 2] ? softplus(acc[mt][nt][i]) : 0.0f;
+        }
+      }
+    }
+  }
+
+  // step_sizes on the FMA pipes, reading the same permuted tiles: thread
+  // channel c, steps j kRowLoads .. j kRowLoads + kRowLoads - 1 (j the
+  // warp: the dt_low loads are broadcasts), each step's sum in rank order,
+  // four ranks a pass (the padding adds zeros).
+  __device__ static void step_sizes_fma(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                                        const TileSmem& s, float* extra) {
+    static_assert(kRowLoads == 16, "a thread's steps: one 16-step group of low_index");
+    const float* w_s = weights(extra);
+    const float* dtl_s = dt_low(extra, p);
+    const int c = threadIdx.x % Tl::channels;
+    const int j = threadIdx.x / Tl::channels;
+    const int64_t d_in_group = pos.cblock * Tl::channels + c;
+    const bool row_ok = d_in_group < p.per_group;
+    const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
+    // The steps before L, none for a padding channel.
+    const int live = row_ok ? chunk_steps(p, l0) : 0;
+    float x[kRowLoads];
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
+    // Rank r + i (r a multiple of 4) permutes by i alone: low_index flips
+    // bit 4 of the step (the 16-step group) for odd i and bit 3 for i >= 2.
+    const float* group[2] = {dtl_s + kRowLoads * j, dtl_s + kRowLoads * (j ^ 1)};
+    for (int r = 0; r < p.rank; r += 4) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float w = w_s[weight_index(c, r + i)];
+        const float* steps = group[i & 1] + (r + i) * kLowPitch;
+#pragma unroll
+        for (int k = 0; k < kRowLoads; k += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(steps + (k ^ (8 * (i >> 1))));
+          x[k] = fmaf(w, v.x, x[k]);
+          x[k + 1] = fmaf(w, v.y, x[k + 1]);
+          x[k + 2] = fmaf(w, v.z, x[k + 2]);
+          x[k + 3] = fmaf(w, v.w, x[k + 3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) {
+      const int t = j * kRowLoads + k;
+      s.dt[c * kRow + t] = t < live ? softplus(x[k]) : 0.0f;
+    }
+  }
 
   // Adds the tile's steps of `tile_s` (rows of kRow per channel: s.u or
   // s.dt) into the merged float32 map `map`: thread channel c, steps t,
@@ -337,103 +573,196 @@ struct CrossIo {
   // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) into
   // dx_dbl; accumulates d dt_weight (dW[c] += sum_t dd[c][t] dt_low[t]). dd
   // (in s.dt) holds d(step size) before the softplus, zero past L and for
-  // padding channels.
+  // padding channels. Both products run on the tensor cores in 3xTF32 (see
+  // split_tf32), in n-tiles of 8 ranks: those past dt_pitch get zero
+  // fragments (no loads), their outputs are not kept.
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
                                      int64_t l0, const TileSmem& s, float* extra) {
     const float* dd_s = s.dt;
     add_to_map(p, pos, l0, static_cast<float*>(p.du), s.u, s);
+    // The padding channels' lanes left add_to_map early: the warp is whole
+    // again before mma.sync.aligned.
+    __syncwarp();
     const float* w_s = weights(extra);
     const float* dtl_s = dt_low(extra, p);
     float* dw_s = weight_grads(extra, p);
     const int steps = chunk_steps(p, l0);
-    float* x_rows = p.dx_dbl + x_image_start(p, pos) +
-                    static_cast<int>(pos.g) * (p.rank + 2 * p.d_state);
-    // Four ranks a pass (float4 rows; sums over the padding are not kept).
-    constexpr int kHalf = kSteps / 2;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, q = lane % 4;
     {
-      // Thread: steps t and t + 32, ranks 4g .. 4g + 3 for g = warp,
-      // warp + kWarps, ...
-      const int t = threadIdx.x % kHalf;
-      const int g0 = threadIdx.x / kHalf;
+      // d dt_low [64 steps x R] = dd^T [64 x 32] W [32 x R]; K = the
+      // channels, k-step ks: channels 8 ks + column (so a lane's B values of
+      // a rank are in weight_index's group 2 ks, 2 ks + 1). Warp w's m-tile:
+      // step m0 + 4 g (rows g) and m0 + 4 g + 1 (rows g + 8), m0 = 32 (w / 2)
+      // + 2 (w % 2), so that the A values (dd at channel + step) fall in
+      // distinct banks. Four n-tiles a pass.
+      const int t_row = 32 * (warp >> 1) + 2 * (warp & 1) + 4 * g;
+      float* x_rows = p.dx_dbl + x_image_start(p, pos) +
+                      static_cast<int>(pos.g) * (p.rank + 2 * p.d_state);
       float* rows[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int at = scanned_position(s, t + h * kHalf);
-        rows[h] = t + h * kHalf < steps ? row_at(x_rows, at, row_pitch<float>(p)) : nullptr;
+        const int at = scanned_position(s, t_row + h);
+        rows[h] = t_row + h < steps ? row_at(x_rows, at, row_pitch<float>(p)) : nullptr;
       }
-      for (int r = 4 * g0; r < p.rank; r += 4 * (kThreads / kHalf)) {
-        float sum[2][4] = {};
-#pragma unroll 8
-        for (int c = 0; c < Tl::channels; ++c) {
-          const float4 w = *reinterpret_cast<const float4*>(w_s + c * p.dt_pitch + r);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float d = dd_s[c * kRow + t + h * kHalf];
-            sum[h][0] = fmaf(d, w.x, sum[h][0]);
-            sum[h][1] = fmaf(d, w.y, sum[h][1]);
-            sum[h][2] = fmaf(d, w.z, sum[h][2]);
-            sum[h][3] = fmaf(d, w.w, sum[h][3]);
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            if (rows[h] != nullptr && r + i < p.rank) atomicAdd(rows[h] + r + i, sum[h][i]);
-          }
+      const float* dd_a = dd_s + q * kRow + t_row;
+      // Passes of 4 n-tiles, the last one of those below dt_pitch only (a
+      // warp-uniform count).
+      for (int n0 = 0; n0 < p.dt_pitch; n0 += 32) {
+        switch (min(4, (p.dt_pitch - n0 + 7) / 8)) {
+          case 4: low_grad_pass<4>(p, w_s, dd_a, rows, n0); break;
+          case 3: low_grad_pass<3>(p, w_s, dd_a, rows, n0); break;
+          case 2: low_grad_pass<2>(p, w_s, dd_a, rows, n0); break;
+          default: low_grad_pass<1>(p, w_s, dd_a, rows, n0); break;
         }
       }
     }
     {
-      // Thread: channel c, ranks 4g .. 4g + 3 for g = warp, warp + kWarps, ...
-      const int c = threadIdx.x % Tl::channels;
-      const int g0 = threadIdx.x / Tl::channels;
-      for (int r = 4 * g0; r < p.rank; r += 4 * (kThreads / Tl::channels)) {
-        float sum[4] = {};
-#pragma unroll 8
-        for (int t = 0; t < kSteps; ++t) {
-          const float d = dd_s[c * kRow + t];
-          const float4 v = *reinterpret_cast<const float4*>(dtl_s + t * p.dt_pitch + r);
-          sum[0] = fmaf(d, v.x, sum[0]);
-          sum[1] = fmaf(d, v.y, sum[1]);
-          sum[2] = fmaf(d, v.z, sum[2]);
-          sum[3] = fmaf(d, v.w, sum[3]);
+      // d dt_weight [32 x R] += dd [32 x 64] L^T [64 x R], onto dw_s's
+      // values (the accumulators start from them). K = the steps in k-step
+      // pairs of 16: k-step 2 P + s, column q: step 16 P + 4 q + 2 s, column q
+      // + 4: the step after (a lane's B values of two k-steps are one
+      // float4). Warp w: m-tile w % 2, rows g: channel (g % 4) + 16 (g / 4) +
+      // 8 (w % 2), rows g + 8: 4 channels on (distinct banks for dd's
+      // reads); n-tiles 8 (w / 2) + 16 j, two a pass.
+      // The warp's n-tiles: a warp-uniform loop (the shuffle tells the
+      // compiler so; a trip count it thinks divergent around mma.sync makes
+      // it guard the whole kernel's warp-synchronous code).
+      const int n_first = __shfl_sync(0xffffffffu, 8 * (warp >> 1), 0);
+      const int c = (g & 3) + 16 * (g >> 2) + 8 * (warp & 1);
+      const float* dd_a = dd_s + c * kRow + 4 * q;
+      const float* l_even = dtl_s + low_index(g, 4 * q);
+      const float* l_odd = dtl_s + low_index(g, 16 + 4 * q);
+      for (int n0 = n_first; n0 < p.dt_pitch; n0 += 32) {
+        // The second n-tile only below dt_pitch (a warp-uniform test; the
+        // first always is).
+        if (n0 + 16 < p.dt_pitch) {
+          weight_grad_pass<2>(p, dw_s, dd_a, l_even, l_odd, c, n0);
+        } else {
+          weight_grad_pass<1>(p, dw_s, dd_a, l_even, l_odd, c, n0);
         }
-        float4* dw = reinterpret_cast<float4*>(dw_s + c * p.dt_pitch + r);
-        float4 acc = *dw;
-        acc.x += sum[0];
-        acc.y += sum[1];
-        acc.z += sum[2];
-        acc.w += sum[3];
-        *dw = acc;
       }
     }
   }
 
-  // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
-  // `grads`, see sum_state_grad) into dx_dbl. A warp takes the values of a
-  // step (one row of x_dbl): thread value j = threadIdx % (2 states), the
-  // dB of state j or the dC of state j - states, steps threadIdx / (2
-  // states) + 4 i.
+  // kTiles n-tiles (n0 + 8 j) of store_grads' d dt_low product, added into
+  // the rows of dx_dbl (rows[h]: step t_row + h, null past L).
+  template <int kTiles>
+  __device__ static void low_grad_pass(const ScanParams& p, const float* w_s,
+                                       const float* dd_a, float* const (&rows)[2], int n0) {
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, q = lane % 4;
+    const int group = 2 * (g & 3) + (g >> 2);  // weight_index's permutation at rank g
+    float acc[kTiles][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      FragA a;
+      a.set(dd_a[8 * ks * kRow], dd_a[8 * ks * kRow + 1], dd_a[(8 * ks + 4) * kRow],
+            dd_a[(8 * ks + 4) * kRow + 1]);
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        // (the last n-tile may end at dt_pitch after 4 ranks: zeros past it)
+        const int r = n0 + 8 * j + g;
+        const bool ok = j + 1 < kTiles || r < p.dt_pitch;
+        const float* w_r = w_s + r * Tl::channels + q;
+        FragB b;
+        b.set(ok ? w_r[4 * ((2 * ks) ^ group)] : 0.0f, ok ? w_r[4 * ((2 * ks + 1) ^ group)] : 0.0f);
+        mma_small_terms(acc[j], a, b);
+        mma_large_term(acc[j], a, b);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = n0 + 8 * j + 2 * q + i % 2;
+        if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
+      }
+    }
+  }
+
+  // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product, onto
+  // dw_s (rows of channel c, c + 4).
+  // The last n-tile may end at dt_pitch after 4 ranks: zero B values past
+  // it, and its accumulators there are neither read nor written.
+  template <int kTiles>
+  __device__ static void weight_grad_pass(const ScanParams& p, float* dw_s, const float* dd_a,
+                                          const float* l_even, const float* l_odd, int c,
+                                          int n0) {
+    const int g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+    // Output (h, e) of n-tile j: channel c + 4 h, rank n0 + 16 j + 2 q + e,
+    // at weight_grad_index, whose permutation (by (rank / 2) % 4 = q) is
+    // the lane's.
+    const int out[2] = {2 * q * Tl::channels + (c ^ (4 * q)),
+                        2 * q * Tl::channels + ((c + 4) ^ (4 * q))};
+    float acc[kTiles][4];
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const bool ok = j + 1 < kTiles || n0 + 16 * j + 2 * q < p.dt_pitch;
+      const float* dw = dw_s + (n0 + 16 * j) * Tl::channels;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[j][i] = ok ? dw[out[i / 2] + (i % 2) * Tl::channels] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int P = 0; P < 4; ++P) {
+      FragB b[kTiles][2];
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        const float* l = (P & 1 ? l_odd : l_even) + (n0 + 16 * j) * kLowPitch + 32 * (P >> 1);
+        const float4 v = j + 1 < kTiles || n0 + 16 * j + g < p.dt_pitch
+                             ? *reinterpret_cast<const float4*>(l)
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        b[j][0].set(v.x, v.y);
+        b[j][1].set(v.z, v.w);
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int t = 16 * P + 2 * k;
+        FragA a;
+        a.set(dd_a[t], dd_a[4 * kRow + t], dd_a[t + 1], dd_a[4 * kRow + t + 1]);
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) mma_small_terms(acc[j], a, b[j][k]);
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) mma_large_term(acc[j], a, b[j][k]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      if (j + 1 < kTiles || n0 + 16 * j + 2 * q < p.dt_pitch) {
+        float* dw = dw_s + (n0 + 16 * j) * Tl::channels;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dw[out[i / 2] + (i % 2) * Tl::channels] = acc[j][i];
+      }
+    }
+  }
+
+  // Adds the block's dB / dC of the kPiece steps from step t0 of the tile
+  // from l0 (the warps' terms in `grads`, see sum_state_grad) into dx_dbl. A
+  // warp takes the values of a step (one row of x_dbl): thread value j =
+  // threadIdx % (2 states), the dB of state j or the dC of state j - states,
+  // steps threadIdx / (2 states) + 4 i. The column's offset comes from
+  // prepare (one shared load a piece, not 64-bit products).
   __device__ static void store_state_grads(const ScanParams& p,
-                                           const BlockPos& pos, int64_t l,
-                                           const float* grads, const TileSmem& s) {
+                                           const BlockPos& pos, int64_t l0, int t0,
+                                           const float* grads, const TileSmem& s,
+                                           float* extra) {
     constexpr int kValues = 2 * Tl::states;
     static_assert(kThreads % kValues == 0 && kPiece % (kThreads / kValues) == 0,
                   "whole steps a pass");
     const int j = threadIdx.x % kValues;
     const int n = j % Tl::states;
     if (n >= p.d_state) return;
-    const int t0 = static_cast<int>(static_cast<uint64_t>(l) % kSteps);
-    const int steps = p.length - l < kPiece ? static_cast<int>(p.length - l) : kPiece;
-    float* column = p.dx_dbl + x_image_start(p, pos) +
-                    static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank +
-                    (j < Tl::states ? n : p.d_state + n);
+    const float2 words = *reinterpret_cast<const float2*>(column_offset(extra));
+    const uint64_t offset = static_cast<uint64_t>(__float_as_uint(words.y)) << 32 |
+                            __float_as_uint(words.x);
+    float* column = p.dx_dbl + (offset + (j < Tl::states ? n : p.d_state + n));
 #pragma unroll
     for (int t = threadIdx.x / kValues; t < kPiece; t += kThreads / kValues) {
-      if (t < steps) {
-        atomicAdd(row_at(column, scanned_position(s, t0 + t), row_pitch<float>(p)),
-                  sum_state_grad<Q>(grads, t, j));
+      const int at = scanned_position(s, t0 + t);  // -1 past L
+      if (at >= 0) {
+        atomicAdd(row_at(column, at, row_pitch<float>(p)), sum_state_grad<Q>(grads, t, j));
       }
     }
   }

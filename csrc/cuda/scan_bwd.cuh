@@ -62,6 +62,22 @@ __device__ __forceinline__ void reduce_state_grads(const float (&vb)[kP],
   }
 }
 
+// Index of (step, lane) in a warp's scratch of the lanes' partial sums of a
+// piece (kPiece rows of 32 lanes). With one channel a step (Q = 4: 8
+// channels, kPiece steps) the rows are not swizzled: the lanes finishing the
+// piece read channel lane % kPiece at steps lane / kPiece + 4 i (see
+// scan_bwd_kernel), so a quarter warp's float4 reads (8 lanes, 8 channels)
+// fall in distinct banks, and the scan's writes take fixed offsets. Other Q
+// use part_index's swizzle.
+template <int Q>
+__device__ __forceinline__ int piece_part_index(int step, int lane) {
+  if constexpr (32 / Q == kPiece) {
+    return step * 32 + lane;
+  } else {
+    return part_index(step, lane);
+  }
+}
+
 // kKeepDecays: a piece's decays exp2(a dt), computed for its states, are
 // kept in registers for its reverse scan (one exponential per state and
 // step fewer, 32 registers more, so 3 blocks per SM): the launch code takes
@@ -100,18 +116,29 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
     for (int i = 0; i < kP; ++i) decay_next[i] = 1.0f;
   }
   // The (step, channel) outputs this lane finishes for each piece: index
-  // lane + 32 i of the warp's kPiece x kWarpChannels, step = index % kPiece.
-  // A step's du and d(delta) replace its u and step size in u_s / dt_s (no
-  // later step of the tile reads them) until the tile is stored.
+  // lane + 32 i of the warp's kPiece x kWarpChannels. Q = 4 (a channel per
+  // step of a piece): channel lane % kPiece, step lane / kPiece + 4 i (see
+  // piece_part_index); otherwise step index % kPiece, channel index /
+  // kPiece. Either way dD[i] and dbias[i] sum the steps t of one channel
+  // with the same t % kPiece. A step's du and d(delta) replace its u and
+  // step size in u_s / dt_s (no later step of the tile reads them) until the
+  // tile is stored.
   constexpr int kWarpChannels = 32 / Q;
   constexpr int kOuts = kPiece * kWarpChannels;
   constexpr int kOutPerLane = (kOuts + 31) / 32;
-  const int out_step = lane_id % kPiece;
-  int out_c[kOutPerLane];
+  constexpr bool kChannelPerStep = kWarpChannels == kPiece;
+  static_assert(!kChannelPerStep || kOutPerLane * 32 == kOuts, "every lane, every i");
+  int out_step[kOutPerLane], out_c[kOutPerLane];
   float out_D[kOutPerLane], dD[kOutPerLane], dbias[kOutPerLane];
 #pragma unroll
   for (int i = 0; i < kOutPerLane; ++i) {
-    out_c[i] = warp * kWarpChannels + (lane_id + 32 * i) / kPiece;
+    if constexpr (kChannelPerStep) {
+      out_step[i] = lane_id / kPiece + (32 / kPiece) * i;
+      out_c[i] = warp * kWarpChannels + lane_id % kPiece;
+    } else {
+      out_step[i] = lane_id % kPiece;
+      out_c[i] = warp * kWarpChannels + (lane_id + 32 * i) / kPiece;
+    }
     const int64_t d_in_group = pos.cblock * Tl::channels + out_c[i];
     const bool ok = d_in_group < p.per_group && lane_id + 32 * i < kOuts;
     const int64_t d = pos.g * p.per_group + (ok ? d_in_group : 0);
@@ -140,9 +167,11 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
     const float* dtrow = dt_s + lane.c * kRow;
     const float* dyrow = dy_s + lane.c * kRow;
     // Pass 2 skips the pieces wholly past L (the sequence's last chunk only,
-    // walked first by the last segment: dh is still zero there). Pass 1
-    // walks them all: a data-dependent exit there makes the compiler spill
-    // the piece starts.
+    // walked first by the last segment: dh is still zero there); so does
+    // pass 1 with kept decays (block-uniform exits). Without them (128
+    // registers) an exit in pass 1 made the compiler spill the piece starts
+    // (or copy them, guarded instead), costing full chunks more than the
+    // last chunk gains at its ranks (R <= 12: stages 0 and 1).
     const int64_t left = p.length - l0;
     const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
                                      : kPieces;
@@ -163,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
 #pragma unroll
         for (int i = 0; i < kP; ++i) start[s][i] = h[i];
         if (s + 1 == kPieces) break;
+        if (kKeepDecays && s + 1 >= pieces) break;  // no later start is read
 #pragma unroll
         for (int t = s * kPiece; t < (s + 1) * kPiece; ++t) {
           const float dt = dtrow[t], dtu = dt * urow[t];
@@ -230,29 +260,40 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
           vc[i] = g * hs[k][i];
         }
         reduce_state_grads<Q>(vb, vc, warp_grads + k * Tl::grad_row, lane.q);
-        part_b[part_index(k, lane_id)] = sum_b;
-        part_a[part_index(k, lane_id)] = sum_a;
+        part_b[piece_part_index<Q>(k, lane_id)] = sum_b;
+        part_a[piece_part_index<Q>(k, lane_id)] = sum_a;
       }
       // du and d(delta) of the piece's steps from the lanes' partial sums.
       __syncwarp();
 #pragma unroll
       for (int i = 0; i < kOutPerLane; ++i) {
         if (lane_id + 32 * i < kOuts) {
-          const int c = out_c[i], t = s * kPiece + out_step;
+          const int c = out_c[i], t = s * kPiece + out_step[i];
           const int first = (c % kWarpChannels) * Q;
-          float sb = 0.0f, sa = 0.0f;
+          // Sums from the first term (0 + x is x but for the sign of a zero,
+          // which no output keeps: they are added to zeros).
+          float sb, sa;
 #pragma unroll
           for (int q = 0; q < Q; q += 4) {
-            const int at = part_index(out_step, first + q);
+            const int at = piece_part_index<Q>(out_step[i], first + q);
             const float4 b4 = *reinterpret_cast<const float4*>(part_b + at);
             const float4 a4 = *reinterpret_cast<const float4*>(part_a + at);
-            sb += (b4.x + b4.y) + (b4.z + b4.w);
-            sa += (a4.x + a4.y) + (a4.z + a4.w);
+            const float b = (b4.x + b4.y) + (b4.z + b4.w);
+            const float a = (a4.x + a4.y) + (a4.z + a4.w);
+            sb = q == 0 ? b : sb + b;
+            sa = q == 0 ? a : sa + a;
           }
           const float dt = dt_s[c * kRow + t], u = u_s[c * kRow + t];
           const float g = dy_s[c * kRow + t];
           float ddt = sb * u + sa * kLn2;
-          if (p.softplus) ddt *= -expm1f(-dt);  // sigmoid(x) = 1 - e^-softplus(x)
+          // sigmoid(x) = 1 - e^-softplus(x)
+          if (p.softplus) {
+            if constexpr (Io::kBranchFreeSigmoid) {
+              ddt *= sigmoid_from_softplus(dt);
+            } else {
+              ddt *= -expm1f(-dt);
+            }
+          }
           dbias[i] += ddt;
           dD[i] += g * u;
           u_s[c * kRow + t] = sb * dt + out_D[i] * g;
@@ -262,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
       // The block's dB / dC of the piece: every warp's terms are stored (and
       // the other buffer, the last piece's, was read by every thread).
       __syncthreads();
-      Io::store_state_grads(p, pos, l0 + s * kPiece, grads, tiles);
+      Io::store_state_grads(p, pos, l0, s * kPiece, grads, tiles, extra);
     }
     __syncthreads();
     Io::store_grads(p, pos, l0, tiles, extra);

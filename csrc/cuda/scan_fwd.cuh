@@ -32,15 +32,25 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
   if (range.first > 0) {
     lane.read_states(lane.segment_state(p, pos.b, blockIdx.y), p.d_state, h);
   }
-  // The outputs this lane sums: step lane % kPart of channels
-  // lane / kPart + 2 i of the warp. A step's y replaces its step size in
-  // s.dt (no later step of the tile reads it) until the tile is stored.
-  const int out_step = lane_id % kPart;
-  int out_c[kOutPerLane];
-  float out_D[kOutPerLane];
+  // The outputs this lane sums. Q = 4 (8 channels a warp, kRowPart): the
+  // scan writes row k of `part` unswizzled (lane at step k * 32 + lane, fixed
+  // offsets), and lane finishes channel lane % 8 at steps s0 + i, s0 = 8
+  // (j % 2) + 4 (j / 2) for its quarter warp j: a quarter's float4 reads
+  // (one step, 8 channels) fall in distinct banks, and the warp's u / y
+  // accesses (rows of kRow) meet at most 2 lanes a bank. Other Q: step
+  // lane % kPart of channels lane / kPart + 2 i of the warp, rows swizzled
+  // by part_index. A step's y replaces its step size in s.dt (no later step
+  // of the tile reads it) until the tile is stored.
+  constexpr bool kRowPart = kWarpChannels == 8 && kPart == 16;
+  const int out_step = kRowPart ? 8 * (lane_id / 8 % 2) + 4 * (lane_id / 16)
+                                : lane_id % kPart;
+  constexpr int kOutChannels = kRowPart ? 1 : kOutPerLane;
+  int out_c[kOutChannels];
+  float out_D[kOutChannels];
 #pragma unroll
-  for (int i = 0; i < kOutPerLane; ++i) {
-    out_c[i] = warp * kWarpChannels + lane_id / kPart + 2 * i;
+  for (int i = 0; i < kOutChannels; ++i) {
+    out_c[i] = warp * kWarpChannels +
+               (kRowPart ? lane_id % kWarpChannels : lane_id / kPart + 2 * i);
     const int64_t d_in_group = pos.cblock * Tl::channels + out_c[i];
     const bool ok = d_in_group < p.per_group;
     const int64_t d = pos.g * p.per_group + (ok ? d_in_group : 0);
@@ -73,41 +83,60 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     if (left > 1) tile.fetch(p, pos, l0 + kSteps, extra);
     for (int t0 = 0; t0 < steps; t0 += kPart) {
       const int piece = steps - t0 < kPart ? steps - t0 : kPart;
-      // Whole pieces (steps past L are zero steps: identities); unrolling
-      // all 16 steps spills the bfloat16 instantiation.
-#pragma unroll 8
-      for (int k = 0; k < kPart; ++k) {
-        const int t = t0 + k;
-        const float dt = s.dt[lane.c * kRow + t];
-        const float dtu = dt * s.u[lane.c * kRow + t];
-        const float4 b4 = *reinterpret_cast<const float4*>(
-            s.B + t * Tl::state_row + lane.q * kP);
-        const float4 c4 = *reinterpret_cast<const float4*>(
-            s.C + t * Tl::state_row + lane.q * kP);
-        const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
-        const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
-        float acc = 0.0f;
+      // The piece's groups of 8 steps (those past L in the last group are
+      // zero steps: identities; groups wholly past L are skipped, a
+      // block-uniform count). Unrolling all 16 steps spills the bfloat16
+      // instantiation.
+      for (int k0 = 0; k0 < piece; k0 += 8) {
 #pragma unroll
-        for (int i = 0; i < kP; ++i) {
-          h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
-          acc += cv[i] * h[i];
+        for (int j = 0; j < 8; ++j) {
+          const int k = k0 + j, t = t0 + k;
+          const float dt = s.dt[lane.c * kRow + t];
+          const float dtu = dt * s.u[lane.c * kRow + t];
+          const float4 b4 = *reinterpret_cast<const float4*>(
+              s.B + t * Tl::state_row + lane.q * kP);
+          const float4 c4 = *reinterpret_cast<const float4*>(
+              s.C + t * Tl::state_row + lane.q * kP);
+          const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
+          const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
+          float acc = 0.0f;
+#pragma unroll
+          for (int i = 0; i < kP; ++i) {
+            h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
+            acc += cv[i] * h[i];
+          }
+          part[kRowPart ? k * 32 + lane_id : part_index(k, lane_id)] = acc;
         }
-        part[part_index(k, lane_id)] = acc;
       }
       __syncwarp();
-      if (out_step < piece) {
-        const int t = t0 + out_step;
+      if constexpr (kRowPart) {
+        // Every output is summed (a step past the piece reads stale
+        // partials), only those of the piece are stored.
+        const float* src = part + out_step * 32 + (out_c[0] % kWarpChannels) * Q;
+        const int at = out_c[0] * kRow + t0 + out_step;
 #pragma unroll
         for (int i = 0; i < kOutPerLane; ++i) {
-          const int first = (out_c[i] % kWarpChannels) * Q;
-          float y = 0.0f;
+          const float4 v = *reinterpret_cast<const float4*>(src + i * 32);
+          // From the first term (0 + x is x but for the sign of a zero,
+          // which y loses: added to the zeros of the map).
+          const float y = ((v.x + v.y) + (v.z + v.w)) + out_D[0] * s.u[at + i];
+          if (out_step + i < piece) s.dt[at + i] = y;
+        }
+      } else {
+        if (out_step < piece) {
+          const int t = t0 + out_step;
 #pragma unroll
-          for (int q = 0; q < Q; q += 4) {
-            const float4 v = *reinterpret_cast<const float4*>(
-                part + part_index(out_step, first + q));
-            y += (v.x + v.y) + (v.z + v.w);
+          for (int i = 0; i < kOutPerLane; ++i) {
+            const int first = (out_c[i] % kWarpChannels) * Q;
+            float y = 0.0f;
+#pragma unroll
+            for (int q = 0; q < Q; q += 4) {
+              const float4 v = *reinterpret_cast<const float4*>(
+                  part + part_index(out_step, first + q));
+              y += (v.x + v.y) + (v.z + v.w);
+            }
+            s.dt[out_c[i] * kRow + t] = y + out_D[i] * s.u[out_c[i] * kRow + t];
           }
-          s.dt[out_c[i] * kRow + t] = y + out_D[i] * s.u[out_c[i] * kRow + t];
         }
       }
       __syncwarp();

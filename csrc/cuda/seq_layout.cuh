@@ -30,6 +30,9 @@ struct SeqIo {
   static constexpr bool kMayKeepDecays = false;
   // Rows are contiguous in L: no table of positions (see CrossIo).
   static constexpr bool kPositions = false;
+  // The backward's softplus derivative stays -expm1f(-dt): the plain op is
+  // the reference its A/B runs compare the fused one against.
+  static constexpr bool kBranchFreeSigmoid = false;
 
   static int extra_floats(const ScanParams&, bool) { return 0; }
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
@@ -140,11 +143,14 @@ struct SeqIo {
     }
   }
 
-  // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
-  // `grads`, see sum_state_grad). Threads take consecutive steps of a state.
+  // Adds the block's dB / dC of the kPiece steps from step t0 of the tile
+  // from l0 (the warps' terms in `grads`, see sum_state_grad). Threads take
+  // consecutive steps of a state.
   __device__ static void store_state_grads(const ScanParams& p,
-                                           const BlockPos& pos, int64_t l,
-                                           const float* grads, const TileSmem&) {
+                                           const BlockPos& pos, int64_t l0, int t0,
+                                           const float* grads, const TileSmem&,
+                                           const float*) {
+    const int64_t l = l0 + t0;
     const int64_t bc = (pos.b * p.groups + pos.g) * p.d_state;
 #pragma unroll
     for (int i = threadIdx.x; i < 2 * Tl::states * kPiece; i += kThreads) {
