@@ -67,7 +67,7 @@ BACKWARD_PROGRAMS_OFF_CUDA = 2
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=['n_rows'])
+    @triton.jit
     def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, n_rows, n_cols,
                                x_row_stride, eps, HAS_WEIGHT: tl.constexpr,
                                HAS_BIAS: tl.constexpr,
@@ -99,7 +99,7 @@ if triton is not None:
         tl.store(Mean + rows, mean, mask=row_mask)
         tl.store(Rstd + rows, rstd, mask=row_mask)
 
-    @triton.jit(do_not_specialize=['n_rows'])
+    @triton.jit
     def _layer_norm_bwd_kernel(X, DY, DX, W, Mean, Rstd, DW_partial,
                                DB_partial, n_rows, n_cols, x_row_stride,
                                dy_row_stride, HAS_WEIGHT: tl.constexpr,

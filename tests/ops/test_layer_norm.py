@@ -9,7 +9,6 @@ when Triton is imported: :func:`test_kernels_in_triton_interpreter` runs
 The GPU tests (real stage shapes, autocast, ``torch.compile``) skip without
 CUDA.
 """
-import itertools
 import os
 import re
 import subprocess
