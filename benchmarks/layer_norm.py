@@ -66,7 +66,7 @@ def make_step(fn: Callable, x: torch.Tensor, weight: torch.Tensor,
     grad = torch.randn(x.shape, device=x.device)
 
     def step():
-        with torch.autocast('cuda', dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             if not backward:
                 with torch.no_grad():
                     fn(x, weight, bias, 1e-5)
@@ -77,14 +77,14 @@ def make_step(fn: Callable, x: torch.Tensor, weight: torch.Tensor,
     return step
 
 
-def op_rows(batch: int, dtypes, warmup: int, repeat: int,
-            sweep: bool) -> List[Dict]:
+def op_rows(batch: int, dtypes, warmup: int, repeat: int, sweep: bool,
+            device='cuda') -> List[Dict]:
     """Time ATen and Triton at each stage, dtype and pass.
 
     Returns:
         list[dict]: One dict per row, then one with the copy bandwidth.
     """
-    device = torch.device('cuda')
+    device = torch.device(device)
     bandwidth = copy_bandwidth(device)
     rows = []
     for (height, width, channels), dtype in itertools.product(
@@ -112,8 +112,8 @@ def op_rows(batch: int, dtypes, warmup: int, repeat: int,
                        aten_ms=times['aten'], triton_ms=times['triton'],
                        bytes=moved[name], floor_ms=floor_ms, best=None)
             if sweep:
-                row['best'] = sweep_launch(x, weight, bias, backward,
-                                           warmup, repeat)
+                row['best'] = sweep_launch(x, weight, bias, backward, 2,
+                                           max(10, repeat // 2))
             rows.append(row)
             torch.cuda.empty_cache()
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9))
