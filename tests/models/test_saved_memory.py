@@ -1,10 +1,11 @@
 """What VMamba and VMamba2 keep for the backward, block by block.
 
-Two savings, each bitwise-neutral: the SiLU taken inside the fused scan op
-(its backward keeps the conv's output, not also the SiLU's), and
+The savings, each bitwise-neutral: the SiLU taken inside the fused scan op
+(its backward keeps the conv's output, not also the SiLU's),
 ``recompute_gate`` / ``recompute_norm`` (out_norm, the gate and out_proj's
-input recomputed in the backward). Each test runs the plain graph (the SiLU
-before the op, nothing recomputed), each saving alone and both (the
+input recomputed in the backward) and, for VMamba2, ``recompute_mlp`` (the
+MLP's GELU recomputed, its output not kept). Each test runs the plain graph
+(the SiLU before the op, nothing recomputed), each saving alone and all (the
 default), checks outputs and gradients bit for bit (on the GPU, whose
 kernels sum in an order of their own, to rounding), counts the bytes kept
 per block with ``saved_tensors_hooks`` and prints the table (``pytest -rA``).
@@ -29,15 +30,23 @@ DEVICES = [
 ]
 
 # VMamba-T's shape (d_state 16, ssm_ratio 2, dt_rank C / 16) at a smaller
-# width and depth; VMamba2-T's (d_state 1, ssm_ratio 1, an MLP).
+# width and depth; VMamba2-T's (d_state 1, ssm_ratio 1, an MLP). With the
+# arguments of the output stage's and the MLP's recompute options.
 MODELS = {
     'VMamba': (VMamba, dict(embed_dims=16, depths=[2, 2, 3, 2]),
-               'recompute_gate'),
+               'recompute_gate', None),
     'VMamba2': (VMamba2, dict(embed_dims=16, depths=[1, 2, 2, 1],
                               ssm_ratio=1.0, d_state=1, mlp_ratio=4.0),
-                'recompute_norm'),
+                'recompute_norm', 'recompute_mlp'),
 }
-VARIANTS = ('before', 'silu in op', 'recompute', 'default')
+# each variant: (SiLU in the op, recompute the output stage, the MLP)
+VARIANTS = {
+    'before': (False, False, False),
+    'silu in op': (True, False, False),
+    'recompute': (False, True, False),
+    'mlp': (False, False, True),
+    'default': (True, True, True),
+}
 
 
 @contextlib.contextmanager
@@ -100,19 +109,23 @@ def run(model, x, autocast):
 
 
 def expected_savings(name, autocast, block_maps, frozen_blocks):
-    """Bytes each saving frees per block: (SiLU in the op, recompute).
+    """Bytes each saving frees per block: (SiLU in the op, recompute, MLP).
 
-    Per position of a block with C channels and ``d_inner`` E: the SiLU's
-    output (E values in the map's dtype); for VMamba the norm's float32
-    output, SiLU(z) and out_proj's input, for VMamba2 out_proj's input (a
-    float32 norm output, or its bfloat16 cast under autocast), with the
-    norm's mean and 1 / std (2 float32) in both; under autocast also
-    autocast's bfloat16 copy of out_proj's weight (C x E) per block.
+    Per position of a block with C channels, ``d_inner`` E and MLP width M:
+    the SiLU's output (E values in the map's dtype); for VMamba the norm's
+    float32 output, SiLU(z) and out_proj's input, for VMamba2 out_proj's
+    input (a float32 norm output, or its bfloat16 cast under autocast), with
+    the norm's mean and 1 / std (2 float32) in both; under autocast also
+    autocast's bfloat16 copy of out_proj's weight (C x E) per block. The
+    MLP (VMamba2): the GELU's output (M values in the map's dtype) and under
+    autocast autocast's bfloat16 copies of fc1's and fc2's weights
+    (2 x C x M).
     """
     savings = []
-    for index, (positions, channels, d_inner) in enumerate(block_maps):
+    for index, (positions, channels, d_inner, hidden) in enumerate(
+            block_maps):
         if index in frozen_blocks:
-            savings.append((0, 0))
+            savings.append((0, 0, 0))
             continue
         half = 2 if autocast else 4  # bytes of the map's dtype
         silu = positions * d_inner * half
@@ -121,50 +134,65 @@ def expected_savings(name, autocast, block_maps, frozen_blocks):
         else:  # the norm's output as out_proj reads it
             per_position = d_inner * half + 8
         weight = channels * d_inner * 2 if autocast else 0
-        savings.append((silu, positions * per_position + weight))
+        mlp = positions * hidden * half + (
+            2 * channels * hidden * 2 if autocast else 0)
+        savings.append((silu, positions * per_position + weight, mlp))
     return savings
 
 
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('case', [
     'VMamba-float32', 'VMamba-autocast', 'VMamba-autocast-frozen',
-    'VMamba2-float32', 'VMamba2-autocast'
+    'VMamba2-float32', 'VMamba2-autocast', 'VMamba2-autocast-frozen'
 ])
 def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
     name = case.split('-')[0]
     autocast = 'autocast' in case
     frozen = 'frozen' in case
-    model_cls, arch, recompute_key = MODELS[name]
+    model_cls, arch, recompute_key, mlp_key = MODELS[name]
+    variants = [v for v in VARIANTS if mlp_key or v != 'mlp']
     kwargs = dict(out_indices=(0, 1, 2, 3), drop_path_rate=0.2)
     if frozen:
         kwargs['frozen_stages'] = 1
     torch.manual_seed(0)
-    models = {
-        recompute: model_cls(arch, **kwargs, **{recompute_key: recompute})
-        for recompute in (False, True)
-    }
-    models[True].load_state_dict(models[False].state_dict())
+    models = {}  # by (recompute, mlp)
+    for variant in variants:
+        options = VARIANTS[variant][1:]
+        if options not in models:
+            switches = {recompute_key: options[0]}
+            if mlp_key:
+                switches[mlp_key] = options[1]
+            models[options] = model_cls(arch, **kwargs, **switches)
+    plain = models[(False, False)]
     for model in models.values():
+        model.load_state_dict(plain.state_dict())
         model.to(device)
     frozen_blocks = set()
     if frozen:  # stage 0, and x_proj everywhere
-        frozen_blocks = set(range(len(models[False].stages[0].blocks)))
+        frozen_blocks = set(range(len(plain.stages[0].blocks)))
         for model in models.values():
             for block in blocks_of(model):
                 block.ss2d.x_proj_weight.requires_grad_(False)
-    shapes = []  # each block's input (B, H, W, C) and d_inner, per run
-    for block in blocks_of(models[False]):
-        block.register_forward_pre_hook(
-            lambda m, args: shapes.append((args[0].shape, m.ss2d.d_inner)))
+    # each block's input (B, H, W, C), d_inner and MLP width, per run
+    shapes = []
+
+    def record_shapes(block, args):
+        mlp = getattr(block, 'mlp', None)  # VMamba's blocks have none
+        shapes.append((args[0].shape, block.ss2d.d_inner,
+                       0 if mlp is None else mlp.fc1.out_features))
+
+    for block in blocks_of(plain):
+        block.register_forward_pre_hook(record_shapes)
     x = torch.randn(2, 3, 45, 62).to(device)
     results = {}
-    for variant in VARIANTS:
-        recompute = variant in ('recompute', 'default')
-        with silu_before_the_op(variant in ('before', 'recompute')):
-            results[variant] = run(models[recompute].train(), x, autocast)
+    for variant in variants:
+        silu_in_op, *options = VARIANTS[variant]
+        with silu_before_the_op(not silu_in_op):
+            results[variant] = run(models[tuple(options)].train(), x,
+                                   autocast)
 
     outs, grads, _ = results['before']
-    for variant in VARIANTS[1:]:
+    for variant in variants[1:]:
         outs_v, grads_v, _ = results[variant]
         assert len(grads_v) == len(grads)
         for a, b in zip((*outs, *grads), (*outs_v, *grads_v)):
@@ -174,35 +202,37 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
             else:
                 torch.testing.assert_close(b, a, msg=variant)
 
-    shapes = shapes[:len(blocks_of(models[False]))]
-    block_maps = [(shape[:3].numel(), shape[3], d_inner)
-                  for shape, d_inner in shapes]
+    shapes = shapes[:len(blocks_of(plain))]
+    block_maps = [(shape[:3].numel(), shape[3], d_inner, hidden)
+                  for shape, d_inner, hidden in shapes]
     savings = expected_savings(name, autocast, block_maps, frozen_blocks)
     rows = [f'{case} ({device}): bytes kept for the backward per block, '
             f'batch 2, {tuple(x.shape[2:])} input',
             f'{"block":>7} {"C":>4} {"map":>9} ' +
-            ' '.join(f'{v:>11}' for v in VARIANTS) + f' {"saved":>8}']
-    stage_of = [(i, s) for s, stage in enumerate(models[False].stages)
+            ' '.join(f'{v:>11}' for v in variants) + f' {"saved":>8}']
+    stage_of = [(i, s) for s, stage in enumerate(plain.stages)
                 for i in range(len(stage.blocks))]
-    for index, (silu, recompute) in enumerate(savings):
-        kept = {v: results[v][2].get(index, 0) for v in VARIANTS}
+    for index, (silu, recompute, mlp) in enumerate(savings):
+        kept = {v: results[v][2].get(index, 0) for v in variants}
         assert kept['before'] - kept['silu in op'] == silu
         assert kept['before'] - kept['recompute'] == recompute
-        assert kept['before'] - kept['default'] == silu + recompute
-        (_, H, W, channels), _ = shapes[index]
+        if mlp_key:
+            assert kept['before'] - kept['mlp'] == mlp
+        assert kept['before'] - kept['default'] == silu + recompute + mlp
+        (_, H, W, channels), _, _ = shapes[index]
         rows.append(
             f'{"%d.%d" % (stage_of[index][1], stage_of[index][0]):>7} '
             f'{channels:>4} {"%dx%d" % (H, W):>9} ' +
-            ' '.join(f'{kept[v]:>11,}' for v in VARIANTS) +
+            ' '.join(f'{kept[v]:>11,}' for v in variants) +
             (f' {1 - kept["default"] / kept["before"]:>8.1%}'
              if kept['before'] else f' {"-":>8}'))
-    other = {v: results[v][2].get(None, 0) for v in VARIANTS}
+    other = {v: results[v][2].get(None, 0) for v in variants}
     assert len(set(other.values())) == 1  # outside the blocks: the same
-    totals = {v: sum(results[v][2].values()) for v in VARIANTS}
+    totals = {v: sum(results[v][2].values()) for v in variants}
     rows.append(f'{"other":>7} {"":>4} {"":>9} ' +
-                ' '.join(f'{other[v]:>11,}' for v in VARIANTS))
+                ' '.join(f'{other[v]:>11,}' for v in variants))
     rows.append(f'{"total":>7} {"":>4} {"":>9} ' +
-                ' '.join(f'{totals[v]:>11,}' for v in VARIANTS) +
+                ' '.join(f'{totals[v]:>11,}' for v in variants) +
                 f' {1 - totals["default"] / totals["before"]:>8.1%}')
     print('\n'.join(rows))
 
@@ -210,6 +240,6 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
 def test_recompute_is_the_default():
     assert VMamba(dict(embed_dims=8, depths=[1, 1, 1, 1])).stages[0].blocks[
         0].ss2d.recompute_gate
-    assert VMamba2(dict(embed_dims=8, depths=[1, 1, 1, 1], ssm_ratio=1.0,
-                        d_state=1, mlp_ratio=4.0)).stages[0].blocks[
-                            0].ss2d.recompute_norm
+    block = VMamba2(dict(embed_dims=8, depths=[1, 1, 1, 1], ssm_ratio=1.0,
+                         d_state=1, mlp_ratio=4.0)).stages[0].blocks[0]
+    assert block.ss2d.recompute_norm and block.mlp.recompute

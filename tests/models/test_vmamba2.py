@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmvmamba.models import VMamba2, convert_authors_state_dict
-from mmvmamba.models.backbones.vmamba2 import SS2DV2
+from mmvmamba.models.backbones.vmamba2 import SS2DV2, Mlp
 from mmvmamba.models.checkpoint import infer_vmamba2_arch
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -511,12 +511,76 @@ def test_bfloat16_autocast_forward_and_backward():
                for p in model.parameters())
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize('case', [
+    'float32', 'autocast', 'half', 'half-autocast', 'frozen-fc1',
+    'frozen-fc2', 'frozen-fc1-autocast', 'frozen-input', 'frozen-input-fc1',
+    'rows', 'tokens', 'strided', 'strided-autocast', 'compiled',
+    'compiled-autocast'
+])
+def test_recomputed_mlp_equals_the_plain_graph_bitwise(case):
+    """fc2(GELU(fc1(x))) by RecomputedMlp and by autograd: the same output
+    and gradients (input, both weights and biases), bit for bit, in their
+    dtypes; odd widths, 2-D to 4-D and strided inputs."""
+    torch.manual_seed(0)
+    frozen = case.split('-')[1:] if case.startswith('frozen') else []
+    dtype = torch.bfloat16 if 'half' in case else torch.float32
+    autocast = 'autocast' in case
+    shape = {'rows': (11, 13), 'tokens': (3, 7, 13)}.get(case, (2, 5, 7, 13))
+    x = torch.randn(*shape, dtype=dtype)
+    if 'strided' in case:  # a channels-last view of a channels-first map
+        x = torch.randn(2, 13, 5, 7, dtype=dtype).permute(0, 2, 3, 1)
+    plain = Mlp(13, 37, recompute=False).to(dtype)
+    lean = Mlp(13, 37).to(dtype)
+    assert lean.recompute  # the default
+    for param in plain.parameters():
+        torch.nn.init.normal_(param)
+    lean.load_state_dict(plain.state_dict())
+    for model in (plain, lean):
+        for name in ('fc1', 'fc2'):
+            getattr(model, name).requires_grad_(name not in frozen)
+    run = lean
+    if 'compiled' in case:
+        torch._dynamo.reset()
+        run = torch.compile(lean, fullgraph=True, backend='aot_eager')
+    grad = torch.randn(*x.shape[:-1], 13)
+    results = []
+    for model, forward in ((plain, plain), (lean, run)):
+        inputs = x.detach().requires_grad_('input' not in frozen)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = forward(inputs)
+        wrt = [t for t in (inputs, *model.parameters()) if t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wrt,
+                                                 grad.to(out.dtype))))
+    (out, grads), (out_lean, grads_lean) = results
+    expected = 5 - 2 * ('fc1' in frozen) - 2 * ('fc2' in frozen) - (
+        'input' in frozen)
+    assert len(grads) == len(grads_lean) == expected
+    for a, b in zip((out, *grads), (out_lean, *grads_lean)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():  # nothing to recompute for: the plain graph
+        assert torch.equal(plain(x), lean(x))
+
+
+@pytest.mark.parametrize('recompute', [False, True])
+def test_torch_compile_fullgraph_matches_eager(recompute):
+    """Outputs and parameter gradients (the fused scan's and the
+    recomputing Functions' backwards traced too)."""
     torch._dynamo.reset()
-    model = VMamba2(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.)
+    model = VMamba2(SMALL, out_indices=(0, 1, 2, 3), drop_path_rate=0.,
+                    recompute_norm=recompute, recompute_mlp=recompute)
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     x = torch.randn(2, 3, 37, 53)
-    for a, b in zip(model(x), compiled(x)):
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(2, 16 * 2**i, *size, generator=g) for i, size in
+               enumerate([(10, 14), (5, 7), (3, 4), (2, 2)])]
+    results = []
+    for run in (model, compiled):
+        outs = run(x)
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        results.append((outs, torch.autograd.grad(loss,
+                                                  list(model.parameters()))))
+    for a, b in zip([*results[0][0], *results[0][1]],
+                    [*results[1][0], *results[1][1]]):
         torch.testing.assert_close(b, a)
 
 

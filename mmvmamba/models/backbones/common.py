@@ -1,6 +1,7 @@
 """What the VMamba (v1) and VMamba2 backbones share: stochastic depth, the
-SSM parameters' initialisation, SS2D's output stage, argument checks, the
-weight init and the backbone's frame (:class:`VSSBackbone`)."""
+SSM parameters' initialisation, SS2D's output stage, linear's backward for
+the recomputing Functions, argument checks, the weight init and the
+backbone's frame (:class:`VSSBackbone`)."""
 import math
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -118,6 +119,42 @@ def output_gate(y: torch.Tensor, z: Optional[torch.Tensor],
     return gated, normed.dtype
 
 
+def linear_backward(
+    grad_2d: torch.Tensor, input_2d: Optional[torch.Tensor],
+    weight: torch.Tensor, bias: Optional[torch.Tensor],
+    needs: Tuple[bool, bool, bool]
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+           Optional[torch.Tensor]]:
+    """``F.linear``'s backward as autograd computes it, for the recomputing
+    Functions: ``mm`` on the 2-D views, in the dtype the layer ran in (the
+    gradient's: autocast's, if on), the bias gradient summed over the rows
+    (``sum_to_size``, as autograd reduces a broadcast bias), each parameter
+    gradient cast back to its parameter's dtype.
+
+    Args:
+        grad_2d (Tensor): Gradient of the output, ``(rows, out)``.
+        input_2d (Tensor, optional): The input as the layer read it (in the
+            gradient's dtype), ``(rows, in)``; needed for the weight's
+            gradient only.
+        weight (Tensor): ``(out, in)``, any dtype.
+        bias (Tensor, optional): ``(out, )``.
+        needs (tuple[bool]): Which of input, weight and bias need gradients.
+
+    Returns:
+        tuple[Tensor | None]: Gradients of the input (2-D, in the gradient's
+        dtype), of the weight and of the bias; None where not needed.
+    """
+    need_input, need_weight, need_bias = needs
+    grad_input = grad_weight = grad_bias = None
+    if need_weight:
+        grad_weight = torch.mm(grad_2d.t(), input_2d).to(weight.dtype)
+    if need_bias:
+        grad_bias = grad_2d.sum_to_size(bias.shape).to(bias.dtype)
+    if need_input:
+        grad_input = torch.mm(grad_2d, weight.to(grad_2d.dtype))
+    return grad_input, grad_weight, grad_bias
+
+
 class RecomputedOutput(torch.autograd.Function):
     """SS2D's output stage ``out_proj(output_gate(y, z))`` keeping only its
     inputs; the backward recomputes the norm's statistics, SiLU(z) and the
@@ -160,20 +197,15 @@ class RecomputedOutput(torch.autograd.Function):
             norm_in[0], norm_weight.shape, norm_in[1], norm_in[2], ctx.eps)
         act = None if z is None else F.silu(z)
         gated = normed if act is None else normed * act
-        # out_proj's backward as linear's: mm on the 2-D views, each
-        # gradient cast back to its input's dtype
-        linear_dtype = ctx.linear_dtype
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        grad_pw = grad_pb = None
-        if need_pw:
-            gated_2d = gated.to(linear_dtype).view(-1, gated.shape[-1])
-            grad_pw = torch.mm(grad_2d.t(), gated_2d).to(proj_weight.dtype)
-        if need_pb:
-            grad_pb = grad_2d.sum_to_size(proj_bias.shape).to(
-                proj_bias.dtype)
+        gated_2d = gated.to(ctx.linear_dtype).view(
+            -1, gated.shape[-1]) if need_pw else None
+        need_gated = need_y or need_z or need_nw or need_nb
+        grad_gated, grad_pw, grad_pb = linear_backward(
+            grad_2d, gated_2d, proj_weight, proj_bias,
+            (need_gated, need_pw, need_pb))
         grad_y = grad_z = grad_nw = grad_nb = None
-        if need_y or need_z or need_nw or need_nb:
-            grad_gated = torch.mm(grad_2d, proj_weight.to(linear_dtype))
+        if need_gated:
             grad_gated = grad_gated.view(gated.shape).to(gated.dtype)
             grad_normed = grad_gated
             if act is not None:

@@ -9,8 +9,9 @@ from mmengine.registry import MODELS
 
 from mmvmamba.ops import cross_selective_scan
 from .common import (DropPath, VSSBackbone, add_ssm_parameters,
-                     init_linear_and_norm, init_ssm_parameters, parse_arch,
-                     parse_scan_dtype, ss2d_output)
+                     init_linear_and_norm, init_ssm_parameters,
+                     linear_backward, parse_arch, parse_scan_dtype,
+                     ss2d_output)
 
 
 class SS2DV2(nn.Module):
@@ -81,15 +82,90 @@ class SS2DV2(nn.Module):
                            self.recompute_norm)
 
 
-class Mlp(nn.Module):
-    """``fc1`` -> GELU -> ``fc2`` over the channels of a channels-last map."""
+class RecomputedMlp(torch.autograd.Function):
+    """``fc2(GELU(fc1(x)))`` keeping fc1's output and its input (as fc1
+    read it, when fc1's weight needs a gradient) only; the backward
+    recomputes the GELU (``fc2``'s input).
 
-    def __init__(self, embed_dims: int, hidden_dims: int):
+    Not kept, against the plain graph: the GELU's output, and under
+    autocast its copies of both weights. The backward calls the ATen kernels
+    autograd calls for the plain graph (``gelu_backward``, and ``mm`` on the
+    2-D views as linear's backward does, see
+    :func:`~.common.linear_backward`), in the dtypes the forward ran in
+    (autocast included), so gradients equal the plain graph's bit for bit.
+    Traceable by ``torch.compile``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fc1_weight: torch.Tensor,
+                fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
+                fc2_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        hidden = F.linear(x, fc1_weight, fc1_bias)
+        act = F.gelu(hidden)
+        out = F.linear(act, fc2_weight, fc2_bias)
+        # the dtypes fc1 and the GELU ran in (autocast's, if on); x kept as
+        # fc1 read it (the same cast as autocast's, which is not kept), and
+        # only for fc1's weight gradient
+        ctx.input_dtype, ctx.gelu_dtype = x.dtype, act.dtype
+        fc1_input = x.to(hidden.dtype) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(fc1_input, hidden, fc1_weight, fc1_bias,
+                              fc2_weight, fc2_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, hidden, fc1_weight, fc1_bias, fc2_weight, fc2_bias = \
+            ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        need_hidden = need_x or need_w1 or need_b1
+        gelu_in = hidden.to(ctx.gelu_dtype)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        act_2d = F.gelu(gelu_in).to(grad.dtype).view(
+            -1, gelu_in.shape[-1]) if need_w2 else None
+        grad_act, grad_w2, grad_b2 = linear_backward(
+            grad_2d, act_2d, fc2_weight, fc2_bias,
+            (need_hidden, need_w2, need_b2))
+        grad_x = grad_w1 = grad_b1 = None
+        if need_hidden:
+            grad_act = grad_act.view(gelu_in.shape).to(ctx.gelu_dtype)
+            grad_hidden = torch.ops.aten.gelu_backward(
+                grad_act, gelu_in, approximate='none').to(hidden.dtype)
+            x_2d = x.reshape(-1, x.shape[-1]) if need_w1 else None
+            grad_x, grad_w1, grad_b1 = linear_backward(
+                grad_hidden.view(-1, hidden.shape[-1]), x_2d, fc1_weight,
+                fc1_bias, (need_x, need_w1, need_b1))
+            if need_x:
+                grad_x = grad_x.view(*hidden.shape[:-1], -1).to(
+                    ctx.input_dtype)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class Mlp(nn.Module):
+    """``fc1`` -> GELU -> ``fc2`` over the channels of a channels-last map.
+
+    Args:
+        embed_dims (int): Input and output channels.
+        hidden_dims (int): Channels between ``fc1`` and ``fc2``.
+        recompute (bool): Recompute the GELU in the backward instead of
+            keeping its output, ``hidden_dims`` values per position (and
+            under autocast its copies of the weights), by
+            :class:`RecomputedMlp`. Same results, bit for bit. Defaults to
+            True.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 hidden_dims: int,
+                 recompute: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(embed_dims, hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return RecomputedMlp.apply(x, self.fc1.weight, self.fc1.bias,
+                                       self.fc2.weight, self.fc2.bias)
         return self.fc2(F.gelu(self.fc1(x)))
 
 
@@ -105,6 +181,8 @@ class VSSBlockV2(nn.Module):
             0 leaves the MLP out. Defaults to 4.0.
         drop_path (float): Stochastic depth rate. Defaults to 0.
         with_cp (bool): Use gradient checkpointing. Defaults to False.
+        recompute_mlp (bool): ``recompute`` of :class:`Mlp`. Defaults to
+            True.
         **ssm_cfg: ``d_state``, ``ssm_ratio``, ``dt_rank``, ``scan_dtype``
             and ``recompute_norm`` of :class:`SS2DV2`.
     """
@@ -114,13 +192,15 @@ class VSSBlockV2(nn.Module):
                  mlp_ratio: float = 4.0,
                  drop_path: float = 0.,
                  with_cp: bool = False,
+                 recompute_mlp: bool = True,
                  **ssm_cfg):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dims)
         self.ss2d = SS2DV2(embed_dims, **ssm_cfg)
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(embed_dims)
-            self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio))
+            self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio),
+                           recompute_mlp)
         else:
             self.norm2 = self.mlp = None
         self.drop_path = DropPath(drop_path)
@@ -184,11 +264,12 @@ class VSSStageV2(nn.Module):
 
     def __init__(self, embed_dims: int, depth: int,
                  drop_paths: Sequence[float], downsample: bool,
-                 with_cp: bool, mlp_ratio: float, **ssm_cfg):
+                 with_cp: bool, mlp_ratio: float, recompute_mlp: bool,
+                 **ssm_cfg):
         super().__init__()
         self.blocks = nn.ModuleList([
             VSSBlockV2(embed_dims, mlp_ratio, drop_paths[i], with_cp,
-                       **ssm_cfg) for i in range(depth)
+                       recompute_mlp, **ssm_cfg) for i in range(depth)
         ])
         self.downsample = ConvDownsample(embed_dims) if downsample else None
 
@@ -236,6 +317,10 @@ class VMamba2(VSSBackbone):
             ``out_proj`` input in the backward rather than keep them: less
             activation memory, the same results bit for bit (see
             :class:`SS2DV2`). Defaults to True.
+        recompute_mlp (bool): Recompute each block's MLP GELU in the
+            backward rather than keep its output (``mlp_ratio * C`` values
+            per position): less activation memory, the same results bit for
+            bit (see :class:`Mlp`). Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
             prefix='backbone.')`` loads converted weights strictly (see
             :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
@@ -268,6 +353,7 @@ class VMamba2(VSSBackbone):
                  with_cp: bool = False,
                  scan_dtype: str = 'float32',
                  recompute_norm: bool = True,
+                 recompute_mlp: bool = True,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         arch = parse_arch(arch, self.arch_zoo, self.arch_keys, ('dt_rank', ))
@@ -296,6 +382,7 @@ class VMamba2(VSSBackbone):
                     downsample=i < self.num_stages - 1,
                     with_cp=with_cp,
                     mlp_ratio=arch['mlp_ratio'],
+                    recompute_mlp=recompute_mlp,
                     **ssm_cfg))
         self._add_output_norms()
 
