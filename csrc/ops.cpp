@@ -9,6 +9,7 @@
 #include <string>
 
 #include "scan.h"
+#include "segments.h"
 
 namespace mmvmamba {
 
@@ -256,10 +257,37 @@ extern "C" __attribute__((used)) const char mmvmamba_build_tag[] =
 
 namespace {
 
+// _C.segment_chunks(chunks, blocks, wave, backward, forced): the CUDA scans'
+// segment rule (segments.h), for tests on any machine.
+PyObject* py_segment_chunks(PyObject* /*module*/, PyObject* args) {
+  long long chunks = 0, blocks = 0, wave = 0, forced = 0;
+  int backward = 0;
+  if (!PyArg_ParseTuple(args, "LLLpL", &chunks, &blocks, &wave, &backward,
+                        &forced)) {
+    return nullptr;
+  }
+  if (chunks < 1 || blocks < 1 || wave < 1 || forced < -1) {
+    PyErr_Format(PyExc_ValueError,
+                 "segment_chunks: need chunks, blocks and wave >= 1 and "
+                 "forced >= -1, got chunks %lld, blocks %lld, wave %lld, "
+                 "forced %lld", chunks, blocks, wave, forced);
+    return nullptr;
+  }
+  return PyLong_FromLongLong(
+      mmvmamba::segment_chunks(chunks, blocks, wave, backward != 0, forced));
+}
+
+PyMethodDef module_methods[] = {
+    {"segment_chunks", py_segment_chunks, METH_VARARGS,
+     "segment_chunks(chunks, blocks, wave, backward, forced) -> chunks per "
+     "segment of the CUDA scans' pass (csrc/segments.h)"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_C",
     "Compiled selective-scan kernels; importing registers torch.ops.mmvmamba.",
-    -1, nullptr,
+    -1, module_methods,
 };
 
 }  // namespace

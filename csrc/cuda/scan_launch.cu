@@ -3,11 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
+#include "../segments.h"
 #include "scan_launch.cuh"
 
 namespace mmvmamba {
@@ -42,66 +40,25 @@ __global__ void scan_carry_kernel(const ScanParams p, bool reverse) {
   }
 }
 
-// Segments are at least this many chunks long (unless forced).
-constexpr int64_t kMinSegChunks = 4;
-// Waves of blocks a split sequence is cut for, by pass (choose_segments).
-constexpr int64_t kForwardWaves = 2;
-constexpr int64_t kBackwardWaves = 4;
-constexpr const char* kSegmentChunksEnv = "MMVMAMBA_SCAN_SEGMENT_CHUNKS";
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// MMVMAMBA_SCAN_SEGMENT_CHUNKS: -1 when unset or empty, else its value.
-int64_t segment_chunks_from_env() {
-  const char* value = std::getenv(kSegmentChunksEnv);
-  if (value == nullptr || *value == '\0') return -1;
-  int64_t chunks = 0;
-  bool ok = true;
-  for (const char* c = value; *c != '\0' && ok; ++c) {
-    ok = *c >= '0' && *c <= '9' && chunks < (int64_t{1} << 40);
-    chunks = chunks * 10 + (*c - '0');
-  }
-  TORCH_CHECK(ok, kSegmentChunksEnv, " must be a non-negative integer: the "
-              "chunks of ", std::to_string(kChunk), " steps per segment of the "
-              "CUDA scans, 0 for one segment; got '", value, "'");
-  return chunks;
-}
 
 }  // namespace
 
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
-// segment of the forward or backward pass. Every segment but one costs a
-// summary pass over its chunks: about two thirds of a full pass forward (the
-// whole recurrence, without C and y), about a sixth backward (the carry of
-// dh alone). So the forward splits the sequence only when its blocks fill
-// less than half of one wave (blocks_per_sm blocks on every SM), into about
-// kForwardWaves waves; the backward splits it whenever its blocks make fewer
-// than kBackwardWaves waves, into that many. Segments are at least
-// kMinSegChunks chunks long; the environment variable above overrides all
-// that. (With the backward's rule for both, the forward summaries took 8% of
-// VMamba-T's bf16 training step at 1024 x 1024, batch 6, on an H200; with
-// fewer forward segments, none at its last two stages, its bf16 inference
-// took 54.2 ms against 61.2.)
+// segment of the forward or backward pass, by segment_chunks() (segments.h)
+// with a wave of blocks_per_sm blocks on every SM of the current device.
 void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm,
                      bool backward) {
-  int64_t seg_chunks = p.chunks;
   const int64_t forced = segment_chunks_from_env();
-  if (forced > 0) {
-    seg_chunks = forced;
-  } else if (forced < 0 && p.chunks >= 2 * kMinSegChunks) {
+  int64_t wave = 0;
+  if (segments_need_wave(p.chunks, forced)) {
     int device = 0, sms = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                           device));
-    const int64_t wave = int64_t{sms} * blocks_per_sm;
-    const bool split = backward ? blocks < kBackwardWaves * wave : 2 * blocks < wave;
-    if (split) {
-      const int64_t waves = backward ? kBackwardWaves : kForwardWaves;
-      seg_chunks = std::max(kMinSegChunks, ceil_div(p.chunks * blocks, waves * wave));
-    }
+    wave = int64_t{sms} * blocks_per_sm;
   }
-  // At most 65535 segments (gridDim.y), at most one.
-  seg_chunks = std::min(std::max(seg_chunks, ceil_div(p.chunks, 65535)), p.chunks);
+  const int64_t seg_chunks = segment_chunks(p.chunks, blocks, wave, backward, forced);
   p.seg_chunks = static_cast<int>(seg_chunks);
   p.segments = static_cast<int>(ceil_div(p.chunks, seg_chunks));
 }

@@ -10,8 +10,9 @@
 // scan_carry_kernel chaining those into the carry entering each segment, and
 // the full pass, each segment starting from its carry. Results equal the
 // one-segment ones up to float rounding. S is chosen per launch
-// (choose_segments: the forward only below half a wave of blocks, for about
-// 2 waves; the backward below 4 waves, for 4); the environment variable
+// (segment_chunks in csrc/segments.h: the forward only below half a wave of
+// blocks, for about 2 waves; the backward below 4 waves, for 4); the
+// environment variable
 // MMVMAMBA_SCAN_SEGMENT_CHUNKS=n forces segments of n chunks (of 64 steps),
 // and 0 a single segment (unset or empty: the choice above; any other value
 // is an error). With one segment nothing extra runs.

@@ -100,7 +100,8 @@ class _SiLUCrossScan(torch.autograd.Function):
     backward); the backward recomputes ``u``. It calls the kernels autograd
     calls for the plain graph (``F.silu``, ``F.linear``, the op), in the
     same dtypes (autocast's included), so outputs and gradients equal the
-    plain graph's bit for bit. Takes a channels-last ``v`` whose reshape to
+    plain graph's (bit for bit on the CPU, where it is tested; a GPU's
+    matrix products may round differently). Takes a channels-last ``v`` whose reshape to
     ``(batch, H*W, D)`` is a contiguous view (as the conv's output is).
     """
 
@@ -248,8 +249,8 @@ def cross_selective_scan(x: torch.Tensor,
             why when it cannot).
         silu (bool): Take ``SiLU(x)`` first. On the fused path with a
             contiguous channels-last ``x`` the backward then keeps ``x``
-            alone, not also its SiLU, and recomputes that (same results,
-            bit for bit). Defaults to False.
+            alone, not also its SiLU, and recomputes that (same results).
+            Defaults to False.
 
     Returns:
         Tensor: Same layout as ``x``, float32 (float64 for float64 input).

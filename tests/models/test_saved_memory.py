@@ -200,7 +200,12 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
             if device == 'cpu':
                 assert torch.equal(a, b), variant
             else:
-                torch.testing.assert_close(b, a, msg=variant)
+                # the CUDA kernels sum dx_dbl, du and y by atomics, whose
+                # order (so the last bits) changes from run to run: float32
+                # within 1e-4, half precision within torch's defaults
+                tol = (dict(rtol=1e-4, atol=1e-5)
+                       if a.dtype == torch.float32 else {})
+                torch.testing.assert_close(b, a, msg=variant, **tol)
 
     shapes = shapes[:len(blocks_of(plain))]
     block_maps = [(shape[:3].numel(), shape[3], d_inner, hidden)

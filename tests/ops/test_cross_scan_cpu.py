@@ -333,6 +333,7 @@ SILU_MODES = {
     'autocast-bf16-scan': (torch.bfloat16, torch.float32, torch.bfloat16,
                            True, ()),
     'bf16-model': (torch.bfloat16, torch.bfloat16, None, False, ()),
+    'fp16-map': (torch.float16, torch.float32, None, False, ()),
     'bf16-scan': (torch.float32, torch.float32, torch.bfloat16, False, ()),
     'frozen-x-proj': (torch.float32, torch.float32, None, False,
                       ('x_proj_weight', )),
@@ -375,8 +376,10 @@ def silu_graphs(case, mode, silu_in_op, seed=0):
 def test_fused_silu_equals_the_plain_graph_bitwise(case, mode):
     """SiLU inside the fused op: the outputs and every gradient of the plain
     graph (SiLU, then the op) bit for bit, in their dtypes, keeping the
-    SiLU's output less (its float32 copy too for a bfloat16 scan of a
-    float32 map; nothing less when only the map before it is kept)."""
+    SiLU's output less (and its copy in the scan's dtype where that is
+    another: a bfloat16 scan of a float32 map, a float32 scan of a float16
+    map as under fp16 AMP; nothing less when only the map before it is
+    kept)."""
     y, grads, saved = silu_graphs(case, mode, silu_in_op=False)
     y_new, grads_new, saved_new = silu_graphs(case, mode, silu_in_op=True)
     assert y.dtype == y_new.dtype == torch.float32
@@ -386,8 +389,9 @@ def test_fused_silu_equals_the_plain_graph_bitwise(case, mode):
     batch, d_inner, H, W = case[:4]
     map_dtype = SILU_MODES[mode][0]
     u_bytes = batch * H * W * d_inner * map_dtype.itemsize
-    expected = {'bf16-scan': u_bytes * 3 // 2, 'frozen-map': 0}.get(
-        mode, u_bytes)
+    # with a scan in another dtype than the map, the op keeps a copy too
+    expected = {'bf16-scan': u_bytes * 3 // 2, 'fp16-map': u_bytes * 3,
+                'frozen-map': 0}.get(mode, u_bytes)
     assert saved - saved_new == expected
 
 

@@ -167,7 +167,8 @@ class RecomputedOutput(torch.autograd.Function):
     graph (``native_layer_norm`` and its backward, ``silu_backward``, and
     ``mm`` on the 2-D views as linear's backward does), in the dtypes the
     forward ran in (autocast included), so gradients equal the plain
-    graph's bit for bit. Lighter on the host than
+    graph's (bit for bit on the CPU, where it is tested; a GPU's matrix
+    products may round differently). Lighter on the host than
     ``torch.utils.checkpoint`` and traceable by ``torch.compile``.
     """
 

@@ -36,7 +36,7 @@ class SS2D(nn.Module):
             ``out_proj``'s input in the backward instead of keeping them for
             it (:class:`~.common.RecomputedOutput`: the float32 norm output,
             SiLU(z) and the bf16 gated map, 2 float32 maps of ``d_inner``
-            channels under bf16 autocast). Same results, bit for bit.
+            channels under bf16 autocast). Same results.
             Defaults to True.
     """
     scan_dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
@@ -221,7 +221,7 @@ class VMamba(VSSBackbone):
             with the state and sums still float32 (see :class:`SS2D`).
         recompute_gate (bool): Recompute each block's ``out_norm``, SiLU
             gate and ``out_proj`` input in the backward rather than keep
-            them: less activation memory, the same results bit for bit, much
+            them: less activation memory, the same results, much
             less recomputation than ``with_cp`` (see :class:`SS2D`).
             Defaults to True.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,

@@ -38,7 +38,7 @@ class SS2DV2(nn.Module):
         recompute_norm (bool): Recompute ``out_norm`` and ``out_proj``'s
             input in the backward instead of keeping the latter (bf16 under
             autocast) and the norm's statistics for it
-            (:class:`~.common.RecomputedOutput`). Same results, bit for bit.
+            (:class:`~.common.RecomputedOutput`). Same results.
             Defaults to True.
     """
 
@@ -92,7 +92,8 @@ class RecomputedMlp(torch.autograd.Function):
     autograd calls for the plain graph (``gelu_backward``, and ``mm`` on the
     2-D views as linear's backward does, see
     :func:`~.common.linear_backward`), in the dtypes the forward ran in
-    (autocast included), so gradients equal the plain graph's bit for bit.
+    (autocast included), so gradients equal the plain graph's (bit for
+    bit on the CPU, where it is tested).
     Traceable by ``torch.compile``.
     """
 
@@ -149,7 +150,7 @@ class Mlp(nn.Module):
         recompute (bool): Recompute the GELU in the backward instead of
             keeping its output, ``hidden_dims`` values per position (and
             under autocast its copies of the weights), by
-            :class:`RecomputedMlp`. Same results, bit for bit. Defaults to
+            :class:`RecomputedMlp`. Same results. Defaults to
             True.
     """
 
@@ -315,7 +316,7 @@ class VMamba2(VSSBackbone):
             (default) or ``'bfloat16'`` (see :class:`SS2DV2`).
         recompute_norm (bool): Recompute each block's ``out_norm`` and
             ``out_proj`` input in the backward rather than keep them: less
-            activation memory, the same results bit for bit (see
+            activation memory, the same results (see
             :class:`SS2DV2`). Defaults to True.
         recompute_mlp (bool): Recompute each block's MLP GELU in the
             backward rather than keep its output (``mlp_ratio * C`` values
