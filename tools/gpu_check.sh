@@ -44,6 +44,9 @@
 # Environment [default]:
 #   ITERS [200], FP32_ITERS [20], COMPARE_ITERS [20], LONG_ITERS [1000]
 #                       iterations of the runs
+#   LONG_EPOCHS [5]     long mode: Mask R-CNN's epochs over LONG_ITERS x 2 /
+#                       LONG_EPOCHS images, UperNet's checkpoints (each must
+#                       divide LONG_ITERS)
 #   GPUS [2]            compare mode: GPUs of the distributed run;
 #                       scaling mode: the largest count of SCALING_GPUS
 #   SCALING_GPUS [1 2 4 ... up to GPUS]  scaling mode: the GPU counts
@@ -100,6 +103,7 @@ ITERS="${ITERS:-200}"
 FP32_ITERS="${FP32_ITERS:-20}"
 COMPARE_ITERS="${COMPARE_ITERS:-20}"
 LONG_ITERS="${LONG_ITERS:-1000}"
+LONG_EPOCHS="${LONG_EPOCHS:-5}"
 GPUS="${GPUS:-2}"
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a positive integer, got '$GPUS'" >&2; exit 2; }
 default_scaling=1
@@ -120,6 +124,12 @@ for name in SCALING_ITERS SCALING_FIRST SCALING_LAST; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
         { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
 done
+for name in LONG_ITERS LONG_EPOCHS; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
+done
+((LONG_ITERS % LONG_EPOCHS == 0)) ||
+    { echo "LONG_EPOCHS ($LONG_EPOCHS) must divide LONG_ITERS ($LONG_ITERS)" >&2; exit 2; }
 ((SCALING_FIRST <= SCALING_LAST && SCALING_LAST <= SCALING_ITERS)) ||
     { echo "need SCALING_FIRST ($SCALING_FIRST) <= SCALING_LAST ($SCALING_LAST) <= SCALING_ITERS ($SCALING_ITERS)" >&2; exit 2; }
 TOL="${TOL:-0.05}"
@@ -323,9 +333,10 @@ run_long() {
     out="$work/long/$task"
     section "long AMP run, 1 GPU, $task: $config ($LONG_ITERS iterations)"
     rm -rf "$out"
-    options opts train "$task" --config "$config" --mode single \
-        --iters "$LONG_ITERS" --batch-size 2 --data-root "$data" \
-        --workers "$NUM_WORKERS" || { fail "$task: no options"; return; }
+    options opts train "$task" --config "$config" --mode long \
+        --iters "$LONG_ITERS" --epochs "$LONG_EPOCHS" --batch-size 2 \
+        --data-root "$data" --workers "$NUM_WORKERS" ||
+        { fail "$task: no options"; return; }
     step "$task-long-amp" python tools/train.py "$config" "${amp_flag[@]}" \
         --work-dir "$out" --cfg-options "${opts[@]}" || return
     losses "$task-long-losses" "$out" "$LONG_ITERS"
@@ -423,9 +434,13 @@ section "synthetic data: $data"
 coco_train=$((ITERS * 2))
 ((FP32_ITERS * 2 > coco_train)) && coco_train=$((FP32_ITERS * 2))
 ((COMPARE_ITERS * 2 * GPUS > coco_train)) && coco_train=$((COMPARE_ITERS * 2 * GPUS))
-[[ "$mode" == long ]] && ((LONG_ITERS * 2 > coco_train)) && coco_train=$((LONG_ITERS * 2))
+[[ "$mode" == long ]] && ((LONG_ITERS * 2 / LONG_EPOCHS > coco_train)) &&
+    coco_train=$((LONG_ITERS * 2 / LONG_EPOCHS))
 [[ "$mode" == scaling ]] && ((SCALING_ITERS * 2 * max_scaling > coco_train)) &&
     coco_train=$((SCALING_ITERS * 2 * max_scaling))
+# without Mask R-CNN a few COCO images do (writing 2,000 at 800x800 takes
+# minutes)
+[[ " ${tasks[*]} " == *" det "* ]] || coco_train=16
 data_args=(--out "$data" --seed 0 --coco-train "$coco_train" --coco-val 16
     --coco-size "$COCO_SIZE" --ade-train 200 --ade-val 16
     --ade-size "$ADE_SIZE")

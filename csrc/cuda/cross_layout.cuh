@@ -10,6 +10,8 @@
 // written.
 #pragma once
 
+#include <type_traits>
+
 #include "scan_common.cuh"
 
 namespace mmvmamba {
@@ -29,12 +31,38 @@ __device__ __forceinline__ int cross_position(int k, int l, int H, int W,
   return l;
 }
 
+// The element `at` rows of `pitch` bytes after `base` (at >= 0, pitch > 0:
+// int32, their product 64-bit: one IMAD.WIDE.U32 with the base).
+template <typename V>
+__device__ __forceinline__ V* row_at(V* base, int at, int pitch) {
+  using Byte = std::conditional_t<std::is_const_v<V>, const char, char>;
+  const uint64_t offset =
+      static_cast<uint64_t>(static_cast<uint32_t>(at)) * static_cast<uint32_t>(pitch);
+  return reinterpret_cast<V*>(reinterpret_cast<Byte*>(base) + offset);
+}
+
 // SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
 // reads 32 channels of one position (coalesced in every scan order); the
-// extra shared memory holds dt_weight of the block's channels and the
-// tile's dt_low (and the backward's d dt_weight), in rows of dt_pitch
-// floats: R rounded up to a multiple of 4 and zero-padded, so that the
-// products over the rank read 4 ranks a load (float4).
+// extra shared memory holds the positions of the next chunk's steps
+// (below), dt_weight of the block's channels and the tile's dt_low (and the
+// backward's d dt_weight), in rows of dt_pitch floats: R rounded up to a
+// multiple of 4 and zero-padded, so that the products over the rank read 4
+// ranks a load (float4).
+//
+// Positions: the map position of step l depends only on the direction and
+// l, so each chunk's kSteps positions are computed once, as int32 (0 past
+// L, so that every address stays in the map: those steps are masked by
+// their index), and every load and store of the chunk reads them in shared
+// memory. The address of (b, position, d) is then the thread's (b, 0, d)
+// plus position x the bytes of a position, int32 x int32 in 64 bits
+// (position < 2^22; D and the x_dbl row, in bytes, below 2^31: checked on
+// the host). Two copies: index_chunk writes the chunk to be fetched next
+// into a table in the extra floats (read by fetch and stage); stage copies
+// it into the padding column (kSteps) of the u and dt tiles, where the
+// stores of the chunk read it (the tiles' rows are only ever written at
+// steps < kSteps). So the kernels call index_chunk for the next chunk after
+// stage (its barrier follows the table's last reads) and before the barrier
+// that precedes the next fetch; see the kernels.
 template <typename T_>
 struct CrossIo {
   using T = T_;
@@ -49,34 +77,102 @@ struct CrossIo {
   // ranks R; see keep_decays in scan_launch.cuh).
   static constexpr bool kMayKeepDecays = true;
 
-  // dt_weight rows, the tile's dt_low, and (backward) d dt_weight rows.
+  // Every load and store of a chunk reads its steps' positions in shared
+  // memory (index_chunk); the kernels call it.
+  static constexpr bool kPositions = true;
+  // The table of the next chunk's kSteps int32 positions, in floats.
+  static constexpr int kPositionFloats = kSteps;
+  // The scanned chunk's positions lie in the padding column of the u and dt
+  // tiles, which are contiguous: rows 0 .. kSteps - 1 of the two.
+  template <Pass kPass>
+  static constexpr bool kPaddingColumn = SmemLayout<Q, kPass>::u == 0 &&
+                                         SmemLayout<Q, kPass>::dt == Tl::channels * kRow;
+  static_assert(kPaddingColumn<Pass::kForward> && kPaddingColumn<Pass::kBackward> &&
+                    kPaddingColumn<Pass::kForwardSummary> &&
+                    kPaddingColumn<Pass::kBackwardSummary> &&
+                    2 * Tl::channels >= kSteps && kRow > kSteps,
+                "a padding column of kSteps rows in the u and dt tiles");
+
+  // The position table, dt_weight rows, the tile's dt_low, and (backward)
+  // d dt_weight rows.
   static int extra_floats(const ScanParams& p, bool backward) {
-    return ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
+    return kPositionFloats + ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
   }
 
-  __device__ static int position(const ScanParams& p, const BlockPos& pos,
-                                 int64_t l) {
-    return cross_position(static_cast<int>(pos.g), static_cast<int>(l),
-                          p.height, p.width, p.inv_height);
+  // The regions of the extra shared memory (16-byte aligned: kPositionFloats
+  // and dt_pitch are multiples of 4).
+  __device__ static float* weights(float* extra) { return extra + kPositionFloats; }
+  __device__ static float* dt_low(float* extra, const ScanParams& p) {
+    return weights(extra) + Tl::channels * p.dt_pitch;
+  }
+  __device__ static float* weight_grads(float* extra, const ScanParams& p) {
+    return dt_low(extra, p) + kSteps * p.dt_pitch;
   }
 
-  // Element (b, position, channel) of a (batch, L, D) map.
-  __device__ static int64_t map_index(const ScanParams& p, const BlockPos& pos,
-                                      int position, int64_t d_in_group) {
-    return (pos.b * p.length + position) * p.per_group + d_in_group;
+  // Positions are kept in float words, bit for bit (no type punning).
+  // The position of step t of the chunk to be fetched (0 past L).
+  __device__ static int next_position(const float* extra, int t) {
+    return __float_as_int(extra[t]);
+  }
+
+  // The position of step t of the chunk being scanned (stage() copied it).
+  __device__ static int scanned_position(const TileSmem& s, int t) {
+    return __float_as_int(s.u[t * kRow + kSteps]);
+  }
+
+  // Writes the positions of chunk `chunk`'s steps into the table (threads 0
+  // .. kSteps - 1, one step each). The caller keeps it apart from the
+  // table's readers by barriers.
+  __device__ static void index_chunk(const ScanParams& p, const BlockPos& pos,
+                                     int64_t chunk, float* extra) {
+    if (threadIdx.x < kSteps) {
+      const int64_t l = chunk * kSteps + threadIdx.x;
+      extra[threadIdx.x] = __int_as_float(
+          l < p.length ? cross_position(static_cast<int>(pos.g), static_cast<int>(l),
+                                        p.height, p.width, p.inv_height)
+                       : 0);
+    }
+  }
+
+  // The steps of the chunk from l0 before L (at most kSteps).
+  __device__ static int chunk_steps(const ScanParams& p, int64_t l0) {
+    return p.length - l0 < kSteps ? static_cast<int>(p.length - l0) : kSteps;
+  }
+
+  // Element (b, 0, 0) of a (batch, L, D) map, and the bytes of a position
+  // there (V: the map's type).
+  __device__ static int64_t image_start(const ScanParams& p, const BlockPos& pos) {
+    return pos.b * p.length * p.per_group;
+  }
+  template <typename V>
+  __device__ static int map_pitch(const ScanParams& p) {
+    static_assert(sizeof(V) == 2 || sizeof(V) == 4, "2- or 4-byte elements");
+    return p.map_bytes[sizeof(V) / 4];
+  }
+
+  // Element (b, 0, 0, 0) of x_dbl (batch, L, 4, R + 2N), and the bytes of a
+  // position there (V: x_dbl's or dx_dbl's type).
+  __device__ static int64_t x_image_start(const ScanParams& p, const BlockPos& pos) {
+    return pos.b * p.length * p.row_stride;
+  }
+  template <typename V>
+  __device__ static int row_pitch(const ScanParams& p) {
+    static_assert(sizeof(V) == 2 || sizeof(V) == 4, "2- or 4-byte elements");
+    return p.row_bytes[sizeof(V) / 4];
   }
 
   // The block's rows of dt_weight, kept for the whole kernel; the
   // backward's d dt_weight rows start at zero.
   __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
                                  float* extra) {
-    float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
+    float* w_s = weights(extra);
+    float* dw_s = weight_grads(extra, p);
     for (int i = threadIdx.x; i < Tl::channels * p.dt_pitch; i += kThreads) {
       const int c = i / p.dt_pitch, r = i % p.dt_pitch;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      extra[i] = d_in_group < p.per_group && r < p.rank
-                     ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
-                     : 0.0f;
+      w_s[i] = d_in_group < p.per_group && r < p.rank
+                   ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
+                   : 0.0f;
       if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
     }
   }
@@ -85,7 +181,7 @@ struct CrossIo {
   __device__ static void finish(const ScanParams& p, const BlockPos& pos,
                                 float* extra) {
     __syncthreads();
-    const float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
+    const float* dw_s = weight_grads(extra, p);
     for (int i = threadIdx.x; i < Tl::channels * p.rank; i += kThreads) {
       const int c = i / p.rank, r = i % p.rank;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -101,39 +197,50 @@ struct CrossIo {
     T u[kRowLoads], B[kStateLoads], C[kStateLoads];
     float dy[kWithDy ? kRowLoads : 1];
 
-    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0) {
+    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                          const float* extra) {
       const T zero = T(0.0f);
+      const int steps = chunk_steps(p, l0);
       {
         const int c = threadIdx.x % Tl::channels;
         const int j = threadIdx.x / Tl::channels;
         const int64_t d_in_group = pos.cblock * Tl::channels + c;
         const bool row_ok = d_in_group < p.per_group;
+        const int64_t start = image_start(p, pos) + (row_ok ? d_in_group : 0);
+        const T* u_map = static_cast<const T*>(p.u) + start;
+        const float* dy_map =
+            kWithDy ? static_cast<const float*>(p.dy) + start : nullptr;
 #pragma unroll
         for (int k = 0; k < kRowLoads; ++k) {
-          const int64_t l = l0 + j + k * kStepThreads;
-          const bool ok = row_ok && l < p.length;
-          const int64_t at = ok ? map_index(p, pos, position(p, pos, l), d_in_group) : 0;
-          u[k] = ok ? static_cast<const T*>(p.u)[at] : zero;
-          if constexpr (kWithDy) dy[k] = ok ? static_cast<const float*>(p.dy)[at] : 0.0f;
+          const int at = next_position(extra, j + k * kStepThreads);
+          const bool ok = row_ok && j + k * kStepThreads < steps;
+          const T* u_at = row_at(u_map, at, map_pitch<T>(p));
+          u[k] = ok ? *u_at : zero;
+          if constexpr (kWithDy) {
+            const float* dy_at = row_at(dy_map, at, map_pitch<float>(p));
+            dy[k] = ok ? *dy_at : 0.0f;
+          }
         }
       }
       const int n = threadIdx.x % Tl::states;
       const int j = threadIdx.x / Tl::states;
       const bool state_ok = n < p.d_state;
-      const T* x_dbl = static_cast<const T*>(p.delta) +
-                       pos.g * (p.rank + 2 * p.d_state) + p.rank + n;
+      const T* B_rows = static_cast<const T*>(p.delta) + x_image_start(p, pos) +
+                        pos.g * (p.rank + 2 * p.d_state) + p.rank + (state_ok ? n : 0);
+      const T* C_rows = B_rows + p.d_state;
 #pragma unroll
       for (int k = 0; k < kStateLoads; ++k) {
-        const int64_t l = l0 + j + k * kStateThreads;
-        const bool ok = state_ok && l < p.length;
-        const T* row = x_dbl + (pos.b * p.length + (ok ? position(p, pos, l) : 0)) *
-                                   p.row_stride;
-        B[k] = ok ? row[0] : zero;
-        C[k] = ok ? row[p.d_state] : zero;
+        const int at = next_position(extra, j + k * kStateThreads);
+        const bool ok = state_ok && j + k * kStateThreads < steps;
+        const T* B_at = row_at(B_rows, at, row_pitch<T>(p));
+        const T* C_at = row_at(C_rows, at, row_pitch<T>(p));
+        B[k] = ok ? *B_at : zero;
+        C[k] = ok ? *C_at : zero;
       }
     }
 
-    // Stores the loads, then the tile's dt_low, then computes the step sizes
+    // Stores the loads, then the tile's dt_low (and copies the tile's
+    // positions for its stores), then computes the step sizes
     // softplus(bias + dt_weight @ dt_low) of the block's channels.
     __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const TileSmem& s, float* extra) const {
@@ -155,17 +262,18 @@ struct CrossIo {
           s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
         }
       }
-      const float* w_s = extra;
-      float* dtl_s = extra + Tl::channels * p.dt_pitch;
+      const float* w_s = weights(extra);
+      float* dtl_s = dt_low(extra, p);
       {
         // Thread: step t, ranks r0, r0 + 2, ...
         const int t = threadIdx.x % kSteps;
         const int r0 = threadIdx.x / kSteps;
-        const int64_t l = l0 + t;
-        const bool ok = l < p.length;
-        const T* row = static_cast<const T*>(p.delta) +
-                       (pos.b * p.length + (ok ? position(p, pos, l) : 0)) * p.row_stride +
-                       pos.g * (p.rank + 2 * p.d_state);
+        const bool ok = t < chunk_steps(p, l0);
+        const int at = next_position(extra, t);
+        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(at);
+        const T* row = row_at(static_cast<const T*>(p.delta) + x_image_start(p, pos) +
+                                  pos.g * (p.rank + 2 * p.d_state),
+                              at, row_pitch<T>(p));
         for (int r = r0; r < p.dt_pitch; r += kThreads / kSteps) {
           dtl_s[t * p.dt_pitch + r] = ok && r < p.rank ? static_cast<float>(row[r]) : 0.0f;
         }
@@ -198,41 +306,48 @@ struct CrossIo {
     }
   };
 
-  // Adds the tile's y to the merged float32 map.
-  __device__ static void store_y(const ScanParams& p, const BlockPos& pos,
-                                 int64_t l0, const float* y_s) {
-    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
-      const int c = i % Tl::channels, t = i / Tl::channels;
-      const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      if (d_in_group < p.per_group && l0 + t < p.length) {
-        const int at = position(p, pos, l0 + t);
-        atomicAdd(static_cast<float*>(p.y) + map_index(p, pos, at, d_in_group),
-                  y_s[c * kRow + t]);
+  // Adds the tile's steps of `tile_s` (rows of kRow per channel: s.u or
+  // s.dt) into the merged float32 map `map`: thread channel c, steps t,
+  // t + 4, ...
+  __device__ static void add_to_map(const ScanParams& p, const BlockPos& pos,
+                                    int64_t l0, float* map, const float* tile_s,
+                                    const TileSmem& s) {
+    const int c = threadIdx.x % Tl::channels;
+    const int64_t d_in_group = pos.cblock * Tl::channels + c;
+    if (d_in_group >= p.per_group) return;
+    const int steps = chunk_steps(p, l0);
+    float* row = map + image_start(p, pos) + d_in_group;
+#pragma unroll
+    for (int k = 0; k < kRowLoads; ++k) {
+      const int t = threadIdx.x / Tl::channels + k * kStepThreads;
+      if (t < steps) {
+        atomicAdd(row_at(row, scanned_position(s, t), map_pitch<float>(p)),
+                  tile_s[c * kRow + t]);
       }
     }
   }
 
-  // Adds du to the merged float32 map; adds the gradient of dt_low
+  // Adds the tile's y (in s.dt) to the merged float32 map.
+  __device__ static void store_y(const ScanParams& p, const BlockPos& pos,
+                                 int64_t l0, const TileSmem& s) {
+    add_to_map(p, pos, l0, static_cast<float*>(p.y), s.dt, s);
+  }
+
+  // Adds du (in s.u) to the merged float32 map; adds the gradient of dt_low
   // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) into
   // dx_dbl; accumulates d dt_weight (dW[c] += sum_t dd[c][t] dt_low[t]). dd
-  // holds d(step size) before the softplus, zero past L and for padding
-  // channels.
+  // (in s.dt) holds d(step size) before the softplus, zero past L and for
+  // padding channels.
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
-                                     int64_t l0, const float* du_s,
-                                     const float* dd_s, float* extra) {
-    for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
-      const int c = i % Tl::channels, t = i / Tl::channels;
-      const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      if (d_in_group < p.per_group && l0 + t < p.length) {
-        const int at = position(p, pos, l0 + t);
-        atomicAdd(static_cast<float*>(p.du) + map_index(p, pos, at, d_in_group),
-                  du_s[c * kRow + t]);
-      }
-    }
-    const float* w_s = extra;
-    const float* dtl_s = extra + Tl::channels * p.dt_pitch;
-    float* dw_s = extra + (Tl::channels + kSteps) * p.dt_pitch;
-    const int x_offset = static_cast<int>(pos.g) * (p.rank + 2 * p.d_state);
+                                     int64_t l0, const TileSmem& s, float* extra) {
+    const float* dd_s = s.dt;
+    add_to_map(p, pos, l0, static_cast<float*>(p.du), s.u, s);
+    const float* w_s = weights(extra);
+    const float* dtl_s = dt_low(extra, p);
+    float* dw_s = weight_grads(extra, p);
+    const int steps = chunk_steps(p, l0);
+    float* x_rows = p.dx_dbl + x_image_start(p, pos) +
+                    static_cast<int>(pos.g) * (p.rank + 2 * p.d_state);
     // Four ranks a pass (float4 rows; sums over the padding are not kept).
     constexpr int kHalf = kSteps / 2;
     {
@@ -243,11 +358,8 @@ struct CrossIo {
       float* rows[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t l = l0 + t + h * kHalf;
-        rows[h] = l < p.length ? p.dx_dbl +
-                                     (pos.b * p.length + position(p, pos, l)) *
-                                         p.row_stride + x_offset
-                               : nullptr;
+        const int at = scanned_position(s, t + h * kHalf);
+        rows[h] = t + h * kHalf < steps ? row_at(x_rows, at, row_pitch<float>(p)) : nullptr;
       }
       for (int r = 4 * g0; r < p.rank; r += 4 * (kThreads / kHalf)) {
         float sum[2][4] = {};
@@ -299,21 +411,28 @@ struct CrossIo {
   }
 
   // Adds the block's dB / dC of the kPiece steps from l (the warps' terms in
-  // `grads`, see sum_state_grad) into dx_dbl. Threads take consecutive
-  // values of a step (one row of x_dbl).
+  // `grads`, see sum_state_grad) into dx_dbl. A warp takes the values of a
+  // step (one row of x_dbl): thread value j = threadIdx % (2 states), the
+  // dB of state j or the dC of state j - states, steps threadIdx / (2
+  // states) + 4 i.
   __device__ static void store_state_grads(const ScanParams& p,
                                            const BlockPos& pos, int64_t l,
-                                           const float* grads) {
-    const int x_offset = static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank;
+                                           const float* grads, const TileSmem& s) {
+    constexpr int kValues = 2 * Tl::states;
+    static_assert(kThreads % kValues == 0 && kPiece % (kThreads / kValues) == 0,
+                  "whole steps a pass");
+    const int j = threadIdx.x % kValues;
+    const int n = j % Tl::states;
+    if (n >= p.d_state) return;
+    const int t0 = static_cast<int>(static_cast<uint64_t>(l) % kSteps);
+    const int steps = p.length - l < kPiece ? static_cast<int>(p.length - l) : kPiece;
+    float* column = p.dx_dbl + x_image_start(p, pos) +
+                    static_cast<int>(pos.g) * (p.rank + 2 * p.d_state) + p.rank +
+                    (j < Tl::states ? n : p.d_state + n);
 #pragma unroll
-    for (int i = threadIdx.x; i < 2 * Tl::states * kPiece; i += kThreads) {
-      const int j = i % (2 * Tl::states), t = i / (2 * Tl::states);
-      const int n = j % Tl::states;
-      if (n < p.d_state && l + t < p.length) {
-        float* row = p.dx_dbl +
-                     (pos.b * p.length + position(p, pos, l + t)) * p.row_stride +
-                     x_offset;
-        atomicAdd(row + (j < Tl::states ? n : p.d_state + n),
+    for (int t = threadIdx.x / kValues; t < kPiece; t += kThreads / kValues) {
+      if (t < steps) {
+        atomicAdd(row_at(column, scanned_position(s, t0 + t), row_pitch<float>(p)),
                   sum_state_grad<Q>(grads, t, j));
       }
     }

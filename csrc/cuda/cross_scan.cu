@@ -21,6 +21,13 @@ ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
                              const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                              const at::Tensor& dt_bias, const at::Tensor& A,
                              const at::Tensor& D) {
+  // The kernels multiply positions by the bytes of a position in the maps
+  // (4 D) and in x_dbl (4 x 4 (R + 2N)) as int32 x int32 -> int64
+  // (cross_layout.cuh).
+  TORCH_CHECK(s.d_inner <= INT32_MAX / 4 &&
+                  kDirections * (s.rank + 2 * s.d_state) <= INT32_MAX / 4,
+              "cross_scan (CUDA): D and 4 (R + 2N) must be below 2^29, got D = ",
+              std::to_string(s.d_inner), ", R = ", std::to_string(s.rank));
   ScanParams p{};
   p.u = u.const_data_ptr();
   p.delta = x_dbl.const_data_ptr();
@@ -42,6 +49,10 @@ ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
   p.row_stride = static_cast<int>(kDirections * (s.rank + 2 * s.d_state));
   p.dt_pitch = (p.rank + 3) / 4 * 4;  // rows of float4s (CrossIo)
   p.inv_height = 1.0f / static_cast<float>(s.height);
+  for (int size = 2, i = 0; i < 2; size *= 2, ++i) {
+    p.map_bytes[i] = static_cast<int>(s.d_inner) * size;
+    p.row_bytes[i] = p.row_stride * size;
+  }
   return p;
 }
 

@@ -119,12 +119,22 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
     dD[i] = dbias[i] = 0.0f;
   }
 
+  if constexpr (Io::kPositions) {
+    Io::index_chunk(p, pos, range.end - 1, extra);
+    __syncthreads();
+  }
   for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
     const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
     typename Io::template Loads<true> tile;
-    tile.fetch(p, pos, l0);
+    tile.fetch(p, pos, l0, extra);
     __syncthreads();
     tile.stage(p, pos, l0, tiles, extra);
+    // The previous chunk's positions (Io::kPositions): the staging's barrier
+    // follows the table's last reads (this chunk's fetch and staging), the
+    // barrier below publishes it to the next fetch.
+    if constexpr (Io::kPositions) {
+      if (chunk > range.first) Io::index_chunk(p, pos, chunk - 1, extra);
+    }
     __syncthreads();
     const float* urow = u_s + lane.c * kRow;
     const float* dtrow = dt_s + lane.c * kRow;
@@ -252,10 +262,10 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
       // The block's dB / dC of the piece: every warp's terms are stored (and
       // the other buffer, the last piece's, was read by every thread).
       __syncthreads();
-      Io::store_state_grads(p, pos, l0 + s * kPiece, grads);
+      Io::store_state_grads(p, pos, l0 + s * kPiece, grads, tiles);
     }
     __syncthreads();
-    Io::store_grads(p, pos, l0, u_s, dt_s, extra);
+    Io::store_grads(p, pos, l0, tiles, extra);
   }
   Io::finish(p, pos, extra);
   if (lane.valid) {
@@ -296,13 +306,21 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
   const float* dyrow = s.dy + lane.c * kRow;
   float dh[kP] = {}, decay_next[kP] = {}, dt_sum = 0.0f;
   typename Io::template Loads<true> tile;
-  tile.fetch(p, pos, static_cast<int64_t>(range.end - 1) * kSteps);
+  if constexpr (Io::kPositions) {
+    Io::index_chunk(p, pos, range.end - 1, extra);
+    __syncthreads();
+  }
+  tile.fetch(p, pos, static_cast<int64_t>(range.end - 1) * kSteps, extra);
   for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
     const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
     __syncthreads();
     tile.stage(p, pos, l0, s, extra);
+    // As in scan_bwd_kernel.
+    if constexpr (Io::kPositions) {
+      if (chunk > range.first) Io::index_chunk(p, pos, chunk - 1, extra);
+    }
     __syncthreads();
-    if (chunk > range.first) tile.fetch(p, pos, l0 - kSteps);
+    if (chunk > range.first) tile.fetch(p, pos, l0 - kSteps, extra);
 #pragma unroll 8
     for (int t = kSteps - 1; t >= 0; --t) {
       const float dt = dtrow[t], g = dyrow[t];

@@ -72,6 +72,9 @@ struct ScanParams {
   const float* dt_weight;
   int height, width, rank, row_stride, dt_pitch;  // row_stride = 4 (R + 2N)
   float inv_height;
+  // CrossIo only: bytes of one position in the (batch, L, D) maps and in the
+  // rows of x_dbl, for elements of 2 bytes ([0]) and 4 bytes ([1]).
+  int map_bytes[2], row_bytes[2];
 };
 
 struct BlockPos {

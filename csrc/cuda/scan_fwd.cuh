@@ -48,7 +48,11 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
   }
 
   typename Io::template Loads<false> tile;
-  tile.fetch(p, pos, static_cast<int64_t>(range.first) * kSteps);
+  if constexpr (Io::kPositions) {
+    Io::index_chunk(p, pos, range.first, extra);
+    __syncthreads();
+  }
+  tile.fetch(p, pos, static_cast<int64_t>(range.first) * kSteps, extra);
   // `left` counts the segment's chunks down (a comparison with its end
   // instead spills the SeqIo<float, 16> instantiation).
   int chunk = range.first;
@@ -57,9 +61,16 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     const int steps = p.length - l0 < kSteps ? static_cast<int>(p.length - l0) : kSteps;
     __syncthreads();
     tile.stage(p, pos, l0, s, extra);
+    // The next chunk's positions (Io::kPositions): the staging's barrier
+    // follows the table's last reads (this chunk's), the barrier below
+    // publishes it to the next fetch. (After the staging, whose loads'
+    // registers are free by then.)
+    if constexpr (Io::kPositions) {
+      if (left > 1) Io::index_chunk(p, pos, chunk + 1, extra);
+    }
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
-    if (left > 1) tile.fetch(p, pos, l0 + kSteps);
+    if (left > 1) tile.fetch(p, pos, l0 + kSteps, extra);
     for (int t0 = 0; t0 < steps; t0 += kPart) {
       const int piece = steps - t0 < kPart ? steps - t0 : kPart;
       // Whole pieces (steps past L are zero steps: identities); unrolling
@@ -109,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
       }
     }
     __syncthreads();
-    Io::store_y(p, pos, l0, s.dt);
+    Io::store_y(p, pos, l0, s);
   }
 }
 
@@ -140,13 +151,21 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
   const float* dtrow = s.dt + lane.c * kRow;
   float h[kP] = {}, dt_sum = 0.0f;
   typename Io::template Loads<false> tile;
-  tile.fetch(p, pos, static_cast<int64_t>(range.first) * kSteps);
+  if constexpr (Io::kPositions) {
+    Io::index_chunk(p, pos, range.first, extra);
+    __syncthreads();
+  }
+  tile.fetch(p, pos, static_cast<int64_t>(range.first) * kSteps, extra);
   for (int chunk = range.first; chunk < range.end; ++chunk) {
     const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
     __syncthreads();
     tile.stage(p, pos, l0, s, extra);
+    // As in scan_fwd_kernel.
+    if constexpr (Io::kPositions) {
+      if (chunk + 1 < range.end) Io::index_chunk(p, pos, chunk + 1, extra);
+    }
     __syncthreads();
-    if (chunk + 1 < range.end) tile.fetch(p, pos, l0 + kSteps);
+    if (chunk + 1 < range.end) tile.fetch(p, pos, l0 + kSteps, extra);
 #pragma unroll 8
     for (int t = 0; t < kSteps; ++t) {
       const float dt = dtrow[t], dtu = dt * urow[t];

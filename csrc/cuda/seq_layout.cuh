@@ -28,6 +28,8 @@ struct SeqIo {
   // The backward never keeps decays (see scan_bwd_kernel): its shared
   // memory allows the blocks its registers do.
   static constexpr bool kMayKeepDecays = false;
+  // Rows are contiguous in L: no table of positions (see CrossIo).
+  static constexpr bool kPositions = false;
 
   static int extra_floats(const ScanParams&, bool) { return 0; }
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
@@ -38,7 +40,8 @@ struct SeqIo {
     T u[kRowLoads], delta[kRowLoads], dy[kWithDy ? kRowLoads : 1];
     T B[kStateLoads], C[kStateLoads];
 
-    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0) {
+    __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0,
+                          const float*) {
       const T zero = T(0.0f);
       {
         const int c = threadIdx.x / kRowThreads;
@@ -105,9 +108,10 @@ struct SeqIo {
     }
   };
 
-  // y of the tile's steps (in `y_s`, rows of kRow per channel).
+  // y of the tile's steps (in s.dt, rows of kRow per channel).
   __device__ static void store_y(const ScanParams& p, const BlockPos& pos,
-                                 int64_t l0, const float* y_s) {
+                                 int64_t l0, const TileSmem& s) {
+    const float* y_s = s.dt;
     for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
       const int c = i / kSteps, t = i % kSteps;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -119,10 +123,11 @@ struct SeqIo {
     }
   }
 
-  // du and d(delta) of the tile (rows of kRow).
+  // du and d(delta) of the tile (in s.u and s.dt, rows of kRow).
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
-                                     int64_t l0, const float* du_s,
-                                     const float* dd_s, float*) {
+                                     int64_t l0, const TileSmem& s, float*) {
+    const float* du_s = s.u;
+    const float* dd_s = s.dt;
     for (int i = threadIdx.x; i < Tl::channels * kSteps; i += kThreads) {
       const int c = i / kSteps, t = i % kSteps;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -139,7 +144,7 @@ struct SeqIo {
   // `grads`, see sum_state_grad). Threads take consecutive steps of a state.
   __device__ static void store_state_grads(const ScanParams& p,
                                            const BlockPos& pos, int64_t l,
-                                           const float* grads) {
+                                           const float* grads, const TileSmem&) {
     const int64_t bc = (pos.b * p.groups + pos.g) * p.d_state;
 #pragma unroll
     for (int i = threadIdx.x; i < 2 * Tl::states * kPiece; i += kThreads) {

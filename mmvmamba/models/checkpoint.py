@@ -5,7 +5,7 @@ import pickle
 import re
 import types
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -27,6 +27,31 @@ _BACKBONE_RULES = [
 # The classifier's norm is the last stage's output norm, named after it.
 _FINAL_NORM_RULE = r'^(?:classifier\.)?norm\.'
 _HEAD_RULE = r'^(?:classifier\.)?head\.(weight|bias)$'
+
+
+def _rename(state_dict: Dict[str, torch.Tensor],
+            rules: List[Tuple[str, str]],
+            adapt: Optional[Callable] = None) -> Tuple[OrderedDict, OrderedDict,
+                                                       List[str]]:
+    """Split the authors' keys: the head's (``_HEAD_RULE``), the backbone's
+    renamed by the first matching ``(pattern, replacement)`` of ``rules``
+    (the value passed through ``adapt(key, value)`` if given), and the keys
+    no rule matches."""
+    backbone, head, unknown = OrderedDict(), OrderedDict(), []
+    for key, value in state_dict.items():
+        head_match = re.match(_HEAD_RULE, key)
+        if head_match:
+            head[head_match.group(1)] = value
+            continue
+        for pattern, replacement in rules:
+            new_key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                backbone[new_key] = value if adapt is None else adapt(
+                    key, value)
+                break
+        else:
+            unknown.append(key)
+    return backbone, head, unknown
 
 
 def convert_authors_state_dict(
@@ -51,22 +76,10 @@ def convert_authors_state_dict(
     """
     if authors_version(state_dict) == 'v2':
         return convert_authors_v2_state_dict(state_dict)
-    backbone, head, unknown = OrderedDict(), OrderedDict(), []
     stages = [re.match(r'^layers\.(\d+)\.', key) for key in state_dict]
     last_stage = max((int(m.group(1)) for m in stages if m), default=0)
     rules = _BACKBONE_RULES + [(_FINAL_NORM_RULE, f'norm{last_stage}.')]
-    for key, value in state_dict.items():
-        head_match = re.match(_HEAD_RULE, key)
-        if head_match:
-            head[head_match.group(1)] = value
-            continue
-        for pattern, replacement in rules:
-            new_key, hits = re.subn(pattern, replacement, key)
-            if hits:
-                backbone[new_key] = value
-                break
-        else:
-            unknown.append(key)
+    backbone, head, unknown = _rename(state_dict, rules)
     if unknown:
         raise KeyError(f'unknown keys in the authors\' checkpoint: {unknown}')
     return backbone, head
@@ -304,22 +317,13 @@ def convert_authors_v2_state_dict(
               for m in [re.match(r'layers\.(\d+)\.', k)] if m]
     final_norm = f'norm{max(stages, default=3)}.' + r'\1'
     rules = [(_V2_FINAL_NORM, final_norm)] + _V2_BACKBONE_RULES
-    backbone, head, unknown = OrderedDict(), OrderedDict(), []
-    for key, value in state_dict.items():
-        head_match = re.match(_HEAD_RULE, key)
-        if head_match:
-            head[head_match.group(1)] = value
-            continue
-        for pattern, replacement in rules:
-            new_key, hits = re.subn(pattern, replacement, key)
-            if hits:
-                break
-        else:
-            unknown.append(key)
-            continue
+
+    def linear_as_2d(key, value):  # their 1x1 convs are our Linears
         if _V2_LINEAR2D.search(key) and value.dim() == 4:
-            value = value.flatten(1)
-        backbone[new_key] = value
+            return value.flatten(1)
+        return value
+
+    backbone, head, unknown = _rename(state_dict, rules, linear_as_2d)
     if unknown:
         raise KeyError(f'keys that VMamba2 does not have in the authors\' '
                        f'checkpoint (another variant of their model?): '

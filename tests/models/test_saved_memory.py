@@ -68,6 +68,14 @@ def silu_before_the_op(enabled):
             module.cross_selective_scan = cross_selective_scan
 
 
+def _scaled_difference(a, b):
+    """The largest difference of ``b`` from ``a`` over ``a``'s largest
+    magnitude."""
+    scale = a.detach().abs().max().float().clamp_min(1e-30)
+    return ((b.detach().float() - a.detach().float()).abs().max() /
+            scale).item()
+
+
 def blocks_of(model):
     return [block for stage in model.stages for block in stage.blocks]
 
@@ -145,7 +153,10 @@ def expected_savings(name, autocast, block_maps, frozen_blocks):
     'VMamba-float32', 'VMamba-autocast', 'VMamba-autocast-frozen',
     'VMamba2-float32', 'VMamba2-autocast', 'VMamba2-autocast-frozen'
 ])
-def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
+def test_fused_silu_and_recompute_saved_bytes_per_block(
+        case, device, monkeypatch):
+    # float32 means float32: no TensorFloat-32 in cuDNN's convolutions
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     name = case.split('-')[0]
     autocast = 'autocast' in case
     frozen = 'frozen' in case
@@ -192,20 +203,34 @@ def test_fused_silu_and_recompute_saved_bytes_per_block(case, device):
                                    autocast)
 
     outs, grads, _ = results['before']
+    names = [f'output {i}' for i in range(len(outs))] + [
+        f'grad of {n}' for n, p in plain.named_parameters() if p.requires_grad
+    ]
+    worst = (0.0, 'none')
     for variant in variants[1:]:
         outs_v, grads_v, _ = results[variant]
         assert len(grads_v) == len(grads)
-        for a, b in zip((*outs, *grads), (*outs_v, *grads_v)):
+        for tensor, a, b in zip(names, (*outs, *grads), (*outs_v, *grads_v)):
             assert a.dtype == b.dtype, variant
             if device == 'cpu':
-                assert torch.equal(a, b), variant
-            else:
-                # the CUDA kernels sum dx_dbl, du and y by atomics, whose
-                # order (so the last bits) changes from run to run: float32
-                # within 1e-4, half precision within torch's defaults
-                tol = (dict(rtol=1e-4, atol=1e-5)
-                       if a.dtype == torch.float32 else {})
-                torch.testing.assert_close(b, a, msg=variant, **tol)
+                assert torch.equal(a, b), (variant, tensor)
+                continue
+            # the CUDA kernels sum y, du and dx_dbl by atomics, whose order
+            # (so the last bits) changes from run to run, and the
+            # recomputing functions' matrix products may round apart from
+            # autograd's: each tensor within a share of its largest
+            # magnitude. Largest measured on an H200 (2026-11-29): float32
+            # 1.6e-6, held to 2e-5; under bfloat16 autocast, where such a
+            # difference flips the rounding of bfloat16 values (2^-8 each)
+            # and stage 3's out_proj gradient sums 8 positions, 1.3e-2,
+            # held to 5e-2.
+            difference = _scaled_difference(a, b)
+            worst = max(worst, (difference, f'{variant}: {tensor}'))
+            assert difference <= (5e-2 if autocast else 2e-5), (
+                variant, tensor, difference)
+    if device != 'cpu':
+        print(f'{case} (cuda): largest difference over the largest '
+              f'magnitude: {worst[0]:.2e} ({worst[1]})')
 
     shapes = shapes[:len(blocks_of(plain))]
     block_maps = [(shape[:3].numel(), shape[3], d_inner, hidden)

@@ -40,7 +40,7 @@ def test_every_option_set_applies(configs, task):
     sets = all_option_sets(configs[task], ROOT)
     assert set(sets) == {
         'single', 'compare-1gpu', 'compare-2gpu', 'compare-warmup-keep',
-        'compare-warmup-off', 'scaling', 'test'
+        'compare-warmup-off', 'scaling', 'long', 'test'
     }
     for options in sets.values():
         cfg = merged(configs[task], options)
@@ -162,6 +162,35 @@ def test_scaling_options(configs, task):
     for key in ('val_dataloader', 'val_cfg', 'val_evaluator'):
         a.pop(key), b.pop(key)
     assert a == b
+
+
+@pytest.mark.parametrize('task', sorted(CONFIGS))
+def test_long_options(configs, task):
+    """Long mode trains as scaling mode does, over fewer Mask R-CNN images
+    for several epochs, and saves a checkpoint every iters / epochs
+    iterations."""
+    cfg = configs[task]
+    long = merged(cfg, train_options(cfg, ROOT, 'long', 1000, 2, epochs=5))
+    scaling = merged(cfg, train_options(cfg, ROOT, 'scaling', 1000, 2))
+    assert long.val_dataloader is None and long.val_cfg is None
+    assert long.train_dataloader.dataset.pipeline == (
+        cfg.train_dataloader.dataset.pipeline)
+    assert long.model.backbone.drop_path_rate == (
+        cfg.model.backbone.drop_path_rate) > 0
+    assert long.param_scheduler == cfg.param_scheduler
+    if task == 'det':  # 5 epochs of 200 iterations over 400 images
+        assert long.train_dataloader.dataset.indices == 400
+        assert long.train_cfg.max_epochs == 5
+        assert long.default_hooks.checkpoint.interval == 1
+        assert cfg.default_hooks.checkpoint.get('by_epoch', True)
+    else:
+        assert long.train_cfg.max_iters == 1000
+        assert long.default_hooks.checkpoint.interval == 200
+        assert scaling.default_hooks.checkpoint.interval == 1000
+    with pytest.raises(ValueError, match='positive divisor of iters'):
+        train_options(cfg, ROOT, 'long', 1000, 2, epochs=3)
+    with pytest.raises(ValueError, match='epochs is for long mode'):
+        train_options(cfg, ROOT, 'single', 1000, 2, epochs=5)
 
 
 def test_unknown_keys_are_refused(configs):
@@ -303,6 +332,13 @@ def test_script_arguments(tmp_path):
         proc = run_script('compare', str(tmp_path), GPUS=gpus)
         assert proc.returncode == 2
         assert f"GPUS must be a positive integer, got '{gpus}'" in proc.stdout
+    proc = run_script('long', str(tmp_path), LONG_EPOCHS='0')
+    assert proc.returncode == 2
+    assert "LONG_EPOCHS must be a positive integer, got '0'" in proc.stdout
+    proc = run_script('long', str(tmp_path), LONG_ITERS='1000',
+                      LONG_EPOCHS='3')
+    assert proc.returncode == 2
+    assert 'LONG_EPOCHS (3) must divide LONG_ITERS (1000)' in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')

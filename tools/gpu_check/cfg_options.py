@@ -37,6 +37,12 @@ What the options do:
   2, 4... GPUs with batch 2 each): the options above and no validation (the
   runs are timed; the checkpoint at the end is saved after the last timed
   iteration); nothing else changes, so each run trains as its config does.
+- ``--mode long`` (``gpu_check.sh long``: many AMP iterations on one GPU):
+  as scaling mode, but Mask R-CNN trains ``--epochs`` epochs over
+  ``iters * batch / epochs`` images (fewer synthetic images to write; a
+  checkpoint each epoch, the config's) and UperNet saves a checkpoint every
+  ``iters / epochs`` iterations, so a run cut short still leaves the loss
+  scaler's state.
 - ``--mode compare`` (one process with batch ``2 N`` against ``N`` with
   batch 2 each, for any ``N``, which must see the same images and the same
   randomness): no validation;
@@ -99,7 +105,7 @@ NEW_KEYS = frozenset({
     'train_dataloader.dataset.indices',
     'default_hooks.mean_loss.type',
 })
-MODES = ('single', 'compare', 'scaling')
+MODES = ('single', 'compare', 'scaling', 'long')
 
 
 def task_of(cfg: Config) -> str:
@@ -147,13 +153,15 @@ def train_options(cfg: Config,
                   global_batch: Optional[int] = None,
                   *,
                   workers: int = 2,
-                  warmup: Optional[str] = None) -> List[str]:
+                  warmup: Optional[str] = None,
+                  epochs: int = 1) -> List[str]:
     """Options of ``tools/train.py`` / ``dist_train.sh`` (module docstring).
 
     Args:
         cfg (Config): The loaded config (Mask R-CNN or UperNet).
         data_root (str): Output folder of ``mmvmamba.datasets.synthetic``.
-        mode (str): ``'single'``, ``'compare'`` or ``'scaling'``.
+        mode (str): ``'single'``, ``'compare'``, ``'scaling'`` or
+            ``'long'``.
         iters (int): Training iterations.
         batch_size (int): Images per process.
         global_batch (int, optional): Images per iteration over all
@@ -163,6 +171,10 @@ def train_options(cfg: Config,
         warmup (str, optional): Compare mode: turn the config's
             learning-rate warm-up ``'off'`` or ``'keep'`` it; None: the
             task's :data:`DEFAULT_WARMUP`.
+        epochs (int): Long mode: Mask R-CNN trains ``epochs`` epochs over
+            ``iters * global_batch / epochs`` images and UperNet saves a
+            checkpoint every ``iters / epochs`` iterations (each must
+            divide); other modes: 1.
     """
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -172,6 +184,11 @@ def train_options(cfg: Config,
     task = task_of(cfg)
     warmup = warmup or DEFAULT_WARMUP[task]
     global_batch = global_batch or batch_size
+    if mode != 'long' and epochs != 1:
+        raise ValueError(f'epochs is for long mode, got {epochs} in {mode}')
+    if epochs < 1 or iters % epochs:
+        raise ValueError(f'epochs must be a positive divisor of iters '
+                         f'({iters}), got {epochs}')
     options = data_options(cfg, data_root) + [
         f'train_dataloader.batch_size={batch_size}',
         f'train_dataloader.num_workers={workers}',
@@ -180,22 +197,23 @@ def train_options(cfg: Config,
         'log_processor.window_size=1',
         'randomness.seed=0',
     ]
-    if task == 'det':
+    if task == 'det':  # a checkpoint each epoch (the config's)
         options += [
-            'train_cfg.max_epochs=1',
-            'train_cfg.val_interval=1',
-            f'train_dataloader.dataset.indices={iters * global_batch}',
+            f'train_cfg.max_epochs={epochs}',
+            f'train_cfg.val_interval={epochs}',
+            'train_dataloader.dataset.indices='
+            f'{iters * global_batch // epochs}',
         ]
     else:
         options += [
             f'train_cfg.max_iters={iters}',
             f'train_cfg.val_interval={iters}',
-            f'default_hooks.checkpoint.interval={iters}',
+            f'default_hooks.checkpoint.interval={iters // epochs}',
         ]
     if mode == 'single':
         return options
     options += ['val_dataloader=None', 'val_cfg=None', 'val_evaluator=None']
-    if mode == 'scaling':
+    if mode in ('scaling', 'long'):
         return options
     pipe = 'train_dataloader.dataset.pipeline'
     options += [
@@ -295,6 +313,7 @@ def all_option_sets(cfg: Config, data_root: str = 'data/gpu_check'):
         'compare-warmup-off': train_options(
             cfg, data_root, 'compare', 20, 2, 4, warmup='off'),
         'scaling': train_options(cfg, data_root, 'scaling', 150, 2, 4),
+        'long': train_options(cfg, data_root, 'long', 1000, 2, epochs=5),
         'test': eval_options(cfg, data_root),
     }
 
@@ -346,6 +365,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument('--iters', type=int, default=200)
             p.add_argument('--batch-size', type=int, default=2)
             p.add_argument('--global-batch', type=int)
+            p.add_argument('--epochs', type=int, default=1,
+                           help='long mode: Mask R-CNN\'s epochs over '
+                           'iters x batch / epochs images; UperNet\'s '
+                           'checkpoints')
             p.add_argument(
                 '--warmup', choices=('keep', 'off'),
                 help='compare mode: the learning-rate warm-up (default: '
@@ -382,7 +405,8 @@ def main(argv=None) -> int:
     if args.command == 'train':
         options = train_options(cfg, args.data_root, args.mode, args.iters,
                                 args.batch_size, args.global_batch,
-                                workers=args.workers, warmup=args.warmup)
+                                workers=args.workers, warmup=args.warmup,
+                                epochs=args.epochs)
     else:
         options = eval_options(cfg, args.data_root, workers=args.workers)
     apply_options(cfg, options)

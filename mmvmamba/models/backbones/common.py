@@ -8,6 +8,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -38,6 +39,36 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
+
+
+class CheckpointedBlock(nn.Module):
+    """A block whose ``_forward`` runs under gradient checkpointing when
+    ``self.with_cp`` is set and the input requires gradients."""
+    with_cp = False
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class BlockStage(nn.Module):
+    """A stage: ``blocks`` in order; ``downsample`` (or None) follows it,
+    applied by the backbone after the stage's output is taken."""
+
+    def __init__(self, blocks: Sequence[nn.Module],
+                 downsample: Optional[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 def parse_scan_dtype(scan_dtype: str) -> torch.dtype:

@@ -4,13 +4,12 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from mmengine.registry import MODELS
 
 from mmvmamba.ops import cross_selective_scan
-from .common import (DropPath, VSSBackbone, add_ssm_parameters,
-                     init_linear_and_norm, init_ssm_parameters, parse_arch,
-                     ss2d_output)
+from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
+                     add_ssm_parameters, init_linear_and_norm,
+                     init_ssm_parameters, parse_arch, ss2d_output)
 
 
 class SS2D(nn.Module):
@@ -97,7 +96,7 @@ class SS2D(nn.Module):
                            self.recompute_gate)
 
 
-class VSSBlock(nn.Module):
+class VSSBlock(CheckpointedBlock):
     """VSS block: ``x + DropPath(SS2D(LayerNorm(x)))`` on channels-last maps.
 
     Args:
@@ -121,11 +120,6 @@ class VSSBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.ss2d(self.norm(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
 
 
 class PatchEmbed(nn.Module):
@@ -171,22 +165,15 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class VSSStage(nn.Module):
+class VSSStage(BlockStage):
     """A stage: VSS blocks, then an optional patch merging."""
 
     def __init__(self, embed_dims: int, depth: int, drop_paths: Sequence[float],
                  downsample: bool, with_cp: bool, **ssm_cfg):
-        super().__init__()
-        self.blocks = nn.ModuleList([
-            VSSBlock(embed_dims, drop_paths[i], with_cp, **ssm_cfg)
-            for i in range(depth)
-        ])
-        self.downsample = PatchMerging(embed_dims) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+        super().__init__(
+            [VSSBlock(embed_dims, drop_paths[i], with_cp, **ssm_cfg)
+             for i in range(depth)],
+            PatchMerging(embed_dims) if downsample else None)
 
 
 @MODELS.register_module()

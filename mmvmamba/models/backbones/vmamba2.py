@@ -4,14 +4,13 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from mmengine.registry import MODELS
 
 from mmvmamba.ops import cross_selective_scan
-from .common import (DropPath, VSSBackbone, add_ssm_parameters,
-                     init_linear_and_norm, init_ssm_parameters,
-                     linear_backward, parse_arch, parse_scan_dtype,
-                     ss2d_output)
+from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
+                     add_ssm_parameters, init_linear_and_norm,
+                     init_ssm_parameters, linear_backward, parse_arch,
+                     parse_scan_dtype, ss2d_output)
 
 
 class SS2DV2(nn.Module):
@@ -170,7 +169,7 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class VSSBlockV2(nn.Module):
+class VSSBlockV2(CheckpointedBlock):
     """VMamba2 block on channels-last maps, two pre-norm residuals::
 
         x = x + DropPath(SS2DV2(norm(x)))
@@ -213,11 +212,6 @@ class VSSBlockV2(nn.Module):
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
-
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
@@ -259,7 +253,7 @@ class ConvDownsample(nn.Module):
         return self.norm(_to_channels_last(self.conv(_to_channels_first(x))))
 
 
-class VSSStageV2(nn.Module):
+class VSSStageV2(BlockStage):
     """A stage: VMamba2 blocks, then an optional downsample (applied by the
     backbone after it has taken the stage's output)."""
 
@@ -267,17 +261,10 @@ class VSSStageV2(nn.Module):
                  drop_paths: Sequence[float], downsample: bool,
                  with_cp: bool, mlp_ratio: float, recompute_mlp: bool,
                  **ssm_cfg):
-        super().__init__()
-        self.blocks = nn.ModuleList([
-            VSSBlockV2(embed_dims, mlp_ratio, drop_paths[i], with_cp,
-                       recompute_mlp, **ssm_cfg) for i in range(depth)
-        ])
-        self.downsample = ConvDownsample(embed_dims) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+        super().__init__(
+            [VSSBlockV2(embed_dims, mlp_ratio, drop_paths[i], with_cp,
+                        recompute_mlp, **ssm_cfg) for i in range(depth)],
+            ConvDownsample(embed_dims) if downsample else None)
 
 
 @MODELS.register_module()
