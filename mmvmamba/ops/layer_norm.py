@@ -120,7 +120,11 @@ if triton is not None:
             w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
         dw_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         db_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
-        for block in range(pid, n_blocks, n_programs):
+        # a while loop: Triton 3.6's interpreter takes a bound of ``range``
+        # through int() of a one-element array, which NumPy >= 2.4 refuses
+        # (the compiled loop is the same: its loads are not pipelined)
+        block = pid
+        while block < n_blocks:
             rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
             row_mask = rows < n_rows
             mask = row_mask[:, None] & col_mask[None, :]
@@ -146,6 +150,7 @@ if triton is not None:
                       mean_g[:, None]) * rstd[:, None]
                 tl.store(DX + rows64[:, None] * n_cols + cols[None, :],
                          dx.to(DX.dtype.element_ty), mask=mask)
+            block += n_programs
         if STORE_DW:
             tl.store(DW_partial + pid * n_cols + cols, tl.sum(dw_sum, axis=0),
                      mask=col_mask)
