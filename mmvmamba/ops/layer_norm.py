@@ -54,6 +54,10 @@ MAX_CHANNELS = 8192
 #: Device types whose tensors take the Triton path (tests add 'cpu' to run
 #: the kernels in Triton's interpreter).
 TRITON_DEVICE_TYPES = ('cuda', )
+#: Device types whose autocast runs ``layer_norm`` in float32 (CUDA's
+#: policy; CPU autocast keeps bfloat16). Tests add 'cpu' to take CPU
+#: autocast for CUDA's in Triton's interpreter.
+AUTOCAST_DEVICE_TYPES = ('cuda', )
 #: Input dtypes the kernels read.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Elements of a program's tile (rows x C padded to a power of two) when C
@@ -352,7 +356,12 @@ def result_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
-    return x.device.type == 'cuda' and torch.is_autocast_enabled('cuda')
+    """Whether autocast of ``x``'s device (one of
+    :data:`AUTOCAST_DEVICE_TYPES`) is on where this is called: the front
+    function decides, before any dispatch, and hands the dtype down."""
+    device_type = x.device.type
+    return (device_type in AUTOCAST_DEVICE_TYPES
+            and torch.is_autocast_enabled(device_type))
 
 
 def unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor] = None,

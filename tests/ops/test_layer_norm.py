@@ -55,6 +55,36 @@ def triton_on_cpu(monkeypatch):
     monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
 
 
+@pytest.fixture
+def cpu_autocast_as_cuda(monkeypatch):
+    """Take CPU autocast for CUDA's: ``layer_norm`` then returns float32
+    under ``torch.autocast('cpu')`` (``F.layer_norm`` there does not)."""
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+
+
+@pytest.fixture
+def index_as_in_triton_3_6(monkeypatch):
+    """Make the interpreter's ``tensor.__index__`` refuse as Triton 3.6's
+    does under NumPy >= 2.4: it takes ``int()`` of the one-element array of
+    a runtime value (``range(pid, n, step)`` in a kernel, say), which those
+    NumPy versions reject. Later Triton versions squeeze the array first."""
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, '_patch_lang_tensor', None)
+    if patch_tensor is None:
+        return
+
+    def refuse(self):
+        raise TypeError('only 0-dimensional arrays can be converted to '
+                        'Python scalars (Triton 3.6 interpreter, NumPy >= '
+                        f'2.4): value of shape {self.handle.data.shape}')
+
+    def patch_strictly(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, '__index__', refuse)
+
+    monkeypatch.setattr(interpreter, '_patch_lang_tensor', patch_strictly)
+
+
 def reference(x, weight, bias, eps, dy):
     """Float64 ``F.layer_norm`` of the same values: output and the
     gradients of x, weight and bias (None where the input is None)."""
@@ -135,23 +165,29 @@ def check_against_float64(y, x, w, b, eps, out_dtype):
 
 
 @interpreted
-@pytest.mark.usefixtures('triton_on_cpu')
+@pytest.mark.usefixtures('triton_on_cpu', 'index_as_in_triton_3_6')
 class TestInterpreted:
-    """The kernels, run by Triton's interpreter on CPU tensors."""
+    """The kernels, run by Triton's interpreter on CPU tensors (a runtime
+    value never taken as a Python int, which Triton 3.6's interpreter
+    cannot do under NumPy >= 2.4)."""
 
     @pytest.mark.parametrize('channels', [1, 3, 96, 100, 384, 768])
     @pytest.mark.parametrize('case', ['float32', 'bfloat16', 'autocast'])
-    def test_matches_float64(self, channels, case, reported_seed):
+    def test_matches_float64(self, channels, case, monkeypatch,
+                             reported_seed):
         # 3 x 23 = 69 rows: not a multiple of the row block (at most 256),
         # and for C >= 96 more blocks than the 2 backward programs here, so
         # that each program loops over several
         shape = (3, 23, channels)
         if case == 'autocast':
-            # a bfloat16 map and float32 parameters, as under CUDA
-            # autocast: read as it is, computed and returned in float32
+            # a bfloat16 map and float32 parameters under autocast (CPU's,
+            # taken for CUDA's): read as it is, computed and returned in
+            # float32
             x, w, b = make_inputs(shape, torch.bfloat16)
-            with RecordFallbacks() as record:
-                y = ln._LayerNormFunction.apply(x, w, b, 1e-5, torch.float32)
+            monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+            with RecordFallbacks() as record, torch.autocast(
+                    'cpu', dtype=torch.bfloat16):
+                y = ln.layer_norm(x, w, b, 1e-5)
             check_against_float64(y, x, w, b, 1e-5, torch.float32)
         else:
             dtype = getattr(torch, case)
@@ -243,6 +279,23 @@ class TestInterpreted:
         assert record.calls == 0
         check_against_float64(y, x, norm.weight, norm.bias, norm.eps,
                               torch.float32)
+
+    @pytest.mark.usefixtures('cpu_autocast_as_cuda')
+    def test_autocast_as_the_gpu_stage_test_runs_it(self, reported_seed):
+        """:func:`run_both` under autocast (CPU's for CUDA's): no fallback
+        in ``layer_norm``, float32 output, gradients in the inputs'
+        dtypes."""
+        x, w, b = make_inputs((2, 5, 5, 96), torch.bfloat16)
+        (ours, _), (y64, refs), dy, fallbacks = run_both(x, w, b,
+                                                         autocast=True)
+        assert fallbacks == 0
+        assert [t.dtype for t in ours] == [torch.float32, torch.bfloat16,
+                                           torch.float32, torch.float32]
+        dw_scale, db_scale = sum_scale(x, 1e-5, dy)
+        assert_close_to(ours[0], y64, torch.float32)
+        assert_close_to(ours[1], refs[0], torch.bfloat16)
+        assert_close_to(ours[2], refs[1], torch.float32, dw_scale)
+        assert_close_to(ours[3], refs[2], torch.float32, db_scale)
 
     def test_compile_falls_back_under_the_interpreter(self, reported_seed):
         # interpreted kernels cannot be traced: compiled code runs
@@ -445,16 +498,21 @@ STAGE_SHAPES = [(128, 56, 56, 96), (128, 28, 28, 192), (128, 14, 14, 384),
 
 def run_both(x, w, b, eps=1e-5, autocast=False, dy=None):
     """Output and gradients of ``layer_norm`` and of ``F.layer_norm`` under
-    the same autocast setting, and the float64 reference."""
-    results = []
+    the same autocast setting (bf16, of ``x``'s device), the float64
+    reference, the output gradient, and how many times ``layer_norm``
+    called ``F.layer_norm`` (0: the Triton path ran)."""
+    results, calls = [], []
     for fn in (ln.layer_norm,
                lambda *a: F.layer_norm(a[0], a[0].shape[-1:], *a[1:])):
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16,
+                            enabled=autocast), RecordFallbacks() as record:
             y = fn(x, w, b, eps)
+        calls.append(record.calls)
         if dy is None:
             dy = torch.randn(y.shape, device=y.device, dtype=y.dtype)
         results.append((y, ) + torch.autograd.grad(y, (x, w, b), dy))
-    return results, reference(x, w, b, eps, dy), dy
+    assert calls[1] == 1  # the count sees F.layer_norm
+    return results, reference(x, w, b, eps, dy), dy, calls[0]
 
 
 @needs_cuda
@@ -468,9 +526,9 @@ def test_gpu_stage_shapes_match_float64_and_dtypes_of_f_layer_norm(
     within its rounding to bf16); F.layer_norm's errors are printed
     beside them."""
     x, w, b = make_inputs(shape, dtype, device='cuda')
-    with RecordFallbacks() as record:
-        (ours, aten), (y64, refs), dy = run_both(x, w, b, autocast=True)
-    assert record.calls == 1  # F.layer_norm's own run only
+    (ours, aten), (y64, refs), dy, fallbacks = run_both(x, w, b,
+                                                        autocast=True)
+    assert fallbacks == 0  # the Triton path ran
     assert [t.dtype for t in ours] == [t.dtype for t in aten]
     dw_scale, db_scale = sum_scale(x, 1e-5, dy)
     for name, result in (('F.layer_norm', aten), ('Triton', ours)):
@@ -489,7 +547,8 @@ def test_gpu_stage_shapes_match_float64_and_dtypes_of_f_layer_norm(
                          [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_odd_shapes_without_autocast(channels, dtype, reported_seed):
     x, w, b = make_inputs((3, 37, channels), dtype, dtype, device='cuda')
-    (ours, aten), (y64, refs), dy = run_both(x, w, b, eps=1e-3)
+    (ours, aten), (y64, refs), dy, fallbacks = run_both(x, w, b, eps=1e-3)
+    assert fallbacks == 0
     assert [t.dtype for t in ours] == [t.dtype for t in aten]
     dw_scale, db_scale = sum_scale(x, 1e-3, dy)
     assert_close_to(ours[0], y64, dtype)
