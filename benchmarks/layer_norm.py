@@ -77,6 +77,17 @@ def make_step(fn: Callable, x: torch.Tensor, weight: torch.Tensor,
     return step
 
 
+def check_triton_path(x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor) -> None:
+    """Raise RuntimeError (with the reason) if
+    :func:`mmvmamba.ops.layer_norm.layer_norm` would run ``F.layer_norm``
+    on these inputs under the bf16 autocast of the timed steps."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        reason = ln.unsupported_reason(x, weight, bias)
+    if reason is not None:
+        raise RuntimeError(f'the Triton path would not run: {reason}')
+
+
 def op_rows(batch: int, dtypes, warmup: int, repeat: int, sweep: bool,
             device='cuda') -> List[Dict]:
     """Time ATen and Triton at each stage, dtype and pass.
@@ -97,9 +108,7 @@ def op_rows(batch: int, dtypes, warmup: int, repeat: int, sweep: bool,
         for name, backward in zip(PASSES, (False, True)):
             for t in (x, weight, bias):
                 t.requires_grad_(backward)
-            if ln.unsupported_reason(x, weight, bias) is not None:
-                raise RuntimeError('the Triton path would not run: ' +
-                                   ln.unsupported_reason(x, weight, bias))
+            check_triton_path(x, weight, bias)
             times = {
                 label: measure(make_step(fn, x, weight, bias, backward),
                                device, warmup, repeat)

@@ -18,6 +18,25 @@ def test_floor_bytes():
         elements * 8
 
 
+@pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                    reason=str(ln.TRITON_IMPORT_ERROR))
+def test_check_triton_path_under_the_steps_autocast(monkeypatch):
+    """The check runs under the autocast of the timed steps: a bfloat16
+    map with float32 parameters passes (CPU autocast taken for CUDA's, as
+    the op tests do); float64 does not, nor mixed dtypes where autocast
+    does not upcast."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    x = torch.randn(2, 7, 7, 96).bfloat16()
+    weight, bias = torch.randn(96), torch.randn(96)
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+    bench.check_triton_path(x, weight, bias)
+    with pytest.raises(RuntimeError, match='float64'):
+        bench.check_triton_path(x.double(), weight.double(), None)
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', ))
+    with pytest.raises(RuntimeError, match=r'autocast off\) are not cov'):
+        bench.check_triton_path(x, weight, bias)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
 def test_refuses_to_run_without_a_gpu():
     with pytest.raises(SystemExit):
