@@ -1,0 +1,456 @@
+"""LayerNorm over the last dimension on Triton kernels, for CUDA tensors.
+
+Under CUDA autocast ``F.layer_norm`` runs in float32: a bfloat16 input is
+first copied to float32, then normalised by ATen's float32 kernels. The
+kernels here read the input in its own dtype (float32, bfloat16 or float16)
+and compute in float32 (the upcast is exact, so the results are those of the
+float32 copy without the copy), several rows per program when C is small.
+
+- :func:`layer_norm` (``x, weight, bias, eps``) normalises over the last
+  dimension of ``x``. It runs the Triton kernels when
+  :func:`unsupported_reason` finds nothing against them (a CUDA tensor, Triton
+  importable, ``1 <= C <=`` :data:`MAX_CHANNELS`, the last dimension
+  contiguous, dtypes whose ``F.layer_norm`` result it reproduces), else
+  ``F.layer_norm``; both give the same dtypes and the same values up to
+  float32 rounding.
+- :class:`LayerNorm` is ``nn.LayerNorm`` (same arguments, same state_dict)
+  on :func:`layer_norm`; :func:`replace_layer_norms` swaps it in for the
+  ``nn.LayerNorm`` modules of a model.
+
+Output dtype: float32 under CUDA autocast (whatever the input and parameter
+dtypes, as autocast's float32 policy for ``layer_norm``); otherwise the
+input's dtype, the parameters having that dtype too (mixed dtypes outside
+autocast fall back). The forward keeps each row's mean and 1 / std
+(float32) for the backward, as ATen does; the backward computes the requested
+gradients in float32, the weight and bias gradients in two deterministic
+stages (per-program partial sums over rows, then their sum). No double
+backward.
+
+``torch.compile`` (``fullgraph=True`` too) traces the same kernels through
+``torch.library.triton_op`` custom ops (``mmvmamba::layer_norm_fwd``,
+``mmvmamba::layer_norm_bwd``); eager calls go through an autograd Function
+that launches them directly, which is lighter on the host. Where
+``triton_op`` is missing (torch < 2.6), and under Triton's interpreter,
+compiled code uses ``F.layer_norm``.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # CPU-only installs
+    triton = tl = None
+    TRITON_IMPORT_ERROR: Optional[str] = f'Triton is not importable: {error}'
+else:
+    TRITON_IMPORT_ERROR = None
+
+#: Largest C the kernels take (one row is held in registers).
+MAX_CHANNELS = 8192
+#: Device types whose tensors take the Triton path (tests add 'cpu' to run
+#: the kernels in Triton's interpreter).
+TRITON_DEVICE_TYPES = ('cuda', )
+#: Device types whose autocast runs ``layer_norm`` in float32 (CUDA's
+#: policy; CPU autocast keeps bfloat16). Tests add 'cpu' to take CPU
+#: autocast for CUDA's in Triton's interpreter.
+AUTOCAST_DEVICE_TYPES = ('cuda', )
+#: Input dtypes the kernels read.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Elements of a program's tile (rows x C padded to a power of two) when C
+#: is small: the row block is TILE_ELEMENTS // padded C.
+TILE_ELEMENTS = 4096
+#: Programs per SM of the backward, each looping over row blocks and writing
+#: one partial sum of the weight and bias gradients.
+BACKWARD_PROGRAMS_PER_SM = 4
+#: Backward programs off CUDA (Triton's interpreter in tests).
+BACKWARD_PROGRAMS_OFF_CUDA = 2
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, n_rows, n_cols,
+                               x_row_stride, eps, HAS_WEIGHT: tl.constexpr,
+                               HAS_BIAS: tl.constexpr,
+                               BLOCK_ROWS: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+        """Normalise BLOCK_ROWS rows of X into Y (contiguous), keeping each
+        row's mean and 1 / std; float32 arithmetic."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        row_mask = rows < n_rows
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :],
+                    mask=mask, other=0.).to(tl.float32)
+        mean = tl.sum(x, axis=1) / n_cols
+        centred = tl.where(mask, x - mean[:, None], 0.)
+        var = tl.sum(centred * centred, axis=1) / n_cols
+        rstd = 1. / tl.sqrt(var + eps)
+        y = centred * rstd[:, None]
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
+            y = y * w[None, :]
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
+            y = y + b[None, :]
+        tl.store(Y + rows64[:, None] * n_cols + cols[None, :],
+                 y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Mean + rows, mean, mask=row_mask)
+        tl.store(Rstd + rows, rstd, mask=row_mask)
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(X, DY, DX, W, Mean, Rstd, DW_partial,
+                               DB_partial, n_rows, n_cols, x_row_stride,
+                               dy_row_stride, HAS_WEIGHT: tl.constexpr,
+                               STORE_DX: tl.constexpr, STORE_DW: tl.constexpr,
+                               STORE_DB: tl.constexpr,
+                               BLOCK_ROWS: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+        """Gradients of the norm: DX (contiguous) row by row; each program
+        loops over the row blocks ``pid, pid + programs, ...`` and writes
+        its partial sums of the weight and bias gradients to row ``pid`` of
+        DW_partial and DB_partial (float32)."""
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
+        dw_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+        db_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+        # a while loop: Triton 3.6's interpreter takes a bound of ``range``
+        # through int() of a one-element array, which NumPy >= 2.4 refuses
+        # (the compiled loop is the same: its loads are not pipelined)
+        block = pid
+        while block < n_blocks:
+            rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_mask = rows < n_rows
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)
+            x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :],
+                        mask=mask, other=0.).to(tl.float32)
+            dy = tl.load(DY + rows64[:, None] * dy_row_stride + cols[None, :],
+                         mask=mask, other=0.).to(tl.float32)
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.)
+            if STORE_DW:
+                dw_sum += dy * x_hat
+            if STORE_DB:
+                db_sum += dy
+            if STORE_DX:
+                g = dy
+                if HAS_WEIGHT:
+                    g = dy * w[None, :]
+                mean_g_x_hat = tl.sum(g * x_hat, axis=1) / n_cols
+                mean_g = tl.sum(g, axis=1) / n_cols
+                dx = (g - x_hat * mean_g_x_hat[:, None] -
+                      mean_g[:, None]) * rstd[:, None]
+                tl.store(DX + rows64[:, None] * n_cols + cols[None, :],
+                         dx.to(DX.dtype.element_ty), mask=mask)
+            block += n_programs
+        if STORE_DW:
+            tl.store(DW_partial + pid * n_cols + cols, tl.sum(dw_sum, axis=0),
+                     mask=col_mask)
+        if STORE_DB:
+            tl.store(DB_partial + pid * n_cols + cols, tl.sum(db_sum, axis=0),
+                     mask=col_mask)
+
+
+def launch_config(channels: int) -> Tuple[int, int, int]:
+    """Block shape and warps of both kernels for C = ``channels``.
+
+    Returns:
+        tuple[int, int, int]: ``(block_c, block_rows, num_warps)``: C padded
+        to a power of two (at least 16), the rows of a program's tile
+        (:data:`TILE_ELEMENTS` elements when C is small, one row from 4096
+        up) and 8 warps a 4096-element tile (16 elements a thread), 16 for
+        8192.
+    """
+    block_c = max(16, 1 << (channels - 1).bit_length())
+    block_rows = max(1, TILE_ELEMENTS // block_c)
+    num_warps = min(16, max(4, block_rows * block_c // 512))
+    return block_c, block_rows, num_warps
+
+
+def _launcher(kernel, traceable: bool):
+    """The kernel itself (eager), or wrapped for tracing by
+    ``torch.compile`` (inside the ``triton_op`` custom ops)."""
+    return torch.library.wrap_triton(kernel) if traceable else kernel
+
+
+def _backward_programs(n_blocks: int, device: torch.device) -> int:
+    """Programs of the backward: a few per SM, at most one per row block."""
+    if device.type == 'cuda':
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        cap = BACKWARD_PROGRAMS_PER_SM * sms
+    else:
+        cap = BACKWARD_PROGRAMS_OFF_CUDA
+    return max(1, min(n_blocks, cap))
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (rows, C) with unit stride along C (a view when it can)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _forward(x: torch.Tensor, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], eps: float,
+             out_dtype: torch.dtype, traceable: bool = False
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward on ``x`` (any leading shape).
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: The output (``x``'s shape,
+        ``out_dtype``), and each row's mean and 1 / std (float32).
+    """
+    x_rows = _as_rows(x)
+    n_rows, channels = x_rows.shape
+    y = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block_c, block_rows, num_warps = launch_config(channels)
+    grid = (triton.cdiv(n_rows, block_rows), )
+    _launcher(_layer_norm_fwd_kernel, traceable)[grid](
+        x_rows, y, mean if weight is None else weight,
+        mean if bias is None else bias, mean, rstd, n_rows, channels,
+        x_rows.stride(0), eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    return y.view(x.shape), mean, rstd
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor,
+              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+              mean: torch.Tensor, rstd: torch.Tensor, need_x: bool,
+              need_weight: bool, need_bias: bool, traceable: bool = False
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: the gradients of ``x`` (its dtype), ``weight``
+    and ``bias`` (theirs); an empty tensor for those not requested."""
+    x_rows, grad_rows = _as_rows(x), _as_rows(grad)
+    n_rows, channels = x_rows.shape
+    need_weight = need_weight and weight is not None
+    need_bias = need_bias and bias is not None
+    block_c, block_rows, num_warps = launch_config(channels)
+    programs = _backward_programs(triton.cdiv(n_rows, block_rows), x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    # unused pointers get ``mean`` (never read or written)
+    dx = (torch.empty((n_rows, channels), dtype=x.dtype, device=x.device)
+          if need_x else mean)
+    dw_partial = (torch.empty((programs, channels), **f32)
+                  if need_weight else mean)
+    db_partial = (torch.empty((programs, channels), **f32)
+                  if need_bias else mean)
+    _launcher(_layer_norm_bwd_kernel, traceable)[(programs, )](
+        x_rows, grad_rows, dx, mean if weight is None else weight, mean, rstd,
+        dw_partial, db_partial, n_rows, channels, x_rows.stride(0),
+        grad_rows.stride(0),
+        HAS_WEIGHT=weight is not None, STORE_DX=need_x,
+        STORE_DW=need_weight, STORE_DB=need_bias,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    # custom ops return tensors: an empty one for a gradient not requested
+    dx = dx.view(x.shape) if need_x else x.new_empty(0)
+    dw = dw_partial.sum(0).to(weight.dtype) if need_weight else x.new_empty(0)
+    db = db_partial.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)
+    return dx, dw, db
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """Eager autograd of the Triton LayerNorm (kernels launched directly)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx, dw, db = _backward(grad, x, weight, bias, mean, rstd, need_x,
+                               need_weight, need_bias)
+        return (dx if need_x else None, dw if need_weight else None,
+                db if need_bias else None, None, None)
+
+
+_triton_op = getattr(torch.library, 'triton_op', None)
+# Under Triton's interpreter (TRITON_INTERPRET=1 when Triton was imported)
+# the kernels are not JIT functions and cannot be traced.
+_INTERPRETED = triton is not None and not isinstance(
+    _layer_norm_fwd_kernel, triton.runtime.jit.JITFunction)
+#: Whether compiled code (torch.compile, torch.export) runs the kernels,
+#: through the custom ops below; else it runs F.layer_norm.
+COMPILE_OPS = triton is not None and _triton_op is not None
+
+if COMPILE_OPS:
+
+    @_triton_op('mmvmamba::layer_norm_fwd', mutates_args=())
+    def _layer_norm_fwd_op(
+            x: torch.Tensor, weight: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], eps: float, out_dtype: torch.dtype
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward(x, weight, bias, eps, out_dtype, traceable=True)
+
+    @_triton_op('mmvmamba::layer_norm_bwd', mutates_args=())
+    def _layer_norm_bwd_op(
+            grad: torch.Tensor, x: torch.Tensor,
+            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            mean: torch.Tensor, rstd: torch.Tensor, need_x: bool,
+            need_weight: bool, need_bias: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward(grad, x, weight, bias, mean, rstd, need_x,
+                         need_weight, need_bias, traceable=True)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, _, _ = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+    def _op_backward(ctx, grad, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx, dw, db = torch.ops.mmvmamba.layer_norm_bwd(
+            grad, x, weight, bias, mean, rstd, need_x, need_weight, need_bias)
+        return (dx if need_x else None, dw if need_weight else None,
+                db if need_bias else None, None, None)
+
+    _layer_norm_fwd_op.register_autograd(_op_backward,
+                                         setup_context=_setup_context)
+
+
+def result_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor],
+                 autocast: bool) -> Optional[torch.dtype]:
+    """The dtype of ``F.layer_norm``'s result that the kernels reproduce.
+
+    Args:
+        x, weight, bias (Tensor): The inputs (``weight``, ``bias`` may be
+            None).
+        autocast (bool): Whether CUDA autocast is on (``layer_norm`` then
+            runs in float32 on float32 copies of its inputs).
+
+    Returns:
+        torch.dtype | None: float32 under autocast, else ``x``'s dtype when
+        the parameters have it too; None for dtypes the kernels do not take
+        (float64, mixed dtypes outside autocast).
+    """
+    params = [p for p in (weight, bias) if p is not None]
+    if x.dtype not in TRITON_DTYPES or any(p.dtype not in TRITON_DTYPES
+                                           for p in params):
+        return None
+    if autocast:
+        return torch.float32
+    if any(p.dtype != x.dtype for p in params):
+        return None
+    return x.dtype
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast of ``x``'s device (one of
+    :data:`AUTOCAST_DEVICE_TYPES`) is on where this is called: the front
+    function decides, before any dispatch, and hands the dtype down."""
+    device_type = x.device.type
+    return (device_type in AUTOCAST_DEVICE_TYPES
+            and torch.is_autocast_enabled(device_type))
+
+
+def unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                       bias: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why :func:`layer_norm` would not run the Triton kernels on these
+    inputs (normalised over ``x``'s last dimension), or None if it would."""
+    if TRITON_IMPORT_ERROR is not None:
+        return TRITON_IMPORT_ERROR
+    if x.device.type not in TRITON_DEVICE_TYPES:
+        return (f'x is on {x.device.type}; the kernels take tensors on '
+                f'{", ".join(TRITON_DEVICE_TYPES)}')
+    if x.dim() == 0 or x.numel() == 0:
+        return f'x of shape {tuple(x.shape)} has no rows to normalise'
+    channels = x.shape[-1]
+    if channels > MAX_CHANNELS:
+        return f'C = {channels} is above MAX_CHANNELS = {MAX_CHANNELS}'
+    if channels > 1 and x.stride(-1) != 1:
+        return (f'x is not contiguous in its last dimension (stride '
+                f'{x.stride(-1)})')
+    for name, param in (('weight', weight), ('bias', bias)):
+        if param is None:
+            continue
+        if tuple(param.shape) != (channels, ):
+            return (f'{name} has shape {tuple(param.shape)}, not '
+                    f'({channels},)')
+        if param.device != x.device or not param.is_contiguous():
+            return f'{name} is not a contiguous tensor on {x.device}'
+    if result_dtype(x, weight, bias, _autocast_on(x)) is None:
+        dtypes = [str(t.dtype) for t in (x, weight, bias) if t is not None]
+        return (f'dtypes {", ".join(dtypes)} (autocast '
+                f'{"on" if _autocast_on(x) else "off"}) are not covered')
+    return None
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension
+    of ``x``, on the Triton kernels when :func:`unsupported_reason` allows.
+
+    Args:
+        x (Tensor): ``(..., C)``.
+        weight, bias (Tensor, optional): ``(C,)``.
+        eps (float): Added to the variance. Defaults to 1e-5.
+
+    Returns:
+        Tensor: ``x``'s shape, in ``F.layer_norm``'s dtype (float32 under
+        CUDA autocast).
+    """
+    if unsupported_reason(x, weight, bias) is not None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    out_dtype = result_dtype(x, weight, bias, _autocast_on(x))
+    if torch.compiler.is_compiling():
+        if not COMPILE_OPS or _INTERPRETED:
+            return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        return torch.ops.mmvmamba.layer_norm_fwd(x, weight, bias, eps,
+                                                 out_dtype)[0]
+    return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` on :func:`layer_norm` (Triton kernels on CUDA).
+
+    Same arguments, parameters and state_dict keys as ``nn.LayerNorm``; a
+    ``normalized_shape`` of more than one dimension runs ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def replace_layer_norms(model: nn.Module) -> int:
+    """Make every ``nn.LayerNorm`` of ``model`` (exactly that class) a
+    :class:`LayerNorm`, in place: same parameters, buffers and hooks.
+
+    Norms called through ``F.layer_norm`` with a module's parameters (SS2D's
+    ``out_norm`` in :func:`mmvmamba.models.backbones.common.output_gate`)
+    are not affected.
+
+    Returns:
+        int: How many modules were converted.
+    """
+    converted = 0
+    for module in model.modules():
+        if type(module) is nn.LayerNorm:
+            # LayerNorm adds no state to nn.LayerNorm: changing the class
+            # keeps the module as it is
+            module.__class__ = LayerNorm
+            converted += 1
+    return converted

@@ -1,0 +1,53 @@
+"""benchmarks/layer_norm.py: the bytes of its floor, and a small run on the
+GPU (skipped without one)."""
+import layer_norm as bench
+import pytest
+import torch
+
+from mmvmamba.ops import layer_norm as ln
+
+
+def test_floor_bytes():
+    # forward: the map read, a float32 output written; backward: the map
+    # and a float32 output gradient read, the map's gradient written
+    elements = 2 * 7 * 7 * 768
+    assert bench.floor_bytes(2, 7, 7, 768, torch.bfloat16) == {
+        'fwd': elements * (2 + 4),
+        'fwd+bwd': elements * (2 + 4) + elements * (2 + 4 + 2)}
+    assert bench.floor_bytes(2, 7, 7, 768, torch.float32)['fwd'] == \
+        elements * 8
+
+
+@pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                    reason=str(ln.TRITON_IMPORT_ERROR))
+def test_check_triton_path_under_the_steps_autocast(monkeypatch):
+    """The check runs under the autocast of the timed steps: a bfloat16
+    map with float32 parameters passes (CPU autocast taken for CUDA's, as
+    the op tests do); float64 does not, nor mixed dtypes where autocast
+    does not upcast."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    x = torch.randn(2, 7, 7, 96).bfloat16()
+    weight, bias = torch.randn(96), torch.randn(96)
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+    bench.check_triton_path(x, weight, bias)
+    with pytest.raises(RuntimeError, match='float64'):
+        bench.check_triton_path(x.double(), weight.double(), None)
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', ))
+    with pytest.raises(RuntimeError, match=r'autocast off\) are not cov'):
+        bench.check_triton_path(x, weight, bias)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
+def test_refuses_to_run_without_a_gpu():
+    with pytest.raises(SystemExit):
+        bench.main(['--batch', '1'])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or ln.TRITON_IMPORT_ERROR is not None,
+                    reason='needs a GPU and Triton')
+def test_small_run_on_the_gpu(capsys):
+    rows = bench.main(['--batch', '2', '--warmup', '1', '--repeat', '2'])
+    assert len(rows) == 4 * 2 * 2
+    assert all(r['aten_ms'] > 0 and r['triton_ms'] > 0 for r in rows)
+    assert 'ATen / Triton' in capsys.readouterr().out

@@ -1,0 +1,644 @@
+"""mmvmamba.ops.layer_norm: the Triton LayerNorm against float64
+``F.layer_norm``, the choice between it and ``F.layer_norm``, the module.
+
+The kernels run here on the CPU in Triton's interpreter, which must be on
+when Triton is imported: :func:`test_kernels_in_triton_interpreter` runs
+:class:`TestInterpreted` of this file in a fresh process with
+``TRITON_INTERPRET=1`` (run it so directly:
+``TRITON_INTERPRET=1 python -m pytest tests/ops/test_layer_norm.py``).
+The GPU tests (real stage shapes, autocast, ``torch.compile``) skip without
+CUDA.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from mmvmamba.ops import layer_norm as ln
+
+INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
+needs_triton = pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                                  reason=str(ln.TRITON_IMPORT_ERROR))
+interpreted = pytest.mark.skipif(
+    not INTERPRETED or ln.TRITON_IMPORT_ERROR is not None,
+    reason='needs TRITON_INTERPRET=1 (test_kernels_in_triton_interpreter '
+    'runs these in a process of their own)')
+needs_cuda = pytest.mark.skipif(
+    INTERPRETED or not torch.cuda.is_available()
+    or ln.TRITON_IMPORT_ERROR is not None,
+    reason='needs a CUDA GPU and compiled Triton kernels')
+
+
+class RecordFallbacks(TorchFunctionMode):
+    """Counts the calls of ``F.layer_norm`` in a block: the fallback path
+    calls it, the Triton path never does."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.layer_norm:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Let CPU tensors take the Triton path (in the interpreter)."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+
+
+@pytest.fixture
+def cpu_autocast_as_cuda(monkeypatch):
+    """Take CPU autocast for CUDA's: ``layer_norm`` then returns float32
+    under ``torch.autocast('cpu')`` (``F.layer_norm`` there does not)."""
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+
+
+@pytest.fixture
+def index_as_in_triton_3_6(monkeypatch):
+    """Make the interpreter's ``tensor.__index__`` refuse as Triton 3.6's
+    does under NumPy >= 2.4: it takes ``int()`` of the one-element array of
+    a runtime value (``range(pid, n, step)`` in a kernel, say), which those
+    NumPy versions reject. Later Triton versions squeeze the array first."""
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, '_patch_lang_tensor', None)
+    if patch_tensor is None:
+        return
+
+    def refuse(self):
+        raise TypeError('only 0-dimensional arrays can be converted to '
+                        'Python scalars (Triton 3.6 interpreter, NumPy >= '
+                        f'2.4): value of shape {self.handle.data.shape}')
+
+    def patch_strictly(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, '__index__', refuse)
+
+    monkeypatch.setattr(interpreter, '_patch_lang_tensor', patch_strictly)
+
+
+def reference(x, weight, bias, eps, dy):
+    """Float64 ``F.layer_norm`` of the same values: output and the
+    gradients of x, weight and bias (None where the input is None)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_()
+              for t in (x, weight, bias)]
+    y = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], eps)
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, wanted, dy.double()))
+    return y.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def sum_scale(x, eps, dy):
+    """Sums over rows of |dy * x_hat| and |dy|: the scale of the rounding
+    error of the weight and bias gradients (a float32 sum of n terms is
+    off by at most about (its depth) * 2^-24 * the sum of their sizes)."""
+    x64 = x.detach().double()
+    x_hat = (x64 - x64.mean(-1, keepdim=True)) * torch.rsqrt(
+        x64.var(-1, unbiased=False, keepdim=True) + eps)
+    dy64 = dy.double().reshape(-1, x.shape[-1])
+    return ((dy64 * x_hat.reshape(dy64.shape)).abs().sum(0),
+            dy64.abs().sum(0))
+
+
+#: Relative error of a float32 result rounded to bfloat16: half a unit in
+#: the last place, at most 2^-8 of the value. Triton's interpreter truncates
+#: instead (its float32 to bfloat16 conversion drops the low bits), up to a
+#: whole unit: 2^-7. The GPU rounds to nearest.
+BF16_RTOL = 2**-7 if INTERPRETED else 2**-8
+
+
+def assert_close_to(actual, expected, dtype, scale=None):
+    """``actual`` (its dtype as expected) against a float64 ``expected``:
+    float32 arithmetic (rtol 1e-5 and 1e-5 of the largest value), plus a
+    rounding of the result to bfloat16 (:data:`BF16_RTOL`) or float16
+    (2^-11, half a unit of 10 bits); sums over rows within 1e-5 of their
+    ``scale``."""
+    assert actual.dtype == dtype
+    rtol = {torch.float32: 1e-5, torch.bfloat16: BF16_RTOL,
+            torch.float16: 2**-11 + 1e-5}[dtype]
+    atol = 1e-5 * float(expected.abs().max()) + 1e-6
+    if scale is not None:
+        atol = atol + 1e-5 * scale
+    error = (actual.double() - expected).abs()
+    bound = atol + rtol * expected.abs()
+    assert bool((error <= bound).all()), (
+        f'max error {float(error.max()):.3g}, worst error / bound '
+        f'{float((error / bound).max()):.3g}')
+
+
+def make_inputs(shape, dtype, param_dtype=torch.float32, device='cpu',
+                weight=True, bias=True, grads=(True, True, True)):
+    channels = shape[-1]
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (1 + 0.5 * torch.randn(channels, device=device)).to(param_dtype)
+    b = (0.5 * torch.randn(channels, device=device)).to(param_dtype)
+    w = w.requires_grad_(grads[1]) if weight else None
+    b = b.requires_grad_(grads[2]) if bias else None
+    return x.requires_grad_(grads[0]), w, b
+
+
+def check_against_float64(y, x, w, b, eps, out_dtype):
+    """Backpropagate a random gradient through ``y`` and compare output and
+    gradients with the float64 reference; dtypes those of the inputs."""
+    dy = torch.randn(y.shape, device=y.device).to(y.dtype)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, leaves, dy))
+    y64, refs = reference(x, w, b, eps, dy)
+    assert_close_to(y, y64, out_dtype)
+    dw_scale, db_scale = sum_scale(x, eps, dy)
+    for t, ref, scale in zip((x, w, b), refs, (None, dw_scale, db_scale)):
+        if t is None or not t.requires_grad:
+            continue
+        assert_close_to(next(grads), ref, t.dtype, scale)
+
+
+# ---------------------------------------------------------------------------
+# In Triton's interpreter (CPU tensors)
+
+
+@interpreted
+@pytest.mark.usefixtures('triton_on_cpu', 'index_as_in_triton_3_6')
+class TestInterpreted:
+    """The kernels, run by Triton's interpreter on CPU tensors (a runtime
+    value never taken as a Python int, which Triton 3.6's interpreter
+    cannot do under NumPy >= 2.4)."""
+
+    @pytest.mark.parametrize('channels', [1, 3, 96, 100, 384, 768])
+    @pytest.mark.parametrize('case', ['float32', 'bfloat16', 'autocast'])
+    def test_matches_float64(self, channels, case, monkeypatch,
+                             reported_seed):
+        # 3 x 23 = 69 rows: not a multiple of the row block (at most 256),
+        # and for C >= 96 more blocks than the 2 backward programs here, so
+        # that each program loops over several
+        shape = (3, 23, channels)
+        if case == 'autocast':
+            # a bfloat16 map and float32 parameters under autocast (CPU's,
+            # taken for CUDA's): read as it is, computed and returned in
+            # float32
+            x, w, b = make_inputs(shape, torch.bfloat16)
+            monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+            with RecordFallbacks() as record, torch.autocast(
+                    'cpu', dtype=torch.bfloat16):
+                y = ln.layer_norm(x, w, b, 1e-5)
+            check_against_float64(y, x, w, b, 1e-5, torch.float32)
+        else:
+            dtype = getattr(torch, case)
+            x, w, b = make_inputs(shape, dtype, dtype)
+            with RecordFallbacks() as record:
+                y = ln.layer_norm(x, w, b, 1e-5)
+            check_against_float64(y, x, w, b, 1e-5, dtype)
+        assert record.calls == 0  # the Triton path ran
+
+    def test_float16(self, reported_seed):
+        x, w, b = make_inputs((5, 13, 96), torch.float16, torch.float16)
+        check_against_float64(ln.layer_norm(x, w, b), x, w, b, 1e-5,
+                              torch.float16)
+
+    @pytest.mark.parametrize('weight,bias', [(True, True), (True, False),
+                                             (False, True), (False, False)])
+    @pytest.mark.parametrize('grads', [(True, False, False),
+                                       (False, True, True),
+                                       (False, False, True)])
+    def test_parameters_and_requested_gradients(self, weight, bias, grads,
+                                                reported_seed):
+        if not any(g for g, has in zip(grads, (True, weight, bias)) if has):
+            pytest.skip('no gradient requested')
+        x, w, b = make_inputs((2, 9, 100), torch.float32, weight=weight,
+                              bias=bias, grads=grads)
+        y = ln.layer_norm(x, w, b, 1e-5)
+        check_against_float64(y, x, w, b, 1e-5, torch.float32)
+
+    def test_without_autograd(self, reported_seed):
+        x, w, b = make_inputs((4, 96), torch.float32,
+                              grads=(False, False, False))
+        y = ln.layer_norm(x, w, b)
+        assert not y.requires_grad
+        assert_close_to(y, reference(x, w, b, 1e-5, torch.zeros(4, 96))[0],
+                        torch.float32)
+        x.requires_grad_()
+        with torch.no_grad():
+            assert torch.equal(ln.layer_norm(x, w, b), y)
+        with torch.inference_mode():
+            assert torch.equal(ln.layer_norm(x, w, b), y)
+
+    @pytest.mark.parametrize('eps', [1e-6, 0.1])
+    def test_eps(self, eps, reported_seed):
+        # a small variance, so that eps matters
+        x = (5 + 0.05 * torch.randn(7, 96)).requires_grad_()
+        _, w, b = make_inputs((7, 96), torch.float32)
+        check_against_float64(ln.layer_norm(x, w, b, eps), x, w, b, eps,
+                              torch.float32)
+
+    def test_strided_rows_and_gradients(self, reported_seed):
+        """Rows of a wider tensor (row stride 2C), rows no single stride
+        apart (every other row of a map): still the Triton path, as they
+        are contiguous in C; gradients of any layout."""
+        _, w, b = make_inputs((1, 96), torch.float32)
+        for pick in (lambda t: t[..., :96], lambda t: t[:, ::2, :96]):
+            leaf = torch.randn(6, 5, 192, requires_grad=True)
+            x = pick(leaf)
+            with RecordFallbacks() as record:
+                y = ln.layer_norm(x, w, b)
+            assert record.calls == 0
+            assert_close_to(y, reference(x, w, b, 1e-5, y.detach())[0],
+                            torch.float32)
+            inside = torch.zeros(leaf.shape, dtype=torch.bool)
+            pick(inside).fill_(True)
+            wide = torch.randn(y.shape[:-1] + (192, ))
+            for dy in (
+                    wide[..., 96:],  # row stride 2C
+                    torch.randn(y.shape).transpose(0, 1).contiguous()
+                    .transpose(0, 1),  # rows in another order in memory
+                    torch.randn(96).expand(y.shape),  # rows of stride 0
+                    torch.randn(y.shape[::-1]).permute(2, 1, 0)):  # C strided
+                grads = torch.autograd.grad(y, (leaf, w, b), dy,
+                                            retain_graph=True)
+                _, refs = reference(x, w, b, 1e-5, dy)
+                dw_scale, db_scale = sum_scale(x, 1e-5, dy)
+                assert not grads[0][~inside].any()
+                assert_close_to(pick(grads[0]), refs[0], torch.float32)
+                assert_close_to(grads[1], refs[1], torch.float32, dw_scale)
+                assert_close_to(grads[2], refs[2], torch.float32, db_scale)
+
+    def test_layer_norm_module(self, reported_seed):
+        norm = ln.LayerNorm(100)
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        x = torch.randn(2, 3, 100, requires_grad=True)
+        with RecordFallbacks() as record:
+            y = norm(x)
+        assert record.calls == 0
+        check_against_float64(y, x, norm.weight, norm.bias, norm.eps,
+                              torch.float32)
+
+    @pytest.mark.usefixtures('cpu_autocast_as_cuda')
+    def test_autocast_as_the_gpu_stage_test_runs_it(self, reported_seed):
+        """:func:`run_both` under autocast (CPU's for CUDA's): no fallback
+        in ``layer_norm``, float32 output, gradients in the inputs'
+        dtypes."""
+        x, w, b = make_inputs((2, 5, 5, 96), torch.bfloat16)
+        (ours, _), (y64, refs), dy, fallbacks = run_both(x, w, b,
+                                                         autocast=True)
+        assert fallbacks == 0
+        assert [t.dtype for t in ours] == [torch.float32, torch.bfloat16,
+                                           torch.float32, torch.float32]
+        dw_scale, db_scale = sum_scale(x, 1e-5, dy)
+        assert_close_to(ours[0], y64, torch.float32)
+        assert_close_to(ours[1], refs[0], torch.bfloat16)
+        assert_close_to(ours[2], refs[1], torch.float32, dw_scale)
+        assert_close_to(ours[3], refs[2], torch.float32, db_scale)
+
+    def test_compile_falls_back_under_the_interpreter(self, reported_seed):
+        # interpreted kernels cannot be traced: compiled code runs
+        # F.layer_norm, with fullgraph=True too
+        norm = ln.LayerNorm(96)
+        compiled = torch.compile(norm, fullgraph=True, backend='eager')
+        x = torch.randn(3, 96)
+        assert torch.equal(compiled(x), F.layer_norm(x, (96, ), norm.weight,
+                                                     norm.bias))
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
+def test_kernels_in_triton_interpreter():
+    """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+         f'{__file__}::TestInterpreted'],
+        env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True,
+        text=True, timeout=900)
+    output = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, output
+    summary = re.search(r'(\d+) passed', proc.stdout)
+    assert summary and int(summary.group(1)) >= 30, output
+    assert 'failed' not in proc.stdout.splitlines()[-1], output
+
+
+# ---------------------------------------------------------------------------
+# The choice of path, dtypes, the module (no kernel runs here)
+
+
+def test_result_dtype():
+    x32, x16 = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bfloat16)
+    p32, p16 = torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)
+    p64 = torch.zeros(4, dtype=torch.float64)
+    rd = ln.result_dtype
+    # under CUDA autocast: float32 whatever comes in
+    assert rd(x16, p32, p32, autocast=True) is torch.float32
+    assert rd(x16, p16, None, autocast=True) is torch.float32
+    assert rd(x32, None, None, autocast=True) is torch.float32
+    # otherwise x's dtype, the parameters having it too
+    assert rd(x16, p16, p16, autocast=False) is torch.bfloat16
+    assert rd(x32, p32, None, autocast=False) is torch.float32
+    assert rd(x16, None, None, autocast=False) is torch.bfloat16
+    assert rd(x16, p32, p32, autocast=False) is None  # mixed
+    assert rd(x32, p64, p64, autocast=True) is None  # float64
+    assert rd(x32.double(), None, None, autocast=False) is None
+
+
+@needs_triton
+def test_unsupported_reasons(triton_on_cpu, monkeypatch):
+    x = torch.randn(4, 6, 96)
+    w = torch.randn(96)
+    assert ln.unsupported_reason(x, w, w) is None
+    assert ln.unsupported_reason(x.permute(0, 2, 1).contiguous()
+                                 .permute(0, 2, 1)).startswith(
+                                     'x is not contiguous in its last')
+    assert ln.unsupported_reason(x[..., ::2]).startswith('x is not contig')
+    assert ln.unsupported_reason(torch.randn(2, 8193)) == (
+        'C = 8193 is above MAX_CHANNELS = 8192')
+    assert ln.unsupported_reason(torch.randn(2, 8192)) is None
+    assert ln.unsupported_reason(torch.randn(1, 4).t()) is None  # C = 1
+    assert 'no rows' in ln.unsupported_reason(torch.randn(0, 96))
+    assert 'no rows' in ln.unsupported_reason(torch.tensor(1.))
+    assert ln.unsupported_reason(x, torch.randn(95)) == (
+        'weight has shape (95,), not (96,)')
+    assert 'bias is not a contiguous' in ln.unsupported_reason(
+        x, w, torch.randn(192)[::2])
+    assert 'float64' in ln.unsupported_reason(x.double())
+    assert 'are not covered' in ln.unsupported_reason(x.bfloat16(), w, w)
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', ))
+    assert ln.unsupported_reason(x) == (
+        'x is on cpu; the kernels take tensors on cuda')
+    monkeypatch.setattr(ln, 'TRITON_IMPORT_ERROR', 'Triton is not '
+                        'importable: no module')
+    assert ln.unsupported_reason(x) == 'Triton is not importable: no module'
+
+
+@pytest.mark.parametrize('make', [
+    lambda: (torch.randn(3, 5, 96), torch.randn(96), torch.randn(96)),
+    lambda: (torch.randn(3, 96, 5).transpose(1, 2), torch.randn(96), None),
+    lambda: (torch.randn(2, 8200), torch.randn(8200), torch.randn(8200)),
+    lambda: (torch.randn(3, 16).double(), torch.randn(16).double(), None),
+    lambda: (torch.randn(3, 16).bfloat16(), torch.randn(16), None),
+])
+def test_falls_back_to_f_layer_norm(make, monkeypatch):
+    """CPU tensors (by default), a last dimension not contiguous, C above
+    the limit, float64, mixed dtypes outside autocast: F.layer_norm, with
+    its very results."""
+    x, w, b = make()
+    if x.dim() == 3 and x.stride(-1) == 1:
+        assert 'x is on cpu' in ln.unsupported_reason(x, w, b)
+    else:  # would be taken on the CPU if CPU tensors were allowed
+        monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+        assert ln.unsupported_reason(x, w, b) is not None
+    x.requires_grad_()
+    with RecordFallbacks() as record:
+        y = ln.layer_norm(x, w, b, 1e-3)
+    assert record.calls == 1
+    expected = F.layer_norm(x, x.shape[-1:], w, b, 1e-3)
+    assert y.dtype == expected.dtype and torch.equal(y, expected)
+
+
+def test_layer_norm_module_is_nn_layer_norm():
+    norm = ln.LayerNorm(96, eps=1e-6)
+    plain = nn.LayerNorm(96, eps=1e-6)
+    assert isinstance(norm, nn.LayerNorm)
+    assert list(norm.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        plain.weight.normal_()
+        plain.bias.normal_()
+    norm.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 96)
+    assert torch.equal(norm(x), plain(x))  # F.layer_norm on the CPU
+    for kwargs in (dict(bias=False), dict(elementwise_affine=False)):
+        a, b = ln.LayerNorm(8, **kwargs), nn.LayerNorm(8, **kwargs)
+        assert list(a.state_dict()) == list(b.state_dict())
+        assert torch.equal(a(x[..., :8]), b(x[..., :8]))
+    wide = ln.LayerNorm((4, 96))  # two normalised dimensions
+    assert torch.equal(wide(x), F.layer_norm(x, (4, 96), wide.weight,
+                                             wide.bias))
+    with pytest.raises(RuntimeError):
+        ln.LayerNorm(95)(x)  # F.layer_norm's own error
+
+
+def test_replace_layer_norms():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8),
+                          nn.Sequential(nn.LayerNorm(8, bias=False)),
+                          ln.LayerNorm(8), nn.GroupNorm(2, 8))
+    weight = model[1].weight
+    keys = list(model.state_dict())
+    assert ln.replace_layer_norms(model) == 2
+    assert type(model[1]) is ln.LayerNorm
+    assert type(model[2][0]) is ln.LayerNorm
+    assert type(model[4]) is nn.GroupNorm
+    assert model[1].weight is weight and list(model.state_dict()) == keys
+    assert ln.replace_layer_norms(model) == 0
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED or not ln.COMPILE_OPS,
+                    reason='needs torch.library.triton_op and JIT kernels')
+def test_custom_ops_trace_with_fake_tensors():
+    """What torch.compile traces: the custom ops and their autograd on
+    fake tensors (nothing runs), with the eager path's dtypes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, w, b, dy):
+        y = torch.ops.mmvmamba.layer_norm_fwd(x, w, b, 1e-5,
+                                              torch.float32)[0]
+        return (y, ) + torch.autograd.grad(y, (x, w, b), dy)
+
+    x = torch.randn(2, 37, 96, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    graph = make_fx(step, tracing_mode='fake')(x, w, b, torch.randn(2, 37,
+                                                                     96))
+    ops = [str(n.target) for n in graph.graph.nodes
+           if n.op == 'call_function']
+    assert 'mmvmamba.layer_norm_fwd.default' in ops
+    assert 'mmvmamba.layer_norm_bwd.default' in ops
+    out = [n for n in graph.graph.nodes if n.op == 'output'][0].args[0]
+    assert [(tuple(o.meta['val'].shape), o.meta['val'].dtype)
+            for o in out] == [((2, 37, 96), torch.float32),
+                              ((2, 37, 96), torch.bfloat16),
+                              ((96, ), torch.float32), ((96, ), torch.float32)]
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED or not ln.COMPILE_OPS,
+                    reason='needs torch.library.triton_op and JIT kernels')
+def test_dynamo_traces_layer_norm_into_the_custom_op(triton_on_cpu):
+    """``torch.export`` (Dynamo, strict, fake tensors: no kernel runs) sees
+    the custom op in one graph."""
+
+    class Norm(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.norm = ln.LayerNorm(96)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    program = torch.export.export(Norm(), (torch.randn(2, 5, 96), ),
+                                  strict=True)
+    targets = [str(n.target) for n in program.graph.nodes
+               if n.op == 'call_function']
+    assert 'mmvmamba.layer_norm_fwd.default' in targets
+    assert 'aten.layer_norm.default' not in targets
+
+
+# ---------------------------------------------------------------------------
+# On the GPU
+
+#: Stage maps of VMamba-T / VMamba2-T at 224, batch 128.
+STAGE_SHAPES = [(128, 56, 56, 96), (128, 28, 28, 192), (128, 14, 14, 384),
+                (128, 7, 7, 768)]
+
+
+def run_both(x, w, b, eps=1e-5, autocast=False, dy=None):
+    """Output and gradients of ``layer_norm`` and of ``F.layer_norm`` under
+    the same autocast setting (bf16, of ``x``'s device), the float64
+    reference, the output gradient, and how many times ``layer_norm``
+    called ``F.layer_norm`` (0: the Triton path ran)."""
+    results, calls = [], []
+    for fn in (ln.layer_norm,
+               lambda *a: F.layer_norm(a[0], a[0].shape[-1:], *a[1:])):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16,
+                            enabled=autocast), RecordFallbacks() as record:
+            y = fn(x, w, b, eps)
+        calls.append(record.calls)
+        if dy is None:
+            dy = torch.randn(y.shape, device=y.device, dtype=y.dtype)
+        results.append((y, ) + torch.autograd.grad(y, (x, w, b), dy))
+    assert calls[1] == 1  # the count sees F.layer_norm
+    return results, reference(x, w, b, eps, dy), dy, calls[0]
+
+
+@needs_cuda
+@pytest.mark.parametrize('shape', STAGE_SHAPES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_gpu_stage_shapes_match_float64_and_dtypes_of_f_layer_norm(
+        shape, dtype, reported_seed):
+    """Under bf16 autocast (bf16 and fp32 maps, fp32 parameters) as the
+    backbones run: same dtypes as F.layer_norm; values within the float32
+    bounds of :func:`assert_close_to` of float64 (the gradient of a bf16 x
+    within its rounding to bf16); F.layer_norm's errors are printed
+    beside them."""
+    x, w, b = make_inputs(shape, dtype, device='cuda')
+    (ours, aten), (y64, refs), dy, fallbacks = run_both(x, w, b,
+                                                        autocast=True)
+    assert fallbacks == 0  # the Triton path ran
+    assert [t.dtype for t in ours] == [t.dtype for t in aten]
+    dw_scale, db_scale = sum_scale(x, 1e-5, dy)
+    for name, result in (('F.layer_norm', aten), ('Triton', ours)):
+        print(name, 'largest error of y, dx, dw, db:', [
+            float((r.double() - e).abs().max())
+            for r, e in zip(result, [y64] + refs)])
+    assert_close_to(ours[0], y64, torch.float32)
+    assert_close_to(ours[1], refs[0], dtype)
+    assert_close_to(ours[2], refs[1], torch.float32, dw_scale)
+    assert_close_to(ours[3], refs[2], torch.float32, db_scale)
+
+
+@needs_cuda
+@pytest.mark.parametrize('channels', [1, 3, 100, 768, 4100, 8192])
+@pytest.mark.parametrize('dtype',
+                         [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_odd_shapes_without_autocast(channels, dtype, reported_seed):
+    x, w, b = make_inputs((3, 37, channels), dtype, dtype, device='cuda')
+    (ours, aten), (y64, refs), dy, fallbacks = run_both(x, w, b, eps=1e-3)
+    assert fallbacks == 0
+    assert [t.dtype for t in ours] == [t.dtype for t in aten]
+    dw_scale, db_scale = sum_scale(x, 1e-3, dy)
+    assert_close_to(ours[0], y64, dtype)
+    assert_close_to(ours[1], refs[0], dtype)
+    assert_close_to(ours[2], refs[1], dtype, dw_scale)
+    assert_close_to(ours[3], refs[2], dtype, db_scale)
+
+
+@needs_cuda
+def test_gpu_backward_is_deterministic(reported_seed):
+    x, w, b = make_inputs((64, 28, 28, 192), torch.bfloat16, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        y = ln.layer_norm(x, w, b)
+    dy = torch.randn_like(y)
+    first = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+    again = torch.autograd.grad(y, (x, w, b), dy)
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+
+
+@needs_cuda
+def test_gpu_paths(reported_seed):
+    x, w, b = make_inputs((4, 7, 96), torch.float32, device='cuda',
+                          grads=(False, False, False))
+    assert ln.unsupported_reason(x, w, b) is None
+    cases = [(x, w, b, 0), (x.transpose(0, 1), w, b, 0),
+             (x.transpose(1, 2).contiguous().transpose(1, 2), w, b, 1),
+             (torch.randn(3, 8193, device='cuda'), None, None, 1),
+             (x.double(), w.double(), b.double(), 1),
+             (x.bfloat16(), w, b, 1)]  # mixed dtypes, no autocast
+    for x_, w_, b_, calls in cases:
+        try:
+            expected = F.layer_norm(x_, x_.shape[-1:], w_, b_)
+        except RuntimeError as error:  # mixed dtypes, if ATen refuses them
+            with pytest.raises(type(error)):
+                ln.layer_norm(x_, w_, b_)
+            continue
+        with RecordFallbacks() as record:
+            y = ln.layer_norm(x_, w_, b_)
+        assert record.calls == calls
+        assert y.dtype == expected.dtype
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.skipif(not ln.COMPILE_OPS, reason='needs triton_op')
+@pytest.mark.parametrize('autocast', [False, True])
+def test_gpu_compile_fullgraph_matches_eager(autocast, reported_seed):
+    """torch.compile (Inductor, fullgraph) runs the custom op, with the
+    eager values up to float32 rounding (the weight and bias sums may be
+    compiled otherwise) and dtypes."""
+    from torch._inductor import compile as inductor_compile
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return inductor_compile(graph, example_inputs)
+
+    norm = ln.LayerNorm(192).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    dtype = torch.bfloat16 if autocast else torch.float32
+    x = torch.randn(8, 14, 14, 192, device='cuda').to(dtype).requires_grad_()
+    results, dy = [], None
+    for module in (norm, torch.compile(norm, fullgraph=True,
+                                       backend=backend)):
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+            y = module(x)
+        dy = torch.randn_like(y) if dy is None else dy
+        results.append((y, ) + torch.autograd.grad(
+            y, (x, norm.weight, norm.bias), dy))
+    assert any('mmvmamba.layer_norm_fwd' in str(node.target)
+               for graph in graphs for node in graph.graph.nodes)
+    for eager, compiled in zip(*results):
+        assert eager.dtype == compiled.dtype
+        rtol = 2**-8 if eager.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(compiled, eager, rtol=rtol, atol=1e-4)
+
+
+@needs_cuda
+def test_gpu_replace_layer_norms_in_vmamba(reported_seed):
+    """A small VMamba under bf16 autocast, its nn.LayerNorms swapped for
+    the Triton ones: the same features up to bf16 rounding."""
+    from mmvmamba.models import VMamba
+    model = VMamba(dict(embed_dims=32, depths=[1, 1, 2, 1]),
+                   drop_path_rate=0.).cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device='cuda')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        expected = model(x)[-1]
+        assert ln.replace_layer_norms(model) > 0
+        got = model(x)[-1]
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
