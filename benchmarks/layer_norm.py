@@ -24,9 +24,10 @@ floor and ATen's time over Triton's.
 for each row, to tune :func:`mmvmamba.ops.layer_norm.launch_config`.
 
 ``--models``: classifier steps (``benchmark.py throughput``'s modes and
-names) with the models' ``nn.LayerNorm`` modules as they are, then swapped
-for the Triton ones by :func:`mmvmamba.ops.layer_norm.replace_layer_norms`
-(SS2D's ``out_norm``, called through ``F.layer_norm``, is not swapped).
+names) with the backbones' norms made ``nn.LayerNorm``, as they are
+(:class:`mmvmamba.ops.LayerNorm`: the Triton forward where autograd does not
+record, ``F.layer_norm`` where it does), and on the Triton kernels for
+both (SS2D's ``out_norm``, called through ``F.layer_norm``, is not swapped).
 """
 import argparse
 import itertools
@@ -175,9 +176,22 @@ def sweep_launch(x, weight, bias, backward: bool, warmup: int,
     return text + (f', {per_sm}/SM' if backward else '')
 
 
+class TritonWhenRecorded(ln.LayerNorm):
+    """The backbones' LayerNorm on the Triton kernels for training too."""
+    triton_when_recorded = True
+
+
+def set_norm_class(norms: List[torch.nn.Module], cls: type) -> None:
+    """Make each of ``norms`` a ``cls`` (the LayerNorm classes add no state
+    to ``nn.LayerNorm``)."""
+    for module in norms:
+        module.__class__ = cls
+
+
 def model_rows(names, modes, batch: int, warmup: int,
                repeat: int) -> List[Dict]:
-    """Classifier steps with nn.LayerNorm, then with the Triton LayerNorm."""
+    """Classifier steps with nn.LayerNorm, the backbones' own LayerNorm and
+    the Triton kernels for both passes."""
     from models import build_classifier, model_label, tensor_forward
     device = torch.device('cuda')
     rows = []
@@ -185,16 +199,20 @@ def model_rows(names, modes, batch: int, warmup: int,
         model = tensor_forward(
             build_classifier(name).to(device), 'mmpretrain', batch,
             (224, 224))
+        norms = [m for m in model.modules() if type(m) is ln.LayerNorm]
         for mode in modes:
-            aten = time_mode(model, mode, batch, 224, device, warmup, repeat)
-            converted = ln.replace_layer_norms(model)
-            triton = time_mode(model, mode, batch, 224, device, warmup,
-                               repeat)
-            for module in model.modules():  # back to nn.LayerNorm
-                if type(module) is ln.LayerNorm:
-                    module.__class__ = torch.nn.LayerNorm
+            times = {}
+            for key, cls in (('aten', torch.nn.LayerNorm),
+                             ('default', ln.LayerNorm),
+                             ('triton', TritonWhenRecorded)):
+                if key == 'triton' and not mode.startswith('train'):
+                    continue  # the same calls as the default's
+                set_norm_class(norms, cls)
+                times[key] = time_mode(model, mode, batch, 224, device,
+                                       warmup, repeat)
+            set_norm_class(norms, ln.LayerNorm)
             rows.append(dict(model=model_label(name), mode=mode,
-                             converted=converted, aten=aten, triton=triton))
+                             converted=len(norms), **times))
         del model
         torch.cuda.empty_cache()
     return rows
@@ -202,6 +220,13 @@ def model_rows(names, modes, batch: int, warmup: int,
 
 def _fmt(value, spec='.3f'):
     return '-' if value is None else format(value, spec)
+
+
+def _speed_up(row: Dict, key: str) -> str:
+    """nn.LayerNorm's time over the ``key`` column's, or '-'."""
+    if key not in row or not row['aten']['ms'] or not row[key]['ms']:
+        return '-'
+    return _fmt(row['aten']['ms'] / row[key]['ms'], '.2f')
 
 
 def main(argv=None):
@@ -245,17 +270,19 @@ def main(argv=None):
         results = model_rows(args.models, args.modes, args.batch,
                              args.warmup, max(10, args.repeat // 5))
         print_table(
-            f'Classifier steps, batch {args.batch} at 224: nn.LayerNorm '
-            'against the Triton LayerNorm (out_norm not swapped)',
-            ['model', 'mode', 'norms swapped', 'nn.LayerNorm ms',
-             'Triton ms', 'img/s', 'img/s Triton', 'speed-up'],
-            [[r['model'], r['mode'], r['converted'], _fmt(r['aten']['ms'],
-                                                          '.1f'),
-              _fmt(r['triton']['ms'], '.1f'),
+            f'Classifier steps, batch {args.batch} at 224: the norms as '
+            'nn.LayerNorm, as the backbones have them (Triton forward where '
+            'autograd does not record) and on Triton for both passes '
+            '(out_norm not swapped)',
+            ['model', 'mode', 'norms', 'nn.LayerNorm ms', 'default ms',
+             'Triton both ms', 'img/s nn', 'img/s default',
+             'default speed-up', 'Triton both speed-up'],
+            [[r['model'], r['mode'], r['converted'],
+              _fmt(r['aten']['ms'], '.1f'), _fmt(r['default']['ms'], '.1f'),
+              _fmt(r['triton']['ms'], '.1f') if 'triton' in r else '-',
               _fmt(r['aten']['img_per_s'], '.0f'),
-              _fmt(r['triton']['img_per_s'], '.0f'),
-              _fmt(r['aten']['ms'] / r['triton']['ms']
-                   if r['aten']['ms'] and r['triton']['ms'] else None, '.2f')]
+              _fmt(r['default']['img_per_s'], '.0f'),
+              _speed_up(r, 'default'), _speed_up(r, 'triton')]
              for r in results])
     return rows
 

@@ -3,13 +3,15 @@
 Each op is one entry point; :mod:`mmvmamba.ops.backend` decides which backend
 runs (compiled kernel, fused kernel or the pure-PyTorch reference, which is
 the oracle in tests), and :mod:`mmvmamba.ops.flops` holds the scan's cost
-model for FLOP counters.
+model for FLOP counters. :class:`LayerNorm` (:mod:`mmvmamba.ops.layer_norm`)
+is the backbones' ``nn.LayerNorm`` on Triton kernels.
 """
 from .cross_scan import (NUM_DIRECTIONS, cross_merge, cross_scan,
                          cross_selective_scan)
+from .layer_norm import LayerNorm
 from .selective_scan import selective_scan, selective_scan_reference
 
 __all__ = [
     'selective_scan', 'selective_scan_reference', 'cross_scan', 'cross_merge',
-    'cross_selective_scan', 'NUM_DIRECTIONS'
+    'cross_selective_scan', 'NUM_DIRECTIONS', 'LayerNorm'
 ]

@@ -14,7 +14,8 @@ float32 copy without the copy), several rows per program when C is small.
   ``F.layer_norm``; both give the same dtypes and the same values up to
   float32 rounding.
 - :class:`LayerNorm` is ``nn.LayerNorm`` (same arguments, same state_dict)
-  on :func:`layer_norm`; :func:`replace_layer_norms` swaps it in for the
+  on :func:`layer_norm` for the calls autograd does not record (the
+  backbones' norms); :func:`replace_layer_norms` swaps it in for the
   ``nn.LayerNorm`` modules of a model.
 
 Output dtype: float32 under CUDA autocast (whatever the input and parameter
@@ -422,15 +423,33 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` on :func:`layer_norm` (Triton kernels on CUDA).
+def _recorded(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors`` here."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
 
-    Same arguments, parameters and state_dict keys as ``nn.LayerNorm``; a
-    ``normalized_shape`` of more than one dimension runs ``nn.LayerNorm``.
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` on :func:`layer_norm`'s Triton forward where it
+    measures faster.
+
+    Calls that autograd does not record (inference, ``torch.no_grad``,
+    frozen stages) run :func:`layer_norm`; recorded ones run
+    ``F.layer_norm``: with the Triton backward too, bf16 training steps
+    measured no faster (docs/ops.md, ``benchmarks/layer_norm.py
+    --models``). A subclass setting :attr:`triton_when_recorded` runs
+    :func:`layer_norm` for both. Same arguments, parameters and state_dict
+    keys as ``nn.LayerNorm``; a ``normalized_shape`` of more than one
+    dimension runs ``nn.LayerNorm``.
     """
 
+    #: Whether calls that autograd records run :func:`layer_norm` too.
+    triton_when_recorded = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.normalized_shape) != 1:
+        if len(self.normalized_shape) != 1 or (
+                not self.triton_when_recorded
+                and _recorded(x, self.weight, self.bias)):
             return super().forward(x)
         return layer_norm(x, self.weight, self.bias, self.eps)
 

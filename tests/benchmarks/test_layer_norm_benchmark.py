@@ -18,6 +18,21 @@ def test_floor_bytes():
         elements * 8
 
 
+def test_set_norm_class():
+    """The benchmark's swaps keep the modules, their parameters and state
+    keys, and change how they run."""
+    norms = [ln.LayerNorm(8), ln.LayerNorm(16)]
+    weights = [m.weight for m in norms]
+    keys = [list(m.state_dict()) for m in norms]
+    for cls in (torch.nn.LayerNorm, bench.TritonWhenRecorded, ln.LayerNorm):
+        bench.set_norm_class(norms, cls)
+        assert all(type(m) is cls for m in norms)
+        assert [m.weight for m in norms] == weights
+        assert [list(m.state_dict()) for m in norms] == keys
+    assert bench.TritonWhenRecorded.triton_when_recorded
+    assert not ln.LayerNorm.triton_when_recorded
+
+
 @pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
                     reason=str(ln.TRITON_IMPORT_ERROR))
 def test_check_triton_path_under_the_steps_autocast(monkeypatch):

@@ -12,7 +12,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmvmamba.ops import NUM_DIRECTIONS
+from mmvmamba.ops import NUM_DIRECTIONS, LayerNorm
 from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
 from ..checkpoint import load_pretrained_backbone
 
@@ -377,7 +377,7 @@ class VSSBackbone(BaseModule):
     def _add_output_norms(self) -> None:
         """A LayerNorm ``norm{i}`` for each stage ``i`` in ``out_indices``."""
         for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+            self.add_module(f'norm{i}', LayerNorm(self.num_features[i]))
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s pretrained weights strictly, if any."""

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 
-from mmvmamba.ops import cross_selective_scan
+from mmvmamba.ops import LayerNorm, cross_selective_scan
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
                      add_ssm_parameters, init_linear_and_norm,
                      init_ssm_parameters, parse_arch, ss2d_output)
@@ -113,7 +113,7 @@ class VSSBlock(CheckpointedBlock):
                  with_cp: bool = False,
                  **ssm_cfg):
         super().__init__()
-        self.norm = nn.LayerNorm(embed_dims)
+        self.norm = LayerNorm(embed_dims)
         self.ss2d = SS2D(embed_dims, **ssm_cfg)
         self.drop_path = DropPath(drop_path)
         self.with_cp = with_cp
@@ -133,7 +133,7 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(
             in_channels, embed_dims, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dims)
+        self.norm = LayerNorm(embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, C_in, H, W)`` -> ``(B, ceil(H/4), ceil(W/4), C)``."""
@@ -152,7 +152,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, embed_dims: int):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * embed_dims)
+        self.norm = LayerNorm(4 * embed_dims)
         self.reduction = nn.Linear(4 * embed_dims, 2 * embed_dims, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 
-from mmvmamba.ops import cross_selective_scan
+from mmvmamba.ops import LayerNorm, cross_selective_scan
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
                      add_ssm_parameters, init_linear_and_norm,
                      init_ssm_parameters, linear_backward, parse_arch,
@@ -195,10 +195,10 @@ class VSSBlockV2(CheckpointedBlock):
                  recompute_mlp: bool = True,
                  **ssm_cfg):
         super().__init__()
-        self.norm = nn.LayerNorm(embed_dims)
+        self.norm = LayerNorm(embed_dims)
         self.ss2d = SS2DV2(embed_dims, **ssm_cfg)
         if mlp_ratio > 0:
-            self.norm2 = nn.LayerNorm(embed_dims)
+            self.norm2 = LayerNorm(embed_dims)
             self.mlp = Mlp(embed_dims, int(embed_dims * mlp_ratio),
                            recompute_mlp)
         else:
@@ -230,9 +230,9 @@ class ConvStem(nn.Module):
         super().__init__()
         mid = embed_dims // 2
         self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=2, padding=1)
-        self.norm1 = nn.LayerNorm(mid)
+        self.norm1 = LayerNorm(mid)
         self.conv2 = nn.Conv2d(mid, embed_dims, 3, stride=2, padding=1)
-        self.norm2 = nn.LayerNorm(embed_dims)
+        self.norm2 = LayerNorm(embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm1(_to_channels_last(self.conv1(x))))
@@ -247,7 +247,7 @@ class ConvDownsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(
             embed_dims, 2 * embed_dims, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(2 * embed_dims)
+        self.norm = LayerNorm(2 * embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(_to_channels_last(self.conv(_to_channels_first(x))))
