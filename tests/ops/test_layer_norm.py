@@ -654,8 +654,9 @@ def test_gpu_compile_fullgraph_matches_eager(autocast, reported_seed):
 @needs_cuda
 def test_gpu_backbone_norms(reported_seed):
     """A small VMamba's norms are the Triton LayerNorm: under bf16 autocast,
-    inference runs the kernels with nn.LayerNorm's features up to bf16
-    rounding; a training forward runs F.layer_norm."""
+    inference runs the kernels (where the map is contiguous in C) with
+    nn.LayerNorm's features up to bf16 rounding; a training forward runs
+    F.layer_norm."""
     from mmvmamba.models import VMamba
     model = VMamba(dict(embed_dims=32, depths=[1, 1, 2, 1]),
                    drop_path_rate=0.).cuda().eval()
@@ -668,7 +669,9 @@ def test_gpu_backbone_norms(reported_seed):
             got = model(x)[-1]
         with RecordFallbacks() as training:
             model(x)
-        assert training.calls - inference.calls == len(norms)
+        # all but the patch embedding's, which reads the conv output
+        # permuted (not contiguous in C: F.layer_norm, as on the H200)
+        assert training.calls - inference.calls == len(norms) - 1
         for m in norms:
             m.__class__ = nn.LayerNorm
         with torch.no_grad():
