@@ -212,7 +212,7 @@ def model_rows(names, modes, batch: int, warmup: int,
                                        warmup, repeat)
             set_norm_class(norms, ln.LayerNorm)
             rows.append(dict(model=model_label(name), mode=mode,
-                             converted=len(norms), **times))
+                             norms=len(norms), **times))
         del model
         torch.cuda.empty_cache()
     return rows
@@ -277,7 +277,7 @@ def main(argv=None):
             ['model', 'mode', 'norms', 'nn.LayerNorm ms', 'default ms',
              'Triton both ms', 'img/s nn', 'img/s default',
              'default speed-up', 'Triton both speed-up'],
-            [[r['model'], r['mode'], r['converted'],
+            [[r['model'], r['mode'], r['norms'],
               _fmt(r['aten']['ms'], '.1f'), _fmt(r['default']['ms'], '.1f'),
               _fmt(r['triton']['ms'], '.1f') if 'triton' in r else '-',
               _fmt(r['aten']['img_per_s'], '.0f'),
