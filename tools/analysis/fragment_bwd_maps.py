@@ -266,7 +266,7 @@ def emulate(N, per_group, steps, seed):
                     out['du'][out_c, tk] = sbv * dt_s[at] + D[out_c] * dy_s[pair_dy_index(out_c, tk)]
                     out['ddt'][out_c, tk] = sbv * u_s[at] + sav * np.log(2)
                     finished[out_c, tk] += 1
-                    acc_steps.setdefault((out_c, k // kHalf), set()).add(tk % kPiece)
+                    acc_steps.setdefault((w, l, k // kHalf), set()).add((out_c, tk % kPiece))
                 for j in range(8):
                     note('finish partials (LDS.64)', rd_part[j], 2)
                 note('finish dt / u rows (LDS.32, STS.32)', rd_tile)
@@ -299,8 +299,8 @@ def emulate(N, per_group, steps, seed):
     valid = np.zeros((kChannels, kSteps), bool); valid[:per_group, :steps] = True
     full = pieces * kPiece
     assert (finished[:, :full] == 1).all() and (finished[:, full:] == 0).all()
-    for (c, i), ts in acc_steps.items():
-        assert len(ts) == 1, 'an accumulator sums one t % kPiece'
+    for key, ts in acc_steps.items():
+        assert len(ts) == 1, 'a lane\'s dD / dbias accumulator: one channel, one t % kPiece'
     err = 0.0
     for key in ('dB', 'dC'):
         x, y = out[key][:steps, :N], ref[key][:steps, :N]
@@ -377,7 +377,18 @@ def smem_table():
     return rows
 
 
+def old_finish_conflicts():
+    """scan_bwd_lanes' finishing (Q = 4): lane channel lane % 8, steps
+    lane / 8 + 4 i of the piece, rows of kRow: the same tiles' accesses."""
+    for w in range(4):
+        for s in range(8):
+            for i in range(2):
+                note('old layout: finish dt / u / dy rows (LDS.32, STS.32)',
+                     [(8 * w + l % 8) * kRow + s * 8 + l // 8 + 4 * i for l in range(32)])
+
+
 if __name__ == '__main__':
+    old_finish_conflicts()
     term_check()
     worst = 0.0
     for N in range(1, 17):
