@@ -407,6 +407,9 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
   const bool out_valid = out_in_group < p.per_group;
   const int64_t out_d = pos.g * p.per_group + (out_valid ? out_in_group : 0);
   const float out_D = p.D != nullptr ? p.D[out_d] : 0.0f;
+  // Its places in the u / dt rows and the dy tile at step 0 of a half.
+  const int out_at = out_c * kRow + out_k;
+  const int out_dy = Io::pair_dy_index(out_c, out_k);
   float dD[2] = {}, dbias[2] = {};
   // Its partial-sum reads: lane 4 j' + t, j' = j ^ (g % 2) for j = 0 .. 7,
   // channel slot 2 ((g / 2) % 2); even j from part_even, odd j from part_odd.
@@ -547,10 +550,9 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
                            ((v[4].x + v[5].x) + (v[6].x + v[7].x));
           const float sa = ((v[0].y + v[1].y) + (v[2].y + v[3].y)) +
                            ((v[4].y + v[5].y) + (v[6].y + v[7].y));
-          const int tk = t + out_k;
-          const int at = out_c * kRow + tk;
+          const int at = out_at + t;
           const float dt = dt_s[at], u = u_s[at];
-          const float g = dy_s[Io::pair_dy_index(out_c, tk)];
+          const float g = dy_s[out_dy + t * Tl::channels];
           float ddt = sb * u + sa * kLn2;
           // sigmoid(x) = 1 - e^-softplus(x)
           if (p.softplus) {

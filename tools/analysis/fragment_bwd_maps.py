@@ -262,6 +262,9 @@ def emulate(N, per_group, steps, seed):
                     sbv = ((v[0][0] + v[1][0]) + (v[2][0] + v[3][0])) + ((v[4][0] + v[5][0]) + (v[6][0] + v[7][0]))
                     sav = ((v[0][1] + v[1][1]) + (v[2][1] + v[3][1])) + ((v[4][1] + v[5][1]) + (v[6][1] + v[7][1]))
                     tk = tt + out_k; at = out_c * kRow + tk
+                    # the kernel's out_at + t and out_dy + t * 32
+                    assert at == out_c * kRow + out_k + tt
+                    assert pair_dy_index(out_c, tk) == pair_dy_index(out_c, out_k) + tt * kChannels
                     rd_tile.append(at); rd_dy.append(pair_dy_index(out_c, tk))
                     out['du'][out_c, tk] = sbv * dt_s[at] + D[out_c] * dy_s[pair_dy_index(out_c, tk)]
                     out['ddt'][out_c, tk] = sbv * u_s[at] + sav * np.log(2)
