@@ -328,11 +328,16 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
 // terms and pass on the dB terms (the others the reverse), at mask 1 the
 // lanes with t & 1 keep state g + 8. Lane 4 g + t then holds value 16 (t /
 // 2) + g + 8 (t % 2) of the step (see CrossIo::kStateGradRow), summed over
-// the lanes as (t0 + t2) + (t1 + t3), and stores it there in the warp's row.
+// the lanes as (t0 + t2) + (t1 + t3), and stores it at `at` (that value's
+// place in the warp's row: fragment_grad_slot).
+__device__ __forceinline__ int fragment_grad_slot(int lane_id) {
+  const int g = lane_id / 4, t = lane_id % 4;
+  return Tile<4>::states * (t >> 1) + g + 8 * (t & 1);
+}
 __device__ __forceinline__ void reduce_state_grads_fragment(const float (&vb)[2],
                                                             const float (&vc)[2],
-                                                            float* row, int lane_id) {
-  const int g = lane_id / 4, t = lane_id % 4;
+                                                            float* at, int lane_id) {
+  const int t = lane_id % 4;
   const bool upper2 = (t & 2) != 0, upper1 = (t & 1) != 0;
   float w[2];
 #pragma unroll
@@ -343,8 +348,7 @@ __device__ __forceinline__ void reduce_state_grads_fragment(const float (&vb)[2]
   }
   const float send = upper1 ? w[0] : w[1];
   const float keep = upper1 ? w[1] : w[0];
-  row[Tile<4>::states * (t >> 1) + g + 8 * (t & 1)] =
-      keep + __shfl_xor_sync(0xffffffffu, send, 1);
+  *at = keep + __shfl_xor_sync(0xffffffffu, send, 1);
 }
 
 // The backward in the fragment layout (Io::kFragmentBackward, CrossIo; see
@@ -410,6 +414,7 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
   // Its places in the u / dt rows and the dy tile at step 0 of a half.
   const int out_at = out_c * kRow + out_k;
   const int out_dy = Io::pair_dy_index(out_c, out_k);
+  const int grad_slot = fragment_grad_slot(lane_id);
   float dD[2] = {}, dbias[2] = {};
   // Its partial-sum reads: lane 4 j' + t, j' = j ^ (g % 2) for j = 0 .. 7,
   // channel slot 2 ((g / 2) % 2); even j from part_even, odd j from part_odd.
@@ -479,7 +484,8 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
       if (s >= pieces) continue;
       // The warps' dB / dC of the piece: two buffers, alternating.
       float* grads = shared.state_grads + (s & 1) * kWarps * kPiece * Tl::grad_row;
-      float* warp_grads = grads + warp * kPiece * Tl::grad_row;
+      // (this lane's value of the warp's rows)
+      float* warp_grads = grads + warp * kPiece * Tl::grad_row + grad_slot;
       // The piece's states and (if kept) its decays exp2(a dt).
       float hs[kPiece][kP], decays[kKeepDecays ? kPiece : 1][kP];
 #pragma unroll
