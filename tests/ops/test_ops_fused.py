@@ -33,10 +33,14 @@ CASES = [
     (2, 33, 10, 14, 12, 16),  # R = 12 (VMamba-T stage 1), D odd
     (1, 64, 8, 17, 64, 16),  # R = 64 (VMamba-B stage 3)
     (1, 24, 5, 13, 70, 16),  # R = 70: rank rows past 64; the last chunk 1 step
+    (2, 40, 9, 15, 20, 15),  # N = 15 (a padding state among 16), kept decays
+    (1, 33, 11, 30, 6, 12),  # N = 12, decays not kept
 ]
 # The kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): L = 407,
 # seven chunks of 64 steps, the last one partial, two channel blocks.
 SEGMENT_CASE = (2, 40, 11, 37, 4, 16)
+# The same with R = 20 and N = 15: the backward that keeps decays.
+KEEP_SEGMENT_CASE = (2, 40, 11, 37, 20, 15)
 # Twelve chunks: split into segments of 4 by default (few blocks on any GPU).
 LONG_CASE = (1, 16, 24, 30, 2, 16)
 SEGMENT_ENV = 'MMVMAMBA_SCAN_SEGMENT_CHUNKS'
@@ -202,6 +206,14 @@ def test_segmented_fused_matches_float64_reference(dtypes, segment_chunks,
     parallel and chained by the carry pass, forward and backward."""
     monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
     check_against_reference(SEGMENT_CASE, dtypes)
+
+
+@pytest.mark.parametrize('segment_chunks', ['1', '2'])
+def test_segmented_keep_decays_matches_float64_reference(
+        segment_chunks, monkeypatch):
+    """Segments through the backward that keeps its decays (R = 20)."""
+    monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
+    check_against_reference(KEEP_SEGMENT_CASE, (torch.float32, torch.float32))
 
 
 def test_default_segments_match_float64_reference(monkeypatch):
