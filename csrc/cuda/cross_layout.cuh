@@ -160,6 +160,34 @@ struct CrossIo {
                     2 * Tl::channels >= kSteps && kRow > kSteps,
                 "a padding column of kSteps rows in the u and dt tiles");
 
+  // The backward runs in the fragment layout (FragmentLane, scan_bwd.cuh):
+  // its tiles are staged by Loads<true, true> (pair_dy_index,
+  // pair_state_index), its dB / dC terms stored in rows of kStateGradRow.
+  static constexpr bool kFragmentBackward = true;
+  // A warp's dB / dC of one step in the fragment layout: value 16 k + n is
+  // the dB (k = 0) or dC (k = 1) of state n, summed over the warp's 8
+  // channels (rows of the backward's grad_row floats hold them).
+  static constexpr int kStateGradRow = 2 * Tl::states;
+  static_assert(kStateGradRow <= Tl::grad_row, "a step's values in a grad_row");
+
+  // The fragment layout's dy tile, [step][channel]: channels c and c + 4 of
+  // a group of 8 adjacent (one 8-byte load for a lane's two channels), in
+  // the region of the [channel][kRow] tile.
+  __device__ static int pair_dy_index(int c, int t) {
+    return t * Tl::channels + (c & ~7) + 2 * (c & 3) + ((c >> 2) & 1);
+  }
+  // The fragment layout's B and C, one tile [step][state g < 8] of float4s
+  // over the B and C regions: B of states g, g + 8, C of states g, g + 8
+  // (one 16-byte load a lane and step), the two halves swapped at odd steps
+  // (the staging's stores, two steps a warp, fall in distinct banks).
+  __device__ static int pair_state_index(int t, int n, int kind) {
+    return t * 2 * Tl::states + 4 * (n & 7) + (((n >> 3) + 2 * kind) ^ (2 * (t & 1)));
+  }
+  static_assert(SmemLayout<Q, Pass::kBackward>::C ==
+                        SmemLayout<Q, Pass::kBackward>::B + kSteps * Tl::state_row &&
+                    kSteps * Tl::channels <= Tl::channels * kRow,
+                "the fragment layout's tiles fit the B, C and dy regions");
+
   // The backward's offset of the block's first dB column in dx_dbl (int64,
   // in floats from p.dx_dbl: two float words of a float4 slot, after the
   // position table), written by prepare, read by store_state_grads.
@@ -304,8 +332,11 @@ struct CrossIo {
     }
   }
 
-  template <bool kWithDy>
+  // kFragment (with kWithDy): staged for the backward's fragment layout
+  // (pair_dy_index, pair_state_index).
+  template <bool kWithDy, bool kFragment = false>
   struct Loads {
+    static_assert(kWithDy || !kFragment, "the fragment layout is the backward's");
     T u[kRowLoads], B[kStateLoads], C[kStateLoads];
     float dy[kWithDy ? kRowLoads : 1];
 
@@ -362,7 +393,11 @@ struct CrossIo {
       for (int k = 0; k < kRowLoads; ++k) {
         const int t = j + k * kStepThreads;
         s.u[c * kRow + t] = static_cast<float>(u[k]);
-        if constexpr (kWithDy) s.dy[c * kRow + t] = dy[k];
+        if constexpr (kFragment) {
+          s.dy[pair_dy_index(c, t)] = dy[k];
+        } else if constexpr (kWithDy) {
+          s.dy[c * kRow + t] = dy[k];
+        }
       }
       {
         const int n = threadIdx.x % Tl::states;
@@ -370,8 +405,13 @@ struct CrossIo {
 #pragma unroll
         for (int k = 0; k < kStateLoads; ++k) {
           const int t = js + k * kStateThreads;
-          s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
-          s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+          if constexpr (kFragment) {
+            s.B[pair_state_index(t, n, 0)] = static_cast<float>(B[k]);
+            s.B[pair_state_index(t, n, 1)] = static_cast<float>(C[k]);
+          } else {
+            s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
+            s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+          }
         }
       }
       float* dtl_s = dt_low(extra, p);
@@ -739,30 +779,35 @@ struct CrossIo {
   }
 
   // Adds the block's dB / dC of the kPiece steps from step t0 of the tile
-  // from l0 (the warps' terms in `grads`, see sum_state_grad) into dx_dbl. A
-  // warp takes the values of a step (one row of x_dbl): thread value j =
-  // threadIdx % (2 states), the dB of state j or the dC of state j - states,
-  // steps threadIdx / (2 states) + 4 i. The column's offset comes from
-  // prepare (one shared load a piece, not 64-bit products).
+  // (the warps' values in `grads`: [warp][kPiece] rows of grad_row floats,
+  // kStateGradRow of them used, see reduce_state_grads_fragment) into dx_dbl.
+  // Thread value j = threadIdx % 32 (the dB of state j or the dC of state j -
+  // 16), steps threadIdx / 32 and + 4: the two positions first, then 4
+  // loads, 3 FADD (the warps in order, from the first one's value) and 1 RED
+  // each. The column's offset comes from prepare.
   __device__ static void store_state_grads(const ScanParams& p,
                                            const BlockPos& pos, int64_t l0, int t0,
                                            const float* grads, const TileSmem& s,
                                            float* extra) {
-    constexpr int kValues = 2 * Tl::states;
-    static_assert(kThreads % kValues == 0 && kPiece % (kThreads / kValues) == 0,
-                  "whole steps a pass");
-    const int j = threadIdx.x % kValues;
+    static_assert(kThreads / kStateGradRow == kPiece / 2, "two steps a thread");
+    const int j = threadIdx.x % kStateGradRow;
     const int n = j % Tl::states;
     if (n >= p.d_state) return;
     const float2 words = *reinterpret_cast<const float2*>(column_offset(extra));
     const uint64_t offset = static_cast<uint64_t>(__float_as_uint(words.y)) << 32 |
                             __float_as_uint(words.x);
     float* column = p.dx_dbl + (offset + (j < Tl::states ? n : p.d_state + n));
+    const int t = threadIdx.x / kStateGradRow;
+    const int at[2] = {scanned_position(s, t0 + t),  // -1 past L
+                       scanned_position(s, t0 + t + kPiece / 2)};
 #pragma unroll
-    for (int t = threadIdx.x / kValues; t < kPiece; t += kThreads / kValues) {
-      const int at = scanned_position(s, t0 + t);  // -1 past L
-      if (at >= 0) {
-        atomicAdd(row_at(column, at, row_pitch<float>(p)), sum_state_grad<Q>(grads, t, j));
+    for (int i = 0; i < 2; ++i) {
+      if (at[i] >= 0) {
+        const float* v = grads + (t + i * kPiece / 2) * Tl::grad_row + j;
+        float sum = v[0];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) sum += v[w * kPiece * Tl::grad_row];
+        atomicAdd(row_at(column, at[i], row_pitch<float>(p)), sum);
       }
     }
   }

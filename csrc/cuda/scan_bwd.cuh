@@ -78,15 +78,10 @@ __device__ __forceinline__ int piece_part_index(int step, int lane) {
   }
 }
 
-// kKeepDecays: a piece's decays exp2(a dt), computed for its states, are
-// kept in registers for its reverse scan (one exponential per state and
-// step fewer, 32 registers more, so 3 blocks per SM): the launch code takes
-// it where shared memory allows no more blocks anyway.
+// The backward of an Io whose lanes hold kP states of one channel (Q lanes
+// a channel; see scan_common.cuh), run by scan_bwd_kernel below.
 template <typename Io, bool kKeepDecays>
-__global__ void __launch_bounds__(kThreads, kKeepDecays
-                                                ? Tile<Io::Q>::bwd_keep_blocks_per_sm
-                                                : Tile<Io::Q>::bwd_blocks_per_sm)
-    scan_bwd_kernel(const ScanParams p) {
+__device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
   constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
   constexpr int kPieces = kSteps / kPiece;
@@ -323,6 +318,303 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
       atomicAdd(p.dD + pos.g * p.per_group + d_in_group, dD[i]);
       atomicAdd(p.ddelta_bias + pos.g * p.per_group + d_in_group, dbias[i]);
     }
+  }
+}
+
+// Sums a step's dB and dC terms of the fragment layout (FragmentLane) over
+// the warp's 8 channels: vb[e] / vc[e] are the lane's terms of state g + 8 e,
+// its two channels already folded in. A butterfly over the 4 lanes that
+// share the states (3 shuffles): at mask 2 the lanes with t & 2 keep the dC
+// terms and pass on the dB terms (the others the reverse), at mask 1 the
+// lanes with t & 1 keep state g + 8. Lane 4 g + t then holds value 16 (t /
+// 2) + g + 8 (t % 2) of the step (see CrossIo::kStateGradRow), summed over
+// the lanes as (t0 + t2) + (t1 + t3), and stores it at `at` (that value's
+// place in the warp's row: fragment_grad_slot).
+__device__ __forceinline__ int fragment_grad_slot(int lane_id) {
+  const int g = lane_id / 4, t = lane_id % 4;
+  return Tile<4>::states * (t >> 1) + g + 8 * (t & 1);
+}
+__device__ __forceinline__ void reduce_state_grads_fragment(const float (&vb)[2],
+                                                            const float (&vc)[2],
+                                                            float* at, int lane_id) {
+  const int t = lane_id % 4;
+  const bool upper2 = (t & 2) != 0, upper1 = (t & 1) != 0;
+  float w[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const float send = upper2 ? vb[e] : vc[e];
+    const float keep = upper2 ? vc[e] : vb[e];
+    w[e] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+  }
+  const float send = upper1 ? w[0] : w[1];
+  const float keep = upper1 ? w[1] : w[0];
+  *at = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+}
+
+// The backward in the fragment layout (Io::kFragmentBackward, CrossIo; see
+// FragmentLane): the passes of scan_bwd_lanes with Q = 4, but a lane holds 2
+// states of 2 channels. Its tiles are staged for it (Io::Loads<true, true>:
+// a lane's dy of its two channels in one 8-byte load, its B and C in one
+// 16-byte load). dB / dC: the lane folds its two channels, then
+// reduce_state_grads_fragment (3 shuffles a step, was 7). The sums over
+// states of each (step, channel) (<dh, B> and <dh, A dA h>) go over the 8
+// lanes of a channel through the warp's partial sums (one 16-byte store a
+// lane and step), finished every half piece (4 steps: the partials of a half
+// fill the region scan_bwd_lanes uses for 8 steps): lane 4 g + t finishes
+// channel t + 4 ((g / 2) % 2) of the warp at step (g % 2) + 2 (g / 4) of each
+// half, reading the 8 lanes of the channel (8-byte loads, in an order
+// flipped by g % 2 so that each half warp's loads fall in distinct banks) and
+// summing them as a fixed tree (the flip swaps the operands of its first
+// additions). So dD[h] / dbias[h] sum the steps of one channel with the same
+// t % kPiece, in the order of scan_bwd_lanes.
+template <typename Io, bool kKeepDecays>
+__device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
+  using Tl = Tile<4>;
+  static_assert(Io::Q == 4 && kPiece == 8 && kWarps * 8 == Tl::channels,
+                "the fragment layout: 8 channels of 16 states a warp");
+  constexpr int kPieces = kSteps / kPiece;
+  constexpr int kHalf = kPiece / 2;
+  constexpr int kStepFloats = 2 * Tl::states;  // a step of the B / C tile
+  extern __shared__ float smem[];
+  const Smem shared = SmemLayout<4, Pass::kBackward>::carve(smem);
+  const TileSmem& tiles = shared.tile;
+  float* u_s = tiles.u;
+  float* dt_s = tiles.dt;
+  float* dy_s = tiles.dy;
+  const int warp = threadIdx.x / 32, lane_id = threadIdx.x % 32;
+  // The partial sums of a half piece, [step][lane] float4s: <dh, B>, <dh, A
+  // dA h> of channel t, then of channel t + 4.
+  float* part = shared.part + warp * 2 * kPiece * 32;
+  static_assert(kHalf * 32 * 4 <= 2 * kPiece * 32, "a half piece in the warp's region");
+  float* extra = shared.extra;
+
+  const BlockPos pos = block_pos(p);
+  const FragmentLane lane(p, pos);
+  Io::prepare(p, pos, extra);
+  const SegmentRange range = segment_range(p);
+  float dh[kP] = {}, decay_next[kP] = {}, dA[kP] = {};
+  if (range.end < p.chunks) {
+    const float* rows[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      rows[h] = p.seg_state +
+                ((pos.b * p.channels + lane.d[h]) * p.segments + blockIdx.y) * p.d_state;
+    }
+    lane.read_states(rows, p.d_state, dh);
+#pragma unroll
+    for (int i = 0; i < kP; ++i) decay_next[i] = 1.0f;
+  }
+  // The (step, channel) this lane finishes in each half piece (see above).
+  const int out_k = (lane.g & 1) + 2 * (lane.g >> 2);
+  const int out_c = lane.c[0] + 4 * ((lane.g >> 1) & 1);
+  const int64_t out_in_group = pos.cblock * Tl::channels + out_c;
+  const bool out_valid = out_in_group < p.per_group;
+  const int64_t out_d = pos.g * p.per_group + (out_valid ? out_in_group : 0);
+  const float out_D = p.D != nullptr ? p.D[out_d] : 0.0f;
+  // Its places in the u / dt rows and the dy tile at step 0 of a half.
+  const int out_at = out_c * kRow + out_k;
+  const int out_dy = Io::pair_dy_index(out_c, out_k);
+  const int grad_slot = fragment_grad_slot(lane_id);
+  float dD[2] = {}, dbias[2] = {};
+  // Its partial-sum reads: lane 4 j' + t, j' = j ^ (g % 2) for j = 0 .. 7,
+  // channel slot 2 ((g / 2) % 2); even j from part_even, odd j from part_odd.
+  const float* part_out = part + (out_k * 32 + lane.t) * 4 + 2 * ((lane.g >> 1) & 1);
+  const float* part_even = part_out + 16 * (lane.g & 1);
+  const float* part_odd = part_out + 16 - 16 * (lane.g & 1);
+
+  Io::index_chunk(p, pos, range.end - 1, extra);
+  __syncthreads();
+  for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
+    const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
+    typename Io::template Loads<true, true> tile;
+    tile.fetch(p, pos, l0, extra);
+    __syncthreads();
+    tile.stage(p, pos, l0, tiles, extra);
+    // As in scan_bwd_lanes.
+    if (chunk > range.first) Io::index_chunk(p, pos, chunk - 1, extra);
+    __syncthreads();
+    // Channel t's rows (channel t + 4's at 4 kRow on), the lane's dy pairs
+    // and B / C float4s at step 0.
+    const float* urow = u_s + lane.c[0] * kRow;
+    const float* dtrow = dt_s + lane.c[0] * kRow;
+    const float* dy_pair = dy_s + Io::pair_dy_index(lane.c[0], 0);
+    const float* bc = tiles.B + 4 * lane.g;
+    // As in scan_bwd_lanes.
+    const int64_t left = p.length - l0;
+    const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
+                                     : kPieces;
+
+    // Pass 1: the state at the start of every piece.
+    float start[kPieces][kP];
+    {
+      float h[kP] = {};
+      if (chunk > 0) {
+        const float* rows[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          rows[c] = p.checkpoints +
+                    ((pos.b * p.channels + lane.d[c]) * p.chunks + chunk - 1) * p.d_state;
+        }
+        lane.read_states(rows, p.d_state, h);
+      }
+#pragma unroll
+      for (int s = 0; s < kPieces; ++s) {
+#pragma unroll
+        for (int i = 0; i < kP; ++i) start[s][i] = h[i];
+        if (s + 1 == kPieces) break;
+        if (kKeepDecays && s + 1 >= pieces) break;  // no later start is read
+#pragma unroll
+        for (int t = s * kPiece; t < (s + 1) * kPiece; ++t) {
+          const float dt[2] = {dtrow[t], dtrow[4 * kRow + t]};
+          const float dtu[2] = {dt[0] * urow[t], dt[1] * urow[4 * kRow + t]};
+          const float2 b2 =
+              *reinterpret_cast<const float2*>(bc + t * kStepFloats + 2 * (t & 1));
+          const float bv[2] = {b2.x, b2.y};
+#pragma unroll
+          for (int i = 0; i < kP; ++i) {
+            h[i] = exp2f(lane.a[i] * dt[i / 2]) * h[i] + dtu[i / 2] * bv[i % 2];
+          }
+        }
+      }
+    }
+
+    // Pass 2: pieces in reverse; states of the piece, then the reverse scan.
+#pragma unroll
+    for (int s = kPieces - 1; s >= 0; --s) {
+      if (s >= pieces) continue;
+      // The warps' dB / dC of the piece: two buffers, alternating.
+      float* grads = shared.state_grads + (s & 1) * kWarps * kPiece * Tl::grad_row;
+      // (this lane's value of the warp's rows)
+      float* warp_grads = grads + warp * kPiece * Tl::grad_row + grad_slot;
+      // The piece's states and (if kept) its decays exp2(a dt).
+      float hs[kPiece][kP], decays[kKeepDecays ? kPiece : 1][kP];
+#pragma unroll
+      for (int k = 0; k < kPiece; ++k) {
+        const int t = s * kPiece + k;
+        const float dt[2] = {dtrow[t], dtrow[4 * kRow + t]};
+        const float dtu[2] = {dt[0] * urow[t], dt[1] * urow[4 * kRow + t]};
+        const float2 b2 =
+            *reinterpret_cast<const float2*>(bc + t * kStepFloats + 2 * (t & 1));
+        const float bv[2] = {b2.x, b2.y};
+#pragma unroll
+        for (int i = 0; i < kP; ++i) {
+          const float prev = k == 0 ? start[s][i] : hs[k - 1][i];
+          const float decay = exp2f(lane.a[i] * dt[i / 2]);
+          if constexpr (kKeepDecays) decays[k][i] = decay;
+          hs[k][i] = decay * prev + dtu[i / 2] * bv[i % 2];
+        }
+      }
+#pragma unroll
+      for (int k = kPiece - 1; k >= 0; --k) {
+        const int t = s * kPiece + k;
+        // B then C of states g, g + 8 (C then B at odd steps).
+        const float4 v4 = *reinterpret_cast<const float4*>(bc + t * kStepFloats);
+        const bool odd = (t & 1) != 0;
+        const float bv[2] = {odd ? v4.z : v4.x, odd ? v4.w : v4.y};
+        const float cv[2] = {odd ? v4.x : v4.z, odd ? v4.y : v4.w};
+        const float2 g2 = *reinterpret_cast<const float2*>(dy_pair + t * Tl::channels);
+        const float gy[2] = {g2.x, g2.y};
+        const float dt[2] = {dtrow[t], dtrow[4 * kRow + t]};
+        const float dtu[2] = {dt[0] * urow[t], dt[1] * urow[4 * kRow + t]};
+        // Per channel the sums over its two states; per state the dB / dC
+        // terms of the two channels (from the first term, as in
+        // scan_bwd_lanes' out sums).
+        float vb[2], vc[2], sum_b[2], sum_a[2];
+#pragma unroll
+        for (int i = 0; i < kP; ++i) {
+          const int e = i % 2, h = i / 2;
+          float decay;
+          if constexpr (kKeepDecays) {
+            decay = decays[k][i];
+          } else {
+            decay = exp2f(lane.a[i] * dt[h]);
+          }
+          dh[i] = gy[h] * cv[e] + decay_next[i] * dh[i];
+          decay_next[i] = decay;
+          const float prev = k == 0 ? start[s][i] : hs[k - 1][i];
+          const float w = dh[i] * decay * prev;  // dh_l dA_l h_{l-1}
+          dA[i] += dt[h] * w;
+          sum_a[h] = e == 0 ? lane.a[i] * w : sum_a[h] + lane.a[i] * w;
+          sum_b[h] = e == 0 ? dh[i] * bv[e] : sum_b[h] + dh[i] * bv[e];
+          vb[e] = h == 0 ? dh[i] * dtu[0] : vb[e] + dh[i] * dtu[1];
+          vc[e] = h == 0 ? gy[0] * hs[k][i] : vc[e] + gy[1] * hs[k][i];
+        }
+        reduce_state_grads_fragment(vb, vc, warp_grads + k * Tl::grad_row, lane_id);
+        *reinterpret_cast<float4*>(part + ((k % kHalf) * 32 + lane_id) * 4) =
+            make_float4(sum_b[0], sum_a[0], sum_b[1], sum_a[1]);
+        if (k % kHalf != 0) continue;
+        // du and d(delta) of the half's steps k .. k + 3.
+        __syncwarp();
+        {
+          float2 v[8];
+#pragma unroll
+          for (int j = 0; j < 8; j += 2) {
+            v[j] = *reinterpret_cast<const float2*>(part_even + 16 * j);
+            v[j + 1] = *reinterpret_cast<const float2*>(part_odd + 16 * j);
+          }
+          const float sb = ((v[0].x + v[1].x) + (v[2].x + v[3].x)) +
+                           ((v[4].x + v[5].x) + (v[6].x + v[7].x));
+          const float sa = ((v[0].y + v[1].y) + (v[2].y + v[3].y)) +
+                           ((v[4].y + v[5].y) + (v[6].y + v[7].y));
+          const int at = out_at + t;
+          const float dt = dt_s[at], u = u_s[at];
+          const float g = dy_s[out_dy + t * Tl::channels];
+          float ddt = sb * u + sa * kLn2;
+          // sigmoid(x) = 1 - e^-softplus(x)
+          if (p.softplus) {
+            if constexpr (Io::kBranchFreeSigmoid) {
+              ddt *= sigmoid_from_softplus(dt);
+            } else {
+              ddt *= -expm1f(-dt);
+            }
+          }
+          dbias[k / kHalf] += ddt;
+          dD[k / kHalf] += g * u;
+          u_s[at] = sb * dt + out_D * g;
+          dt_s[at] = ddt;
+        }
+        // (the first half's reads before the second half's stores)
+        if (k != 0) __syncwarp();
+      }
+      // The block's dB / dC of the piece: every warp's terms are stored (and
+      // the other buffer, the last piece's, was read by every thread).
+      __syncthreads();
+      Io::store_state_grads(p, pos, l0, s * kPiece, grads, tiles, extra);
+    }
+    __syncthreads();
+    Io::store_grads(p, pos, l0, tiles, extra);
+  }
+  Io::finish(p, pos, extra);
+#pragma unroll
+  for (int i = 0; i < kP; ++i) {
+    const int n = lane.state(i);
+    if (lane.valid[i / 2] && n < p.d_state) {
+      atomicAdd(p.dA + lane.d[i / 2] * p.d_state + n, dA[i]);
+    }
+  }
+  if (out_valid) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      atomicAdd(p.dD + out_d, dD[i]);
+      atomicAdd(p.ddelta_bias + out_d, dbias[i]);
+    }
+  }
+}
+
+// kKeepDecays: a piece's decays exp2(a dt), computed for its states, are
+// kept in registers for its reverse scan (one exponential per state and
+// step fewer, 32 registers more, so 3 blocks per SM): the launch code takes
+// it where shared memory allows no more blocks anyway. An Io with
+// kFragmentBackward runs scan_bwd_fragment, the others scan_bwd_lanes.
+template <typename Io, bool kKeepDecays>
+__global__ void __launch_bounds__(kThreads, kKeepDecays
+                                                ? Tile<Io::Q>::bwd_keep_blocks_per_sm
+                                                : Tile<Io::Q>::bwd_blocks_per_sm)
+    scan_bwd_kernel(const ScanParams p) {
+  if constexpr (Io::kFragmentBackward) {
+    scan_bwd_fragment<Io, kKeepDecays>(p);
+  } else {
+    scan_bwd_lanes<Io, kKeepDecays>(p);
   }
 }
 

@@ -266,6 +266,51 @@ struct Lane {
   }
 };
 
+// The backward's fragment layout (Q = 4, CrossIo): lane 4 g + t of warp w
+// holds states g and g + 8 of the warp's channels t and t + 4 (block
+// channels 8 w + t, 8 w + t + 4), the A fragment of mma.m16n8k8 with the
+// states as rows and the channels as columns. Pair i: state g + 8 (i % 2)
+// of channel t + 4 (i / 2); still kP pairs a lane, a warp 8 channels x 16
+// states. A (scaled by log2 e) is zero for padding states and channels.
+struct FragmentLane {
+  static constexpr int kChannels = Tile<4>::channels;
+  int g, t;
+  int c[2];        // channels within the block
+  int64_t d[2];    // channel indices
+  bool valid[2];
+  float a[kP];     // A * log2(e) of the pairs
+
+  __device__ FragmentLane(const ScanParams& p, const BlockPos& pos) {
+    const int lane = threadIdx.x % 32;
+    g = lane / 4;
+    t = lane % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      c[h] = threadIdx.x / 32 * 8 + t + 4 * h;
+      const int64_t d_in_group = pos.cblock * kChannels + c[h];
+      valid[h] = d_in_group < p.per_group;
+      d[h] = pos.g * p.per_group + (valid[h] ? d_in_group : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      const int n = state(i);
+      a[i] = valid[i / 2] && n < p.d_state ? p.A[d[i / 2] * p.d_state + n] * kLog2e : 0.0f;
+    }
+  }
+
+  __device__ int state(int i) const { return g + 8 * (i % 2); }
+
+  // Reads (into v) the pairs' states of the channels' (N,) rows at `rows`
+  // (row h of channel h); zero for padding.
+  __device__ void read_states(const float* const (&rows)[2], int d_state,
+                              float (&v)[kP]) const {
+#pragma unroll
+    for (int i = 0; i < kP; ++i) {
+      v[i] = valid[i / 2] && state(i) < d_state ? rows[i / 2][state(i)] : 0.0f;
+    }
+  }
+};
+
 // The chunks [first, end) of the block's segment (blockIdx.y + offset).
 struct SegmentRange {
   int first, end;

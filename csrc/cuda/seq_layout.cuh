@@ -33,6 +33,8 @@ struct SeqIo {
   // The backward's softplus derivative stays -expm1f(-dt): the plain op is
   // the reference its A/B runs compare the fused one against.
   static constexpr bool kBranchFreeSigmoid = false;
+  // The backward keeps Q lanes a channel (scan_bwd_lanes; see CrossIo).
+  static constexpr bool kFragmentBackward = false;
 
   static int extra_floats(const ScanParams&, bool) { return 0; }
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
