@@ -1,14 +1,16 @@
 """Where a classifier's GPU time goes: one profiled step, kernels grouped.
 
     python benchmarks/profile_step.py vmamba2-t [--mode train-bf16]
-        [--batch 128] [--size 224] [--top 25]
+        [--batch 128] [--size 224] [--top 25] [--by-op]
 
 Runs a few warm-up steps of ``--mode`` (a mode of ``benchmark.py
 throughput``), then profiles one step with ``torch.profiler`` (CUDA
 activity) and prints the step's GPU time against its wall time (a step far
 above its GPU time is bound by the host), the share of mmvmamba's scan
 kernels, and the ``--top`` kernels by GPU time, each with its calls and its
-share of the step's GPU time.
+share of the step's GPU time. ``--by-op`` groups the GPU time by the ATen
+op (or custom op) that launched the kernels, with its input shapes instead,
+which tells the copies, casts and elementwise ops of a step apart.
 """
 import argparse
 import time
@@ -19,12 +21,14 @@ from timing import MODES, _step, print_table
 
 
 def profile_step(name: str, mode: str, batch: int, size: int,
-                 warmup: int = 5) -> dict:
+                 warmup: int = 5, by_op: bool = False) -> dict:
     """Profile one ``mode`` step of classifier ``name`` on the GPU.
 
     Returns:
         dict: ``wall_ms``, ``gpu_ms``, ``scan_ms`` and ``kernels``, a list of
-        ``(name, calls, ms)`` sorted by time.
+        ``(name, calls, ms)`` sorted by time; with ``by_op``, ``ops`` too:
+        ``(op and input shapes, calls, ms)``, the GPU time of the kernels
+        each op launched itself.
     """
     from torch.profiler import ProfilerActivity, profile
     device = torch.device('cuda')
@@ -39,18 +43,31 @@ def profile_step(name: str, mode: str, batch: int, size: int,
     step()
     torch.cuda.synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA]
+    if by_op:
+        activities.append(ProfilerActivity.CPU)
+    with profile(activities=activities, record_shapes=by_op) as prof:
         step()
         torch.cuda.synchronize(device)
+    events = prof.key_averages()
     kernels = sorted(((e.key, e.count, e.self_device_time_total / 1e3)
-                      for e in prof.key_averages()
-                      if e.self_device_time_total > 0),
+                      for e in events if e.self_device_time_total > 0
+                      and e.device_type != torch.autograd.DeviceType.CPU),
                      key=lambda k: -k[2])
     gpu_ms = sum(k[2] for k in kernels)
     scan_ms = sum(k[2] for k in kernels if 'mmvmamba::' in k[0]
                   or 'scan' in k[0].lower())
-    return dict(wall_ms=wall_ms, gpu_ms=gpu_ms, scan_ms=scan_ms,
-                kernels=kernels)
+    result = dict(wall_ms=wall_ms, gpu_ms=gpu_ms, scan_ms=scan_ms,
+                  kernels=kernels)
+    if by_op:
+        result['ops'] = sorted(
+            ((f'{e.key} {e.input_shapes}', e.count,
+              e.self_device_time_total / 1e3)
+             for e in prof.key_averages(group_by_input_shape=True)
+             if e.device_type == torch.autograd.DeviceType.CPU
+             and e.self_device_time_total > 0),
+            key=lambda k: -k[2])
+    return result
 
 
 def main(argv=None):
@@ -61,10 +78,14 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--by-op', action='store_true',
+                        help='also group the GPU time by the launching op '
+                        'and its input shapes')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error('profile_step.py needs a GPU')
-    r = profile_step(args.model, args.mode, args.batch, args.size)
+    r = profile_step(args.model, args.mode, args.batch, args.size,
+                     by_op=args.by_op)
     gpu = r['gpu_ms']
     print_table(
         f'{model_label(args.model)}, {args.mode}, batch {args.batch} at '
@@ -74,6 +95,12 @@ def main(argv=None):
         ['kernel', 'calls', 'ms', '% of GPU'],
         [[k[:90], calls, f'{ms:.2f}', f'{100 * ms / gpu:.1f}']
          for k, calls, ms in r['kernels'][:args.top]])
+    if args.by_op:
+        print_table(
+            'by the op that launched the kernels (its input shapes)',
+            ['op', 'calls', 'ms', '% of GPU'],
+            [[k[:150], calls, f'{ms:.2f}', f'{100 * ms / gpu:.1f}']
+             for k, calls, ms in r['ops'][:args.top]])
     return r
 
 

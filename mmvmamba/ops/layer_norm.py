@@ -73,13 +73,18 @@ BACKWARD_PROGRAMS_OFF_CUDA = 2
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, n_rows, n_cols,
-                               x_row_stride, eps, HAS_WEIGHT: tl.constexpr,
+    def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, Z, n_rows, n_cols,
+                               x_row_stride, z_row_stride, eps,
+                               HAS_WEIGHT: tl.constexpr,
                                HAS_BIAS: tl.constexpr,
+                               HAS_GATE: tl.constexpr,
+                               STORE_STATS: tl.constexpr,
                                BLOCK_ROWS: tl.constexpr,
                                BLOCK_C: tl.constexpr):
         """Normalise BLOCK_ROWS rows of X into Y (contiguous), keeping each
-        row's mean and 1 / std; float32 arithmetic."""
+        row's mean and 1 / std with STORE_STATS; float32 arithmetic. With
+        HAS_GATE, Y is the norm times ``SiLU(Z)``, the SiLU rounded to Z's
+        dtype first (as ATen's ``silu`` returns it)."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_mask = rows < n_rows
@@ -99,10 +104,17 @@ if triton is not None:
         if HAS_BIAS:
             b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
             y = y + b[None, :]
+        if HAS_GATE:
+            z = tl.load(Z + rows64[:, None] * z_row_stride + cols[None, :],
+                        mask=mask, other=0.)
+            zf = z.to(tl.float32)
+            silu = (zf / (1. + tl.exp(-zf))).to(z.dtype).to(tl.float32)
+            y = y * silu
         tl.store(Y + rows64[:, None] * n_cols + cols[None, :],
                  y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(Mean + rows, mean, mask=row_mask)
-        tl.store(Rstd + rows, rstd, mask=row_mask)
+        if STORE_STATS:
+            tl.store(Mean + rows, mean, mask=row_mask)
+            tl.store(Rstd + rows, rstd, mask=row_mask)
 
     @triton.jit
     def _layer_norm_bwd_kernel(X, DY, DX, W, Mean, Rstd, DW_partial,
@@ -221,9 +233,10 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor],
     grid = (triton.cdiv(n_rows, block_rows), )
     _launcher(_layer_norm_fwd_kernel, traceable)[grid](
         x_rows, y, mean if weight is None else weight,
-        mean if bias is None else bias, mean, rstd, n_rows, channels,
-        x_rows.stride(0), eps,
+        mean if bias is None else bias, mean, rstd, x_rows, n_rows, channels,
+        x_rows.stride(0), 0, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_GATE=False, STORE_STATS=True,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     return y.view(x.shape), mean, rstd
 
@@ -365,6 +378,12 @@ def _autocast_on(x: torch.Tensor) -> bool:
             and torch.is_autocast_enabled(device_type))
 
 
+def norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.layer_norm`` computes in on ``x`` here: float32 under
+    the autocast of :data:`AUTOCAST_DEVICE_TYPES`, else ``x``'s."""
+    return torch.float32 if _autocast_on(x) else x.dtype
+
+
 def unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                        bias: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why :func:`layer_norm` would not run the Triton kernels on these
@@ -423,10 +442,91 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
+
+
 def _recorded(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` here."""
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
+
+
+def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],
+                            weight: Optional[torch.Tensor] = None,
+                            bias: Optional[torch.Tensor] = None
+                            ) -> Optional[str]:
+    """Why :func:`gated_layer_norm` would not run its Triton kernel on these
+    inputs, or None if it would."""
+    reason = unsupported_reason(x, weight, bias)
+    if reason is not None:
+        return reason
+    for name, t in (('x', x), ('weight', weight), ('bias', bias)):
+        if t is not None and t.dtype != torch.float32:
+            return (f'{name} is {t.dtype}; the gated kernel takes float32 '
+                    'x, weight and bias')
+    if z is None:
+        return None
+    if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
+        return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s shape '
+                f'{tuple(x.shape)} on {x.device}')
+    if z.dtype not in TRITON_DTYPES:
+        return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
+    if z.shape[-1] > 1 and z.stride(-1) != 1:
+        return (f'z is not contiguous in its last dimension (stride '
+                f'{z.stride(-1)})')
+    if _recorded(x, z, weight, bias):
+        return 'autograd records the call (the gated kernel has no backward)'
+    if torch.compiler.is_compiling():
+        return 'torch.compile traces the ATen ops (and fuses them itself)'
+    return None
+
+
+def gated_layer_norm(x: torch.Tensor, z: Optional[torch.Tensor],
+                     weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps) * F.silu(z)`` (the norm
+    alone when ``z`` is None) in one pass, as the input of a linear layer.
+
+    One Triton kernel reads ``x`` and ``z`` and writes the product in the
+    dtype that the linear layer reads: autocast's (for ``x``'s device) when
+    CUDA autocast is on, else that of ``x`` times ``z``. It runs when
+    :func:`gate_unsupported_reason` finds nothing against it (float32 ``x``
+    and parameters; calls autograd does not record, no backward); else the
+    ATen ops, cast so, give the same dtype and the same values up to float32
+    rounding. SS2D's output gate (``out_norm``) calls this.
+
+    Args:
+        x (Tensor): ``(..., C)``, normalised over C.
+        z (Tensor, optional): ``x``'s shape, the gate's input.
+        weight, bias (Tensor, optional): ``(C,)``.
+        eps (float): Added to the variance. Defaults to 1e-5.
+
+    Returns:
+        Tensor: ``x``'s shape.
+    """
+    if _autocast_on(x):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        out_dtype = x.dtype if z is None else torch.promote_types(
+            x.dtype, z.dtype)
+    if gate_unsupported_reason(x, z, weight, bias) is not None:
+        gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        if z is not None:
+            gated = gated * F.silu(z)
+        return gated.to(out_dtype)
+    x_rows = _as_rows(x)
+    z_rows = x_rows if z is None else z.reshape(x_rows.shape)
+    n_rows, channels = x_rows.shape
+    out = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
+    block_c, block_rows, num_warps = launch_config(channels)
+    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows), )](
+        x_rows, out, out if weight is None else weight,
+        out if bias is None else bias, out, out, z_rows, n_rows, channels,
+        x_rows.stride(0), z_rows.stride(0), eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_GATE=z is not None, STORE_STATS=False,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    return out.view(x.shape)
 
 
 class LayerNorm(nn.LayerNorm):

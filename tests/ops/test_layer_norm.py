@@ -318,6 +318,38 @@ class TestInterpreted:
         assert_close_to(ours[2], refs[1], torch.float32, dw_scale)
         assert_close_to(ours[3], refs[2], torch.float32, db_scale)
 
+    @pytest.mark.parametrize('channels', [3, 100, 384])
+    @pytest.mark.parametrize('case', ['autocast', 'float32', 'no-gate'])
+    def test_gated_matches_float64(self, channels, case, monkeypatch,
+                                   reported_seed):
+        """``LayerNorm(x) * SiLU(z)`` in one kernel, z the second half of a
+        wider tensor (row stride 2C) as SS2D's gate is: under autocast
+        (CPU's for CUDA's) a bfloat16 z and a bfloat16 product, else
+        float32; the norm alone without z."""
+        monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+        autocast = case != 'float32'
+        x, w, b = make_inputs((3, 23, channels), torch.float32,
+                              grads=(False, False, False))
+        wide = torch.randn(3, 23, 2 * channels)
+        z = None if case == 'no-gate' else wide[..., channels:].to(
+            torch.bfloat16 if autocast else torch.float32)
+        with RecordFallbacks() as record, torch.autocast(
+                'cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = ln.gated_layer_norm(x, z, w, b, 1e-5)
+        assert record.calls == 0  # the Triton path ran
+        expected = reference(x, w, b, 1e-5, torch.zeros(x.shape))[0]
+        if z is not None:
+            expected = expected * F.silu(z.double())
+        dtype = torch.bfloat16 if autocast else torch.float32
+        assert out.dtype == dtype and out.shape == x.shape
+        # under autocast a bfloat16 product, of a bfloat16 SiLU: two
+        # roundings (one without z)
+        rtol = (1 + (z is not None)) * BF16_RTOL if autocast else 0
+        error = (out.double() - expected).abs()
+        bound = (rtol + 1e-5) * expected.abs() + 1e-5 * float(
+            expected.abs().max()) + 1e-6
+        assert bool((error <= bound).all()), float((error / bound).max())
+
     def test_compile_falls_back_under_the_interpreter(self, reported_seed):
         # interpreted kernels cannot be traced: compiled code runs
         # F.layer_norm, with fullgraph=True too
@@ -393,6 +425,51 @@ def test_unsupported_reasons(triton_on_cpu, monkeypatch):
     monkeypatch.setattr(ln, 'TRITON_IMPORT_ERROR', 'Triton is not '
                         'importable: no module')
     assert ln.unsupported_reason(x) == 'Triton is not importable: no module'
+
+
+@needs_triton
+def test_gate_unsupported_reasons(triton_on_cpu):
+    x, w = torch.randn(4, 6, 96), torch.randn(96)
+    z = torch.randn(4, 6, 192)[..., 96:]
+    reason = ln.gate_unsupported_reason
+    assert reason(x, z, w, w) is None
+    assert reason(x, None, w, w) is None
+    assert reason(x, z.bfloat16(), w, w) is None
+    # dtypes the plain kernel takes but the gated one does not
+    assert reason(x.bfloat16(), z, None, None) == (
+        'x is torch.bfloat16; the gated kernel takes float32 x, weight and '
+        'bias')
+    assert reason(x.half(), z, w.half(), None).startswith('x is torch.fl')
+    assert reason(x, z[:, :5], w, w) == (
+        "z ((4, 5, 96) on cpu) is not of x's shape (4, 6, 96) on cpu")
+    assert reason(x, z.double(), w, w).startswith('z is torch.float64')
+    assert reason(x, torch.randn(4, 96, 6).transpose(1, 2), w, w) == (
+        'z is not contiguous in its last dimension (stride 6)')
+    assert 'records' in reason(x, z, w.requires_grad_(), w)
+    with torch.no_grad():
+        assert reason(x, z, w, w) is None
+
+
+def test_gated_falls_back_to_aten_ops(monkeypatch):
+    """Recorded calls (and CPU tensors by default) run the ATen ops: the
+    plain graph's values and gradients, cast to the linear layer's dtype
+    under autocast (CPU's taken for CUDA's)."""
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    w, b = torch.randn(48, requires_grad=True), torch.randn(48)
+    z = torch.randn(2, 5, 96)[..., 48:].bfloat16()
+    for autocast in (False, True):
+        with RecordFallbacks() as record, torch.autocast(
+                'cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = ln.gated_layer_norm(x, z, w, b, 1e-4)
+            plain = F.layer_norm(x, (48, ), w, b, 1e-4) * F.silu(z)
+        assert record.calls == 2
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.equal(out, plain.to(out.dtype))
+        grads = torch.autograd.grad(out.float().sum(), (x, w))
+        expected = torch.autograd.grad(plain.to(out.dtype).float().sum(),
+                                       (x, w))
+        assert all(torch.equal(g, e) for g, e in zip(grads, expected))
 
 
 @pytest.mark.parametrize('make', [
@@ -652,11 +729,43 @@ def test_gpu_compile_fullgraph_matches_eager(autocast, reported_seed):
 
 
 @needs_cuda
-def test_gpu_backbone_norms(reported_seed):
-    """A small VMamba's norms are the Triton LayerNorm: under bf16 autocast,
-    inference runs the kernels (where the map is contiguous in C) with
-    nn.LayerNorm's features up to bf16 rounding; a training forward runs
-    F.layer_norm."""
+@pytest.mark.parametrize('shape', STAGE_SHAPES)
+@pytest.mark.parametrize('z_dtype', [torch.bfloat16, torch.float32])
+def test_gpu_gated_layer_norm(shape, z_dtype, reported_seed):
+    """SS2D's output gate at stage shapes (y float32, z the second half of
+    in_proj's output) under bf16 autocast, and a float32 z without: within
+    float32 and the product's roundings of float64, and of the ATen ops'
+    result (one bf16 unit: a SiLU rounded the other way)."""
+    y, w, b = make_inputs(shape, torch.float32, device='cuda',
+                          grads=(False, False, False))
+    z = torch.randn(shape[:-1] + (2 * shape[-1], ), device='cuda')[
+        ..., shape[-1]:].to(z_dtype)
+    autocast = z_dtype == torch.bfloat16
+    assert ln.gate_unsupported_reason(y, z, w, b) is None
+    with RecordFallbacks() as record, torch.autocast(
+            'cuda', dtype=torch.bfloat16, enabled=autocast):
+        out = ln.gated_layer_norm(y, z, w, b)
+        aten = (F.layer_norm(y, shape[-1:], w, b) * F.silu(z)).to(out.dtype)
+    assert record.calls == 1  # the ATen line alone
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    expected = reference(y, w, b, 1e-5, torch.zeros_like(y))[0] * F.silu(
+        z.double())
+    rtol = 2 * 2**-8 if autocast else 2e-6
+    scale = float(expected.abs().max())
+    for result in (out, aten):
+        error = (result.double() - expected).abs()
+        assert bool((error <= rtol * expected.abs() + 1e-5 * scale).all())
+    torch.testing.assert_close(out, aten, rtol=2**-7 if autocast else 1e-5,
+                               atol=1e-5 * scale)
+
+
+@needs_cuda
+def test_gpu_backbone_norms(reported_seed, monkeypatch):
+    """A small VMamba's norms are the Triton LayerNorm, its out_norms the
+    gated kernel: under bf16 autocast, inference runs the kernels (where
+    the map is contiguous in C) with the ATen ops' features up to bf16
+    rounding; a training forward runs F.layer_norm for the module norms
+    and the gated kernel inside the recomputing Function's forward."""
     from mmvmamba.models import VMamba
     model = VMamba(dict(embed_dims=32, depths=[1, 1, 2, 1]),
                    drop_path_rate=0.).cuda().eval()
@@ -664,17 +773,17 @@ def test_gpu_backbone_norms(reported_seed):
     assert len(norms) == 1 + 5 + 3 + 1  # embed, blocks, merges, out
     x = torch.randn(2, 3, 64, 64, device='cuda')
     with torch.autocast('cuda', dtype=torch.bfloat16):
-        # SS2D's out_norm calls F.layer_norm itself, in both
         with torch.no_grad(), RecordFallbacks() as inference:
             got = model(x)[-1]
         with RecordFallbacks() as training:
             model(x)
-        # all but the patch embedding's, which reads the conv output
-        # permuted (not contiguous in C: F.layer_norm, as on the H200)
-        assert training.calls - inference.calls == len(norms) - 1
-        for m in norms:
-            m.__class__ = nn.LayerNorm
-        with torch.no_grad():
+        # the patch embedding's norm reads the conv output permuted (not
+        # contiguous in C): F.layer_norm, as on the H200
+        assert inference.calls == 1
+        assert training.calls == len(norms)
+        monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ())
+        with torch.no_grad(), RecordFallbacks() as aten:
             expected = model(x)[-1]
+        assert aten.calls == len(norms) + 5  # and the five out_norms
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, LayerNorm
 from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
+from mmvmamba.ops.layer_norm import gated_layer_norm, norm_dtype
 from ..checkpoint import load_pretrained_backbone
 
 SCAN_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
@@ -138,16 +139,16 @@ def output_gate(y: torch.Tensor, z: Optional[torch.Tensor],
                 weight: torch.Tensor, bias: torch.Tensor,
                 eps: float) -> Tuple[torch.Tensor, torch.dtype]:
     """SS2D's output gate ``LayerNorm(y) * SiLU(z)`` (``out_norm``'s
-    parameters); ``LayerNorm(y)`` alone when ``z`` is None (VMamba2).
+    parameters); ``LayerNorm(y)`` alone when ``z`` is None (VMamba2), by
+    :func:`mmvmamba.ops.layer_norm.gated_layer_norm` (one Triton kernel
+    where autograd does not record).
 
     Returns:
-        tuple[Tensor, torch.dtype]: The gated map, and the dtype the norm
-        ran in (float32 under autocast), which :class:`RecomputedOutput`
-        recomputes it in.
+        tuple[Tensor, torch.dtype]: The gated map (in ``out_proj``'s input
+        dtype: autocast's, if on), and the dtype the norm ran in (float32
+        under autocast), which :class:`RecomputedOutput` recomputes it in.
     """
-    normed = F.layer_norm(y, weight.shape, weight, bias, eps)
-    gated = normed if z is None else normed * F.silu(z)
-    return gated, normed.dtype
+    return gated_layer_norm(y, z, weight, bias, eps), norm_dtype(y)
 
 
 def linear_backward(
