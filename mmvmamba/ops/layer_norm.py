@@ -444,7 +444,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
 
 
 
-def _recorded(*tensors: Optional[torch.Tensor]) -> bool:
+def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` here."""
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -473,7 +473,7 @@ def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],
     if z.shape[-1] > 1 and z.stride(-1) != 1:
         return (f'z is not contiguous in its last dimension (stride '
                 f'{z.stride(-1)})')
-    if _recorded(x, z, weight, bias):
+    if autograd_records(x, z, weight, bias):
         return 'autograd records the call (the gated kernel has no backward)'
     if torch.compiler.is_compiling():
         return 'torch.compile traces the ATen ops (and fuses them itself)'
@@ -549,7 +549,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1 or (
                 not self.triton_when_recorded
-                and _recorded(x, self.weight, self.bias)):
+                and autograd_records(x, self.weight, self.bias)):
             return super().forward(x)
         return layer_norm(x, self.weight, self.bias, self.eps)
 

@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 
-from mmvmamba.ops import LayerNorm, cross_selective_scan
+from mmvmamba.ops import (LayerNorm, cross_selective_scan,
+                          depthwise_conv_nhwc)
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
                      add_ssm_parameters, init_linear_and_norm,
                      init_ssm_parameters, parse_arch, ss2d_output)
@@ -79,7 +80,7 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = depthwise_conv_nhwc(self.conv2d, x)
         y = cross_selective_scan(
             x,
             self.x_proj_weight,
