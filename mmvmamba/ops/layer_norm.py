@@ -416,9 +416,11 @@ def unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     return None
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+def layer_norm(x: torch.Tensor,
+               weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None,
-               eps: float = 1e-5) -> torch.Tensor:
+               eps: float = 1e-5,
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension
     of ``x``, on the Triton kernels when :func:`unsupported_reason` allows.
 
@@ -426,17 +428,22 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
         x (Tensor): ``(..., C)``.
         weight, bias (Tensor, optional): ``(C,)``.
         eps (float): Added to the variance. Defaults to 1e-5.
+        out_dtype (torch.dtype, optional): The result's dtype, which the
+            kernel writes (``F.layer_norm``'s result cast to it where the
+            kernel does not run). Defaults to ``F.layer_norm``'s (float32
+            under CUDA autocast).
 
     Returns:
-        Tensor: ``x``'s shape, in ``F.layer_norm``'s dtype (float32 under
-        CUDA autocast).
+        Tensor: ``x``'s shape.
     """
-    if unsupported_reason(x, weight, bias) is not None:
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    out_dtype = result_dtype(x, weight, bias, _autocast_on(x))
+    if unsupported_reason(x, weight, bias) is not None or (
+            torch.compiler.is_compiling()
+            and (not COMPILE_OPS or _INTERPRETED)):
+        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        return y if out_dtype is None else y.to(out_dtype)
+    if out_dtype is None:
+        out_dtype = result_dtype(x, weight, bias, _autocast_on(x))
     if torch.compiler.is_compiling():
-        if not COMPILE_OPS or _INTERPRETED:
-            return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
         return torch.ops.mmvmamba.layer_norm_fwd(x, weight, bias, eps,
                                                  out_dtype)[0]
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
@@ -541,17 +548,35 @@ class LayerNorm(nn.LayerNorm):
     :func:`layer_norm` for both. Same arguments, parameters and state_dict
     keys as ``nn.LayerNorm``; a ``normalized_shape`` of more than one
     dimension runs ``nn.LayerNorm``.
+
+    Args:
+        linear_input (bool): The output feeds linear layers alone: under
+            autocast it comes in autocast's dtype, which they cast it to
+            anyway (the kernel writes it so, instead of a float32 map and
+            a copy). Defaults to False.
+        *args, **kwargs: Those of ``nn.LayerNorm``.
     """
 
     #: Whether calls that autograd records run :func:`layer_norm` too.
     triton_when_recorded = False
+    #: Whether the output comes in autocast's dtype under autocast.
+    linear_input = False
+
+    def __init__(self, *args, linear_input: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.linear_input = linear_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        out_dtype = None
+        if self.linear_input and torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
         if len(self.normalized_shape) != 1 or (
                 not self.triton_when_recorded
                 and autograd_records(x, self.weight, self.bias)):
-            return super().forward(x)
-        return layer_norm(x, self.weight, self.bias, self.eps)
+            y = super().forward(x)
+            return y if out_dtype is None else y.to(out_dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
 
 
 def replace_layer_norms(model: nn.Module) -> int:

@@ -114,7 +114,7 @@ class VSSBlock(CheckpointedBlock):
                  with_cp: bool = False,
                  **ssm_cfg):
         super().__init__()
-        self.norm = LayerNorm(embed_dims)
+        self.norm = LayerNorm(embed_dims, linear_input=True)
         self.ss2d = SS2D(embed_dims, **ssm_cfg)
         self.drop_path = DropPath(drop_path)
         self.with_cp = with_cp
@@ -140,6 +140,10 @@ class PatchEmbed(nn.Module):
         """x: ``(B, C_in, H, W)`` -> ``(B, ceil(H/4), ceil(W/4), C)``."""
         p = self.patch_size
         x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))
+        if x.is_cuda:
+            # cuDNN then writes a channels-last map, whose permutation the
+            # norm reads as contiguous rows (its Triton kernel)
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -153,7 +157,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, embed_dims: int):
         super().__init__()
-        self.norm = LayerNorm(4 * embed_dims)
+        self.norm = LayerNorm(4 * embed_dims, linear_input=True)
         self.reduction = nn.Linear(4 * embed_dims, 2 * embed_dims, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,7 @@ class VSSBlockV2(CheckpointedBlock):
                  recompute_mlp: bool = True,
                  **ssm_cfg):
         super().__init__()
-        self.norm = LayerNorm(embed_dims)
+        self.norm = LayerNorm(embed_dims, linear_input=True)
         self.ss2d = SS2DV2(embed_dims, **ssm_cfg)
         if mlp_ratio > 0:
             self.norm2 = LayerNorm(embed_dims)
