@@ -7,7 +7,7 @@ Two builds register the same torch ops, so each runs in its own process:
     # in any process: compare runs, first the reference
     python tools/scan_ab.py compare MAIN.pt MAIN_AGAIN.pt NEW.pt ...
     # kernel times (median ms, CUDA events) of the raw ops
-    python tools/scan_ab.py time [--batch 128] [--repeat 20]
+    python tools/scan_ab.py time [--batch 128] [--repeat 20] [--dtype bfloat16] [--fused-only]
     # one fused forward + backward per stage, to profile (ncu)
     python tools/scan_ab.py profile [--batch 128] [--stages 0 2]
 
@@ -173,9 +173,10 @@ def compare(paths):
     return 1 if failed else 0
 
 
-def time_ops(batch, repeat):
-    """Median ms of the fused scan's forward and backward (float32) and the
-    plain scan's, at each stage."""
+def time_ops(batch, repeat, dtype=torch.float32, fused_only=False):
+    """Median ms of the fused scan's forward and backward (inputs of
+    ``dtype``) and, unless ``fused_only``, the plain scan's (float32), at
+    each stage."""
     import mmvmamba.ops._ext  # noqa: F401
 
     def median_ms(fn):
@@ -197,7 +198,7 @@ def time_ops(batch, repeat):
           f'{"fwd+bwd":>8s}')
     total = 0.0
     for depth, (C, side) in zip((2, 2, 9, 2), STAGES):
-        args, grad, hw = cross_inputs(batch, C, side, torch.float32, 0)
+        args, grad, hw = cross_inputs(batch, C, side, dtype, 0)
         a = args
         fwd = lambda: ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],  # noqa: E731,E501
                                          a['dt_bias'], a['A'], a['D'], *hw)
@@ -212,7 +213,7 @@ def time_ops(batch, repeat):
         del args, grad, checkpoints
         torch.cuda.empty_cache()
     print(f'fused fwd+bwd summed over VMamba-T\'s 15 blocks: {total:.1f} ms')
-    for C, side in STAGES:
+    for C, side in () if fused_only else STAGES:
         args, grad = plain_inputs(batch, C, side, torch.float32, 0)
         a = args
         fwd = lambda: ops.selective_scan_fwd(a['u'], a['delta'], a['A'],  # noqa: E731,E501
@@ -253,6 +254,10 @@ def main(argv=None):
     p = sub.add_parser('time', help='kernel times at VMamba-T stage shapes')
     p.add_argument('--batch', type=int, default=128)
     p.add_argument('--repeat', type=int, default=20)
+    p.add_argument('--dtype', choices=['float32', 'bfloat16'],
+                   default='float32', help="the fused scan's input dtype")
+    p.add_argument('--fused-only', action='store_true',
+                   help='leave out the plain scan')
     p = sub.add_parser('profile', help='one fused forward and backward per '
                        'stage, for a profiler')
     p.add_argument('--batch', type=int, default=128)
@@ -268,7 +273,8 @@ def main(argv=None):
                          'one more file')
         return compare(args.paths)
     elif args.mode == 'time':
-        time_ops(args.batch, args.repeat)
+        time_ops(args.batch, args.repeat, getattr(torch, args.dtype),
+                 args.fused_only)
     else:
         profile(args.batch, args.stages)
     return 0
