@@ -470,16 +470,15 @@ def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],
         if t is not None and t.dtype != torch.float32:
             return (f'{name} is {t.dtype}; the gated kernel takes float32 '
                     'x, weight and bias')
-    if z is None:
-        return None
-    if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
-        return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s shape '
-                f'{tuple(x.shape)} on {x.device}')
-    if z.dtype not in TRITON_DTYPES:
-        return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
-    if z.shape[-1] > 1 and z.stride(-1) != 1:
-        return (f'z is not contiguous in its last dimension (stride '
-                f'{z.stride(-1)})')
+    if z is not None:
+        if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
+            return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s '
+                    f'shape {tuple(x.shape)} on {x.device}')
+        if z.dtype not in TRITON_DTYPES:
+            return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
+        if z.shape[-1] > 1 and z.stride(-1) != 1:
+            return (f'z is not contiguous in its last dimension (stride '
+                    f'{z.stride(-1)})')
     if autograd_records(x, z, weight, bias):
         return 'autograd records the call (the gated kernel has no backward)'
     if torch.compiler.is_compiling():
