@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: clear ``ValueError`` s, never a crash."""
+"""Checks shared by the ops: of arguments (clear ``ValueError`` s, never a
+crash), and whether autograd records a call."""
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -46,3 +47,9 @@ def check_same_device(**tensors) -> None:
     if len(set(devices.values())) > 1:
         listing = ', '.join(f'{n} on {d}' for n, d in devices.items())
         raise ValueError(f'all tensors must be on one device, got {listing}')
+
+
+def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors`` here."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)

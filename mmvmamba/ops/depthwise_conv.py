@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .layer_norm import TRITON_IMPORT_ERROR, autograd_records, tl, triton
+from .checks import autograd_records
+from .layer_norm import TRITON_IMPORT_ERROR, tl, triton
 
 #: Device types whose tensors take the kernel (tests add 'cpu' to run it in
 #: Triton's interpreter).
@@ -41,11 +43,12 @@ if triton is not None:
     def _depthwise_conv_kernel(X, Wt, Bias, Y, height, width, channels,
                                x_batch_stride, x_row_stride, x_col_stride,
                                K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                               SILU: tl.constexpr, BLOCK_W: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
         """One row ``(b, h)``, BLOCK_W positions x BLOCK_C channels of Y
         (contiguous ``(B, H, W, C)``): the K x K taps of X (zero outside the
         map; unit stride along C) times Wt (``(C, K * K)``), plus Bias,
-        summed in float32."""
+        summed in float32; its SiLU with SILU."""
         row = tl.program_id(0)
         b = row // height
         h = row % height
@@ -72,6 +75,8 @@ if triton is not None:
             bias = tl.load(Bias + chans, mask=chan_mask,
                            other=0.).to(tl.float32)
             acc += bias[None, :]
+        if SILU:
+            acc = acc / (1. + tl.exp(-acc))
         out_mask = (cols < width)[:, None] & chan_mask[None, :]
         out = Y + (row.to(tl.int64) * width + cols[:, None]) * channels
         tl.store(out + chans[None, :], acc.to(Y.dtype.element_ty),
@@ -123,7 +128,9 @@ def unsupported_reason(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
     return None
 
 
-def depthwise_conv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def depthwise_conv_nhwc(conv: nn.Conv2d,
+                        x: torch.Tensor,
+                        silu: bool = False) -> torch.Tensor:
     """``conv`` (a depthwise ``nn.Conv2d``) on the channels-last map ``x``.
 
     Args:
@@ -131,13 +138,16 @@ def depthwise_conv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             kernel, stride 1, "same" zero padding.
         x (Tensor): ``(B, H, W, C)``, any strides (the kernel needs unit
             stride along C).
+        silu (bool): Return ``SiLU(conv(x))`` (taken in float32 before the
+            rounding, where the kernel runs). Defaults to False.
 
     Returns:
         Tensor: ``(B, H, W, C)``, in the dtype of ``conv``'s result
         (autocast's, if on); contiguous where the kernel ran.
     """
     if unsupported_reason(conv, x) is not None:
-        return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return F.silu(out) if silu else out
     dtype = _autocast_dtype(x) or x.dtype
     batch, height, width, channels = x.shape
     k = conv.kernel_size[0]
@@ -155,6 +165,6 @@ def depthwise_conv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     _depthwise_conv_kernel[grid](
         x, weight.contiguous(), weight if bias is None else bias, out, height,
         width, channels, x.stride(0), x.stride(1), x.stride(2),
-        K=k, HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c,
-        num_warps=4)
+        K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_W=block_w,
+        BLOCK_C=block_c, num_warps=4)
     return out

@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .checks import autograd_records
+
 try:
     import triton
     import triton.language as tl
@@ -451,10 +453,6 @@ def layer_norm(x: torch.Tensor,
 
 
 
-def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd records an op on ``tensors`` here."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
 
 
 def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],

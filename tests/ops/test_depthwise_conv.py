@@ -90,22 +90,24 @@ class CountConvs:
 class TestInterpreted:
     """The kernel, run by Triton's interpreter on CPU tensors."""
 
-    @pytest.mark.parametrize('shape,k,bias', [
-        ((2, 5, 7, 37), 3, True),  # odd, non-square, channels under a block
-        ((1, 9, 4, 200), 3, False),  # two channel blocks, the second partial
-        ((2, 1, 3, 16), 3, True),  # one row: every tap above or below is 0
-        ((1, 6, 5, 24), 5, True),
-        ((3, 4, 4, 8), 1, False),
+    @pytest.mark.parametrize('shape,k,bias,silu', [
+        ((2, 5, 7, 37), 3, True, False),  # odd, non-square, under a block
+        ((2, 5, 7, 37), 3, True, True),
+        ((1, 9, 4, 200), 3, False, True),  # two channel blocks, one partial
+        ((2, 1, 3, 16), 3, True, False),  # one row: the rows around are 0
+        ((1, 6, 5, 24), 5, True, False),
+        ((3, 4, 4, 8), 1, False, False),
     ])
-    def test_matches_float64(self, shape, k, bias, reported_seed):
+    def test_matches_float64(self, shape, k, bias, silu, reported_seed):
         conv = make_conv(shape[-1], k, bias)
         x = in_proj_half(shape)
         counter = CountConvs(conv)
-        out = dw.depthwise_conv_nhwc(conv, x)
+        out = dw.depthwise_conv_nhwc(conv, x, silu=silu)
         assert counter.calls == 0  # the kernel ran
         assert out.shape == shape and out.dtype == torch.float32
         assert out.is_contiguous()
-        assert_close_to(out, reference(conv, x), 1e-5)
+        expected = reference(conv, x)
+        assert_close_to(out, F.silu(expected) if silu else expected, 1e-5)
 
     def test_autocast(self, reported_seed):
         """Under autocast (CPU's for CUDA's) a bfloat16 map: the weight and
@@ -179,8 +181,11 @@ def test_falls_back_to_the_module(monkeypatch):
     conv.requires_grad_(True)
     x = in_proj_half((2, 3, 4, 12)).requires_grad_()
     counter = CountConvs(conv)
+    assert torch.equal(dw.depthwise_conv_nhwc(conv, x, silu=True),
+                       F.silu(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3,
+                                                                  1)))
     out = dw.depthwise_conv_nhwc(conv, x)
-    assert counter.calls == 1
+    assert counter.calls == 3
     expected = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     assert torch.equal(out, expected)
     grads = torch.autograd.grad(out.sum(), (x, conv.weight))
@@ -220,3 +225,8 @@ def test_gpu_matches_float64_and_cudnn(shape, autocast, reported_seed):
     bound = rtol * (taps.abs() + expected.abs()) + 1e-5 * float(
         expected.abs().max()) + 1e-6
     assert bool((error <= bound).all()), float((error / bound).max())
+    # the SiLU taken in float32 before the rounding
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16,
+                                         enabled=autocast):
+        activated = dw.depthwise_conv_nhwc(conv, x, silu=True)
+    assert_close_to(activated, F.silu(expected), rtol)
