@@ -140,6 +140,8 @@ struct CrossIo {
   // The backward keeps decays where shared memory limits its blocks (long
   // ranks R; see keep_decays in scan_launch.cuh).
   static constexpr bool kMayKeepDecays = true;
+  // The forward's schedule (scan_common.cuh), by MMVMAMBA_FWD_VARIANT.
+  static constexpr FwdSchedule kFwd = fwd_schedule<Q>(MMVMAMBA_FWD_VARIANT);
 
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.
