@@ -10,10 +10,12 @@ namespace mmvmamba {
 namespace scan_cuda {
 
 // One step's inputs of the recurrence in the tile: the step size and input
-// of the lane's channel, B and C of its states.
+// of the lane's channel, B and C of its states; and, where computed ahead of
+// the step (set_decays), its decays exp2(a dt).
 struct StepInputs {
   float dt, u;
   float4 b, c;
+  float decay[kP];
 };
 
 template <int Q>
@@ -27,8 +29,14 @@ __device__ __forceinline__ StepInputs load_step(const TileSmem& s, const Lane<Q>
   return in;
 }
 
-// One step of the lane's states (a: A log2 e); returns the lane's partial of
-// y, its C h summed in state order from zero.
+__device__ __forceinline__ void set_decays(StepInputs& in, const float (&a)[kP]) {
+#pragma unroll
+  for (int i = 0; i < kP; ++i) in.decay[i] = exp2f(a[i] * in.dt);
+}
+
+// One step of the lane's states (a: A log2 e; in.decay if kDecaysSet);
+// returns the lane's partial of y, its C h summed in state order from zero.
+template <bool kDecaysSet>
 __device__ __forceinline__ float scan_step(float (&h)[kP], const float (&a)[kP],
                                            const StepInputs& in) {
   const float dtu = in.dt * in.u;
@@ -37,7 +45,7 @@ __device__ __forceinline__ float scan_step(float (&h)[kP], const float (&a)[kP],
   float acc = 0.0f;
 #pragma unroll
   for (int i = 0; i < kP; ++i) {
-    h[i] = exp2f(a[i] * in.dt) * h[i] + dtu * bv[i];
+    h[i] = (kDecaysSet ? in.decay[i] : exp2f(a[i] * in.dt)) * h[i] + dtu * bv[i];
     acc += cv[i] * h[i];
   }
   return acc;
@@ -91,9 +99,13 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
     out_D[i] = p.D != nullptr ? p.D[d] : 0.0f;
   }
 
-  // The steps ahead of the scanned one whose inputs are loaded (Q = 4;
-  // Io::kFwd, MMVMAMBA_FWD_VARIANT).
+  // The schedule (Q = 4: Io::kFwd, MMVMAMBA_FWD_VARIANT): the inputs of the
+  // kAhead steps after the scanned one are in registers (ahead[0] the next),
+  // and with kDecaysAhead ahead[0]'s decays too (computed while the step
+  // before it is scanned, from a dt loaded one step earlier still).
   constexpr int kAhead = kRowPart ? Io::kFwd.ahead : 0;
+  constexpr bool kDecaysAhead = kRowPart && Io::kFwd.decays_ahead;
+  static_assert(!kDecaysAhead || kAhead >= 2, "decays ahead need dt 2 steps ahead");
   StepInputs ahead[kAhead > 0 ? kAhead : 1];
 
   typename Io::template Loads<false> tile;
@@ -122,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
     if (left > 1) tile.fetch(p, pos, l0 + kSteps, extra);
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) ahead[i] = load_step(s, lane, i);
+    if constexpr (kDecaysAhead) set_decays(ahead[0], lane.a);
     for (int t0 = 0; t0 < steps; t0 += kPart) {
       const int piece = steps - t0 < kPart ? steps - t0 : kPart;
       // The piece's groups of 8 steps (those past L in the last group are
@@ -137,6 +150,7 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
             in = ahead[0];
 #pragma unroll
             for (int i = 0; i + 1 < kAhead; ++i) ahead[i] = ahead[i + 1];
+            if constexpr (kDecaysAhead) set_decays(ahead[0], lane.a);
             // Step t + kAhead's loads fly while step t is scanned (past the
             // tile's last step, that step again: row kSteps of C is `part`).
             ahead[kAhead - 1] = load_step(
@@ -145,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
             in = load_step(s, lane, t);
           }
           part[kRowPart ? k * 32 + lane_id : part_index(k, lane_id)] =
-              scan_step(h, lane.a, in);
+              scan_step<kDecaysAhead>(h, lane.a, in);
         }
       }
       __syncwarp();

@@ -93,7 +93,7 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
               "long (", std::to_string(p.length), " steps)");
   const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
   choose_segments(p, blocks,
-                  !backward ? Io::kFwd.blocks_per_sm
+                  !backward ? Tl::fwd_blocks_per_sm
                             : keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm,
                   backward);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
