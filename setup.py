@@ -24,8 +24,7 @@ C++20 with torch >= 2.14 (its headers need it), C++17 before.
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``9.0+PTX``);
 ``MAX_JOBS`` bounds the parallel compile jobs. ``MMVMAMBA_NVCC_FLAGS`` adds
 flags to every nvcc command (split on whitespace), e.g.
-``MMVMAMBA_NVCC_FLAGS=-DMMVMAMBA_FWD_VARIANT=1`` to build a variant of the
-forward's schedule (csrc/cuda/scan_common.cuh).
+``MMVMAMBA_NVCC_FLAGS='-Xptxas -v'`` for each kernel's registers and spills.
 """
 import glob
 import os

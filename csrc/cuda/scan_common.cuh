@@ -53,36 +53,6 @@ struct Tile {
 
 constexpr int kWarps = kThreads / 32;
 
-// The forward's schedule of the recurrence (issue 15, "scan floor"; see
-// scan_fwd_kernel): how many steps ahead of the scanned one a lane loads its
-// dt, u, B and C from the tile (0: at the step itself), whether it computes
-// step t + 1's decays exp2(a dt) during step t, and the blocks per SM its
-// registers are set for. SeqIo keeps variant 0; CrossIo takes the variant
-// chosen at compile time by -DMMVMAMBA_FWD_VARIANT=v (setup.py passes
-// MMVMAMBA_NVCC_FLAGS): 0 today's schedule; 1 loads one step ahead; 2 loads
-// two steps ahead and decays one step ahead, at 4 blocks an SM (128
-// registers); 3 the same as 2 at 5 blocks (96 registers). Every variant
-// computes the same values by the same operations in the same order (the
-// segment choice keeps Tile::fwd_blocks_per_sm, so segments do not move).
-#ifndef MMVMAMBA_FWD_VARIANT
-#define MMVMAMBA_FWD_VARIANT 0
-#endif
-struct FwdSchedule {
-  int ahead, blocks_per_sm;
-  bool decays_ahead;
-};
-
-template <int Q>
-constexpr FwdSchedule fwd_schedule(int variant) {
-  constexpr int kBlocks = Tile<Q>::fwd_blocks_per_sm;
-  return variant == 1   ? FwdSchedule{1, kBlocks, false}
-         : variant == 2 ? FwdSchedule{2, 4, true}
-         : variant == 3 ? FwdSchedule{2, kBlocks, true}
-                        : FwdSchedule{0, kBlocks, false};
-}
-static_assert(MMVMAMBA_FWD_VARIANT >= 0 && MMVMAMBA_FWD_VARIANT <= 3,
-              "MMVMAMBA_FWD_VARIANT: 0, 1, 2 or 3");
-
 struct ScanParams {
   const void *u, *delta, *B, *C, *dy;
   const float *A, *D, *delta_bias;

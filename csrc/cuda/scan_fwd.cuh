@@ -52,7 +52,7 @@ __device__ __forceinline__ float scan_step(float (&h)[kP], const float (&a)[kP],
 }
 
 template <typename Io>
-__global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
+__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     scan_fwd_kernel(const ScanParams p) {
   constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
@@ -99,13 +99,13 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
     out_D[i] = p.D != nullptr ? p.D[d] : 0.0f;
   }
 
-  // The schedule (Q = 4: Io::kFwd, MMVMAMBA_FWD_VARIANT): the inputs of the
-  // kAhead steps after the scanned one are in registers (ahead[0] the next),
-  // and with kDecaysAhead ahead[0]'s decays too (computed while the step
-  // before it is scanned, from a dt loaded one step earlier still).
-  constexpr int kAhead = kRowPart ? Io::kFwd.ahead : 0;
-  constexpr bool kDecaysAhead = kRowPart && Io::kFwd.decays_ahead;
-  static_assert(!kDecaysAhead || kAhead >= 2, "decays ahead need dt 2 steps ahead");
+  // The schedule (Q = 4, Io::kFwdLoadsAhead): the inputs of the kAhead steps
+  // after the scanned one are in registers (ahead[0] the next), and with
+  // kAhead >= 2 ahead[0]'s decays too (computed while the step before it is
+  // scanned, from a dt loaded one step earlier still). Measured on an H200
+  // (docs/scan_kernel_notes.md): CrossIo 2, SeqIo 0 (loads at the step).
+  constexpr int kAhead = kRowPart ? Io::kFwdLoadsAhead : 0;
+  constexpr bool kDecaysAhead = kAhead >= 2;
   StepInputs ahead[kAhead > 0 ? kAhead : 1];
 
   typename Io::template Loads<false> tile;
@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int k = k0 + j, t = t0 + k;
-          StepInputs in;
+          float acc;
           if constexpr (kAhead > 0) {
-            in = ahead[0];
+            const StepInputs in = ahead[0];
 #pragma unroll
             for (int i = 0; i + 1 < kAhead; ++i) ahead[i] = ahead[i + 1];
             if constexpr (kDecaysAhead) set_decays(ahead[0], lane.a);
@@ -155,11 +155,26 @@ __global__ void __launch_bounds__(kThreads, Io::kFwd.blocks_per_sm)
             // tile's last step, that step again: row kSteps of C is `part`).
             ahead[kAhead - 1] = load_step(
                 s, lane, j + kAhead < 8 ? t + kAhead : min(t + kAhead, kSteps - 1));
+            acc = scan_step<kDecaysAhead>(h, lane.a, in);
           } else {
-            in = load_step(s, lane, t);
+            // The same step, its loads at the step and written out: through
+            // StepInputs, ptxas allocates SeqIo's kernels differently.
+            const float dt = s.dt[lane.c * kRow + t];
+            const float dtu = dt * s.u[lane.c * kRow + t];
+            const float4 b4 = *reinterpret_cast<const float4*>(
+                s.B + t * Tl::state_row + lane.q * kP);
+            const float4 c4 = *reinterpret_cast<const float4*>(
+                s.C + t * Tl::state_row + lane.q * kP);
+            const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
+            const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
+            acc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < kP; ++i) {
+              h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
+              acc += cv[i] * h[i];
+            }
           }
-          part[kRowPart ? k * 32 + lane_id : part_index(k, lane_id)] =
-              scan_step<kDecaysAhead>(h, lane.a, in);
+          part[kRowPart ? k * 32 + lane_id : part_index(k, lane_id)] = acc;
         }
       }
       __syncwarp();
