@@ -22,7 +22,9 @@ and where (``pip install -v`` shows it).
 
 C++20 with torch >= 2.14 (its headers need it), C++17 before.
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``9.0+PTX``);
-``MAX_JOBS`` bounds the parallel compile jobs.
+``MAX_JOBS`` bounds the parallel compile jobs. ``MMVMAMBA_NVCC_FLAGS`` adds
+flags to every nvcc command (split on whitespace), e.g.
+``MMVMAMBA_NVCC_FLAGS='-Xptxas -v'`` for each kernel's registers and spills.
 """
 import glob
 import os
@@ -156,6 +158,10 @@ def extension_modules():
         define_macros.append(('MMVMAMBA_WITH_CUDA', None))
         nvcc_flags = ['-O3', std, '--use_fast_math', '-lineinfo',
                       '--expt-relaxed-constexpr']
+        extra_nvcc = os.environ.get('MMVMAMBA_NVCC_FLAGS', '').split()
+        if extra_nvcc:
+            nvcc_flags += extra_nvcc
+            say(f'MMVMAMBA_NVCC_FLAGS: extra nvcc flags {extra_nvcc}.')
         extension = cpp_extension.CUDAExtension(
             'mmvmamba._C', sources, define_macros=define_macros,
             extra_compile_args={'cxx': cxx_flags, 'nvcc': nvcc_flags},

@@ -140,6 +140,9 @@ struct CrossIo {
   // The backward keeps decays where shared memory limits its blocks (long
   // ranks R; see keep_decays in scan_launch.cuh).
   static constexpr bool kMayKeepDecays = true;
+  // The forward's recurrence loads each step's inputs 2 steps ahead and
+  // computes its decays 1 step ahead (scan_fwd_kernel).
+  static constexpr int kFwdLoadsAhead = 2;
 
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.

@@ -9,6 +9,48 @@
 namespace mmvmamba {
 namespace scan_cuda {
 
+// One step's inputs of the recurrence in the tile: the step size and input
+// of the lane's channel, B and C of its states; and, where computed ahead of
+// the step (set_decays), its decays exp2(a dt).
+struct StepInputs {
+  float dt, u;
+  float4 b, c;
+  float decay[kP];
+};
+
+template <int Q>
+__device__ __forceinline__ StepInputs load_step(const TileSmem& s, const Lane<Q>& lane,
+                                                int t) {
+  StepInputs in;
+  in.dt = s.dt[lane.c * kRow + t];
+  in.u = s.u[lane.c * kRow + t];
+  in.b = *reinterpret_cast<const float4*>(s.B + t * Tile<Q>::state_row + lane.q * kP);
+  in.c = *reinterpret_cast<const float4*>(s.C + t * Tile<Q>::state_row + lane.q * kP);
+  return in;
+}
+
+__device__ __forceinline__ void set_decays(StepInputs& in, const float (&a)[kP]) {
+#pragma unroll
+  for (int i = 0; i < kP; ++i) in.decay[i] = exp2f(a[i] * in.dt);
+}
+
+// One step of the lane's states (a: A log2 e; in.decay if kDecaysSet);
+// returns the lane's partial of y, its C h summed in state order from zero.
+template <bool kDecaysSet>
+__device__ __forceinline__ float scan_step(float (&h)[kP], const float (&a)[kP],
+                                           const StepInputs& in) {
+  const float dtu = in.dt * in.u;
+  const float bv[kP] = {in.b.x, in.b.y, in.b.z, in.b.w};
+  const float cv[kP] = {in.c.x, in.c.y, in.c.z, in.c.w};
+  float acc = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kP; ++i) {
+    h[i] = (kDecaysSet ? in.decay[i] : exp2f(a[i] * in.dt)) * h[i] + dtu * bv[i];
+    acc += cv[i] * h[i];
+  }
+  return acc;
+}
+
 template <typename Io>
 __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     scan_fwd_kernel(const ScanParams p) {
@@ -57,6 +99,15 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     out_D[i] = p.D != nullptr ? p.D[d] : 0.0f;
   }
 
+  // The schedule (Q = 4, Io::kFwdLoadsAhead): the inputs of the kAhead steps
+  // after the scanned one are in registers (ahead[0] the next), and with
+  // kAhead >= 2 ahead[0]'s decays too (computed while the step before it is
+  // scanned, from a dt loaded one step earlier still). Measured on an H200
+  // (docs/scan_kernel_notes.md): CrossIo 2, SeqIo 0 (loads at the step).
+  constexpr int kAhead = kRowPart ? Io::kFwdLoadsAhead : 0;
+  constexpr bool kDecaysAhead = kAhead >= 2;
+  StepInputs ahead[kAhead > 0 ? kAhead : 1];
+
   typename Io::template Loads<false> tile;
   if constexpr (Io::kPositions) {
     Io::index_chunk(p, pos, range.first, extra);
@@ -81,6 +132,9 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (left > 1) tile.fetch(p, pos, l0 + kSteps, extra);
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) ahead[i] = load_step(s, lane, i);
+    if constexpr (kDecaysAhead) set_decays(ahead[0], lane.a);
     for (int t0 = 0; t0 < steps; t0 += kPart) {
       const int piece = steps - t0 < kPart ? steps - t0 : kPart;
       // The piece's groups of 8 steps (those past L in the last group are
@@ -91,19 +145,34 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int k = k0 + j, t = t0 + k;
-          const float dt = s.dt[lane.c * kRow + t];
-          const float dtu = dt * s.u[lane.c * kRow + t];
-          const float4 b4 = *reinterpret_cast<const float4*>(
-              s.B + t * Tl::state_row + lane.q * kP);
-          const float4 c4 = *reinterpret_cast<const float4*>(
-              s.C + t * Tl::state_row + lane.q * kP);
-          const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
-          const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
-          float acc = 0.0f;
+          float acc;
+          if constexpr (kAhead > 0) {
+            const StepInputs in = ahead[0];
 #pragma unroll
-          for (int i = 0; i < kP; ++i) {
-            h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
-            acc += cv[i] * h[i];
+            for (int i = 0; i + 1 < kAhead; ++i) ahead[i] = ahead[i + 1];
+            if constexpr (kDecaysAhead) set_decays(ahead[0], lane.a);
+            // Step t + kAhead's loads fly while step t is scanned (past the
+            // tile's last step, that step again: row kSteps of C is `part`).
+            ahead[kAhead - 1] = load_step(
+                s, lane, j + kAhead < 8 ? t + kAhead : min(t + kAhead, kSteps - 1));
+            acc = scan_step<kDecaysAhead>(h, lane.a, in);
+          } else {
+            // The same step, its loads at the step and written out: through
+            // StepInputs, ptxas allocates SeqIo's kernels differently.
+            const float dt = s.dt[lane.c * kRow + t];
+            const float dtu = dt * s.u[lane.c * kRow + t];
+            const float4 b4 = *reinterpret_cast<const float4*>(
+                s.B + t * Tl::state_row + lane.q * kP);
+            const float4 c4 = *reinterpret_cast<const float4*>(
+                s.C + t * Tl::state_row + lane.q * kP);
+            const float bv[kP] = {b4.x, b4.y, b4.z, b4.w};
+            const float cv[kP] = {c4.x, c4.y, c4.z, c4.w};
+            acc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < kP; ++i) {
+              h[i] = exp2f(lane.a[i] * dt) * h[i] + dtu * bv[i];
+              acc += cv[i] * h[i];
+            }
           }
           part[kRowPart ? k * 32 + lane_id : part_index(k, lane_id)] = acc;
         }

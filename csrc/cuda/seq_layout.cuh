@@ -28,6 +28,9 @@ struct SeqIo {
   // The backward never keeps decays (see scan_bwd_kernel): its shared
   // memory allows the blocks its registers do.
   static constexpr bool kMayKeepDecays = false;
+  // The forward's recurrence loads each step's inputs at the step
+  // (scan_fwd_kernel).
+  static constexpr int kFwdLoadsAhead = 0;
   // Rows are contiguous in L: no table of positions (see CrossIo).
   static constexpr bool kPositions = false;
   // The backward's softplus derivative stays -expm1f(-dt): the plain op is
