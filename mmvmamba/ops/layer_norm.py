@@ -455,7 +455,7 @@ def layer_norm(x: torch.Tensor,
 
 
 
-def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],
+def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
                             weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None
                             ) -> Optional[str]:
@@ -468,15 +468,14 @@ def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],
         if t is not None and t.dtype != torch.float32:
             return (f'{name} is {t.dtype}; the gated kernel takes float32 '
                     'x, weight and bias')
-    if z is not None:
-        if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
-            return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s '
-                    f'shape {tuple(x.shape)} on {x.device}')
-        if z.dtype not in TRITON_DTYPES:
-            return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
-        if z.shape[-1] > 1 and z.stride(-1) != 1:
-            return (f'z is not contiguous in its last dimension (stride '
-                    f'{z.stride(-1)})')
+    if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
+        return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s shape '
+                f'{tuple(x.shape)} on {x.device}')
+    if z.dtype not in TRITON_DTYPES:
+        return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
+    if z.shape[-1] > 1 and z.stride(-1) != 1:
+        return (f'z is not contiguous in its last dimension (stride '
+                f'{z.stride(-1)})')
     if autograd_records(x, z, weight, bias):
         return 'autograd records the call (the gated kernel has no backward)'
     if torch.compiler.is_compiling():
@@ -484,12 +483,13 @@ def gate_unsupported_reason(x: torch.Tensor, z: Optional[torch.Tensor],
     return None
 
 
-def gated_layer_norm(x: torch.Tensor, z: Optional[torch.Tensor],
+def gated_layer_norm(x: torch.Tensor,
+                     z: torch.Tensor,
                      weight: Optional[torch.Tensor] = None,
                      bias: Optional[torch.Tensor] = None,
                      eps: float = 1e-5) -> torch.Tensor:
-    """``F.layer_norm(x, (C,), weight, bias, eps) * F.silu(z)`` (the norm
-    alone when ``z`` is None) in one pass, as the input of a linear layer.
+    """``F.layer_norm(x, (C,), weight, bias, eps) * F.silu(z)`` in one pass,
+    as the input of a linear layer.
 
     One Triton kernel reads ``x`` and ``z`` and writes the product in the
     dtype that the linear layer reads: autocast's (for ``x``'s device) when
@@ -501,7 +501,7 @@ def gated_layer_norm(x: torch.Tensor, z: Optional[torch.Tensor],
 
     Args:
         x (Tensor): ``(..., C)``, normalised over C.
-        z (Tensor, optional): ``x``'s shape, the gate's input.
+        z (Tensor): ``x``'s shape, the gate's input.
         weight, bias (Tensor, optional): ``(C,)``.
         eps (float): Added to the variance. Defaults to 1e-5.
 
@@ -511,15 +511,12 @@ def gated_layer_norm(x: torch.Tensor, z: Optional[torch.Tensor],
     if _autocast_on(x):
         out_dtype = torch.get_autocast_dtype(x.device.type)
     else:
-        out_dtype = x.dtype if z is None else torch.promote_types(
-            x.dtype, z.dtype)
+        out_dtype = torch.promote_types(x.dtype, z.dtype)
     if gate_unsupported_reason(x, z, weight, bias) is not None:
-        gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-        if z is not None:
-            gated = gated * F.silu(z)
+        gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps) * F.silu(z)
         return gated.to(out_dtype)
     x_rows = _as_rows(x)
-    z_rows = x_rows if z is None else z.reshape(x_rows.shape)
+    z_rows = z.reshape(x_rows.shape)
     n_rows, channels = x_rows.shape
     out = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
     block_c, block_rows, num_warps = launch_config(channels)
@@ -528,7 +525,7 @@ def gated_layer_norm(x: torch.Tensor, z: Optional[torch.Tensor],
         out if bias is None else bias, out, out, z_rows, n_rows, channels,
         x_rows.stride(0), z_rows.stride(0), eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_GATE=z is not None, STORE_STATS=False,
+        HAS_GATE=True, STORE_STATS=False,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     return out.view(x.shape)
 

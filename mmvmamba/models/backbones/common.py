@@ -139,15 +139,19 @@ def output_gate(y: torch.Tensor, z: Optional[torch.Tensor],
                 weight: torch.Tensor, bias: torch.Tensor,
                 eps: float) -> Tuple[torch.Tensor, torch.dtype]:
     """SS2D's output gate ``LayerNorm(y) * SiLU(z)`` (``out_norm``'s
-    parameters); ``LayerNorm(y)`` alone when ``z`` is None (VMamba2), by
-    :func:`mmvmamba.ops.layer_norm.gated_layer_norm` (one Triton kernel
-    where autograd does not record).
+    parameters), by :func:`mmvmamba.ops.layer_norm.gated_layer_norm` (one
+    Triton kernel where autograd does not record); ``F.layer_norm(y)``
+    alone when ``z`` is None (VMamba2).
 
     Returns:
-        tuple[Tensor, torch.dtype]: The gated map (in ``out_proj``'s input
-        dtype: autocast's, if on), and the dtype the norm ran in (float32
-        under autocast), which :class:`RecomputedOutput` recomputes it in.
+        tuple[Tensor, torch.dtype]: The gated map (with z, in ``out_proj``'s
+        input dtype: autocast's, if on), and the dtype the norm ran in
+        (float32 under autocast), which :class:`RecomputedOutput`
+        recomputes it in.
     """
+    if z is None:
+        normed = F.layer_norm(y, weight.shape, weight, bias, eps)
+        return normed, normed.dtype
     return gated_layer_norm(y, z, weight, bias, eps), norm_dtype(y)
 
 

@@ -6,9 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 
-from mmvmamba.ops import (LayerNorm, cross_selective_scan,
-                          depthwise_conv_nhwc)
-from mmvmamba.ops.checks import autograd_records
+from mmvmamba.ops import LayerNorm, cross_selective_scan
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
                      add_ssm_parameters, init_linear_and_norm,
                      init_ssm_parameters, linear_backward, parse_arch,
@@ -65,10 +63,7 @@ class SS2DV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         x = self.in_proj(x)
-        # the SiLU in the convolution's pass where autograd does not record
-        # it; else in the scan's op, which keeps the map before it
-        silu_in_conv = not autograd_records(x, *self.conv2d.parameters())
-        x = depthwise_conv_nhwc(self.conv2d, x, silu=silu_in_conv)
+        x = self.conv2d(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = cross_selective_scan(
             x,
             self.x_proj_weight,
@@ -79,7 +74,7 @@ class SS2DV2(nn.Module):
             channels_last=True,
             # a float64 model (tests) scans in float64
             scan_dtype=None if x.dtype == torch.float64 else self.scan_dtype,
-            silu=not silu_in_conv)
+            silu=True)
         # float32 from the scan; a half-precision model gets its own dtype.
         y = y.to(self.out_norm.weight.dtype)
         return ss2d_output(y, None, self.out_norm, self.out_proj,
