@@ -1,11 +1,36 @@
 """Fixtures shared by the test folders: tiny classifier configs, seeds."""
 import os
+import re
 import secrets
+import subprocess
+import sys
 
 import pytest
 import torch
 
 SEED_ENV = 'MMVMAMBA_TEST_SEED'
+
+
+@pytest.fixture
+def run_interpreted():
+    """A function that runs the tests ``path::node`` in a fresh pytest
+    process with ``TRITON_INTERPRET=1`` (Triton reads it when imported, so
+    the kernels run on the CPU) and asserts that at least ``min_passed``
+    passed and none failed."""
+
+    def run(path: str, node: str, min_passed: int) -> None:
+        proc = subprocess.run(
+            [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+             f'{path}::{node}'],
+            env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True,
+            text=True, timeout=900)
+        output = proc.stdout[-6000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, output
+        summary = re.search(r'(\d+) passed', proc.stdout)
+        assert summary and int(summary.group(1)) >= min_passed, output
+        assert 'failed' not in proc.stdout.splitlines()[-1], output
+
+    return run
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import autograd_records
+from .checks import forward_only_reason
 from .layer_norm import TRITON_IMPORT_ERROR, tl, triton
 
 #: Device types whose tensors take the kernel (tests add 'cpu' to run it in
@@ -121,11 +121,7 @@ def unsupported_reason(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
     if _autocast_dtype(x) is None and conv.weight.dtype != x.dtype:
         return (f'x is {x.dtype} and the weight {conv.weight.dtype} outside '
                 'autocast')
-    if autograd_records(x, conv.weight, conv.bias):
-        return 'autograd records the call (the kernel has no backward)'
-    if torch.compiler.is_compiling():
-        return 'torch.compile traces the module (cuDNN)'
-    return None
+    return forward_only_reason(x, conv.weight, conv.bias)
 
 
 def depthwise_conv_nhwc(conv: nn.Conv2d,

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import autograd_records
+from .checks import autograd_records, forward_only_reason
 
 try:
     import triton
@@ -476,11 +476,7 @@ def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
     if z.shape[-1] > 1 and z.stride(-1) != 1:
         return (f'z is not contiguous in its last dimension (stride '
                 f'{z.stride(-1)})')
-    if autograd_records(x, z, weight, bias):
-        return 'autograd records the call (the gated kernel has no backward)'
-    if torch.compiler.is_compiling():
-        return 'torch.compile traces the ATen ops (and fuses them itself)'
-    return None
+    return forward_only_reason(x, z, weight, bias)
 
 
 def gated_layer_norm(x: torch.Tensor,

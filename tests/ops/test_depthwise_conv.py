@@ -8,9 +8,6 @@ when Triton is imported: :func:`test_kernel_in_triton_interpreter` runs
 The GPU tests skip without CUDA.
 """
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -127,18 +124,9 @@ class TestInterpreted:
 
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
-def test_kernel_in_triton_interpreter():
+def test_kernel_in_triton_interpreter(run_interpreted):
     """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
-    proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         f'{__file__}::TestInterpreted'],
-        env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True,
-        text=True, timeout=600)
-    output = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, output
-    summary = re.search(r'(\d+) passed', proc.stdout)
-    assert summary and int(summary.group(1)) >= 6, output
-    assert 'failed' not in proc.stdout.splitlines()[-1], output
+    run_interpreted(__file__, 'TestInterpreted', 7)
 
 
 @needs_triton

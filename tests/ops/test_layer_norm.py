@@ -10,9 +10,6 @@ The GPU tests (real stage shapes, autocast, ``torch.compile``) skip without
 CUDA.
 """
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -374,18 +371,9 @@ class TestInterpreted:
 
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
-def test_kernels_in_triton_interpreter():
+def test_kernels_in_triton_interpreter(run_interpreted):
     """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
-    proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         f'{__file__}::TestInterpreted'],
-        env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True,
-        text=True, timeout=900)
-    output = proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0, output
-    summary = re.search(r'(\d+) passed', proc.stdout)
-    assert summary and int(summary.group(1)) >= 30, output
-    assert 'failed' not in proc.stdout.splitlines()[-1], output
+    run_interpreted(__file__, 'TestInterpreted', 30)
 
 
 # ---------------------------------------------------------------------------
