@@ -14,6 +14,10 @@
 
 #include "scan_common.cuh"
 
+#ifndef MMVMAMBA_BWD_VARIANT
+#define MMVMAMBA_BWD_VARIANT 0
+#endif
+
 namespace mmvmamba {
 namespace scan_cuda {
 
@@ -143,6 +147,17 @@ struct CrossIo {
   // The forward's recurrence loads each step's inputs 2 steps ahead and
   // computes its decays 1 step ahead (scan_fwd_kernel).
   static constexpr int kFwdLoadsAhead = 2;
+  // The backward's reverse scan (scan_bwd_fragment) loads each step's
+  // inputs kBwdLoadsAhead steps ahead; without kept decays, 1 ahead in the
+  // first kBwdShortPieces pieces it scans. Schedules to be timed, chosen at
+  // compile time by MMVMAMBA_BWD_VARIANT (see docs/scan_kernel_notes.md,
+  // "Backward schedule against latency"): 0 (default) loads at the step, 1
+  // one ahead, 2 two ahead, 3 two ahead but one in the first 3 pieces
+  // without kept decays. All compute the same values by the same operations.
+  static constexpr int kBwdVariant = MMVMAMBA_BWD_VARIANT;
+  static_assert(kBwdVariant >= 0 && kBwdVariant <= 3, "MMVMAMBA_BWD_VARIANT: 0 .. 3");
+  static constexpr int kBwdLoadsAhead = kBwdVariant == 0 ? 0 : kBwdVariant == 1 ? 1 : 2;
+  static constexpr int kBwdShortPieces = kBwdVariant == 3 ? 3 : 0;
 
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.
