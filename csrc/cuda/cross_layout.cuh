@@ -14,10 +14,6 @@
 
 #include "scan_common.cuh"
 
-#ifndef MMVMAMBA_BWD_VARIANT
-#define MMVMAMBA_BWD_VARIANT 0
-#endif
-
 namespace mmvmamba {
 namespace scan_cuda {
 
@@ -149,15 +145,11 @@ struct CrossIo {
   static constexpr int kFwdLoadsAhead = 2;
   // The backward's reverse scan (scan_bwd_fragment) loads each step's
   // inputs kBwdLoadsAhead steps ahead; without kept decays, 1 ahead in the
-  // first kBwdShortPieces pieces it scans. Schedules to be timed, chosen at
-  // compile time by MMVMAMBA_BWD_VARIANT (see docs/scan_kernel_notes.md,
-  // "Backward schedule against latency"): 0 (default) loads at the step, 1
-  // one ahead, 2 two ahead, 3 two ahead but one in the first 3 pieces
-  // without kept decays. All compute the same values by the same operations.
-  static constexpr int kBwdVariant = MMVMAMBA_BWD_VARIANT;
-  static_assert(kBwdVariant >= 0 && kBwdVariant <= 3, "MMVMAMBA_BWD_VARIANT: 0 .. 3");
-  static constexpr int kBwdLoadsAhead = kBwdVariant == 0 ? 0 : kBwdVariant == 1 ? 1 : 2;
-  static constexpr int kBwdShortPieces = kBwdVariant == 3 ? 3 : 0;
+  // first kBwdShortPieces pieces it scans, where 2 ahead would spill the
+  // later pieces' starts (docs/scan_kernel_notes.md, "Backward schedule
+  // against latency": the fastest of the schedules timed).
+  static constexpr int kBwdLoadsAhead = 2;
+  static constexpr int kBwdShortPieces = 3;
 
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.

@@ -529,16 +529,17 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
           hs[k][i] = decay * prev + dtu[i / 2] * bv[i % 2];
         }
       }
-      // The reverse scan's schedule (Io::kBwdLoadsAhead > 0): the inputs of
-      // the n_ahead steps scanned after step k (k - 1, k - 2) are in
-      // registers, ahead[0] the next, each loaded while a step before it is
-      // scanned, ahead of that step's shared stores (ptxas keeps later loads
-      // after them). Not across pieces: the next piece's states come first.
-      // Without kept decays, the first Io::kBwdShortPieces pieces scanned,
-      // where the later pieces' starts are still live, load 1 ahead.
+      // The reverse scan's schedule: the inputs of the n_ahead steps
+      // scanned after step k (k - 1, k - 2) are in registers, ahead[0] the
+      // next, each loaded while a step before it is scanned, ahead of that
+      // step's shared stores (ptxas keeps later loads after them). Not
+      // across pieces: the next piece's states come first. Without kept
+      // decays, the first Io::kBwdShortPieces pieces scanned, where the
+      // later pieces' starts are still live, load 1 ahead.
       constexpr int kAhead = Io::kBwdLoadsAhead;
+      static_assert(kAhead >= 1, "the reverse scan loads at least 1 step ahead");
       const int n_ahead = kKeepDecays || s < kPieces - Io::kBwdShortPieces ? kAhead : 1;
-      FragmentStep ahead[kAhead > 0 ? kAhead : 1];
+      FragmentStep ahead[kAhead];
 #pragma unroll
       for (int i = 0; i < kAhead; ++i) {
         if (i < n_ahead) {
@@ -548,38 +549,22 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
 #pragma unroll
       for (int k = kPiece - 1; k >= 0; --k) {
         const int t = s * kPiece + k;
-        float4 v4;
-        float2 g2;
-        float dt[2], dtu[2];
-        if constexpr (kAhead > 0) {
-          const FragmentStep in = ahead[0];
+        const FragmentStep in = ahead[0];
 #pragma unroll
-          for (int i = 0; i + 1 < kAhead; ++i) {
-            if (i + 1 < n_ahead) ahead[i] = ahead[i + 1];
-          }
-          if (k >= n_ahead) {
-            ahead[n_ahead - 1] = load_fragment_step(bc, dy_pair, dtrow, urow, t - n_ahead);
-          }
-          v4 = in.bc;
-          g2 = in.dy;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            dt[h] = in.dt[h];
-            dtu[h] = in.dtu[h];
-          }
-        } else {
-          // B then C of states g, g + 8 (C then B at odd steps).
-          v4 = *reinterpret_cast<const float4*>(bc + t * kStepFloats);
-          g2 = *reinterpret_cast<const float2*>(dy_pair + t * Tl::channels);
-          dt[0] = dtrow[t];
-          dt[1] = dtrow[4 * kRow + t];
-          dtu[0] = dt[0] * urow[t];
-          dtu[1] = dt[1] * urow[4 * kRow + t];
+        for (int i = 0; i + 1 < kAhead; ++i) {
+          if (i + 1 < n_ahead) ahead[i] = ahead[i + 1];
         }
+        if (k >= n_ahead) {
+          ahead[n_ahead - 1] = load_fragment_step(bc, dy_pair, dtrow, urow, t - n_ahead);
+        }
+        // B then C of states g, g + 8 (C then B at odd steps).
+        const float4 v4 = in.bc;
+        const float(&dt)[2] = in.dt;
+        const float(&dtu)[2] = in.dtu;
         const bool odd = (t & 1) != 0;
         const float bv[2] = {odd ? v4.z : v4.x, odd ? v4.w : v4.y};
         const float cv[2] = {odd ? v4.x : v4.z, odd ? v4.y : v4.w};
-        const float gy[2] = {g2.x, g2.y};
+        const float gy[2] = {in.dy.x, in.dy.y};
         // Per channel the sums over its two states; per state the dB / dC
         // terms of the two channels (from the first term, as in
         // scan_bwd_lanes' out sums).
