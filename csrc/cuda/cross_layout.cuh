@@ -143,6 +143,13 @@ struct CrossIo {
   // The forward's recurrence loads each step's inputs 2 steps ahead and
   // computes its decays 1 step ahead (scan_fwd_kernel).
   static constexpr int kFwdLoadsAhead = 2;
+  // The backward's reverse scan (scan_bwd_fragment) loads each step's
+  // inputs kBwdLoadsAhead steps ahead; without kept decays, 1 ahead in the
+  // first kBwdShortPieces pieces it scans, where 2 ahead would spill the
+  // later pieces' starts (docs/scan_kernel_notes.md, "Backward schedule
+  // against latency": the fastest of the schedules timed).
+  static constexpr int kBwdLoadsAhead = 2;
+  static constexpr int kBwdShortPieces = 3;
 
   // Every load and store of a chunk reads its steps' positions in shared
   // memory (index_chunk); the kernels call it.

@@ -351,6 +351,31 @@ __device__ __forceinline__ void reduce_state_grads_fragment(const float (&vb)[2]
   *at = keep + __shfl_xor_sync(0xffffffffu, send, 1);
 }
 
+// One reverse-scan step's inputs in the fragment layout (scan_bwd_fragment):
+// B then C of the lane's states g, g + 8 (C then B at odd steps), dy, step
+// sizes and dt u of its two channels.
+struct FragmentStep {
+  float4 bc;
+  float2 dy;
+  float dt[2], dtu[2];
+};
+
+// Loads step t's inputs (bc, dy_pair: the lane's B / C float4s and dy pairs
+// at step 0; dtrow, urow: its channel t rows, channel t + 4's 4 kRow on).
+__device__ __forceinline__ FragmentStep load_fragment_step(const float* bc,
+                                                           const float* dy_pair,
+                                                           const float* dtrow,
+                                                           const float* urow, int t) {
+  FragmentStep in;
+  in.bc = *reinterpret_cast<const float4*>(bc + t * 2 * Tile<4>::states);
+  in.dy = *reinterpret_cast<const float2*>(dy_pair + t * Tile<4>::channels);
+  in.dt[0] = dtrow[t];
+  in.dt[1] = dtrow[4 * kRow + t];
+  in.dtu[0] = in.dt[0] * urow[t];
+  in.dtu[1] = in.dt[1] * urow[4 * kRow + t];
+  return in;
+}
+
 // The backward in the fragment layout (Io::kFragmentBackward, CrossIo; see
 // FragmentLane): the passes of scan_bwd_lanes with Q = 4, but a lane holds 2
 // states of 2 channels. Its tiles are staged for it (Io::Loads<true, true>:
@@ -504,18 +529,42 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
           hs[k][i] = decay * prev + dtu[i / 2] * bv[i % 2];
         }
       }
+      // The reverse scan's schedule: the inputs of the n_ahead steps
+      // scanned after step k (k - 1, k - 2) are in registers, ahead[0] the
+      // next, each loaded while a step before it is scanned, ahead of that
+      // step's shared stores (ptxas keeps later loads after them). Not
+      // across pieces: the next piece's states come first. Without kept
+      // decays, the first Io::kBwdShortPieces pieces scanned, where the
+      // later pieces' starts are still live, load 1 ahead.
+      constexpr int kAhead = Io::kBwdLoadsAhead;
+      static_assert(kAhead >= 1, "the reverse scan loads at least 1 step ahead");
+      const int n_ahead = kKeepDecays || s < kPieces - Io::kBwdShortPieces ? kAhead : 1;
+      FragmentStep ahead[kAhead];
+#pragma unroll
+      for (int i = 0; i < kAhead; ++i) {
+        if (i < n_ahead) {
+          ahead[i] = load_fragment_step(bc, dy_pair, dtrow, urow, s * kPiece + kPiece - 1 - i);
+        }
+      }
 #pragma unroll
       for (int k = kPiece - 1; k >= 0; --k) {
         const int t = s * kPiece + k;
+        const FragmentStep in = ahead[0];
+#pragma unroll
+        for (int i = 0; i + 1 < kAhead; ++i) {
+          if (i + 1 < n_ahead) ahead[i] = ahead[i + 1];
+        }
+        if (k >= n_ahead) {
+          ahead[n_ahead - 1] = load_fragment_step(bc, dy_pair, dtrow, urow, t - n_ahead);
+        }
         // B then C of states g, g + 8 (C then B at odd steps).
-        const float4 v4 = *reinterpret_cast<const float4*>(bc + t * kStepFloats);
+        const float4 v4 = in.bc;
+        const float(&dt)[2] = in.dt;
+        const float(&dtu)[2] = in.dtu;
         const bool odd = (t & 1) != 0;
         const float bv[2] = {odd ? v4.z : v4.x, odd ? v4.w : v4.y};
         const float cv[2] = {odd ? v4.x : v4.z, odd ? v4.y : v4.w};
-        const float2 g2 = *reinterpret_cast<const float2*>(dy_pair + t * Tl::channels);
-        const float gy[2] = {g2.x, g2.y};
-        const float dt[2] = {dtrow[t], dtrow[4 * kRow + t]};
-        const float dtu[2] = {dt[0] * urow[t], dt[1] * urow[4 * kRow + t]};
+        const float gy[2] = {in.dy.x, in.dy.y};
         // Per channel the sums over its two states; per state the dB / dC
         // terms of the two channels (from the first term, as in
         // scan_bwd_lanes' out sums).
