@@ -75,6 +75,38 @@ BACKWARD_PROGRAMS_OFF_CUDA = 2
 if triton is not None:
 
     @triton.jit
+    def _normalise(x, mask, n_cols, eps):
+        """Rows of ``x`` (float32, zeros where ``mask`` is off) normalised:
+        ``(x - mean) / std`` (zeros off the mask), each row's mean and
+        1 / std."""
+        mean = tl.sum(x, axis=1) / n_cols
+        centred = tl.where(mask, x - mean[:, None], 0.)
+        var = tl.sum(centred * centred, axis=1) / n_cols
+        rstd = 1. / tl.sqrt(var + eps)
+        return centred * rstd[:, None], mean, rstd
+
+    @triton.jit
+    def _affine(x_hat, W, B, cols, col_mask, HAS_WEIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+        """``x_hat * weight + bias`` (float32), either left out."""
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
+            x_hat = x_hat * w[None, :]
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
+            x_hat = x_hat + b[None, :]
+        return x_hat
+
+    @triton.jit
+    def _silu_and_sigmoid(z):
+        """``SiLU(z)`` rounded to z's dtype (as ATen's ``silu`` returns it)
+        and ``sigmoid(z)``, both as float32, from one exponential."""
+        zf = z.to(tl.float32)
+        denominator = 1. + tl.exp(-zf)
+        silu = (zf / denominator).to(z.dtype).to(tl.float32)
+        return silu, 1. / denominator
+
+    @triton.jit
     def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, Z, n_rows, n_cols,
                                x_row_stride, z_row_stride, eps,
                                HAS_WEIGHT: tl.constexpr,
@@ -95,22 +127,12 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :],
                     mask=mask, other=0.).to(tl.float32)
-        mean = tl.sum(x, axis=1) / n_cols
-        centred = tl.where(mask, x - mean[:, None], 0.)
-        var = tl.sum(centred * centred, axis=1) / n_cols
-        rstd = 1. / tl.sqrt(var + eps)
-        y = centred * rstd[:, None]
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
-            y = y * w[None, :]
-        if HAS_BIAS:
-            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
-            y = y + b[None, :]
+        y, mean, rstd = _normalise(x, mask, n_cols, eps)
+        y = _affine(y, W, B, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
         if HAS_GATE:
             z = tl.load(Z + rows64[:, None] * z_row_stride + cols[None, :],
                         mask=mask, other=0.)
-            zf = z.to(tl.float32)
-            silu = (zf / (1. + tl.exp(-zf))).to(z.dtype).to(tl.float32)
+            silu, _ = _silu_and_sigmoid(z)
             y = y * silu
         tl.store(Y + rows64[:, None] * n_cols + cols[None, :],
                  y.to(Y.dtype.element_ty), mask=mask)
@@ -119,17 +141,28 @@ if triton is not None:
             tl.store(Rstd + rows, rstd, mask=row_mask)
 
     @triton.jit
-    def _layer_norm_bwd_kernel(X, DY, DX, W, Mean, Rstd, DW_partial,
-                               DB_partial, n_rows, n_cols, x_row_stride,
-                               dy_row_stride, HAS_WEIGHT: tl.constexpr,
-                               STORE_DX: tl.constexpr, STORE_DW: tl.constexpr,
+    def _layer_norm_bwd_kernel(X, DY, DX, W, B, Mean, Rstd, Z, DZ,
+                               DW_partial, DB_partial, n_rows, n_cols,
+                               x_row_stride, dy_row_stride, z_row_stride,
+                               eps, HAS_WEIGHT: tl.constexpr,
+                               HAS_BIAS: tl.constexpr,
+                               HAS_GATE: tl.constexpr,
+                               STORE_DX: tl.constexpr, STORE_DZ: tl.constexpr,
+                               STORE_DW: tl.constexpr,
                                STORE_DB: tl.constexpr,
                                BLOCK_ROWS: tl.constexpr,
                                BLOCK_C: tl.constexpr):
         """Gradients of the norm: DX (contiguous) row by row; each program
         loops over the row blocks ``pid, pid + programs, ...`` and writes
         its partial sums of the weight and bias gradients to row ``pid`` of
-        DW_partial and DB_partial (float32)."""
+        DW_partial and DB_partial (float32).
+
+        With HAS_GATE, DY is the gradient of the forward's gated output
+        ``norm * SiLU(Z)``: each row's mean and 1 / std are recomputed from
+        X (Mean and Rstd are not read), the norm's gradient is ``DY *
+        SiLU(Z)`` (the SiLU rounded to Z's dtype) and STORE_DZ writes Z's
+        (contiguous, DZ's dtype) as ATen's ``silu_backward`` of ``DY *
+        norm`` rounded to Z's dtype."""
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
@@ -137,6 +170,8 @@ if triton is not None:
         col_mask = cols < n_cols
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
         dw_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         db_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         # a while loop: Triton 3.6's interpreter takes a bound of ``range``
@@ -152,9 +187,29 @@ if triton is not None:
                         mask=mask, other=0.).to(tl.float32)
             dy = tl.load(DY + rows64[:, None] * dy_row_stride + cols[None, :],
                          mask=mask, other=0.).to(tl.float32)
-            mean = tl.load(Mean + rows, mask=row_mask, other=0.)
-            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.)
-            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.)
+            if HAS_GATE:
+                x_hat, _, rstd = _normalise(x, mask, n_cols, eps)
+                z = tl.load(Z + rows64[:, None] * z_row_stride +
+                            cols[None, :], mask=mask, other=0.)
+                silu, sigmoid = _silu_and_sigmoid(z)
+                if STORE_DZ:
+                    normed = x_hat
+                    if HAS_WEIGHT:
+                        normed = normed * w[None, :]
+                    if HAS_BIAS:
+                        normed = normed + b[None, :]
+                    # the product's gradient in SiLU's dtype, then SiLU's
+                    d_silu = (dy * normed).to(z.dtype).to(tl.float32)
+                    zf = z.to(tl.float32)
+                    dz = d_silu * sigmoid * (1. + zf * (1. - sigmoid))
+                    tl.store(DZ + rows64[:, None] * n_cols + cols[None, :],
+                             dz.to(DZ.dtype.element_ty), mask=mask)
+                dy = dy * silu  # now the norm's gradient
+            else:
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.)
+                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.)
+                x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None],
+                                 0.)
             if STORE_DW:
                 dw_sum += dy * x_hat
             if STORE_DB:
@@ -243,6 +298,67 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor],
     return y.view(x.shape), mean, rstd
 
 
+def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
+                     z_rows: Optional[torch.Tensor],
+                     weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor],
+                     mean: Optional[torch.Tensor],
+                     rstd: Optional[torch.Tensor], eps: float,
+                     needs: Tuple[bool, bool, bool, bool],
+                     traceable: bool = False) -> Tuple[torch.Tensor, ...]:
+    """Launch the backward kernel on (rows, C) views with unit stride along
+    C: of the norm (``z_rows`` None; the forward's ``mean`` and ``rstd``),
+    or of the gated norm (``z_rows``; the statistics recomputed with
+    ``eps``).
+
+    Args:
+        needs (tuple[bool]): Which of x, z, weight and bias need
+            gradients (weight and bias only if given; z only with
+            ``z_rows``).
+
+    Returns:
+        tuple[Tensor]: The gradients of x (contiguous, x's dtype), z
+        (contiguous, z's dtype), weight and bias (theirs); an empty tensor
+        for those not requested.
+    """
+    n_rows, channels = x_rows.shape
+    need_x, need_z, need_weight, need_bias = needs
+    gated = z_rows is not None
+    need_z = need_z and gated
+    need_weight = need_weight and weight is not None
+    need_bias = need_bias and bias is not None
+    block_c, block_rows, num_warps = launch_config(channels)
+    programs = _backward_programs(triton.cdiv(n_rows, block_rows),
+                                  x_rows.device)
+    f32 = dict(dtype=torch.float32, device=x_rows.device)
+    # unused pointers get ``unused`` (never read or written)
+    unused = grad_rows
+    dx = (torch.empty((n_rows, channels), dtype=x_rows.dtype,
+                      device=x_rows.device) if need_x else unused)
+    dz = (torch.empty((n_rows, channels), dtype=z_rows.dtype,
+                      device=x_rows.device) if need_z else unused)
+    dw_partial = (torch.empty((programs, channels), **f32)
+                  if need_weight else unused)
+    db_partial = (torch.empty((programs, channels), **f32)
+                  if need_bias else unused)
+    _launcher(_layer_norm_bwd_kernel, traceable)[(programs, )](
+        x_rows, grad_rows, dx, unused if weight is None else weight,
+        unused if bias is None else bias, unused if mean is None else mean,
+        unused if rstd is None else rstd, z_rows if gated else unused, dz,
+        dw_partial, db_partial, n_rows, channels, x_rows.stride(0),
+        grad_rows.stride(0), z_rows.stride(0) if gated else 0, eps,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=gated and bias is not None, HAS_GATE=gated,
+        STORE_DX=need_x, STORE_DZ=need_z, STORE_DW=need_weight,
+        STORE_DB=need_bias,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    # custom ops return tensors: an empty one for a gradient not requested
+    empty = x_rows.new_empty(0)
+    dw = dw_partial.sum(0).to(weight.dtype) if need_weight else empty
+    db = db_partial.sum(0).to(bias.dtype) if need_bias else empty
+    return (dx if need_x else empty, dz if need_z else empty, dw, db)
+
+
 def _backward(grad: torch.Tensor, x: torch.Tensor,
               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
               mean: torch.Tensor, rstd: torch.Tensor, need_x: bool,
@@ -250,32 +366,10 @@ def _backward(grad: torch.Tensor, x: torch.Tensor,
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: the gradients of ``x`` (its dtype), ``weight``
     and ``bias`` (theirs); an empty tensor for those not requested."""
-    x_rows, grad_rows = _as_rows(x), _as_rows(grad)
-    n_rows, channels = x_rows.shape
-    need_weight = need_weight and weight is not None
-    need_bias = need_bias and bias is not None
-    block_c, block_rows, num_warps = launch_config(channels)
-    programs = _backward_programs(triton.cdiv(n_rows, block_rows), x.device)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    # unused pointers get ``mean`` (never read or written)
-    dx = (torch.empty((n_rows, channels), dtype=x.dtype, device=x.device)
-          if need_x else mean)
-    dw_partial = (torch.empty((programs, channels), **f32)
-                  if need_weight else mean)
-    db_partial = (torch.empty((programs, channels), **f32)
-                  if need_bias else mean)
-    _launcher(_layer_norm_bwd_kernel, traceable)[(programs, )](
-        x_rows, grad_rows, dx, mean if weight is None else weight, mean, rstd,
-        dw_partial, db_partial, n_rows, channels, x_rows.stride(0),
-        grad_rows.stride(0),
-        HAS_WEIGHT=weight is not None, STORE_DX=need_x,
-        STORE_DW=need_weight, STORE_DB=need_bias,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    # custom ops return tensors: an empty one for a gradient not requested
-    dx = dx.view(x.shape) if need_x else x.new_empty(0)
-    dw = dw_partial.sum(0).to(weight.dtype) if need_weight else x.new_empty(0)
-    db = db_partial.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)
-    return dx, dw, db
+    dx, _, dw, db = _launch_backward(
+        _as_rows(grad), _as_rows(x), None, weight, bias, mean, rstd, 0.,
+        (need_x, False, need_weight, need_bias), traceable)
+    return (dx.view(x.shape) if need_x else dx), dw, db
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -483,13 +577,15 @@ def gated_layer_norm(x: torch.Tensor,
                      z: torch.Tensor,
                      weight: Optional[torch.Tensor] = None,
                      bias: Optional[torch.Tensor] = None,
-                     eps: float = 1e-5) -> torch.Tensor:
+                     eps: float = 1e-5,
+                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps) * F.silu(z)`` in one pass,
     as the input of a linear layer.
 
     One Triton kernel reads ``x`` and ``z`` and writes the product in the
-    dtype that the linear layer reads: autocast's (for ``x``'s device) when
-    CUDA autocast is on, else that of ``x`` times ``z``. It runs when
+    dtype that the linear layer reads (unless ``out_dtype`` is given):
+    autocast's (for ``x``'s device) when CUDA autocast is on, else that of
+    ``x`` times ``z``. It runs when
     :func:`gate_unsupported_reason` finds nothing against it (float32 ``x``
     and parameters; calls autograd does not record, no backward); else the
     ATen ops, cast so, give the same dtype and the same values up to float32
@@ -500,17 +596,30 @@ def gated_layer_norm(x: torch.Tensor,
         z (Tensor): ``x``'s shape, the gate's input.
         weight, bias (Tensor, optional): ``(C,)``.
         eps (float): Added to the variance. Defaults to 1e-5.
+        out_dtype (torch.dtype, optional): The result's dtype (a
+            recomputing backward's, where autocast is off). Defaults to the
+            linear layer's input dtype, as above.
 
     Returns:
         Tensor: ``x``'s shape.
     """
-    if _autocast_on(x):
+    if out_dtype is None and _autocast_on(x):
         out_dtype = torch.get_autocast_dtype(x.device.type)
-    else:
+    elif out_dtype is None:
         out_dtype = torch.promote_types(x.dtype, z.dtype)
     if gate_unsupported_reason(x, z, weight, bias) is not None:
         gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps) * F.silu(z)
         return gated.to(out_dtype)
+    return _gated_forward(x, z, weight, bias, eps, out_dtype)
+
+
+def _gated_forward(x: torch.Tensor, z: torch.Tensor,
+                   weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], eps: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """Launch the gated forward (inputs that
+    :func:`gate_unsupported_reason` passes): ``x``'s shape, ``out_dtype``.
+    """
     x_rows = _as_rows(x)
     z_rows = z.reshape(x_rows.shape)
     n_rows, channels = x_rows.shape
@@ -524,6 +633,53 @@ def gated_layer_norm(x: torch.Tensor,
         HAS_GATE=True, STORE_STATS=False,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     return out.view(x.shape)
+
+
+def gated_layer_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    eps: float, needs: Tuple[bool, bool, bool, bool]
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """The backward of ``F.layer_norm(x, (C,), weight, bias, eps) *
+    F.silu(z)`` (float32 ``x``, weight and bias) on Triton kernels, for
+    inputs that :func:`gate_unsupported_reason` passes, called where
+    autograd does not record (a recomputing Function's backward).
+
+    One kernel reads ``x``, ``z`` and ``grad`` and writes the gradients of
+    ``x`` and ``z`` and per-program partial sums of those of the weight and
+    bias (then summed), with the ATen composition's roundings: the SiLU
+    rounded to z's dtype, the norm's gradient ``grad * SiLU(z)`` in float32,
+    z's ``silu_backward(grad * norm rounded to z's dtype, z)``. The norm's
+    statistics are recomputed, not read.
+
+    Args:
+        grad (Tensor): The gradient of the gated map, ``x``'s shape, any
+            of float32, bfloat16 or float16, unit stride along C.
+        x, z, weight, bias, eps: The forward's inputs.
+        needs (tuple[bool]): Which of x, z, weight and bias need
+            gradients.
+
+    Returns:
+        tuple[Tensor | None]: The gradients of x, z, weight and bias (their
+        dtypes and shapes; x's and z's contiguous), None where not needed
+        (or the parameter is None).
+    """
+    for name, t in (('x', x), ('z', z), ('grad', grad)):
+        if t.dtype not in TRITON_DTYPES:
+            raise ValueError(f'{name} must be one of {TRITON_DTYPES}, got '
+                             f'{t.dtype}')
+    if tuple(grad.shape) != tuple(x.shape):
+        raise ValueError(f'grad must have x\'s shape {tuple(x.shape)}, got '
+                         f'{tuple(grad.shape)}')
+    needs = (needs[0], needs[1], needs[2] and weight is not None, needs[3]
+             and bias is not None)
+    x_rows = _as_rows(x)
+    grads = _launch_backward(_as_rows(grad), x_rows,
+                             z.reshape(x_rows.shape), weight, bias, None,
+                             None, eps, needs)
+    shapes = (x.shape, z.shape, None, None)
+    return tuple((g if shape is None else g.view(shape)) if need else None
+                 for g, shape, need in zip(grads, shapes, needs))
 
 
 class LayerNorm(nn.LayerNorm):
