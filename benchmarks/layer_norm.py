@@ -28,8 +28,26 @@ names) with the backbones' norms made ``nn.LayerNorm``, as they are
 (:class:`mmvmamba.ops.LayerNorm`: the Triton forward where autograd does not
 record, ``F.layer_norm`` where it does), and on the Triton kernels for
 both (SS2D's ``out_norm``, called through ``F.layer_norm``, is not swapped).
+
+``--gate`` (instead of the tables above): SS2D's output stage
+``out_proj(LayerNorm(y) * SiLU(z))`` by ``RecomputedOutput``, forward and
+backward (the gradients of y, z, the norm's weight and bias and out_proj's
+weight from a fixed bfloat16 gradient) at VMamba-T's gate maps (batch, H,
+W, E = 2C; y float32, z the bfloat16 second half of a (batch, H, W, 2E)
+map, out_proj E -> C), under bf16 autocast, its backward on the ATen ops
+and on the gate's Triton kernels (``GATE_BACKWARD_ON_TRITON`` off and
+on); beside them out_proj alone (its forward and backward on a bfloat16
+input, in both times) and the gate's time without it, against the bytes
+the gate's kernels move at least (forward: y and z read, the bfloat16 gated
+map written; backward: y, z and the gated map's gradient read, the gated
+map written again for out_proj's weight gradient, the gradients of y and z
+written) over the copy bandwidth. With ``--models``, ``train-bf16`` steps
+of the classifiers with ``GATE_BACKWARD_ON_TRITON`` off and on.
+
+    python benchmarks/layer_norm.py --gate [--models vmamba-t]
 """
 import argparse
+import contextlib
 import itertools
 from typing import Callable, Dict, List, Optional
 
@@ -38,6 +56,7 @@ import torch.nn.functional as F
 from scan_timing import copy_bandwidth
 from timing import MODES, device_name, measure, print_table, time_mode
 
+from mmvmamba.models.backbones import common
 from mmvmamba.ops import layer_norm as ln
 
 #: (H, W, C) of the four stages at 224 (VMamba-T and VMamba2-T alike).
@@ -218,6 +237,185 @@ def model_rows(names, modes, batch: int, warmup: int,
     return rows
 
 
+#: VMamba-T's gate per stage at 224: (H, W, E = 2C, C).
+GATE_STAGES = ((56, 56, 192, 96), (28, 28, 384, 192), (14, 14, 768, 384),
+               (7, 7, 1536, 768))
+
+
+@contextlib.contextmanager
+def gate_backward_on_triton(on: bool):
+    """Set ``GATE_BACKWARD_ON_TRITON`` in a block (restored after)."""
+    default = common.GATE_BACKWARD_ON_TRITON
+    common.GATE_BACKWARD_ON_TRITON = on
+    try:
+        yield
+    finally:
+        common.GATE_BACKWARD_ON_TRITON = default
+
+
+def gate_floor_bytes(batch: int, height: int, width: int,
+                     inner: int) -> int:
+    """Bytes the gate's kernels move at least in a forward and backward
+    under bf16 autocast (y float32, z, the gated map and its gradient
+    bfloat16): forward y + z read, gated written; backward y + z + the
+    gradient read, gated written again, y's and z's gradients written."""
+    elements = batch * height * width * inner
+    forward = elements * (4 + 2 + 2)
+    backward = elements * (4 + 2 + 2 + 2 + 4 + 2)
+    return forward + backward
+
+
+def gate_inputs(batch: int, height: int, width: int, inner: int,
+                channels: int, device) -> Dict:
+    """Random inputs of SS2D's output stage at one stage (see
+    :func:`gate_rows`), all requiring gradients."""
+    y = torch.randn(batch, height, width, inner, device=device)
+    z = torch.randn(batch, height, width, 2 * inner, device=device,
+                    dtype=torch.bfloat16)[..., inner:]
+    norm = torch.nn.LayerNorm(inner).to(device)
+    proj = torch.nn.Linear(inner, channels, bias=False).to(device)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+        norm.bias.normal_(0, 0.1)
+    grad = torch.randn(batch, height, width, channels, device=device,
+                       dtype=torch.bfloat16)
+    return dict(y=y.requires_grad_(), z=z.requires_grad_(), norm=norm,
+                proj=proj, grad=grad)
+
+
+def make_gate_step(y, z, norm, proj, grad) -> Callable[[], None]:
+    """RecomputedOutput's forward under bf16 autocast and its backward."""
+    wrt = (y, z, norm.weight, norm.bias, proj.weight)
+
+    def step():
+        with torch.autocast(y.device.type, dtype=torch.bfloat16):
+            out = common.ss2d_output(y, z, norm, proj, recompute=True)
+        torch.autograd.grad(out, wrt, grad)
+
+    return step
+
+
+def make_linear_step(y, proj, grad) -> Callable[[], None]:
+    """out_proj alone on a bfloat16 input, forward and backward (the
+    gradients of its input and weight)."""
+    gated = y.detach().bfloat16().requires_grad_()
+
+    def step():
+        with torch.autocast(y.device.type, dtype=torch.bfloat16):
+            out = proj(gated)
+        torch.autograd.grad(out, (gated, proj.weight), grad)
+
+    return step
+
+
+def check_gate_triton_path(y, z, norm) -> None:
+    """Raise RuntimeError (with the reason) if RecomputedOutput's backward
+    would not run the Triton kernels with the policy on (under no_grad,
+    as a backward runs)."""
+    with gate_backward_on_triton(True), torch.no_grad():
+        reason = common.gate_backward_reason(y, z, norm.weight, norm.bias,
+                                             torch.bfloat16)
+    if reason is not None:
+        raise RuntimeError(f'the Triton gate backward would not run: '
+                           f'{reason}')
+
+
+def gate_rows(batch: int, warmup: int, repeat: int,
+              device='cuda') -> List[Dict]:
+    """Time RecomputedOutput on ATen's and on Triton's backward, and
+    out_proj alone, at each of :data:`GATE_STAGES`.
+
+    Returns:
+        list[dict]: One dict per stage, then one with the copy bandwidth.
+    """
+    device = torch.device(device)
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for height, width, inner, channels in GATE_STAGES:
+        inputs = gate_inputs(batch, height, width, inner, channels, device)
+        check_gate_triton_path(inputs['y'], inputs['z'], inputs['norm'])
+        step = make_gate_step(**inputs)
+        times = {}
+        for key, on in (('aten', False), ('triton', True)):
+            with gate_backward_on_triton(on):
+                times[key] = measure(step, device, warmup, repeat)
+        times['linear'] = measure(
+            make_linear_step(inputs['y'], inputs['proj'], inputs['grad']),
+            device, warmup, repeat)
+        moved = gate_floor_bytes(batch, height, width, inner)
+        rows.append(dict(shape=f'{batch}x{height}x{width}x{inner}',
+                         channels=channels, bytes=moved,
+                         floor_ms=moved / bandwidth * 1e3, **times))
+        del inputs, step
+        torch.cuda.empty_cache()
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9))
+    return rows
+
+
+def gate_model_rows(names, batch: int, warmup: int,
+                    repeat: int) -> List[Dict]:
+    """``train-bf16`` steps of the classifiers with the gate's backward on
+    ATen and on Triton."""
+    from models import build_classifier, model_label, tensor_forward
+    device = torch.device('cuda')
+    rows = []
+    for name in names:
+        model = tensor_forward(
+            build_classifier(name).to(device), 'mmpretrain', batch,
+            (224, 224))
+        times = {}
+        for key, on in (('aten', False), ('triton', True)):
+            with gate_backward_on_triton(on):
+                times[key] = time_mode(model, 'train-bf16', batch, 224,
+                                       device, warmup, repeat)
+        rows.append(dict(model=model_label(name), **times))
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_gate_tables(args, device) -> List[Dict]:
+    """``--gate``: the op's table, and the classifiers' with ``--models``.
+    """
+    rows = gate_rows(args.batch, args.warmup, args.repeat)
+    meta = rows.pop()
+    table = []
+    for r in rows:
+        gates = [r[key] - r['linear'] for key in ('aten', 'triton')]
+        table.append([
+            r['shape'], r['channels'], _fmt(r['aten']), _fmt(r['triton']),
+            _fmt(r['aten'] / r['triton'], '.2f'), _fmt(r['linear']),
+            _fmt(gates[0]), _fmt(gates[1]),
+            _fmt(gates[0] / gates[1], '.2f') if gates[1] > 0 else '-',
+            f'{r["bytes"] / 1e9:.3f}', _fmt(r['floor_ms']),
+            _fmt(gates[1] / r['floor_ms'], '.2f')])
+    print_table(
+        f'RecomputedOutput forward+backward under bf16 autocast (y float32, '
+        f'z bf16), backward on ATen / on Triton (GATE_BACKWARD_ON_TRITON), '
+        f'{device_name(device)}, copy bandwidth '
+        f'{meta["copy_gb_per_s"]:.0f} GB/s, median of {args.repeat}',
+        ['gate map', 'C out', 'ATen ms', 'Triton ms', 'ATen / Triton',
+         'out_proj ms', 'ATen gate ms', 'Triton gate ms',
+         'gate ATen / Triton', 'GB moved', 'floor ms', 'Triton gate x floor'],
+        table)
+    if args.models:
+        results = gate_model_rows(args.models, args.batch, args.warmup,
+                                  max(10, args.repeat // 5))
+        print_table(
+            f'Classifier train-bf16 steps, batch {args.batch} at 224, the '
+            'gate\'s backward on ATen / on Triton',
+            ['model', 'ATen ms', 'Triton ms', 'img/s ATen', 'img/s Triton',
+             'speed-up'],
+            [[r['model'], _fmt(r['aten']['ms'], '.1f'),
+              _fmt(r['triton']['ms'], '.1f'),
+              _fmt(r['aten']['img_per_s'], '.0f'),
+              _fmt(r['triton']['img_per_s'], '.0f'),
+              _speed_up(r, 'triton')]
+             for r in results])
+        rows = rows + results
+    return rows
+
+
 def _fmt(value, spec='.3f'):
     return '-' if value is None else format(value, spec)
 
@@ -242,12 +440,17 @@ def main(argv=None):
                         help='classifier names of benchmark.py throughput')
     parser.add_argument('--modes', nargs='+', choices=MODES,
                         default=['infer-bf16', 'train-bf16'])
+    parser.add_argument('--gate', action='store_true',
+                        help="time SS2D's output stage with the gate's "
+                        'backward on ATen and on Triton instead')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error('layer_norm.py needs a GPU')
     if ln.TRITON_IMPORT_ERROR:
         parser.error(ln.TRITON_IMPORT_ERROR)
     device = torch.device('cuda')
+    if args.gate:
+        return print_gate_tables(args, device)
     rows = op_rows(args.batch, [getattr(torch, d) for d in args.dtypes],
                    args.warmup, args.repeat, args.sweep)
     meta = rows.pop()

@@ -4,6 +4,7 @@ import layer_norm as bench
 import pytest
 import torch
 
+from mmvmamba.models.backbones import common
 from mmvmamba.ops import layer_norm as ln
 
 
@@ -52,6 +53,38 @@ def test_check_triton_path_under_the_steps_autocast(monkeypatch):
         bench.check_triton_path(x, weight, bias)
 
 
+def test_gate_floor_bytes():
+    # forward: y (float32) and z read, the bf16 gated map written;
+    # backward: y, z and the gated map's gradient read, the gated map
+    # written again, y's (float32) and z's gradients written
+    elements = 2 * 7 * 7 * 1536
+    assert bench.gate_floor_bytes(2, 7, 7, 1536) == elements * (
+        (4 + 2) + 2 + (4 + 2 + 2) + 2 + (4 + 2))
+
+
+def test_gate_policy_toggle_and_check(monkeypatch):
+    """The toggle restores the policy (off, as merged) even on errors; the
+    check names why the Triton backward would not run (CPU tensors by
+    default), and passes where it would."""
+    assert not common.GATE_BACKWARD_ON_TRITON
+    with pytest.raises(KeyError):
+        with bench.gate_backward_on_triton(True):
+            assert common.GATE_BACKWARD_ON_TRITON
+            raise KeyError
+    assert not common.GATE_BACKWARD_ON_TRITON
+    inputs = bench.gate_inputs(2, 3, 3, 32, 16, 'cpu')
+    assert inputs['z'].dtype == torch.bfloat16
+    assert inputs['z'].stride(-2) == 64  # half of in_proj's output
+    if ln.TRITON_IMPORT_ERROR is not None:
+        return
+    with pytest.raises(RuntimeError, match='x is on cpu'):
+        bench.check_gate_triton_path(inputs['y'], inputs['z'],
+                                     inputs['norm'])
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    bench.check_gate_triton_path(inputs['y'], inputs['z'], inputs['norm'])
+    assert not common.GATE_BACKWARD_ON_TRITON
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
 def test_refuses_to_run_without_a_gpu():
     with pytest.raises(SystemExit):
@@ -66,3 +99,16 @@ def test_small_run_on_the_gpu(capsys):
     assert len(rows) == 4 * 2 * 2
     assert all(r['aten_ms'] > 0 and r['triton_ms'] > 0 for r in rows)
     assert 'ATen / Triton' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or ln.TRITON_IMPORT_ERROR is not None,
+                    reason='needs a GPU and Triton')
+def test_small_gate_run_on_the_gpu(capsys):
+    rows = bench.main(['--gate', '--batch', '2', '--warmup', '1',
+                       '--repeat', '2'])
+    assert len(rows) == 4
+    assert all(r['aten'] > 0 and r['triton'] > 0 and r['linear'] > 0
+               for r in rows)
+    assert 'gate ATen / Triton' in capsys.readouterr().out
+    assert not common.GATE_BACKWARD_ON_TRITON
