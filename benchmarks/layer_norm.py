@@ -44,7 +44,10 @@ map written again for out_proj's weight gradient, the gradients of y and z
 written) over the copy bandwidth. With ``--models``, ``train-bf16`` steps
 of the classifiers with ``GATE_BACKWARD_ON_TRITON`` off and on.
 
-    python benchmarks/layer_norm.py --gate [--models vmamba-t]
+    python benchmarks/layer_norm.py --gate [--sweep] [--models vmamba-t]
+
+With ``--sweep`` it also times the gate's backward kernel at other launch
+settings (for :func:`mmvmamba.ops.layer_norm.gate_backward_launch_config`).
 """
 import argparse
 import contextlib
@@ -320,10 +323,53 @@ def check_gate_triton_path(y, z, norm) -> None:
                            f'{reason}')
 
 
-def gate_rows(batch: int, warmup: int, repeat: int,
+def sweep_gate_launch(step: Callable[[], None], channels: int,
+                      device: torch.device, warmup: int,
+                      repeat: int) -> Optional[str]:
+    """The fastest launch setting of the gate's backward kernel for this
+    row (``step`` timed with the Triton backward): elements per tile x
+    warps, then programs per SM at the fastest of those."""
+    block_c = max(16, 1 << (channels - 1).bit_length())
+    default = ln.gate_backward_launch_config
+    default_programs = ln.BACKWARD_PROGRAMS_PER_SM
+    results = []
+
+    def run(tile, warps, per_sm):
+        config = (block_c, tile // block_c, warps)
+        ln.gate_backward_launch_config = lambda c: config
+        ln.BACKWARD_PROGRAMS_PER_SM = per_sm
+        try:
+            with gate_backward_on_triton(True):
+                ms = measure(step, device, warmup, repeat)
+        except Exception as error:  # noqa: BLE001 -- e.g. out of
+            # resources at this setting: reported, not timed
+            print(f'  E={channels} tile {tile} warps {warps}: '
+                  f'{type(error).__name__}')
+            return
+        results.append((ms, tile, warps, per_sm))
+
+    try:
+        for tile in sorted({max(block_c, t) for t in (1024, 2048, 4096)}):
+            for warps in (4, 8, 16):
+                run(tile, warps, default_programs)
+        if results:
+            _, tile, warps, _ = min(results)
+            for per_sm in (2, 8):
+                run(tile, warps, per_sm)
+    finally:
+        ln.gate_backward_launch_config = default
+        ln.BACKWARD_PROGRAMS_PER_SM = default_programs
+    if not results:
+        return None
+    ms, tile, warps, per_sm = min(results)
+    return f'{ms:.3f} ms: tile {tile}, {warps} warps, {per_sm}/SM'
+
+
+def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
               device='cuda') -> List[Dict]:
     """Time RecomputedOutput on ATen's and on Triton's backward, and
-    out_proj alone, at each of :data:`GATE_STAGES`.
+    out_proj alone, at each of :data:`GATE_STAGES` (with ``sweep``, also
+    the gate's backward kernel at other launch settings).
 
     Returns:
         list[dict]: One dict per stage, then one with the copy bandwidth.
@@ -343,9 +389,12 @@ def gate_rows(batch: int, warmup: int, repeat: int,
             make_linear_step(inputs['y'], inputs['proj'], inputs['grad']),
             device, warmup, repeat)
         moved = gate_floor_bytes(batch, height, width, inner)
+        best = (sweep_gate_launch(step, inner, device, 2,
+                                  max(10, repeat // 2)) if sweep else None)
         rows.append(dict(shape=f'{batch}x{height}x{width}x{inner}',
                          channels=channels, bytes=moved,
-                         floor_ms=moved / bandwidth * 1e3, **times))
+                         floor_ms=moved / bandwidth * 1e3, best=best,
+                         **times))
         del inputs, step
         torch.cuda.empty_cache()
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9))
@@ -377,7 +426,7 @@ def gate_model_rows(names, batch: int, warmup: int,
 def print_gate_tables(args, device) -> List[Dict]:
     """``--gate``: the op's table, and the classifiers' with ``--models``.
     """
-    rows = gate_rows(args.batch, args.warmup, args.repeat)
+    rows = gate_rows(args.batch, args.warmup, args.repeat, args.sweep)
     meta = rows.pop()
     table = []
     for r in rows:
@@ -388,7 +437,8 @@ def print_gate_tables(args, device) -> List[Dict]:
             _fmt(gates[0]), _fmt(gates[1]),
             _fmt(gates[0] / gates[1], '.2f') if gates[1] > 0 else '-',
             f'{r["bytes"] / 1e9:.3f}', _fmt(r['floor_ms']),
-            _fmt(gates[1] / r['floor_ms'], '.2f')])
+            _fmt(gates[1] / r['floor_ms'], '.2f')] +
+            ([r['best'] or '-'] if args.sweep else []))
     print_table(
         f'RecomputedOutput forward+backward under bf16 autocast (y float32, '
         f'z bf16), backward on ATen / on Triton (GATE_BACKWARD_ON_TRITON), '
@@ -396,7 +446,8 @@ def print_gate_tables(args, device) -> List[Dict]:
         f'{meta["copy_gb_per_s"]:.0f} GB/s, median of {args.repeat}',
         ['gate map', 'C out', 'ATen ms', 'Triton ms', 'ATen / Triton',
          'out_proj ms', 'ATen gate ms', 'Triton gate ms',
-         'gate ATen / Triton', 'GB moved', 'floor ms', 'Triton gate x floor'],
+         'gate ATen / Triton', 'GB moved', 'floor ms', 'Triton gate x floor'
+         ] + (['fastest Triton backward setting'] if args.sweep else []),
         table)
     if args.models:
         results = gate_model_rows(args.models, args.batch, args.warmup,

@@ -249,6 +249,13 @@ def launch_config(channels: int) -> Tuple[int, int, int]:
     return block_c, block_rows, num_warps
 
 
+def gate_backward_launch_config(channels: int) -> Tuple[int, int, int]:
+    """Block shape and warps of the backward kernel with the gate (more
+    live values a row than without): :func:`launch_config`'s until
+    ``benchmarks/layer_norm.py --gate --sweep`` finds better."""
+    return launch_config(channels)
+
+
 def _launcher(kernel, traceable: bool):
     """The kernel itself (eager), or wrapped for tracing by
     ``torch.compile`` (inside the ``triton_op`` custom ops)."""
@@ -327,7 +334,8 @@ def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
     need_z = need_z and gated
     need_weight = need_weight and weight is not None
     need_bias = need_bias and bias is not None
-    block_c, block_rows, num_warps = launch_config(channels)
+    block_c, block_rows, num_warps = (gate_backward_launch_config
+                                      if gated else launch_config)(channels)
     programs = _backward_programs(triton.cdiv(n_rows, block_rows),
                                   x_rows.device)
     f32 = dict(dtype=torch.float32, device=x_rows.device)

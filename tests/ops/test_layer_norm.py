@@ -719,6 +719,12 @@ def test_gated_falls_back_to_aten_ops(monkeypatch):
         expected = torch.autograd.grad(plain.to(out.dtype).float().sum(),
                                        (x, w))
         assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    # a given out_dtype (a recomputing backward's) wins over autocast's
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = ln.gated_layer_norm(x, z, w, b, 1e-4, out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, (F.layer_norm(x, (48, ), w, b, 1e-4) *
+                             F.silu(z)).half())
 
 
 @pytest.mark.parametrize('make', [
