@@ -340,7 +340,7 @@ def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
                                   x_rows.device)
     f32 = dict(dtype=torch.float32, device=x_rows.device)
     # unused pointers get ``unused`` (never read or written)
-    unused = grad_rows
+    unused = grad_rows if mean is None else mean
     dx = (torch.empty((n_rows, channels), dtype=x_rows.dtype,
                       device=x_rows.device) if need_x else unused)
     dz = (torch.empty((n_rows, channels), dtype=z_rows.dtype,
