@@ -115,10 +115,11 @@ def unsupported_reason(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
                 f'{channels}) map')
     if x.stride(-1) != 1:
         return f'x is not contiguous along C (stride {x.stride(-1)})'
-    dtype = _autocast_dtype(x) or x.dtype
+    autocast_dtype = _autocast_dtype(x)
+    dtype = autocast_dtype or x.dtype
     if dtype not in TRITON_DTYPES or x.dtype not in TRITON_DTYPES:
         return f'x of {x.dtype} computed in {dtype} is not covered'
-    if _autocast_dtype(x) is None and conv.weight.dtype != x.dtype:
+    if autocast_dtype is None and conv.weight.dtype != x.dtype:
         return (f'x is {x.dtype} and the weight {conv.weight.dtype} outside '
                 'autocast')
     return forward_only_reason(x, conv.weight, conv.bias)
@@ -148,7 +149,8 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
     batch, height, width, channels = x.shape
     k = conv.kernel_size[0]
     # the parameters as autocast hands them to cuDNN
-    weight = conv.weight.detach().to(dtype).reshape(channels, k * k)
+    weight = conv.weight.detach().to(dtype).reshape(channels,
+                                                    k * k).contiguous()
     bias = None if conv.bias is None else conv.bias.detach().to(dtype)
     x = x.to(dtype)
     out = torch.empty((batch, height, width, channels), dtype=dtype,
@@ -159,7 +161,7 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
     grid = (batch * height, triton.cdiv(width, block_w),
             triton.cdiv(channels, block_c))
     _depthwise_conv_kernel[grid](
-        x, weight.contiguous(), weight if bias is None else bias, out, height,
+        x, weight, weight if bias is None else bias, out, height,
         width, channels, x.stride(0), x.stride(1), x.stride(2),
         K=k, HAS_BIAS=bias is not None, SILU=silu, BLOCK_W=block_w,
         BLOCK_C=block_c, num_warps=4)

@@ -553,10 +553,6 @@ def layer_norm(x: torch.Tensor,
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
-
-
-
-
 def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
                             weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None

@@ -7,7 +7,6 @@ when Triton is imported: :func:`test_kernel_in_triton_interpreter` runs
 :class:`TestInterpreted` in a fresh process with ``TRITON_INTERPRET=1``.
 The GPU tests skip without CUDA.
 """
-import os
 
 import pytest
 import torch
@@ -15,18 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmvmamba.ops import depthwise_conv as dw
+from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
 
-INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
-needs_triton = pytest.mark.skipif(dw.TRITON_IMPORT_ERROR is not None,
-                                  reason=str(dw.TRITON_IMPORT_ERROR))
-interpreted = pytest.mark.skipif(
-    not INTERPRETED or dw.TRITON_IMPORT_ERROR is not None,
-    reason='needs TRITON_INTERPRET=1 (test_kernel_in_triton_interpreter '
-    'runs these in a process of their own)')
-needs_cuda = pytest.mark.skipif(
-    INTERPRETED or not torch.cuda.is_available()
-    or dw.TRITON_IMPORT_ERROR is not None,
-    reason='needs a CUDA GPU and compiled Triton kernels')
 
 
 def make_conv(channels, k=3, bias=True, device='cpu'):

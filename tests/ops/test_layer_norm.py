@@ -9,7 +9,6 @@ when Triton is imported: :func:`test_kernels_in_triton_interpreter` runs
 The GPU tests (real stage shapes, autocast, ``torch.compile``) skip without
 CUDA.
 """
-import os
 
 import pytest
 import torch
@@ -18,18 +17,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from mmvmamba.ops import layer_norm as ln
+from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
 
-INTERPRETED = os.environ.get('TRITON_INTERPRET') == '1'
-needs_triton = pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
-                                  reason=str(ln.TRITON_IMPORT_ERROR))
-interpreted = pytest.mark.skipif(
-    not INTERPRETED or ln.TRITON_IMPORT_ERROR is not None,
-    reason='needs TRITON_INTERPRET=1 (test_kernels_in_triton_interpreter '
-    'runs these in a process of their own)')
-needs_cuda = pytest.mark.skipif(
-    INTERPRETED or not torch.cuda.is_available()
-    or ln.TRITON_IMPORT_ERROR is not None,
-    reason='needs a CUDA GPU and compiled Triton kernels')
 
 
 class RecordFallbacks(TorchFunctionMode):
