@@ -68,6 +68,16 @@ def floor_bytes(batch: int, height: int, width: int, channels: int,
     return {'fwd': forward, 'fwd+bwd': forward + backward}
 
 
+def stage_maps(batch: int, dtypes, device: torch.device):
+    """Yield ``((H, W, C), dtype, x)`` for each stage of :data:`STAGES` and
+    each of ``dtypes``: ``x`` a standard-normal ``(batch, H, W, C)`` map of
+    that dtype."""
+    for (height, width, channels), dtype in itertools.product(
+            STAGES, dtypes):
+        x = torch.randn(batch, height, width, channels, device=device)
+        yield (height, width, channels), dtype, x.to(dtype)
+
+
 def aten_layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
@@ -111,10 +121,8 @@ def op_rows(batch: int, dtypes, warmup: int, repeat: int, sweep: bool,
     device = torch.device(device)
     bandwidth = copy_bandwidth(device)
     rows = []
-    for (height, width, channels), dtype in itertools.product(
-            STAGES, dtypes):
-        x = torch.randn(batch, height, width, channels, device=device)
-        x = x.to(dtype)
+    for (height, width, channels), dtype, x in stage_maps(batch, dtypes,
+                                                          device):
         weight = 1 + 0.1 * torch.randn(channels, device=device)
         bias = 0.1 * torch.randn(channels, device=device)
         moved = floor_bytes(batch, height, width, channels, dtype)
@@ -260,18 +268,13 @@ def check_add_norm_paths(x: torch.Tensor, update: torch.Tensor,
 def add_norm_rows(batch: int, dtypes, warmup: int, repeat: int,
                   device='cuda') -> List[Dict]:
     """Time ``x + update`` then the norm against the fused kernel at each
-    stage and residual dtype.
-
-    Returns:
-        list[dict]: One dict per row, then one with the copy bandwidth.
-    """
+    stage and residual dtype: a list of rows (dicts), the last one the copy
+    bandwidth."""
     device = torch.device(device)
-    bandwidth = copy_bandwidth(device)
-    rows = []
-    for (height, width, channels), dtype in itertools.product(
-            STAGES, dtypes):
-        shape = (batch, height, width, channels)
-        x = torch.randn(shape, device=device).to(dtype)
+    bandwidth, rows = copy_bandwidth(device), []
+    for (height, width, channels), dtype, x in stage_maps(batch, dtypes,
+                                                          device):
+        shape = x.shape
         update = torch.randn(shape, device=device).bfloat16()
         norm = ln.LayerNorm(channels, linear_input=True).to(device)
         with torch.no_grad():

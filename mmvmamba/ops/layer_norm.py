@@ -498,6 +498,18 @@ def layer_norm(x: torch.Tensor,
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
+def _rows_reason(name: str, t: torch.Tensor) -> Optional[str]:
+    """Why the forward kernel cannot read ``t`` (the argument ``name``) as
+    rows: a dtype it does not take, a last dimension not contiguous; or
+    None."""
+    if t.dtype not in TRITON_DTYPES:
+        return f'{name} is {t.dtype}, not one of {TRITON_DTYPES}'
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return (f'{name} is not contiguous in its last dimension (stride '
+                f'{t.stride(-1)})')
+    return None
+
+
 def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
                             weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None
@@ -514,12 +526,7 @@ def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
     if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
         return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s shape '
                 f'{tuple(x.shape)} on {x.device}')
-    if z.dtype not in TRITON_DTYPES:
-        return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
-    if z.shape[-1] > 1 and z.stride(-1) != 1:
-        return (f'z is not contiguous in its last dimension (stride '
-                f'{z.stride(-1)})')
-    return forward_only_reason(x, z, weight, bias)
+    return _rows_reason('z', z) or forward_only_reason(x, z, weight, bias)
 
 
 def gated_layer_norm(x: torch.Tensor,
@@ -583,19 +590,13 @@ def add_unsupported_reason(x: torch.Tensor,
         if param is not None:
             check_tensor(name, param, (x.shape[-1], ), labels='(C)')
     check_same_device(x=x, update=update, weight=weight, bias=bias)
-    for name, t in (('x', x), ('update', update)):
-        if t.dtype not in TRITON_DTYPES:
-            return f'{name} is {t.dtype}, not one of {TRITON_DTYPES}'
     if out_dtype is not None and out_dtype not in TRITON_DTYPES:
         return f'out_dtype {out_dtype} is not one of {TRITON_DTYPES}'
-    reason = unsupported_reason(
-        x, weight, bias, torch.promote_types(x.dtype, update.dtype))
-    if reason is not None:
-        return reason
-    if update.shape[-1] > 1 and update.stride(-1) != 1:
-        return (f'update is not contiguous in its last dimension (stride '
-                f'{update.stride(-1)})')
-    return forward_only_reason(x, update, weight, bias)
+    # the norm's conditions, for the sum's dtype
+    return (_rows_reason('x', x) or _rows_reason('update', update)
+            or unsupported_reason(x, weight, bias,
+                                  torch.promote_types(x.dtype, update.dtype))
+            or forward_only_reason(x, update, weight, bias))
 
 
 def add_layer_norm(x: torch.Tensor,

@@ -204,7 +204,8 @@ class VSSStage(BlockStage):
             PatchMerging(embed_dims) if downsample else None)
 
     def _fuses_add_norm(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward` hands the blocks normalised inputs."""
+        """Whether :meth:`forward` hands the blocks normalised inputs (the
+        parameters are gathered only where gradients are on)."""
         return ADD_NORM_ON_TRITON and all(
             isinstance(block.norm, LayerNorm) and block.drop_path.is_identity
             for block in self.blocks) and not (
