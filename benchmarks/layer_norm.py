@@ -2,7 +2,7 @@
 Triton.
 
     python benchmarks/layer_norm.py [--batch 128] [--dtypes float32 bfloat16]
-        [--warmup 5] [--repeat 50] [--sweep]
+        [--warmup 5] [--repeat 50] [--sweep] [--add-norm]
         [--models vmamba2-t vmamba-t] [--modes infer-bf16 train-bf16]
 
 For each stage map (batch, H, W, C) of the models at 224 (C = 96, 192, 384,
@@ -48,6 +48,17 @@ of the classifiers with ``GATE_BACKWARD_ON_TRITON`` off and on.
 
 With ``--sweep`` it also times the gate's backward kernel at other launch
 settings (for :func:`mmvmamba.ops.layer_norm.gate_backward_launch_config`).
+
+``--add-norm``: instead, the residual add and the next block's norm of
+VMamba's stages, at the same maps, without autograd under bf16 autocast
+(``--dtypes``: the residual's dtype, the update bfloat16 as SS2D's output,
+the norm written in bfloat16 for ``in_proj``): ``x + update`` then
+:class:`mmvmamba.ops.LayerNorm` (two passes, the norm on Triton) against
+:func:`mmvmamba.ops.layer_norm.add_layer_norm` (one), beside the fused
+pass's floor (x and the update read, the sum and the norm written) and
+whether both give the same sum and norm. With ``--models``, inference
+steps (the ``infer-*`` modes) with ``vmamba.ADD_NORM_ON_TRITON`` off and
+on (it changes VMamba v1 alone).
 """
 import argparse
 import contextlib
@@ -59,7 +70,7 @@ import torch.nn.functional as F
 from scan_timing import copy_bandwidth
 from timing import MODES, device_name, measure, print_table, time_mode
 
-from mmvmamba.models.backbones import common
+from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
 
 #: (H, W, C) of the four stages at 224 (VMamba-T and VMamba2-T alike).
@@ -76,6 +87,16 @@ def floor_bytes(batch: int, height: int, width: int, channels: int,
     forward = elements * (size + 4)
     backward = elements * (size + 4 + size)
     return {'fwd': forward, 'fwd+bwd': forward + backward}
+
+
+def stage_maps(batch: int, dtypes, device: torch.device):
+    """Yield ``((H, W, C), dtype, x)`` for each stage of :data:`STAGES` and
+    each of ``dtypes``: ``x`` a standard-normal ``(batch, H, W, C)`` map of
+    that dtype."""
+    for (height, width, channels), dtype in itertools.product(
+            STAGES, dtypes):
+        x = torch.randn(batch, height, width, channels, device=device)
+        yield (height, width, channels), dtype, x.to(dtype)
 
 
 def aten_layer_norm(x, weight, bias, eps):
@@ -121,10 +142,8 @@ def op_rows(batch: int, dtypes, warmup: int, repeat: int, sweep: bool,
     device = torch.device(device)
     bandwidth = copy_bandwidth(device)
     rows = []
-    for (height, width, channels), dtype in itertools.product(
-            STAGES, dtypes):
-        x = torch.randn(batch, height, width, channels, device=device)
-        x = x.to(dtype)
+    for (height, width, channels), dtype, x in stage_maps(batch, dtypes,
+                                                          device):
         weight = 1 + 0.1 * torch.randn(channels, device=device)
         bias = 0.1 * torch.randn(channels, device=device)
         moved = floor_bytes(batch, height, width, channels, dtype)
@@ -396,6 +415,81 @@ def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
                          floor_ms=moved / bandwidth * 1e3, best=best,
                          **times))
         del inputs, step
+
+
+def add_norm_floor_bytes(batch: int, height: int, width: int, channels: int,
+                         dtype: torch.dtype) -> int:
+    """Bytes the fused add + norm must move at least: a ``dtype`` residual
+    and a bfloat16 update read, their sum (the promoted dtype) and a
+    bfloat16 norm written."""
+    elements = batch * height * width * channels
+    sum_dtype = torch.promote_types(dtype, torch.bfloat16)
+    sizes = [torch.empty(0, dtype=d).element_size()
+             for d in (dtype, torch.bfloat16, sum_dtype, torch.bfloat16)]
+    return elements * sum(sizes)
+
+
+def check_add_norm_paths(x: torch.Tensor, update: torch.Tensor,
+                         norm: ln.LayerNorm) -> None:
+    """Raise RuntimeError (with the reason) if, under the bf16 autocast and
+    ``no_grad`` of the timed steps, the fused kernel or the unfused norm's
+    Triton kernel would not run."""
+    with torch.no_grad(), torch.autocast(x.device.type,
+                                         dtype=torch.bfloat16):
+        reasons = (ln.add_unsupported_reason(x, update, norm.weight,
+                                             norm.bias, norm.output_dtype(x)),
+                   ln.unsupported_reason(x + update, norm.weight, norm.bias))
+    for name, reason in zip(('add_layer_norm', 'LayerNorm'), reasons):
+        if reason is not None:
+            raise RuntimeError(f'the {name} kernel would not run: {reason}')
+
+
+def add_norm_rows(batch: int, dtypes, warmup: int, repeat: int,
+                  device='cuda') -> List[Dict]:
+    """Time ``x + update`` then the norm against the fused kernel at each
+    stage and residual dtype: a list of rows (dicts), the last one the copy
+    bandwidth."""
+    device = torch.device(device)
+    bandwidth, rows = copy_bandwidth(device), []
+    for (height, width, channels), dtype, x in stage_maps(batch, dtypes,
+                                                          device):
+        shape = x.shape
+        update = torch.randn(shape, device=device).bfloat16()
+        norm = ln.LayerNorm(channels, linear_input=True).to(device)
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.1)
+            norm.bias.normal_(0, 0.1)
+        check_add_norm_paths(x, update, norm)
+
+        def unfused():
+            total = x + update
+            return total, norm(total)
+
+        def fused():
+            return ln.add_layer_norm(x, update, norm.weight, norm.bias,
+                                     norm.eps, norm.output_dtype(x))
+
+        results, times = [], {}
+        for label, fn in (('unfused', unfused), ('fused', fused)):
+
+            def step(fn=fn):
+                with torch.no_grad(), torch.autocast(device.type,
+                                                     dtype=torch.bfloat16):
+                    return fn()
+
+            results.append(step())
+            times[label] = measure(step, device, warmup, repeat)
+        (total, normed), (fused_total, fused_normed) = results
+        moved = add_norm_floor_bytes(batch, height, width, channels, dtype)
+        rows.append(dict(
+            shape='x'.join(map(str, shape)),
+            dtype=str(dtype).replace('torch.', ''),
+            unfused_ms=times['unfused'], fused_ms=times['fused'],
+            bytes=moved, floor_ms=moved / bandwidth * 1e3,
+            same_sum=torch.equal(total, fused_total),
+            norm_diff=float((normed.float() - fused_normed.float()).abs()
+                            .max())))
+        del x, update, results, total, normed, fused_total, fused_normed
         torch.cuda.empty_cache()
     rows.append(dict(copy_gb_per_s=bandwidth / 1e9))
     return rows
@@ -467,6 +561,74 @@ def print_gate_tables(args, device) -> List[Dict]:
     return rows
 
 
+def add_norm_model_rows(names, modes, batch: int, warmup: int,
+                        repeat: int, device='cuda') -> List[Dict]:
+    """Inference steps of classifiers with ``vmamba.ADD_NORM_ON_TRITON``
+    off and on."""
+    from models import build_classifier, model_label, tensor_forward
+    device = torch.device(device)
+    switch = vmamba.ADD_NORM_ON_TRITON
+    rows = []
+    try:
+        for name in names:
+            model = tensor_forward(
+                build_classifier(name).to(device), 'mmpretrain', batch,
+                (224, 224))
+            for mode in modes:
+                times = {}
+                for key, on in (('off', False), ('on', True)):
+                    vmamba.ADD_NORM_ON_TRITON = on
+                    times[key] = time_mode(model, mode, batch, 224, device,
+                                           warmup, repeat)
+                rows.append(dict(model=model_label(name), mode=mode,
+                                 **times))
+            del model
+            torch.cuda.empty_cache()
+    finally:
+        vmamba.ADD_NORM_ON_TRITON = switch
+    return rows
+
+
+def print_add_norm(args) -> List[Dict]:
+    """The ``--add-norm`` tables (and with ``--models``, the steps)."""
+    device = torch.device('cuda')
+    rows = add_norm_rows(args.batch, [getattr(torch, d) for d in args.dtypes],
+                         args.warmup, args.repeat)
+    meta = rows.pop()
+    print_table(
+        'Residual add + LayerNorm without autograd under bf16 autocast (a '
+        'bfloat16 update, a bfloat16 norm): x + update then LayerNorm '
+        f'against add_layer_norm, {device_name(device)}, copy bandwidth '
+        f'{meta["copy_gb_per_s"]:.0f} GB/s, median of {args.repeat}',
+        ['map', 'x dtype', 'add + norm ms', 'fused ms', 'speed-up',
+         'GB moved (fused)', 'floor ms', 'add + norm x floor',
+         'fused x floor', 'same sum', 'norm max diff'],
+        [[r['shape'], r['dtype'], _fmt(r['unfused_ms']), _fmt(r['fused_ms']),
+          _fmt(r['unfused_ms'] / r['fused_ms'], '.2f'),
+          f'{r["bytes"] / 1e9:.3f}', _fmt(r['floor_ms']),
+          _fmt(r['unfused_ms'] / r['floor_ms'], '.2f'),
+          _fmt(r['fused_ms'] / r['floor_ms'], '.2f'), r['same_sum'],
+          _fmt(r['norm_diff'], '.3g')] for r in rows])
+    modes = [m for m in args.modes if m.startswith('infer')]
+    if args.models and modes:
+        results = add_norm_model_rows(args.models, modes, args.batch,
+                                      args.warmup, max(10, args.repeat // 5))
+        print_table(
+            f'Inference steps, batch {args.batch} at 224, '
+            'vmamba.ADD_NORM_ON_TRITON off and on (VMamba v1 alone; '
+            'training steps do not take it)',
+            ['model', 'mode', 'off ms', 'on ms', 'img/s off', 'img/s on',
+             'on speed-up'],
+            [[r['model'], r['mode'], _fmt(r['off']['ms'], '.1f'),
+              _fmt(r['on']['ms'], '.1f'),
+              _fmt(r['off']['img_per_s'], '.0f'),
+              _fmt(r['on']['img_per_s'], '.0f'),
+              _fmt(r['off']['ms'] / r['on']['ms'], '.3f')
+              if r['off']['ms'] and r['on']['ms'] else '-']
+             for r in results])
+    return rows
+
+
 def _fmt(value, spec='.3f'):
     return '-' if value is None else format(value, spec)
 
@@ -487,6 +649,9 @@ def main(argv=None):
     parser.add_argument('--repeat', type=int, default=50)
     parser.add_argument('--sweep', action='store_true',
                         help='also time other launch settings')
+    parser.add_argument('--add-norm', action='store_true',
+                        help='time the residual add + norm of VMamba\'s '
+                        'stages, unfused against add_layer_norm')
     parser.add_argument('--models', nargs='*', default=[],
                         help='classifier names of benchmark.py throughput')
     parser.add_argument('--modes', nargs='+', choices=MODES,
@@ -499,6 +664,8 @@ def main(argv=None):
         parser.error('layer_norm.py needs a GPU')
     if ln.TRITON_IMPORT_ERROR:
         parser.error(ln.TRITON_IMPORT_ERROR)
+    if args.add_norm:
+        return print_add_norm(args)
     device = torch.device('cuda')
     if args.gate:
         return print_gate_tables(args, device)

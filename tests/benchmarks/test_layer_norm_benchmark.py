@@ -112,3 +112,47 @@ def test_small_gate_run_on_the_gpu(capsys):
                for r in rows)
     assert 'gate ATen / Triton' in capsys.readouterr().out
     assert not common.GATE_BACKWARD_ON_TRITON
+
+
+def test_add_norm_floor_bytes():
+    # a float32 residual and a bfloat16 update read, a float32 sum and a
+    # bfloat16 norm written; a bfloat16 residual gives a bfloat16 sum
+    elements = 2 * 7 * 7 * 768
+    assert bench.add_norm_floor_bytes(2, 7, 7, 768, torch.float32) == \
+        elements * (4 + 2 + 4 + 2)
+    assert bench.add_norm_floor_bytes(2, 7, 7, 768, torch.bfloat16) == \
+        elements * 4 * 2
+
+
+@pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                    reason=str(ln.TRITON_IMPORT_ERROR))
+def test_check_add_norm_paths(monkeypatch):
+    """Both kernels take a stage's maps under the steps' autocast (CPU's
+    taken for CUDA's); a float64 residual is refused with the reason."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+    x = torch.randn(2, 7, 7, 96)
+    update = torch.randn(2, 7, 7, 96).bfloat16()
+    norm = ln.LayerNorm(96, linear_input=True)
+    bench.check_add_norm_paths(x, update, norm)
+    with pytest.raises(RuntimeError, match='add_layer_norm kernel would not '
+                       'run: x is torch.float64'):
+        bench.check_add_norm_paths(x.double(), update, norm)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
+def test_add_norm_refuses_to_run_without_a_gpu():
+    with pytest.raises(SystemExit):
+        bench.main(['--add-norm', '--batch', '1'])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or ln.TRITON_IMPORT_ERROR is not None,
+                    reason='needs a GPU and Triton')
+def test_small_add_norm_run_on_the_gpu(capsys):
+    rows = bench.main(['--add-norm', '--batch', '2', '--warmup', '1',
+                       '--repeat', '2'])
+    assert len(rows) == 4 * 2
+    assert all(r['unfused_ms'] > 0 and r['fused_ms'] > 0 and r['same_sum']
+               for r in rows)
+    assert 'add_layer_norm' in capsys.readouterr().out

@@ -32,8 +32,13 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether :meth:`forward` returns its input (eval, or rate 0)."""
+        return self.drop_prob == 0. or not self.training
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0. or not self.training:
+        if self.is_identity:
             return x
         keep = 1 - self.drop_prob
         mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
