@@ -57,6 +57,8 @@ MAX_BLOCK_C = 128
 WGRAD_TILE_ELEMENTS = 2048
 #: Widest channel block of a weight-gradient program.
 WGRAD_MAX_BLOCK_C = 64
+#: Warps of a weight-gradient program.
+WGRAD_NUM_WARPS = 4
 #: Weight-gradient programs per SM (each sums a run of rows into one
 #: partial sum).
 WGRAD_PROGRAMS_PER_SM = 4
@@ -301,7 +303,7 @@ def _weight_grads(x: torch.Tensor, grad: torch.Tensor, k: int,
         tiles_per_program, x.stride(0), x.stride(1), x.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), K=k, TAPS=taps,
         STORE_DW=need_weight, STORE_DB=need_bias, BLOCK_W=block_w,
-        BLOCK_C=block_c, num_warps=4)
+        BLOCK_C=block_c, num_warps=WGRAD_NUM_WARPS)
     return (dw_partial.sum(0) if need_weight else None,
             db_partial.sum(0) if need_bias else None)
 
