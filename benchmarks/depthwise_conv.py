@@ -36,7 +36,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 from scan_timing import copy_bandwidth
-from timing import MODES, device_name, measure, print_table, time_mode
+from timing import (MODES, measure, print_floor_table, print_table,
+                    time_mode)
 
 from mmvmamba.ops import depthwise_conv as dw
 
@@ -228,20 +229,11 @@ def main(argv=None):
     device = torch.device('cuda')
     rows = op_rows(args.batch, args.warmup, args.repeat, args.sweep)
     meta = rows.pop()
-    header = ['map', 'pass', 'cuDNN ms', 'Triton ms', 'cuDNN / Triton',
-              'GB moved', 'floor ms', 'cuDNN x floor', 'Triton x floor']
-    table = [[
-        r['shape'], r['pass_'], _fmt(r['cudnn_ms']), _fmt(r['triton_ms']),
-        _ratio(r['cudnn_ms'], r['triton_ms']), f'{r["bytes"] / 1e9:.3f}',
-        _fmt(r['floor_ms']), _ratio(r['cudnn_ms'], r['floor_ms']),
-        _ratio(r['triton_ms'], r['floor_ms'])
-    ] + ([r['best'] or '-'] if args.sweep else []) for r in rows]
-    print_table(
-        f"SS2D's depthwise 3x3 convolution in training, bf16 autocast, "
-        f'input a half of a (B, H, W, 2E) bfloat16 map, '
-        f'{device_name(device)}, copy bandwidth '
-        f'{meta["copy_gb_per_s"]:.0f} GB/s, median of {args.repeat}',
-        header + (['fastest Triton setting'] if args.sweep else []), table)
+    print_floor_table(
+        "SS2D's depthwise 3x3 convolution in training, bf16 autocast, input "
+        'a half of a (B, H, W, 2E) bfloat16 map', rows,
+        {'map': 'shape', 'pass': 'pass_'}, 'cuDNN', 'cudnn_ms', device,
+        meta['copy_gb_per_s'], args.repeat, args.sweep)
     if args.models:
         results = model_rows(args.models, args.modes, args.batch,
                              args.warmup, max(10, args.repeat // 5))

@@ -5,9 +5,8 @@ and the module (cuDNN).
 The kernels run here on the CPU in Triton's interpreter, which must be on
 when Triton is imported: :func:`test_kernel_in_triton_interpreter` runs
 :class:`TestInterpreted` in a fresh process with ``TRITON_INTERPRET=1``.
-The training path (:data:`~mmvmamba.ops.depthwise_conv.CONV_BACKWARD_ON_TRITON`)
-is checked against float64 ``F.conv2d`` with autograd. The GPU tests skip
-without CUDA.
+The training path (``CONV_BACKWARD_ON_TRITON``) is checked against float64
+``F.conv2d`` with autograd. The GPU tests skip without CUDA.
 """
 
 import pytest
