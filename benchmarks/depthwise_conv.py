@@ -47,7 +47,7 @@ SS2D_SHAPES = ((56, 56, 192), (28, 28, 384), (14, 14, 768), (7, 7, 1536))
 PASSES = ('fwd', 'fwd+bwd')
 #: Settings of the weight-gradient kernel that ``--sweep`` tries:
 #: module attribute -> values.
-SWEEP = dict(WGRAD_TILE_ELEMENTS=(1024, 2048, 4096),
+SWEEP = dict(WGRAD_TILE_ELEMENTS=(1024, 2048, 4096, 8192),
              WGRAD_MAX_BLOCK_C=(32, 64, 128), WGRAD_NUM_WARPS=(4, 8),
              WGRAD_PROGRAMS_PER_SM=(2, 4, 8))
 

@@ -133,9 +133,11 @@ class CountConvs:
 
 
 @interpreted
-@pytest.mark.usefixtures('kernel_on_cpu')
+@pytest.mark.usefixtures('kernel_on_cpu', 'index_as_in_triton_3_6')
 class TestInterpreted:
-    """The kernel, run by Triton's interpreter on CPU tensors."""
+    """The kernels, run by Triton's interpreter on CPU tensors (a runtime
+    value never taken as a Python int, which Triton 3.6's interpreter
+    cannot do under NumPy >= 2.4)."""
 
     @pytest.mark.parametrize('shape,k,bias,silu', [
         ((2, 5, 7, 37), 3, True, False),  # odd, non-square, under a block
@@ -335,9 +337,11 @@ class TestInterpreted:
             loss = sum((o * w).sum() for o, w in zip(outs, weights))
             results.append(list(outs) + list(
                 torch.autograd.grad(loss, list(model.parameters()))))
-        for eager, compiled_result in zip(*results):
-            torch.testing.assert_close(compiled_result, eager, rtol=1e-4,
-                                       atol=1e-5)
+        # float32 sums in other orders: relative to each tensor's norm
+        errors = [float((c - e).detach().norm() / e.detach().norm())
+                  for e, c in zip(*results)]
+        print('largest relative error:', max(errors))
+        assert max(errors) < 1e-5  # measured: at most 9e-7
 
 
 @needs_triton
