@@ -79,11 +79,10 @@ def wide_input(shape, device='cpu', dtype=torch.float32):
     return wide, wide[..., :channels]
 
 
-def trainable(conv, bias_grad=True):
-    conv.weight.requires_grad_()
-    if conv.bias is not None:
-        conv.bias.requires_grad_(bias_grad)
-    return [p for p in conv.parameters() if p.requires_grad]
+def trainable(conv):
+    """Make ``conv``'s parameters need gradients; returns them."""
+    conv.requires_grad_(True)
+    return list(conv.parameters())
 
 
 def reference_training(conv, wide, dy, silu=False, round_to=None):
@@ -91,7 +90,8 @@ def reference_training(conv, wide, dy, silu=False, round_to=None):
     autograd: output, gradients of (wide, weight, bias: those of ``conv``
     needing one) from ``dy``, and the scales of the weight and bias
     gradients' sums (sums of the sizes of their terms). ``round_to``: the
-    parameters rounded to that dtype first (autocast's)."""
+    input and parameters rounded to that dtype first (as autocast hands
+    them to the convolution)."""
     channels = conv.in_channels
 
     def leaf(t):
