@@ -68,7 +68,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from scan_timing import copy_bandwidth
-from timing import MODES, device_name, measure, print_table, time_mode
+from timing import (MODES, measure, print_floor_table, print_table,
+                    time_mode)
 
 from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
@@ -672,21 +673,10 @@ def main(argv=None):
     rows = op_rows(args.batch, [getattr(torch, d) for d in args.dtypes],
                    args.warmup, args.repeat, args.sweep)
     meta = rows.pop()
-    header = ['map', 'x dtype', 'pass', 'ATen ms', 'Triton ms',
-              'ATen / Triton', 'GB moved', 'floor ms', 'ATen x floor',
-              'Triton x floor']
-    table = [[
-        r['shape'], r['dtype'], r['pass_'], _fmt(r['aten_ms']),
-        _fmt(r['triton_ms']), _fmt(r['aten_ms'] / r['triton_ms'], '.2f'),
-        f'{r["bytes"] / 1e9:.3f}', _fmt(r['floor_ms']),
-        _fmt(r['aten_ms'] / r['floor_ms'], '.2f'),
-        _fmt(r['triton_ms'] / r['floor_ms'], '.2f')
-    ] + ([r['best'] or '-'] if args.sweep else []) for r in rows]
-    print_table(
-        f'LayerNorm under bf16 autocast (float32 output), '
-        f'{device_name(device)}, copy bandwidth '
-        f'{meta["copy_gb_per_s"]:.0f} GB/s, median of {args.repeat}',
-        header + (['fastest Triton setting'] if args.sweep else []), table)
+    print_floor_table('LayerNorm under bf16 autocast (float32 output)', rows,
+                      {'map': 'shape', 'x dtype': 'dtype', 'pass': 'pass_'},
+                      'ATen', 'aten_ms', device, meta['copy_gb_per_s'],
+                      args.repeat, args.sweep)
     if args.models:
         results = model_rows(args.models, args.modes, args.batch,
                              args.warmup, max(10, args.repeat // 5))

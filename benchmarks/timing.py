@@ -86,6 +86,45 @@ def print_table(title: str, header: List[str], rows: List[List]) -> None:
             print('  '.join('-' * w for w in widths))
 
 
+def print_floor_table(title: str, rows: List[Dict], lead: Dict[str, str],
+                      reference: str, reference_key: str,
+                      device: torch.device, copy_gb_per_s: float,
+                      repeat: int, sweep: bool = False) -> None:
+    """Print an op's timings against its bandwidth floor, a row each.
+
+    Args:
+        title (str): What is timed (the device, copy bandwidth and repeats
+            are added).
+        rows (list[dict]): With the keys of ``lead``, ``reference_key`` and
+            ``triton_ms`` (median ms), ``bytes`` (moved at least),
+            ``floor_ms`` (those over the copy bandwidth) and, with
+            ``sweep``, ``best`` (the fastest setting, or None).
+        lead (dict): Header -> key of the columns that name the row.
+        reference (str): The path Triton is timed against (``'ATen'``).
+        reference_key (str): Its key in ``rows``.
+        device (torch.device): Where it ran.
+        copy_gb_per_s (float): The copy bandwidth measured.
+        repeat (int): Timed calls a row.
+        sweep (bool): Add the column of the fastest setting.
+    """
+    header = list(lead) + [
+        f'{reference} ms', 'Triton ms', f'{reference} / Triton', 'GB moved',
+        'floor ms', f'{reference} x floor', 'Triton x floor'
+    ] + (['fastest Triton setting'] if sweep else [])
+    table = []
+    for r in rows:
+        ref_ms, triton_ms, floor_ms = (r[reference_key], r['triton_ms'],
+                                       r['floor_ms'])
+        table.append([r[key] for key in lead.values()] + [
+            f'{ref_ms:.3f}', f'{triton_ms:.3f}', f'{ref_ms / triton_ms:.2f}',
+            f'{r["bytes"] / 1e9:.3f}', f'{floor_ms:.3f}',
+            f'{ref_ms / floor_ms:.2f}', f'{triton_ms / floor_ms:.2f}'
+        ] + ([r['best'] or '-'] if sweep else []))
+    print_table(
+        f'{title}, {device_name(device)}, copy bandwidth '
+        f'{copy_gb_per_s:.0f} GB/s, median of {repeat}', header, table)
+
+
 def device_name(device: torch.device) -> str:
     """The card's name, or the CPU with its thread count."""
     if device.type == 'cuda':
