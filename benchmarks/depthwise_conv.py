@@ -30,14 +30,13 @@ names) with the switch off and on.
 """
 import argparse
 import itertools
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from scan_timing import copy_bandwidth
-from timing import (MODES, measure, print_floor_table, print_table,
-                    time_mode)
+from timing import (MODES, measure, module_settings, print_floor_table,
+                    print_table, switch_model_rows)
 
 from mmvmamba.ops import depthwise_conv as dw
 
@@ -50,19 +49,6 @@ PASSES = ('fwd', 'fwd+bwd')
 SWEEP = dict(WGRAD_TILE_ELEMENTS=(1024, 2048, 4096, 8192),
              WGRAD_MAX_BLOCK_C=(32, 64, 128), WGRAD_NUM_WARPS=(4, 8),
              WGRAD_PROGRAMS_PER_SM=(2, 4, 8))
-
-
-@contextmanager
-def module_settings(**settings) -> Iterator[None]:
-    """Set attributes of :mod:`mmvmamba.ops.depthwise_conv` in a block."""
-    saved = {name: getattr(dw, name) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(dw, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(dw, name, value)
 
 
 def floor_bytes(batch: int, height: int, width: int,
@@ -108,7 +94,7 @@ def make_step(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor,
 def check_triton_path(conv: nn.Conv2d, x: torch.Tensor) -> None:
     """Raise RuntimeError (with the reason) if the switch on would still
     run the module on these inputs under the steps' bf16 autocast."""
-    with module_settings(CONV_BACKWARD_ON_TRITON=True), torch.autocast(
+    with module_settings(dw, CONV_BACKWARD_ON_TRITON=True), torch.autocast(
             x.device.type, dtype=torch.bfloat16):
         reason = dw.unsupported_reason(conv, x)
     if reason is not None:
@@ -133,7 +119,7 @@ def op_rows(batch: int, warmup: int, repeat: int, sweep: bool,
         for name, backward in zip(PASSES, (False, True)):
             times = {}
             for label, on in (('cudnn', False), ('triton', True)):
-                with module_settings(CONV_BACKWARD_ON_TRITON=on):
+                with module_settings(dw, CONV_BACKWARD_ON_TRITON=on):
                     times[label] = measure(
                         make_step(conv, x, grad, backward), device, warmup,
                         repeat)
@@ -161,7 +147,7 @@ def sweep_settings(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor,
     for values in itertools.product(*SWEEP.values()):
         settings = dict(zip(names, values), CONV_BACKWARD_ON_TRITON=True)
         try:
-            with module_settings(**settings):
+            with module_settings(dw, **settings):
                 ms = measure(make_step(conv, x, grad, True), device, 2,
                              repeat)
         except Exception as error:  # noqa: BLE001 -- e.g. out of
@@ -178,26 +164,23 @@ def sweep_settings(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor,
         for name, value in zip(names, values))
 
 
-def model_rows(names, modes, batch: int, warmup: int,
-               repeat: int) -> List[Dict]:
-    """Classifier steps with the switch off and on."""
-    from models import build_classifier, model_label, tensor_forward
-    device = torch.device('cuda')
-    rows = []
-    for name in names:
-        model = tensor_forward(
-            build_classifier(name).to(device), 'mmpretrain', batch,
-            (224, 224))
-        for mode in modes:
-            times = {}
-            for key, on in (('cudnn', False), ('triton', True)):
-                with module_settings(CONV_BACKWARD_ON_TRITON=on):
-                    times[key] = time_mode(model, mode, batch, 224, device,
-                                           warmup, repeat)
-            rows.append(dict(model=model_label(name), mode=mode, **times))
-        del model
-        torch.cuda.empty_cache()
-    return rows
+def print_model_table(results: List[Dict], batch: int) -> None:
+    """The classifiers' table: rows of
+    :func:`timing.switch_model_rows` (``off``: cuDNN, ``on``: Triton)."""
+    print_table(
+        f'Classifier steps, batch {batch} at 224: SS2D\'s '
+        'convolution on cuDNN (CONV_BACKWARD_ON_TRITON off) and on '
+        'Triton (on)',
+        ['model', 'mode', 'cuDNN ms', 'Triton ms', 'img/s cuDNN',
+         'img/s Triton', 'cuDNN / Triton', 'peak GiB cuDNN',
+         'peak GiB Triton'],
+        [[r['model'], r['mode'], _fmt(r['off']['ms'], '.1f'),
+          _fmt(r['on']['ms'], '.1f'),
+          _fmt(r['off']['img_per_s'], '.0f'),
+          _fmt(r['on']['img_per_s'], '.0f'),
+          _ratio(r['off']['ms'], r['on']['ms']),
+          _fmt(r['off']['peak_gib'], '.2f'),
+          _fmt(r['on']['peak_gib'], '.2f')] for r in results])
 
 
 def _fmt(value, spec='.3f'):
@@ -235,22 +218,10 @@ def main(argv=None):
         {'map': 'shape', 'pass': 'pass_'}, 'cuDNN', 'cudnn_ms', device,
         meta['copy_gb_per_s'], args.repeat, args.sweep)
     if args.models:
-        results = model_rows(args.models, args.modes, args.batch,
-                             args.warmup, max(10, args.repeat // 5))
-        print_table(
-            f'Classifier steps, batch {args.batch} at 224: SS2D\'s '
-            'convolution on cuDNN (CONV_BACKWARD_ON_TRITON off) and on '
-            'Triton (on)',
-            ['model', 'mode', 'cuDNN ms', 'Triton ms', 'img/s cuDNN',
-             'img/s Triton', 'cuDNN / Triton', 'peak GiB cuDNN',
-             'peak GiB Triton'],
-            [[r['model'], r['mode'], _fmt(r['cudnn']['ms'], '.1f'),
-              _fmt(r['triton']['ms'], '.1f'),
-              _fmt(r['cudnn']['img_per_s'], '.0f'),
-              _fmt(r['triton']['img_per_s'], '.0f'),
-              _ratio(r['cudnn']['ms'], r['triton']['ms']),
-              _fmt(r['cudnn']['peak_gib'], '.2f'),
-              _fmt(r['triton']['peak_gib'], '.2f')] for r in results])
+        results = switch_model_rows(args.models, args.modes, args.batch,
+                                    args.warmup, max(10, args.repeat // 5),
+                                    dw, 'CONV_BACKWARD_ON_TRITON')
+        print_model_table(results, args.batch)
         rows.extend(results)
     return rows
 

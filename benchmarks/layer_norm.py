@@ -61,15 +61,14 @@ steps (the ``infer-*`` modes) with ``vmamba.ADD_NORM_ON_TRITON`` off and
 on (it changes VMamba v1 alone).
 """
 import argparse
-import contextlib
 import itertools
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from scan_timing import copy_bandwidth
-from timing import (MODES, measure, print_floor_table, print_table,
-                    time_mode)
+from timing import (MODES, measure, module_settings, print_floor_table,
+                    print_table, switch_model_rows, time_mode)
 
 from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
@@ -172,50 +171,60 @@ def op_rows(batch: int, dtypes, warmup: int, repeat: int, sweep: bool,
     return rows
 
 
-def sweep_launch(x, weight, bias, backward: bool, warmup: int,
-                 repeat: int) -> Optional[str]:
-    """The fastest launch setting of the Triton kernels for this row:
-    elements per tile x warps, then (backward) programs per SM at the
-    fastest of those."""
-    channels = x.shape[-1]
+def fastest_launch(step: Callable[[], None], config_name: str,
+                   channels: int, tiles: Sequence[int], programs: bool,
+                   label: str, device: torch.device, warmup: int,
+                   repeat: int) -> Optional[str]:
+    """Time ``step`` with ``ln.<config_name>`` (a kernel's launch setting)
+    made each of ``tiles`` (elements, at least a row's channel block) x 4,
+    8 and 16 warps, then (with ``programs``) 2 and 8 backward programs per
+    SM at the fastest of those; a setting that fails is printed with
+    ``label``, not timed. The module's settings are restored after each.
+
+    Returns:
+        str, optional: The fastest setting and its time, None if none ran.
+    """
     block_c = max(16, 1 << (channels - 1).bit_length())
-    default = ln.launch_config
-    default_programs = ln.BACKWARD_PROGRAMS_PER_SM
-    settings = [(tile, warps, default_programs)
-                for tile in sorted({max(block_c, t)
-                                    for t in (2048, 4096, 8192)})
-                for warps in (4, 8, 16)]
     results = []
 
     def run(tile, warps, per_sm):
         config = (block_c, tile // block_c, warps)
-        ln.launch_config = lambda c: config
-        ln.BACKWARD_PROGRAMS_PER_SM = per_sm
+        settings = {config_name: lambda c: config,
+                    'BACKWARD_PROGRAMS_PER_SM': per_sm}
         try:
-            ms = measure(make_step(ln.layer_norm, x, weight, bias, backward),
-                         x.device, warmup, repeat)
+            with module_settings(ln, **settings):
+                ms = measure(step, device, warmup, repeat)
         except Exception as error:  # noqa: BLE001 -- e.g. out of
             # resources at this setting: reported, not timed
-            print(f'  C={channels} tile {tile} warps {warps}: '
+            print(f'  {label} tile {tile} warps {warps}: '
                   f'{type(error).__name__}')
             return
         results.append((ms, tile, warps, per_sm))
 
-    try:
-        for setting in settings:
-            run(*setting)
-        if backward and results:
-            _, tile, warps, _ = min(results)
-            for per_sm in (2, 8):
-                run(tile, warps, per_sm)
-    finally:
-        ln.launch_config = default
-        ln.BACKWARD_PROGRAMS_PER_SM = default_programs
+    for tile in sorted({max(block_c, t) for t in tiles}):
+        for warps in (4, 8, 16):
+            run(tile, warps, ln.BACKWARD_PROGRAMS_PER_SM)
+    if programs and results:
+        _, tile, warps, _ = min(results)
+        for per_sm in (2, 8):
+            run(tile, warps, per_sm)
     if not results:
         return None
     ms, tile, warps, per_sm = min(results)
     text = f'{ms:.3f} ms: tile {tile}, {warps} warps'
-    return text + (f', {per_sm}/SM' if backward else '')
+    return text + (f', {per_sm}/SM' if programs else '')
+
+
+def sweep_launch(x, weight, bias, backward: bool, warmup: int,
+                 repeat: int) -> Optional[str]:
+    """The fastest launch setting of the Triton kernels for this row:
+    elements per tile x warps, then (backward) programs per SM at the
+    fastest of those (:func:`fastest_launch`)."""
+    channels = x.shape[-1]
+    return fastest_launch(
+        make_step(ln.layer_norm, x, weight, bias, backward), 'launch_config',
+        channels, (2048, 4096, 8192), backward, f'C={channels}', x.device,
+        warmup, repeat)
 
 
 class TritonWhenRecorded(ln.LayerNorm):
@@ -263,17 +272,6 @@ def model_rows(names, modes, batch: int, warmup: int,
 #: VMamba-T's gate per stage at 224: (H, W, E = 2C, C).
 GATE_STAGES = ((56, 56, 192, 96), (28, 28, 384, 192), (14, 14, 768, 384),
                (7, 7, 1536, 768))
-
-
-@contextlib.contextmanager
-def gate_backward_on_triton(on: bool):
-    """Set ``GATE_BACKWARD_ON_TRITON`` in a block (restored after)."""
-    default = common.GATE_BACKWARD_ON_TRITON
-    common.GATE_BACKWARD_ON_TRITON = on
-    try:
-        yield
-    finally:
-        common.GATE_BACKWARD_ON_TRITON = default
 
 
 def gate_floor_bytes(batch: int, height: int, width: int,
@@ -335,7 +333,8 @@ def check_gate_triton_path(y, z, norm) -> None:
     """Raise RuntimeError (with the reason) if RecomputedOutput's backward
     would not run the Triton kernels with the policy on (under no_grad,
     as a backward runs)."""
-    with gate_backward_on_triton(True), torch.no_grad():
+    with module_settings(common, GATE_BACKWARD_ON_TRITON=True), \
+            torch.no_grad():
         reason = common.gate_backward_reason(y, z, norm.weight, norm.bias,
                                              torch.bfloat16)
     if reason is not None:
@@ -348,41 +347,12 @@ def sweep_gate_launch(step: Callable[[], None], channels: int,
                       repeat: int) -> Optional[str]:
     """The fastest launch setting of the gate's backward kernel for this
     row (``step`` timed with the Triton backward): elements per tile x
-    warps, then programs per SM at the fastest of those."""
-    block_c = max(16, 1 << (channels - 1).bit_length())
-    default = ln.gate_backward_launch_config
-    default_programs = ln.BACKWARD_PROGRAMS_PER_SM
-    results = []
-
-    def run(tile, warps, per_sm):
-        config = (block_c, tile // block_c, warps)
-        ln.gate_backward_launch_config = lambda c: config
-        ln.BACKWARD_PROGRAMS_PER_SM = per_sm
-        try:
-            with gate_backward_on_triton(True):
-                ms = measure(step, device, warmup, repeat)
-        except Exception as error:  # noqa: BLE001 -- e.g. out of
-            # resources at this setting: reported, not timed
-            print(f'  E={channels} tile {tile} warps {warps}: '
-                  f'{type(error).__name__}')
-            return
-        results.append((ms, tile, warps, per_sm))
-
-    try:
-        for tile in sorted({max(block_c, t) for t in (1024, 2048, 4096)}):
-            for warps in (4, 8, 16):
-                run(tile, warps, default_programs)
-        if results:
-            _, tile, warps, _ = min(results)
-            for per_sm in (2, 8):
-                run(tile, warps, per_sm)
-    finally:
-        ln.gate_backward_launch_config = default
-        ln.BACKWARD_PROGRAMS_PER_SM = default_programs
-    if not results:
-        return None
-    ms, tile, warps, per_sm = min(results)
-    return f'{ms:.3f} ms: tile {tile}, {warps} warps, {per_sm}/SM'
+    warps, then programs per SM at the fastest of those
+    (:func:`fastest_launch`)."""
+    with module_settings(common, GATE_BACKWARD_ON_TRITON=True):
+        return fastest_launch(step, 'gate_backward_launch_config', channels,
+                              (1024, 2048, 4096), True, f'E={channels}',
+                              device, warmup, repeat)
 
 
 def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
@@ -403,7 +373,7 @@ def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
         step = make_gate_step(**inputs)
         times = {}
         for key, on in (('aten', False), ('triton', True)):
-            with gate_backward_on_triton(on):
+            with module_settings(common, GATE_BACKWARD_ON_TRITON=on):
                 times[key] = measure(step, device, warmup, repeat)
         times['linear'] = measure(
             make_linear_step(inputs['y'], inputs['proj'], inputs['grad']),
@@ -496,26 +466,20 @@ def add_norm_rows(batch: int, dtypes, warmup: int, repeat: int,
     return rows
 
 
-def gate_model_rows(names, batch: int, warmup: int,
-                    repeat: int) -> List[Dict]:
-    """``train-bf16`` steps of the classifiers with the gate's backward on
-    ATen and on Triton."""
-    from models import build_classifier, model_label, tensor_forward
-    device = torch.device('cuda')
-    rows = []
-    for name in names:
-        model = tensor_forward(
-            build_classifier(name).to(device), 'mmpretrain', batch,
-            (224, 224))
-        times = {}
-        for key, on in (('aten', False), ('triton', True)):
-            with gate_backward_on_triton(on):
-                times[key] = time_mode(model, 'train-bf16', batch, 224,
-                                       device, warmup, repeat)
-        rows.append(dict(model=model_label(name), **times))
-        del model
-        torch.cuda.empty_cache()
-    return rows
+def print_gate_model_table(results: List[Dict], batch: int) -> None:
+    """The classifiers' table of ``--gate``: rows of
+    :func:`timing.switch_model_rows` (``off``: ATen, ``on``: Triton)."""
+    print_table(
+        f'Classifier train-bf16 steps, batch {batch} at 224, the '
+        'gate\'s backward on ATen / on Triton',
+        ['model', 'ATen ms', 'Triton ms', 'img/s ATen', 'img/s Triton',
+         'speed-up'],
+        [[r['model'], _fmt(r['off']['ms'], '.1f'),
+          _fmt(r['on']['ms'], '.1f'),
+          _fmt(r['off']['img_per_s'], '.0f'),
+          _fmt(r['on']['img_per_s'], '.0f'),
+          _speed_up(r, 'on', 'off')]
+         for r in results])
 
 
 def print_gate_tables(args, device) -> List[Dict]:
@@ -545,49 +509,29 @@ def print_gate_tables(args, device) -> List[Dict]:
          ] + (['fastest Triton backward setting'] if args.sweep else []),
         table)
     if args.models:
-        results = gate_model_rows(args.models, args.batch, args.warmup,
-                                  max(10, args.repeat // 5))
-        print_table(
-            f'Classifier train-bf16 steps, batch {args.batch} at 224, the '
-            'gate\'s backward on ATen / on Triton',
-            ['model', 'ATen ms', 'Triton ms', 'img/s ATen', 'img/s Triton',
-             'speed-up'],
-            [[r['model'], _fmt(r['aten']['ms'], '.1f'),
-              _fmt(r['triton']['ms'], '.1f'),
-              _fmt(r['aten']['img_per_s'], '.0f'),
-              _fmt(r['triton']['img_per_s'], '.0f'),
-              _speed_up(r, 'triton')]
-             for r in results])
+        results = switch_model_rows(args.models, ['train-bf16'], args.batch,
+                                    args.warmup, max(10, args.repeat // 5),
+                                    common, 'GATE_BACKWARD_ON_TRITON')
+        print_gate_model_table(results, args.batch)
         rows = rows + results
     return rows
 
 
-def add_norm_model_rows(names, modes, batch: int, warmup: int,
-                        repeat: int, device='cuda') -> List[Dict]:
-    """Inference steps of classifiers with ``vmamba.ADD_NORM_ON_TRITON``
-    off and on."""
-    from models import build_classifier, model_label, tensor_forward
-    device = torch.device(device)
-    switch = vmamba.ADD_NORM_ON_TRITON
-    rows = []
-    try:
-        for name in names:
-            model = tensor_forward(
-                build_classifier(name).to(device), 'mmpretrain', batch,
-                (224, 224))
-            for mode in modes:
-                times = {}
-                for key, on in (('off', False), ('on', True)):
-                    vmamba.ADD_NORM_ON_TRITON = on
-                    times[key] = time_mode(model, mode, batch, 224, device,
-                                           warmup, repeat)
-                rows.append(dict(model=model_label(name), mode=mode,
-                                 **times))
-            del model
-            torch.cuda.empty_cache()
-    finally:
-        vmamba.ADD_NORM_ON_TRITON = switch
-    return rows
+def print_add_norm_model_table(results: List[Dict], batch: int) -> None:
+    """The classifiers' table of ``--add-norm``: rows of
+    :func:`timing.switch_model_rows`."""
+    print_table(
+        f'Inference steps, batch {batch} at 224, '
+        'vmamba.ADD_NORM_ON_TRITON off and on (VMamba v1 alone; '
+        'training steps do not take it)',
+        ['model', 'mode', 'off ms', 'on ms', 'img/s off', 'img/s on',
+         'on speed-up'],
+        [[r['model'], r['mode'], _fmt(r['off']['ms'], '.1f'),
+          _fmt(r['on']['ms'], '.1f'),
+          _fmt(r['off']['img_per_s'], '.0f'),
+          _fmt(r['on']['img_per_s'], '.0f'),
+          _speed_up(r, 'on', 'off', '.3f')]
+         for r in results])
 
 
 def print_add_norm(args) -> List[Dict]:
@@ -612,21 +556,10 @@ def print_add_norm(args) -> List[Dict]:
           _fmt(r['norm_diff'], '.3g')] for r in rows])
     modes = [m for m in args.modes if m.startswith('infer')]
     if args.models and modes:
-        results = add_norm_model_rows(args.models, modes, args.batch,
-                                      args.warmup, max(10, args.repeat // 5))
-        print_table(
-            f'Inference steps, batch {args.batch} at 224, '
-            'vmamba.ADD_NORM_ON_TRITON off and on (VMamba v1 alone; '
-            'training steps do not take it)',
-            ['model', 'mode', 'off ms', 'on ms', 'img/s off', 'img/s on',
-             'on speed-up'],
-            [[r['model'], r['mode'], _fmt(r['off']['ms'], '.1f'),
-              _fmt(r['on']['ms'], '.1f'),
-              _fmt(r['off']['img_per_s'], '.0f'),
-              _fmt(r['on']['img_per_s'], '.0f'),
-              _fmt(r['off']['ms'] / r['on']['ms'], '.3f')
-              if r['off']['ms'] and r['on']['ms'] else '-']
-             for r in results])
+        results = switch_model_rows(args.models, modes, args.batch,
+                                    args.warmup, max(10, args.repeat // 5),
+                                    vmamba, 'ADD_NORM_ON_TRITON')
+        print_add_norm_model_table(results, args.batch)
     return rows
 
 
@@ -634,11 +567,13 @@ def _fmt(value, spec='.3f'):
     return '-' if value is None else format(value, spec)
 
 
-def _speed_up(row: Dict, key: str) -> str:
-    """nn.LayerNorm's time over the ``key`` column's, or '-'."""
-    if key not in row or not row['aten']['ms'] or not row[key]['ms']:
+def _speed_up(row: Dict, key: str, reference: str = 'aten',
+              spec: str = '.2f') -> str:
+    """The ``reference`` column's time (nn.LayerNorm's by default) over the
+    ``key`` column's, or '-'."""
+    if key not in row or not row[reference]['ms'] or not row[key]['ms']:
         return '-'
-    return _fmt(row['aten']['ms'] / row[key]['ms'], '.2f')
+    return _fmt(row[reference]['ms'] / row[key]['ms'], spec)
 
 
 def main(argv=None):

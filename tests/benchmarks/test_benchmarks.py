@@ -3,14 +3,16 @@ tables, timing helpers, on the CPU, on tiny models or small inputs."""
 import csv
 import math
 import os.path as osp
+import types
 
 import benchmark
 import detectors
 import pytest
 import scaling
+import timing
 import torch
 from mmengine.config import Config
-from timing import gpu_time, relative_to
+from timing import gpu_time, module_settings, relative_to
 
 from mmvmamba.ops import _ext, selective_scan
 from mmvmamba.ops.backend import LABELS
@@ -249,6 +251,51 @@ def test_rounds_merge_to_medians_and_the_largest_peak():
 def test_gpu_time_is_none_off_the_gpu():
     assert gpu_time(lambda: torch.ones(3).sum(), torch.device('cpu')) == \
         dict(gpu_ms=None, scan_ms=None)
+
+
+def test_module_settings_restore_and_refuse_unknown_names():
+    switches = types.ModuleType('switches')
+    switches.ON, switches.TILE = False, 64
+    with pytest.raises(KeyError):
+        with module_settings(switches, ON=True, TILE=128):
+            assert (switches.ON, switches.TILE) == (True, 128)
+            raise KeyError('inside')
+    assert (switches.ON, switches.TILE) == (False, 64)
+    with pytest.raises(AttributeError,
+                       match=r"switches has no attribute\(s\) \['TIEL'\]"):
+        with module_settings(switches, ON=True, TIEL=128):
+            pass
+    assert switches.ON is False  # nothing set
+
+
+def test_switch_model_rows_time_each_mode_off_then_on(monkeypatch,
+                                                      tiny_config):
+    """Each classifier and mode is timed with the switch off, then on; the
+    switch is restored, and a switch the module lacks is refused before a
+    model is built."""
+    switches = types.ModuleType('switches')
+    switches.ON = 'as set'
+    seen = []
+
+    def spy(model, mode, *args):
+        seen.append((mode, switches.ON))
+        return real(model, mode, *args)
+
+    real = timing.time_mode
+    monkeypatch.setattr(timing, 'time_mode', spy)
+    rows = timing.switch_model_rows([tiny_config],
+                                    ['infer-fp32', 'infer-bf16'], 2, 0, 1,
+                                    switches, 'ON', 'cpu', size=32)
+    assert seen == [('infer-fp32', False), ('infer-fp32', True),
+                    ('infer-bf16', False), ('infer-bf16', True)]
+    assert switches.ON == 'as set'
+    assert [(r['model'], r['mode']) for r in rows] == [
+        ('tiny_vmamba', 'infer-fp32'), ('tiny_vmamba', 'infer-bf16')]
+    assert all(r[key]['status'] == 'ok' and r[key]['img_per_s'] > 0
+               for r in rows for key in ('off', 'on'))
+    with pytest.raises(AttributeError, match="switches has no switch 'OFF'"):
+        timing.switch_model_rows(['no-such-model'], ['infer-fp32'], 2, 0, 1,
+                                 switches, 'OFF', 'cpu')
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_kernel('cuda')),

@@ -1,6 +1,6 @@
-"""benchmarks/depthwise_conv.py: the bytes of its floor, its settings block,
-its check of the Triton path, and a small run on the GPU (skipped without
-one)."""
+"""benchmarks/depthwise_conv.py: the bytes of its floor, its check of the
+Triton path, its classifiers' table, and a small run on the GPU (skipped
+without one)."""
 import copy
 
 import depthwise_conv as bench
@@ -18,18 +18,18 @@ def test_floor_bytes():
         'fwd': elements * 4, 'fwd+bwd': elements * 4 + elements * 6}
 
 
-def test_module_settings_are_restored():
-    assert dw.CONV_BACKWARD_ON_TRITON is False
-    tile = dw.WGRAD_TILE_ELEMENTS
-    with pytest.raises(KeyError):
-        with bench.module_settings(CONV_BACKWARD_ON_TRITON=True,
-                                   WGRAD_TILE_ELEMENTS=64):
-            assert dw.CONV_BACKWARD_ON_TRITON is True
-            assert dw.WGRAD_TILE_ELEMENTS == 64
-            raise KeyError('inside')
-    assert dw.CONV_BACKWARD_ON_TRITON is False
-    assert dw.WGRAD_TILE_ELEMENTS == tile
+def test_sweep_names_settings_of_the_module():
     assert set(bench.SWEEP) <= set(vars(dw))
+
+
+def test_model_table(switch_table):
+    title, header, rows = switch_table(bench.print_model_table)
+    assert 'CONV_BACKWARD_ON_TRITON off' in title
+    assert header[2:4] == ['cuDNN', 'ms'] and header[-2:] == ['GiB', 'Triton']
+    assert rows == [['vmamba-t', 'train-bf16', '2.0', '1.0', '1000', '2000',
+                     '2.00', '1.50', '1.25'],
+                    ['vmamba-t', 'infer-bf16', '2.0', '-', '1000', '-', '-',
+                     '1.50', '1.50']]
 
 
 def test_step_on_the_module():
@@ -68,9 +68,12 @@ def test_refuses_to_run_without_a_gpu(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available()
                     or dw.TRITON_IMPORT_ERROR is not None,
                     reason='needs a GPU and Triton')
-def test_small_run_on_the_gpu(capsys):
-    rows = bench.main(['--batch', '2', '--warmup', '1', '--repeat', '2'])
-    assert len(rows) == 4 * 2
-    assert all(r['cudnn_ms'] > 0 and r['triton_ms'] > 0 for r in rows)
-    assert 'cuDNN / Triton' in capsys.readouterr().out
+def test_small_run_on_the_gpu(capsys, tiny_config):
+    rows = bench.main(['--batch', '2', '--warmup', '1', '--repeat', '2',
+                       '--models', tiny_config])
+    assert len(rows) == 4 * 2 + 1
+    assert all(r['cudnn_ms'] > 0 and r['triton_ms'] > 0 for r in rows[:8])
+    assert rows[8]['off']['ms'] > 0 and rows[8]['on']['ms'] > 0
+    out = capsys.readouterr().out
+    assert 'cuDNN / Triton' in out and 'Classifier steps' in out
     assert dw.CONV_BACKWARD_ON_TRITON is False

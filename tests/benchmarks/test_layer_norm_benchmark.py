@@ -4,8 +4,19 @@ import layer_norm as bench
 import pytest
 import torch
 
-from mmvmamba.models.backbones import common
+from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
+
+NEEDS_GPU = pytest.mark.skipif(
+    not torch.cuda.is_available() or ln.TRITON_IMPORT_ERROR is not None,
+    reason='needs a GPU and Triton')
+
+
+def small_run(*flags):
+    """``layer_norm.py`` with ``flags`` at batch 2, one warm-up call and two
+    timed ones."""
+    return bench.main([*flags, '--batch', '2', '--warmup', '1',
+                       '--repeat', '2'])
 
 
 def test_floor_bytes():
@@ -53,6 +64,43 @@ def test_check_triton_path_under_the_steps_autocast(monkeypatch):
         bench.check_triton_path(x, weight, bias)
 
 
+def test_fastest_launch_searches_and_restores(monkeypatch, capsys):
+    """Tiles (at least a row's block) x warps, then programs per SM at the
+    fastest; a failing setting is printed, not timed; the module's launch
+    settings are restored. The times are made up from the settings in
+    force when the step ran."""
+    config, programs = ln.gate_backward_launch_config, \
+        ln.BACKWARD_PROGRAMS_PER_SM
+    tried = []
+
+    def step():
+        block_c, rows, warps = ln.gate_backward_launch_config(96)
+        tried.append((block_c * rows, warps, ln.BACKWARD_PROGRAMS_PER_SM))
+        if warps == 16:
+            raise RuntimeError('out of resources')
+
+    def made_up_ms(step, device, warmup, repeat):
+        step()
+        tile, warps, per_sm = tried[-1]
+        return abs(tile - 2048) / 1e3 + warps / 1e2 + (per_sm != 8)
+
+    monkeypatch.setattr(bench, 'measure', made_up_ms)
+    best = bench.fastest_launch(step, 'gate_backward_launch_config', 96,
+                                (64, 2048, 4096), True, 'E=96', 'cpu', 0, 1)
+    assert best == '0.040 ms: tile 2048, 4 warps, 8/SM'
+    assert [t[:2] for t in tried[:9]] == [
+        (tile, warps) for tile in (128, 2048, 4096) for warps in (4, 8, 16)]
+    assert tried[9:] == [(2048, 4, 2), (2048, 4, 8)]
+    assert 'E=96 tile 4096 warps 16: RuntimeError' in capsys.readouterr().out
+    assert (ln.gate_backward_launch_config, ln.BACKWARD_PROGRAMS_PER_SM) == \
+        (config, programs)
+    del tried[:]
+    assert bench.fastest_launch(step, 'gate_backward_launch_config', 96,
+                                (2048, ), False, 'E=96', 'cpu', 0, 1) == \
+        '1.040 ms: tile 2048, 4 warps'
+    assert len(tried) == 3
+
+
 def test_gate_floor_bytes():
     # forward: y (float32) and z read, the bf16 gated map written;
     # backward: y, z and the gated map's gradient read, the gated map
@@ -62,15 +110,10 @@ def test_gate_floor_bytes():
         (4 + 2) + 2 + (4 + 2 + 2) + 2 + (4 + 2))
 
 
-def test_gate_policy_toggle_and_check(monkeypatch):
-    """The toggle restores the policy (off, as merged) even on errors; the
-    check names why the Triton backward would not run (CPU tensors by
-    default), and passes where it would."""
-    assert not common.GATE_BACKWARD_ON_TRITON
-    with pytest.raises(KeyError):
-        with bench.gate_backward_on_triton(True):
-            assert common.GATE_BACKWARD_ON_TRITON
-            raise KeyError
+def test_gate_inputs_and_check(monkeypatch):
+    """The check names why the Triton backward would not run (CPU tensors
+    by default), passes where it would, and leaves the policy off (as
+    merged)."""
     assert not common.GATE_BACKWARD_ON_TRITON
     inputs = bench.gate_inputs(2, 3, 3, 32, 16, 'cpu')
     assert inputs['z'].dtype == torch.bfloat16
@@ -91,26 +134,33 @@ def test_refuses_to_run_without_a_gpu():
         bench.main(['--batch', '1'])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or ln.TRITON_IMPORT_ERROR is not None,
-                    reason='needs a GPU and Triton')
+@NEEDS_GPU
 def test_small_run_on_the_gpu(capsys):
-    rows = bench.main(['--batch', '2', '--warmup', '1', '--repeat', '2'])
+    rows = small_run()
     assert len(rows) == 4 * 2 * 2
     assert all(r['aten_ms'] > 0 and r['triton_ms'] > 0 for r in rows)
     assert 'ATen / Triton' in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or ln.TRITON_IMPORT_ERROR is not None,
-                    reason='needs a GPU and Triton')
-def test_small_gate_run_on_the_gpu(capsys):
-    rows = bench.main(['--gate', '--batch', '2', '--warmup', '1',
-                       '--repeat', '2'])
-    assert len(rows) == 4
+def test_gate_model_table(switch_table):
+    title, header, rows = switch_table(bench.print_gate_model_table)
+    assert "gate's backward on ATen / on Triton" in title
+    assert header == ['model', 'ATen', 'ms', 'Triton', 'ms', 'img/s', 'ATen',
+                      'img/s', 'Triton', 'speed-up']
+    assert rows == [['vmamba-t', '2.0', '1.0', '1000', '2000', '2.00'],
+                    ['vmamba-t', '2.0', '-', '1000', '-', '-']]
+
+
+@NEEDS_GPU
+def test_small_gate_run_on_the_gpu(capsys, tiny_config):
+    rows = small_run('--gate', '--models', tiny_config)
+    assert len(rows) == 4 + 1
     assert all(r['aten'] > 0 and r['triton'] > 0 and r['linear'] > 0
-               for r in rows)
-    assert 'gate ATen / Triton' in capsys.readouterr().out
+               for r in rows[:4])
+    assert rows[4]['mode'] == 'train-bf16'
+    assert rows[4]['off']['ms'] > 0 and rows[4]['on']['ms'] > 0
+    out = capsys.readouterr().out
+    assert 'gate ATen / Triton' in out and 'Classifier train-bf16' in out
     assert not common.GATE_BACKWARD_ON_TRITON
 
 
@@ -146,13 +196,21 @@ def test_add_norm_refuses_to_run_without_a_gpu():
         bench.main(['--add-norm', '--batch', '1'])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or ln.TRITON_IMPORT_ERROR is not None,
-                    reason='needs a GPU and Triton')
-def test_small_add_norm_run_on_the_gpu(capsys):
-    rows = bench.main(['--add-norm', '--batch', '2', '--warmup', '1',
-                       '--repeat', '2'])
+def test_add_norm_model_table(switch_table):
+    title, header, rows = switch_table(bench.print_add_norm_model_table)
+    assert 'ADD_NORM_ON_TRITON off and on' in title
+    assert header[-4:] == ['img/s', 'on', 'on', 'speed-up']
+    assert rows == [
+        ['vmamba-t', 'train-bf16', '2.0', '1.0', '1000', '2000', '2.000'],
+        ['vmamba-t', 'infer-bf16', '2.0', '-', '1000', '-', '-']]
+
+
+@NEEDS_GPU
+def test_small_add_norm_run_on_the_gpu(capsys, tiny_config):
+    rows = small_run('--add-norm', '--models', tiny_config)
     assert len(rows) == 4 * 2
     assert all(r['unfused_ms'] > 0 and r['fused_ms'] > 0 and r['same_sum']
                for r in rows)
-    assert 'add_layer_norm' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'add_layer_norm' in out and 'Inference steps' in out
+    assert not vmamba.ADD_NORM_ON_TRITON
