@@ -67,8 +67,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from scan_timing import copy_bandwidth
-from timing import (MODES, measure, module_settings, print_floor_table,
-                    print_table, switch_model_rows, time_mode)
+from timing import (MODES, device_name, measure, module_settings,
+                    print_floor_table, print_table, switch_model_rows,
+                    time_mode)
 
 from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
@@ -386,6 +387,8 @@ def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
                          floor_ms=moved / bandwidth * 1e3, best=best,
                          **times))
         del inputs, step
+    rows.append(dict(copy_gb_per_s=bandwidth / 1e9))
+    return rows
 
 
 def add_norm_floor_bytes(batch: int, height: int, width: int, channels: int,
@@ -485,7 +488,7 @@ def print_gate_model_table(results: List[Dict], batch: int) -> None:
 def print_gate_tables(args, device) -> List[Dict]:
     """``--gate``: the op's table, and the classifiers' with ``--models``.
     """
-    rows = gate_rows(args.batch, args.warmup, args.repeat, args.sweep)
+    rows = gate_rows(args.batch, args.warmup, args.repeat, args.sweep, device)
     meta = rows.pop()
     table = []
     for r in rows:
@@ -534,11 +537,10 @@ def print_add_norm_model_table(results: List[Dict], batch: int) -> None:
          for r in results])
 
 
-def print_add_norm(args) -> List[Dict]:
+def print_add_norm(args, device) -> List[Dict]:
     """The ``--add-norm`` tables (and with ``--models``, the steps)."""
-    device = torch.device('cuda')
     rows = add_norm_rows(args.batch, [getattr(torch, d) for d in args.dtypes],
-                         args.warmup, args.repeat)
+                         args.warmup, args.repeat, device)
     meta = rows.pop()
     print_table(
         'Residual add + LayerNorm without autograd under bf16 autocast (a '
@@ -600,9 +602,9 @@ def main(argv=None):
         parser.error('layer_norm.py needs a GPU')
     if ln.TRITON_IMPORT_ERROR:
         parser.error(ln.TRITON_IMPORT_ERROR)
-    if args.add_norm:
-        return print_add_norm(args)
     device = torch.device('cuda')
+    if args.add_norm:
+        return print_add_norm(args, device)
     if args.gate:
         return print_gate_tables(args, device)
     rows = op_rows(args.batch, [getattr(torch, d) for d in args.dtypes],

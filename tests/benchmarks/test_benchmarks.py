@@ -1,8 +1,11 @@
 """Benchmarks (``benchmarks/``): scaling sweep, throughput and detector
 tables, timing helpers, on the CPU, on tiny models or small inputs."""
+import builtins
 import csv
+import glob
 import math
 import os.path as osp
+import symtable
 import types
 
 import benchmark
@@ -411,3 +414,45 @@ def test_every_swin_t_sized_model_is_compared_with_timm_swin_t():
     assert set(TIMM_SWIN_REFERENCE.values()) == {'timm-swin-t'}
     for name in ('vmamba2-t', 'vmamba2-s', 'vmamba2-b'):
         assert osp.isfile(MODEL_ZOO[name].config), name
+
+
+def undefined_names(path: str):
+    """``(scope, name)`` of each global name that a module's code reads but
+    neither the module (assignments, imports, defs, ``global``) nor the
+    builtins define (what pyflakes calls an undefined name)."""
+    with open(path) as f:
+        top = symtable.symtable(f.read(), path, 'exec')
+    defined = set(dir(builtins)) | {'__file__', '__name__', '__doc__'}
+    read = set()
+
+    def visit(table):
+        for symbol in table.get_symbols():
+            name = symbol.get_name()
+            if table is top or symbol.is_declared_global():
+                if symbol.is_assigned() or symbol.is_imported():
+                    defined.add(name)
+            if symbol.is_referenced() and (table is top or symbol.is_global()):
+                read.add((table.get_name(), name))
+        for child in table.get_children():
+            visit(child)
+
+    visit(top)
+    return sorted((scope, name) for scope, name in read
+                  if name not in defined)
+
+
+def test_undefined_names_are_found(tmp_path):
+    module = tmp_path / 'module.py'
+    module.write_text('import os\nSIZE = 2\n\n\ndef f(x):\n'
+                      '    global LATER\n    LATER = len(x)\n'
+                      '    return os.sep, SIZE, LATER, missing(x)\n')
+    assert undefined_names(str(module)) == [('f', 'missing')]
+
+
+@pytest.mark.parametrize('path', sorted(
+    glob.glob(osp.join(REPO, 'benchmarks', '*.py'))),
+                         ids=osp.basename)
+def test_benchmark_has_no_undefined_names(path):
+    """Code the CPU tests do not reach (GPU-only tables) reads no name its
+    module lacks."""
+    assert undefined_names(path) == []

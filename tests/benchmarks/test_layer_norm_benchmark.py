@@ -1,5 +1,8 @@
-"""benchmarks/layer_norm.py: the bytes of its floor, and a small run on the
-GPU (skipped without one)."""
+"""benchmarks/layer_norm.py: the bytes of its floor, its tables on the CPU
+(times made up), and a small run on the GPU (skipped without one)."""
+import argparse
+import itertools
+
 import layer_norm as bench
 import pytest
 import torch
@@ -126,6 +129,59 @@ def test_gate_inputs_and_check(monkeypatch):
     monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
     bench.check_gate_triton_path(inputs['y'], inputs['z'], inputs['norm'])
     assert not common.GATE_BACKWARD_ON_TRITON
+
+
+@pytest.fixture
+def made_up_times(monkeypatch):
+    """Time steps on the CPU without running them: 1, 2, 3... ms in call
+    order, the copy bandwidth 2000 GB/s."""
+    times = itertools.count(1)
+    monkeypatch.setattr(bench, 'measure',
+                        lambda step, device, warmup, repeat: next(times))
+    monkeypatch.setattr(bench, 'copy_bandwidth', lambda device: 2e12)
+
+
+def small_args(**kwargs):
+    """The parsed options of a run at batch 1, without ``--models``."""
+    return argparse.Namespace(**dict(
+        dict(batch=1, warmup=0, repeat=1, sweep=False, models=[],
+             dtypes=['float32', 'bfloat16'], modes=['infer-bf16']), **kwargs))
+
+
+@pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                    reason=str(ln.TRITON_IMPORT_ERROR))
+@pytest.mark.usefixtures('made_up_times')
+def test_gate_rows_and_table(monkeypatch, capsys):
+    """gate_rows: a row per gate map, then the copy bandwidth's; the
+    ``--gate`` table prints each map with the device's name (the Triton
+    path's check passing on CPU tensors)."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    rows = bench.gate_rows(1, 0, 1, device='cpu')
+    assert [r.get('shape') for r in rows] == [
+        '1x56x56x192', '1x28x28x384', '1x14x14x768', '1x7x7x1536', None]
+    assert rows[0]['aten'] == 1 and rows[0]['linear'] == 3
+    assert rows[-1] == dict(copy_gb_per_s=2000.)
+    printed = bench.print_gate_tables(small_args(), torch.device('cpu'))
+    assert [r['shape'] for r in printed] == [r['shape'] for r in rows[:4]]
+    out = capsys.readouterr().out
+    assert 'CPU, ' in out and 'copy bandwidth 2000 GB/s' in out
+    assert '1x7x7x1536' in out
+
+
+@pytest.mark.usefixtures('made_up_times')
+def test_add_norm_table(monkeypatch, capsys):
+    """``--add-norm`` on the CPU (both paths on ATen there, the kernels'
+    check skipped): a row per stage and residual dtype, the same sum, the
+    table with the device's name."""
+    checked = []
+    monkeypatch.setattr(bench, 'check_add_norm_paths',
+                        lambda *args: checked.append(args))
+    rows = bench.print_add_norm(small_args(), torch.device('cpu'))
+    assert len(rows) == len(checked) == 4 * 2
+    assert all(r['same_sum'] and r['norm_diff'] == 0 for r in rows)
+    assert [r['dtype'] for r in rows[:2]] == ['float32', 'bfloat16']
+    out = capsys.readouterr().out
+    assert 'CPU, ' in out and 'copy bandwidth 2000 GB/s' in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
