@@ -55,18 +55,12 @@ def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
         t is not None and t.requires_grad for t in tensors)
 
 
-def compiling_reason() -> Optional[str]:
-    """Why a kernel that ``torch.compile`` does not trace must not run here
-    (it traces the call: the ATen ops run), or None."""
-    if torch.compiler.is_compiling():
-        return 'torch.compile traces the call (the ATen ops run)'
-    return None
-
-
 def forward_only_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     """Why a kernel without a backward must not run on ``tensors`` here
     (autograd records the call, or ``torch.compile`` traces it: the ATen
     ops run), or None."""
     if autograd_records(*tensors):
         return 'autograd records the call (the kernel has no backward)'
-    return compiling_reason()
+    if torch.compiler.is_compiling():
+        return 'torch.compile traces the call (the ATen ops run)'
+    return None
