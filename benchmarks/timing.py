@@ -12,11 +12,16 @@ autotuner is switched on; float32 matmuls keep PyTorch's default (no TF32).
 :func:`timed` is the guard around any step (peak memory, OOM, which scans
 ran; on request :func:`gpu_time` of one step, from ``torch.profiler``) and
 :func:`relative_to` the ratios of a table's rows to reference rows.
+:func:`module_settings` sets a module's attributes (an op's switch, launch
+settings) in a block, and :func:`switch_model_rows` times classifier steps
+with a module's switch off and on.
 """
 import gc
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -84,6 +89,45 @@ def print_table(title: str, header: List[str], rows: List[List]) -> None:
         print('  '.join(c.rjust(w) for c, w in zip(row, widths)))
         if i == 0:
             print('  '.join('-' * w for w in widths))
+
+
+def print_floor_table(title: str, rows: List[Dict], lead: Dict[str, str],
+                      reference: str, reference_key: str,
+                      device: torch.device, copy_gb_per_s: float,
+                      repeat: int, sweep: bool = False) -> None:
+    """Print an op's timings against its bandwidth floor, a row each.
+
+    Args:
+        title (str): What is timed (the device, copy bandwidth and repeats
+            are added).
+        rows (list[dict]): With the keys of ``lead``, ``reference_key`` and
+            ``triton_ms`` (median ms), ``bytes`` (moved at least),
+            ``floor_ms`` (those over the copy bandwidth) and, with
+            ``sweep``, ``best`` (the fastest setting, or None).
+        lead (dict): Header -> key of the columns that name the row.
+        reference (str): The path Triton is timed against (``'ATen'``).
+        reference_key (str): Its key in ``rows``.
+        device (torch.device): Where it ran.
+        copy_gb_per_s (float): The copy bandwidth measured.
+        repeat (int): Timed calls a row.
+        sweep (bool): Add the column of the fastest setting.
+    """
+    header = list(lead) + [
+        f'{reference} ms', 'Triton ms', f'{reference} / Triton', 'GB moved',
+        'floor ms', f'{reference} x floor', 'Triton x floor'
+    ] + (['fastest Triton setting'] if sweep else [])
+    table = []
+    for r in rows:
+        ref_ms, triton_ms, floor_ms = (r[reference_key], r['triton_ms'],
+                                       r['floor_ms'])
+        table.append([r[key] for key in lead.values()] + [
+            f'{ref_ms:.3f}', f'{triton_ms:.3f}', f'{ref_ms / triton_ms:.2f}',
+            f'{r["bytes"] / 1e9:.3f}', f'{floor_ms:.3f}',
+            f'{ref_ms / floor_ms:.2f}', f'{triton_ms / floor_ms:.2f}'
+        ] + ([r['best'] or '-'] if sweep else []))
+    print_table(
+        f'{title}, {device_name(device)}, copy bandwidth '
+        f'{copy_gb_per_s:.0f} GB/s, median of {repeat}', header, table)
 
 
 def device_name(device: torch.device) -> str:
@@ -224,6 +268,72 @@ def time_mode(model: nn.Module, mode: str, batch: int, size: int,
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+@contextmanager
+def module_settings(module: ModuleType, **values) -> Iterator[None]:
+    """Set attributes of ``module`` in a block (restored after, errors
+    too).
+
+    Raises:
+        AttributeError: If ``module`` has no attribute of one of the names
+            (nothing is set then).
+    """
+    missing = sorted(name for name in values if not hasattr(module, name))
+    if missing:
+        raise AttributeError(f'{module.__name__} has no attribute(s) '
+                             f'{missing} to set')
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def switch_model_rows(names: Sequence[str], modes: Sequence[str],
+                      batch: int, warmup: int, repeat: int,
+                      module: ModuleType, attr: str, device='cuda',
+                      size: int = 224) -> List[Dict]:
+    """Classifier steps with a module's switch ``attr`` off and on.
+
+    Args:
+        names (Sequence[str]): Classifiers (:func:`models.build_classifier`).
+        modes (Sequence[str]): Modes of :func:`time_mode`.
+        batch (int): Images a step.
+        warmup (int): Untimed steps first.
+        repeat (int): Timed steps; the median is reported.
+        module (ModuleType): The module holding the switch.
+        attr (str): The switch's name (set to False, then True; restored).
+        device (str | torch.device): Where to run. Defaults to 'cuda'.
+        size (int): Image height and width. Defaults to 224.
+
+    Returns:
+        list[dict]: One a classifier and mode: ``model``, ``mode``, and
+        ``off`` and ``on``, each a result of :func:`time_mode`.
+    """
+    if not hasattr(module, attr):
+        raise AttributeError(f'{module.__name__} has no switch {attr!r}')
+    from models import build_classifier, model_label, tensor_forward
+    device = torch.device(device)
+    rows = []
+    for name in names:
+        model = tensor_forward(
+            build_classifier(name).to(device), 'mmpretrain', batch,
+            (size, size))
+        for mode in modes:
+            times = {}
+            for key, on in (('off', False), ('on', True)):
+                with module_settings(module, **{attr: on}):
+                    times[key] = time_mode(model, mode, batch, size, device,
+                                           warmup, repeat)
+            rows.append(dict(model=model_label(name), mode=mode, **times))
+        del model
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows
 
 
 def relative_to(rows: List[Dict], reference_of: Dict[str, str], key: str,

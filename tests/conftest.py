@@ -34,6 +34,29 @@ def run_interpreted():
 
 
 @pytest.fixture
+def index_as_in_triton_3_6(monkeypatch):
+    """Make the interpreter's ``tensor.__index__`` refuse as Triton 3.6's
+    does under NumPy >= 2.4: it takes ``int()`` of the one-element array of
+    a runtime value (``range(pid, n, step)`` in a kernel, say), which those
+    NumPy versions reject. Later Triton versions squeeze the array first."""
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, '_patch_lang_tensor', None)
+    if patch_tensor is None:
+        return
+
+    def refuse(self):
+        raise TypeError('only 0-dimensional arrays can be converted to '
+                        'Python scalars (Triton 3.6 interpreter, NumPy >= '
+                        f'2.4): value of shape {self.handle.data.shape}')
+
+    def patch_strictly(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, '__index__', refuse)
+
+    monkeypatch.setattr(interpreter, '_patch_lang_tensor', patch_strictly)
+
+
+@pytest.fixture
 def reported_seed():
     """Seed torch's generator (CPU and GPUs) for a test of fresh random
     inputs: a new seed each run, or ``MMVMAMBA_TEST_SEED``. It is printed,

@@ -17,6 +17,9 @@ float32 copy without the copy), several rows per program when C is small.
   on :func:`layer_norm` for the calls autograd does not record (the
   backbones' norms); :func:`replace_layer_norms` swaps it in for the
   ``nn.LayerNorm`` modules of a model.
+- :func:`gated_layer_norm` (SS2D's output gate) and :func:`add_layer_norm`
+  (a residual add and the next norm) run the forward kernel with one more
+  input, for calls autograd does not record.
 
 Output dtype: float32 under CUDA autocast (whatever the input and parameter
 dtypes, as autocast's float32 policy for ``layer_norm``); otherwise the
@@ -34,14 +37,15 @@ that launches them directly, which is lighter on the host. Where
 ``triton_op`` is missing (torch < 2.6), and under Triton's interpreter,
 compiled code uses ``F.layer_norm``.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import autograd_records, forward_only_reason
+from .checks import (autograd_records, check_same_device, check_tensor,
+                     forward_only_reason)
 
 try:
     import triton
@@ -75,18 +79,54 @@ BACKWARD_PROGRAMS_OFF_CUDA = 2
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, Z, n_rows, n_cols,
-                               x_row_stride, z_row_stride, eps,
+    def _normalise(x, mask, n_cols, eps):
+        """Rows of ``x`` (float32, zeros where ``mask`` is off) normalised:
+        ``(x - mean) / std`` (zeros off the mask), each row's mean and
+        1 / std."""
+        mean = tl.sum(x, axis=1) / n_cols
+        centred = tl.where(mask, x - mean[:, None], 0.)
+        var = tl.sum(centred * centred, axis=1) / n_cols
+        rstd = 1. / tl.sqrt(var + eps)
+        return centred * rstd[:, None], mean, rstd
+
+    @triton.jit
+    def _affine(x_hat, W, B, cols, col_mask, HAS_WEIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+        """``x_hat * weight + bias`` (float32), either left out."""
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
+            x_hat = x_hat * w[None, :]
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
+            x_hat = x_hat + b[None, :]
+        return x_hat
+
+    @triton.jit
+    def _silu_and_sigmoid(z):
+        """``SiLU(z)`` rounded to z's dtype (as ATen's ``silu`` returns it)
+        and ``sigmoid(z)``, both as float32, from one exponential."""
+        zf = z.to(tl.float32)
+        denominator = 1. + tl.exp(-zf)
+        silu = (zf / denominator).to(z.dtype).to(tl.float32)
+        return silu, 1. / denominator
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(X, Y, W, B, Mean, Rstd, Z, U, S, n_rows,
+                               n_cols, x_row_stride, z_row_stride,
+                               u_row_stride, eps,
                                HAS_WEIGHT: tl.constexpr,
                                HAS_BIAS: tl.constexpr,
                                HAS_GATE: tl.constexpr,
+                               ADD_UPDATE: tl.constexpr,
                                STORE_STATS: tl.constexpr,
                                BLOCK_ROWS: tl.constexpr,
                                BLOCK_C: tl.constexpr):
         """Normalise BLOCK_ROWS rows of X into Y (contiguous), keeping each
         row's mean and 1 / std with STORE_STATS; float32 arithmetic. With
         HAS_GATE, Y is the norm times ``SiLU(Z)``, the SiLU rounded to Z's
-        dtype first (as ATen's ``silu`` returns it)."""
+        dtype first (as ATen's ``silu`` returns it). With ADD_UPDATE, the
+        rows normalised are ``X + U``, summed in float32 and rounded once to
+        S's dtype (as ATen's add does), and written to S (contiguous)."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_mask = rows < n_rows
@@ -95,22 +135,19 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * x_row_stride + cols[None, :],
                     mask=mask, other=0.).to(tl.float32)
-        mean = tl.sum(x, axis=1) / n_cols
-        centred = tl.where(mask, x - mean[:, None], 0.)
-        var = tl.sum(centred * centred, axis=1) / n_cols
-        rstd = 1. / tl.sqrt(var + eps)
-        y = centred * rstd[:, None]
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
-            y = y * w[None, :]
-        if HAS_BIAS:
-            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
-            y = y + b[None, :]
+        if ADD_UPDATE:
+            u = tl.load(U + rows64[:, None] * u_row_stride + cols[None, :],
+                        mask=mask, other=0.).to(tl.float32)
+            total = (x + u).to(S.dtype.element_ty)
+            tl.store(S + rows64[:, None] * n_cols + cols[None, :], total,
+                     mask=mask)
+            x = total.to(tl.float32)
+        y, mean, rstd = _normalise(x, mask, n_cols, eps)
+        y = _affine(y, W, B, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
         if HAS_GATE:
             z = tl.load(Z + rows64[:, None] * z_row_stride + cols[None, :],
                         mask=mask, other=0.)
-            zf = z.to(tl.float32)
-            silu = (zf / (1. + tl.exp(-zf))).to(z.dtype).to(tl.float32)
+            silu, _ = _silu_and_sigmoid(z)
             y = y * silu
         tl.store(Y + rows64[:, None] * n_cols + cols[None, :],
                  y.to(Y.dtype.element_ty), mask=mask)
@@ -119,17 +156,28 @@ if triton is not None:
             tl.store(Rstd + rows, rstd, mask=row_mask)
 
     @triton.jit
-    def _layer_norm_bwd_kernel(X, DY, DX, W, Mean, Rstd, DW_partial,
-                               DB_partial, n_rows, n_cols, x_row_stride,
-                               dy_row_stride, HAS_WEIGHT: tl.constexpr,
-                               STORE_DX: tl.constexpr, STORE_DW: tl.constexpr,
+    def _layer_norm_bwd_kernel(X, DY, DX, W, B, Mean, Rstd, Z, DZ,
+                               DW_partial, DB_partial, n_rows, n_cols,
+                               x_row_stride, dy_row_stride, z_row_stride,
+                               eps, HAS_WEIGHT: tl.constexpr,
+                               HAS_BIAS: tl.constexpr,
+                               HAS_GATE: tl.constexpr,
+                               STORE_DX: tl.constexpr, STORE_DZ: tl.constexpr,
+                               STORE_DW: tl.constexpr,
                                STORE_DB: tl.constexpr,
                                BLOCK_ROWS: tl.constexpr,
                                BLOCK_C: tl.constexpr):
         """Gradients of the norm: DX (contiguous) row by row; each program
         loops over the row blocks ``pid, pid + programs, ...`` and writes
         its partial sums of the weight and bias gradients to row ``pid`` of
-        DW_partial and DB_partial (float32)."""
+        DW_partial and DB_partial (float32).
+
+        With HAS_GATE, DY is the gradient of the forward's gated output
+        ``norm * SiLU(Z)``: each row's mean and 1 / std are recomputed from
+        X (Mean and Rstd are not read), the norm's gradient is ``DY *
+        SiLU(Z)`` (the SiLU rounded to Z's dtype) and STORE_DZ writes Z's
+        (contiguous, DZ's dtype) as ATen's ``silu_backward`` of ``DY *
+        norm`` rounded to Z's dtype."""
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         n_blocks = tl.cdiv(n_rows, BLOCK_ROWS)
@@ -137,6 +185,8 @@ if triton is not None:
         col_mask = cols < n_cols
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=col_mask, other=0.).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.).to(tl.float32)
         dw_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         db_sum = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
         # a while loop: Triton 3.6's interpreter takes a bound of ``range``
@@ -152,9 +202,29 @@ if triton is not None:
                         mask=mask, other=0.).to(tl.float32)
             dy = tl.load(DY + rows64[:, None] * dy_row_stride + cols[None, :],
                          mask=mask, other=0.).to(tl.float32)
-            mean = tl.load(Mean + rows, mask=row_mask, other=0.)
-            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.)
-            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.)
+            if HAS_GATE:
+                x_hat, _, rstd = _normalise(x, mask, n_cols, eps)
+                z = tl.load(Z + rows64[:, None] * z_row_stride +
+                            cols[None, :], mask=mask, other=0.)
+                silu, sigmoid = _silu_and_sigmoid(z)
+                if STORE_DZ:
+                    normed = x_hat
+                    if HAS_WEIGHT:
+                        normed = normed * w[None, :]
+                    if HAS_BIAS:
+                        normed = normed + b[None, :]
+                    # the product's gradient in SiLU's dtype, then SiLU's
+                    d_silu = (dy * normed).to(z.dtype).to(tl.float32)
+                    zf = z.to(tl.float32)
+                    dz = d_silu * sigmoid * (1. + zf * (1. - sigmoid))
+                    tl.store(DZ + rows64[:, None] * n_cols + cols[None, :],
+                             dz.to(DZ.dtype.element_ty), mask=mask)
+                dy = dy * silu  # now the norm's gradient
+            else:
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.)
+                rstd = tl.load(Rstd + rows, mask=row_mask, other=0.)
+                x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None],
+                                 0.)
             if STORE_DW:
                 dw_sum += dy * x_hat
             if STORE_DB:
@@ -194,6 +264,13 @@ def launch_config(channels: int) -> Tuple[int, int, int]:
     return block_c, block_rows, num_warps
 
 
+def gate_backward_launch_config(channels: int) -> Tuple[int, int, int]:
+    """Block shape and warps of the backward kernel with the gate (more
+    live values a row than without): :func:`launch_config`'s until
+    ``benchmarks/layer_norm.py --gate --sweep`` finds better."""
+    return launch_config(channels)
+
+
 def _launcher(kernel, traceable: bool):
     """The kernel itself (eager), or wrapped for tracing by
     ``torch.compile`` (inside the ``triton_op`` custom ops)."""
@@ -216,6 +293,38 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _launch_forward(x_rows: torch.Tensor, y: torch.Tensor,
+                    weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], eps: float,
+                    stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                    z_rows: Optional[torch.Tensor] = None,
+                    update_rows: Optional[torch.Tensor] = None,
+                    total: Optional[torch.Tensor] = None,
+                    traceable: bool = False) -> None:
+    """Launch the forward kernel on ``x_rows`` ((rows, C), unit stride along
+    C) into ``y`` (contiguous rows): with ``stats``, each row's mean and
+    1 / std written to that pair; with ``z_rows``, the norm gated by
+    ``SiLU(z_rows)``; with ``update_rows``, ``x_rows + update_rows``
+    normalised and written to ``total`` (contiguous rows)."""
+    n_rows, channels = x_rows.shape
+    block_c, block_rows, num_warps = launch_config(channels)
+    # absent operands get ``y`` (never read or written)
+    mean, rstd = (y, y) if stats is None else stats
+    _launcher(_layer_norm_fwd_kernel, traceable)[(
+        triton.cdiv(n_rows, block_rows), )](
+            x_rows, y, y if weight is None else weight,
+            y if bias is None else bias, mean, rstd,
+            y if z_rows is None else z_rows,
+            y if update_rows is None else update_rows,
+            y if total is None else total, n_rows, channels,
+            x_rows.stride(0), 0 if z_rows is None else z_rows.stride(0),
+            0 if update_rows is None else update_rows.stride(0), eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_GATE=z_rows is not None,
+            ADD_UPDATE=update_rows is not None, STORE_STATS=stats is not None,
+            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+
+
 def _forward(x: torch.Tensor, weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], eps: float,
              out_dtype: torch.dtype, traceable: bool = False
@@ -231,16 +340,71 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor],
     y = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block_c, block_rows, num_warps = launch_config(channels)
-    grid = (triton.cdiv(n_rows, block_rows), )
-    _launcher(_layer_norm_fwd_kernel, traceable)[grid](
-        x_rows, y, mean if weight is None else weight,
-        mean if bias is None else bias, mean, rstd, x_rows, n_rows, channels,
-        x_rows.stride(0), 0, eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_GATE=False, STORE_STATS=True,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    _launch_forward(x_rows, y, weight, bias, eps, stats=(mean, rstd),
+                    traceable=traceable)
     return y.view(x.shape), mean, rstd
+
+
+def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
+                     z_rows: Optional[torch.Tensor],
+                     weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor],
+                     mean: Optional[torch.Tensor],
+                     rstd: Optional[torch.Tensor], eps: float,
+                     needs: Tuple[bool, bool, bool, bool],
+                     traceable: bool = False) -> Tuple[torch.Tensor, ...]:
+    """Launch the backward kernel on (rows, C) views with unit stride along
+    C: of the norm (``z_rows`` None; the forward's ``mean`` and ``rstd``),
+    or of the gated norm (``z_rows``; the statistics recomputed with
+    ``eps``).
+
+    Args:
+        needs (tuple[bool]): Which of x, z, weight and bias need
+            gradients (weight and bias only if given; z only with
+            ``z_rows``).
+
+    Returns:
+        tuple[Tensor]: The gradients of x (contiguous, x's dtype), z
+        (contiguous, z's dtype), weight and bias (theirs); an empty tensor
+        for those not requested.
+    """
+    n_rows, channels = x_rows.shape
+    need_x, need_z, need_weight, need_bias = needs
+    gated = z_rows is not None
+    need_z = need_z and gated
+    need_weight = need_weight and weight is not None
+    need_bias = need_bias and bias is not None
+    block_c, block_rows, num_warps = (gate_backward_launch_config
+                                      if gated else launch_config)(channels)
+    programs = _backward_programs(triton.cdiv(n_rows, block_rows),
+                                  x_rows.device)
+    f32 = dict(dtype=torch.float32, device=x_rows.device)
+    # unused pointers get ``unused`` (never read or written)
+    unused = grad_rows if mean is None else mean
+    dx = (torch.empty((n_rows, channels), dtype=x_rows.dtype,
+                      device=x_rows.device) if need_x else unused)
+    dz = (torch.empty((n_rows, channels), dtype=z_rows.dtype,
+                      device=x_rows.device) if need_z else unused)
+    dw_partial = (torch.empty((programs, channels), **f32)
+                  if need_weight else unused)
+    db_partial = (torch.empty((programs, channels), **f32)
+                  if need_bias else unused)
+    _launcher(_layer_norm_bwd_kernel, traceable)[(programs, )](
+        x_rows, grad_rows, dx, unused if weight is None else weight,
+        unused if bias is None else bias, unused if mean is None else mean,
+        unused if rstd is None else rstd, z_rows if gated else unused, dz,
+        dw_partial, db_partial, n_rows, channels, x_rows.stride(0),
+        grad_rows.stride(0), z_rows.stride(0) if gated else 0, eps,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=gated and bias is not None, HAS_GATE=gated,
+        STORE_DX=need_x, STORE_DZ=need_z, STORE_DW=need_weight,
+        STORE_DB=need_bias,
+        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    # custom ops return tensors: an empty one for a gradient not requested
+    empty = x_rows.new_empty(0)
+    dw = dw_partial.sum(0).to(weight.dtype) if need_weight else empty
+    db = db_partial.sum(0).to(bias.dtype) if need_bias else empty
+    return (dx if need_x else empty, dz if need_z else empty, dw, db)
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor,
@@ -250,32 +414,10 @@ def _backward(grad: torch.Tensor, x: torch.Tensor,
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: the gradients of ``x`` (its dtype), ``weight``
     and ``bias`` (theirs); an empty tensor for those not requested."""
-    x_rows, grad_rows = _as_rows(x), _as_rows(grad)
-    n_rows, channels = x_rows.shape
-    need_weight = need_weight and weight is not None
-    need_bias = need_bias and bias is not None
-    block_c, block_rows, num_warps = launch_config(channels)
-    programs = _backward_programs(triton.cdiv(n_rows, block_rows), x.device)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    # unused pointers get ``mean`` (never read or written)
-    dx = (torch.empty((n_rows, channels), dtype=x.dtype, device=x.device)
-          if need_x else mean)
-    dw_partial = (torch.empty((programs, channels), **f32)
-                  if need_weight else mean)
-    db_partial = (torch.empty((programs, channels), **f32)
-                  if need_bias else mean)
-    _launcher(_layer_norm_bwd_kernel, traceable)[(programs, )](
-        x_rows, grad_rows, dx, mean if weight is None else weight, mean, rstd,
-        dw_partial, db_partial, n_rows, channels, x_rows.stride(0),
-        grad_rows.stride(0),
-        HAS_WEIGHT=weight is not None, STORE_DX=need_x,
-        STORE_DW=need_weight, STORE_DB=need_bias,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    # custom ops return tensors: an empty one for a gradient not requested
-    dx = dx.view(x.shape) if need_x else x.new_empty(0)
-    dw = dw_partial.sum(0).to(weight.dtype) if need_weight else x.new_empty(0)
-    db = db_partial.sum(0).to(bias.dtype) if need_bias else x.new_empty(0)
-    return dx, dw, db
+    dx, _, dw, db = _launch_backward(
+        _as_rows(grad), _as_rows(x), None, weight, bias, mean, rstd, 0.,
+        (need_x, False, need_weight, need_bias), traceable)
+    return (dx.view(x.shape) if need_x else dx), dw, db
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -344,14 +486,15 @@ if COMPILE_OPS:
                                          setup_context=_setup_context)
 
 
-def result_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
+def result_dtype(x: Union[torch.Tensor, torch.dtype],
+                 weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor],
                  autocast: bool) -> Optional[torch.dtype]:
     """The dtype of ``F.layer_norm``'s result that the kernels reproduce.
 
     Args:
-        x, weight, bias (Tensor): The inputs (``weight``, ``bias`` may be
-            None).
+        x (Tensor | torch.dtype): The input, or its dtype.
+        weight, bias (Tensor): The parameters (may be None).
         autocast (bool): Whether CUDA autocast is on (``layer_norm`` then
             runs in float32 on float32 copies of its inputs).
 
@@ -360,15 +503,16 @@ def result_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
         the parameters have it too; None for dtypes the kernels do not take
         (float64, mixed dtypes outside autocast).
     """
+    x_dtype = x if isinstance(x, torch.dtype) else x.dtype
     params = [p for p in (weight, bias) if p is not None]
-    if x.dtype not in TRITON_DTYPES or any(p.dtype not in TRITON_DTYPES
+    if x_dtype not in TRITON_DTYPES or any(p.dtype not in TRITON_DTYPES
                                            for p in params):
         return None
     if autocast:
         return torch.float32
-    if any(p.dtype != x.dtype for p in params):
+    if any(p.dtype != x_dtype for p in params):
         return None
-    return x.dtype
+    return x_dtype
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
@@ -387,9 +531,12 @@ def norm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                       bias: Optional[torch.Tensor] = None) -> Optional[str]:
+                       bias: Optional[torch.Tensor] = None,
+                       x_dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why :func:`layer_norm` would not run the Triton kernels on these
-    inputs (normalised over ``x``'s last dimension), or None if it would."""
+    inputs (normalised over ``x``'s last dimension), or None if it would;
+    ``x_dtype`` is the dtype of the values normalised where it is not
+    ``x``'s (:func:`add_layer_norm` normalises a sum)."""
     if TRITON_IMPORT_ERROR is not None:
         return TRITON_IMPORT_ERROR
     if x.device.type not in TRITON_DEVICE_TYPES:
@@ -411,8 +558,10 @@ def unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                     f'({channels},)')
         if param.device != x.device or not param.is_contiguous():
             return f'{name} is not a contiguous tensor on {x.device}'
-    if result_dtype(x, weight, bias, _autocast_on(x)) is None:
-        dtypes = [str(t.dtype) for t in (x, weight, bias) if t is not None]
+    x_dtype = x.dtype if x_dtype is None else x_dtype
+    if result_dtype(x_dtype, weight, bias, _autocast_on(x)) is None:
+        dtypes = [str(x_dtype)] + [str(t.dtype) for t in (weight, bias)
+                                   if t is not None]
         return (f'dtypes {", ".join(dtypes)} (autocast '
                 f'{"on" if _autocast_on(x) else "off"}) are not covered')
     return None
@@ -451,6 +600,18 @@ def layer_norm(x: torch.Tensor,
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
+def _rows_reason(name: str, t: torch.Tensor) -> Optional[str]:
+    """Why the forward kernel cannot read ``t`` (the argument ``name``) as
+    rows: a dtype it does not take, a last dimension not contiguous; or
+    None."""
+    if t.dtype not in TRITON_DTYPES:
+        return f'{name} is {t.dtype}, not one of {TRITON_DTYPES}'
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return (f'{name} is not contiguous in its last dimension (stride '
+                f'{t.stride(-1)})')
+    return None
+
+
 def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
                             weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None
@@ -467,25 +628,22 @@ def gate_unsupported_reason(x: torch.Tensor, z: torch.Tensor,
     if tuple(z.shape) != tuple(x.shape) or z.device != x.device:
         return (f'z ({tuple(z.shape)} on {z.device}) is not of x\'s shape '
                 f'{tuple(x.shape)} on {x.device}')
-    if z.dtype not in TRITON_DTYPES:
-        return f'z is {z.dtype}, not one of {TRITON_DTYPES}'
-    if z.shape[-1] > 1 and z.stride(-1) != 1:
-        return (f'z is not contiguous in its last dimension (stride '
-                f'{z.stride(-1)})')
-    return forward_only_reason(x, z, weight, bias)
+    return _rows_reason('z', z) or forward_only_reason(x, z, weight, bias)
 
 
 def gated_layer_norm(x: torch.Tensor,
                      z: torch.Tensor,
                      weight: Optional[torch.Tensor] = None,
                      bias: Optional[torch.Tensor] = None,
-                     eps: float = 1e-5) -> torch.Tensor:
+                     eps: float = 1e-5,
+                     out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps) * F.silu(z)`` in one pass,
     as the input of a linear layer.
 
     One Triton kernel reads ``x`` and ``z`` and writes the product in the
-    dtype that the linear layer reads: autocast's (for ``x``'s device) when
-    CUDA autocast is on, else that of ``x`` times ``z``. It runs when
+    dtype that the linear layer reads (unless ``out_dtype`` is given):
+    autocast's (for ``x``'s device) when CUDA autocast is on, else that of
+    ``x`` times ``z``. It runs when
     :func:`gate_unsupported_reason` finds nothing against it (float32 ``x``
     and parameters; calls autograd does not record, no backward); else the
     ATen ops, cast so, give the same dtype and the same values up to float32
@@ -496,30 +654,164 @@ def gated_layer_norm(x: torch.Tensor,
         z (Tensor): ``x``'s shape, the gate's input.
         weight, bias (Tensor, optional): ``(C,)``.
         eps (float): Added to the variance. Defaults to 1e-5.
+        out_dtype (torch.dtype, optional): The result's dtype (a
+            recomputing backward's, where autocast is off). Defaults to the
+            linear layer's input dtype, as above.
 
     Returns:
         Tensor: ``x``'s shape.
     """
-    if _autocast_on(x):
+    if out_dtype is None and _autocast_on(x):
         out_dtype = torch.get_autocast_dtype(x.device.type)
-    else:
+    elif out_dtype is None:
         out_dtype = torch.promote_types(x.dtype, z.dtype)
     if gate_unsupported_reason(x, z, weight, bias) is not None:
         gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps) * F.silu(z)
         return gated.to(out_dtype)
+    return _gated_forward(x, z, weight, bias, eps, out_dtype)
+
+
+def _gated_forward(x: torch.Tensor, z: torch.Tensor,
+                   weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], eps: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """Launch the gated forward (inputs that
+    :func:`gate_unsupported_reason` passes): ``x``'s shape, ``out_dtype``.
+    """
     x_rows = _as_rows(x)
-    z_rows = z.reshape(x_rows.shape)
-    n_rows, channels = x_rows.shape
-    out = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
-    block_c, block_rows, num_warps = launch_config(channels)
-    _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows), )](
-        x_rows, out, out if weight is None else weight,
-        out if bias is None else bias, out, out, z_rows, n_rows, channels,
-        x_rows.stride(0), z_rows.stride(0), eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_GATE=True, STORE_STATS=False,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    out = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
+    _launch_forward(x_rows, out, weight, bias, eps,
+                    z_rows=z.reshape(x_rows.shape))
     return out.view(x.shape)
+
+
+def gated_layer_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    eps: float, needs: Tuple[bool, bool, bool, bool]
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """The backward of ``F.layer_norm(x, (C,), weight, bias, eps) *
+    F.silu(z)`` (float32 ``x``, weight and bias) on Triton kernels, for
+    inputs that :func:`gate_unsupported_reason` passes, called where
+    autograd does not record (a recomputing Function's backward).
+
+    One kernel reads ``x``, ``z`` and ``grad`` and writes the gradients of
+    ``x`` and ``z`` and per-program partial sums of those of the weight and
+    bias (then summed), with the ATen composition's roundings: the SiLU
+    rounded to z's dtype, the norm's gradient ``grad * SiLU(z)`` in float32,
+    z's ``silu_backward(grad * norm rounded to z's dtype, z)``. The norm's
+    statistics are recomputed, not read.
+
+    Args:
+        grad (Tensor): The gradient of the gated map, ``x``'s shape, any
+            of float32, bfloat16 or float16, unit stride along C.
+        x, z, weight, bias, eps: The forward's inputs.
+        needs (tuple[bool]): Which of x, z, weight and bias need
+            gradients.
+
+    Returns:
+        tuple[Tensor | None]: The gradients of x, z, weight and bias (their
+        dtypes and shapes; x's and z's contiguous), None where not needed
+        (or the parameter is None).
+    """
+    for name, t in (('x', x), ('z', z), ('grad', grad)):
+        if t.dtype not in TRITON_DTYPES:
+            raise ValueError(f'{name} must be one of {TRITON_DTYPES}, got '
+                             f'{t.dtype}')
+    if tuple(grad.shape) != tuple(x.shape):
+        raise ValueError(f'grad must have x\'s shape {tuple(x.shape)}, got '
+                         f'{tuple(grad.shape)}')
+    needs = (needs[0], needs[1], needs[2] and weight is not None, needs[3]
+             and bias is not None)
+    x_rows = _as_rows(x)
+    grads = _launch_backward(_as_rows(grad), x_rows,
+                             z.reshape(x_rows.shape), weight, bias, None,
+                             None, eps, needs)
+    shapes = (x.shape, z.shape, None, None)
+    return tuple((g if shape is None else g.view(shape)) if need else None
+                 for g, shape, need in zip(grads, shapes, needs))
+
+
+def add_unsupported_reason(x: torch.Tensor,
+                           update: torch.Tensor,
+                           weight: Optional[torch.Tensor] = None,
+                           bias: Optional[torch.Tensor] = None,
+                           out_dtype: Optional[torch.dtype] = None
+                           ) -> Optional[str]:
+    """Why :func:`add_layer_norm` would not run its Triton kernel on these
+    inputs, or None if it would.
+
+    Raises:
+        ValueError: ``x`` is not a tensor of at least one dimension,
+            ``update`` not of ``x``'s shape, ``weight`` or ``bias`` not
+            ``(C,)``, or the tensors are not on one device.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError('x must be a tensor (..., C) of at least one '
+                         f'dimension, got {x!r:.60}')
+    check_tensor('update', update, tuple(x.shape))
+    for name, param in (('weight', weight), ('bias', bias)):
+        if param is not None:
+            check_tensor(name, param, (x.shape[-1], ), labels='(C)')
+    check_same_device(x=x, update=update, weight=weight, bias=bias)
+    if out_dtype is not None and out_dtype not in TRITON_DTYPES:
+        return f'out_dtype {out_dtype} is not one of {TRITON_DTYPES}'
+    # the norm's conditions, for the sum's dtype
+    return (_rows_reason('x', x) or _rows_reason('update', update)
+            or unsupported_reason(x, weight, bias,
+                                  torch.promote_types(x.dtype, update.dtype))
+            or forward_only_reason(x, update, weight, bias))
+
+
+def add_layer_norm(x: torch.Tensor,
+                   update: torch.Tensor,
+                   weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None,
+                   eps: float = 1e-5,
+                   out_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the LayerNorm of its sum over the last dimension,
+    ``(x + update, layer_norm(x + update))``, in one pass.
+
+    One Triton kernel reads ``x`` (the residual stream) and ``update`` (the
+    branch's output, possibly of another dtype) and writes the sum in the
+    dtype of ``x + update`` (type promotion; summed in float32 and rounded
+    once, as ATen's add does, so the very values of ``x + update``) and its
+    norm in ``out_dtype``. It runs when :func:`add_unsupported_reason`
+    finds nothing against it (calls autograd does not record, no backward;
+    the conditions of :func:`layer_norm`, the sum's dtype taken for the
+    input's; ``update`` with unit stride along C; not under
+    ``torch.compile``); else ``x + update``, then :func:`layer_norm`: the
+    same dtypes and values up to float32 rounding. VMamba's stages call it
+    between blocks (``mmvmamba.models.backbones.vmamba.ADD_NORM_ON_TRITON``).
+
+    Args:
+        x (Tensor): ``(..., C)``: float32, bfloat16 or float16 for the
+            kernel.
+        update (Tensor): ``x``'s shape.
+        weight, bias (Tensor, optional): ``(C,)``.
+        eps (float): Added to the variance. Defaults to 1e-5.
+        out_dtype (torch.dtype, optional): The norm's dtype (autocast's for
+            a linear layer's input, as :class:`LayerNorm` with
+            ``linear_input`` writes it). Defaults to :func:`layer_norm`'s
+            for the sum (float32 under CUDA autocast).
+
+    Returns:
+        tuple[Tensor, Tensor]: The sum and its norm, of ``x``'s shape
+        (contiguous where the kernel ran).
+    """
+    if add_unsupported_reason(x, update, weight, bias, out_dtype) is not None:
+        total = x + update
+        return total, layer_norm(total, weight, bias, eps, out_dtype)
+    total_dtype = torch.promote_types(x.dtype, update.dtype)
+    if out_dtype is None:
+        out_dtype = result_dtype(total_dtype, weight, bias, _autocast_on(x))
+    x_rows = _as_rows(x)
+    total = torch.empty(x_rows.shape, dtype=total_dtype, device=x.device)
+    normed = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
+    _launch_forward(x_rows, normed, weight, bias, eps,
+                    update_rows=_as_rows(update), total=total)
+    return total.view(x.shape), normed.view(x.shape)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -552,11 +844,17 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(*args, **kwargs)
         self.linear_input = linear_input
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def output_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype :meth:`forward` casts its output of ``x`` to:
+        autocast's under autocast with :attr:`linear_input`, else None
+        (``F.layer_norm``'s)."""
         device_type = x.device.type
-        out_dtype = None
         if self.linear_input and torch.is_autocast_enabled(device_type):
-            out_dtype = torch.get_autocast_dtype(device_type)
+            return torch.get_autocast_dtype(device_type)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = self.output_dtype(x)
         if len(self.normalized_shape) != 1 or (
                 not self.triton_when_recorded
                 and autograd_records(x, self.weight, self.bias)):

@@ -1,16 +1,21 @@
 """Benchmarks (``benchmarks/``): scaling sweep, throughput and detector
 tables, timing helpers, on the CPU, on tiny models or small inputs."""
+import builtins
 import csv
+import glob
 import math
 import os.path as osp
+import symtable
+import types
 
 import benchmark
 import detectors
 import pytest
 import scaling
+import timing
 import torch
 from mmengine.config import Config
-from timing import gpu_time, relative_to
+from timing import gpu_time, module_settings, relative_to
 
 from mmvmamba.ops import _ext, selective_scan
 from mmvmamba.ops.backend import LABELS
@@ -251,6 +256,51 @@ def test_gpu_time_is_none_off_the_gpu():
         dict(gpu_ms=None, scan_ms=None)
 
 
+def test_module_settings_restore_and_refuse_unknown_names():
+    switches = types.ModuleType('switches')
+    switches.ON, switches.TILE = False, 64
+    with pytest.raises(KeyError):
+        with module_settings(switches, ON=True, TILE=128):
+            assert (switches.ON, switches.TILE) == (True, 128)
+            raise KeyError('inside')
+    assert (switches.ON, switches.TILE) == (False, 64)
+    with pytest.raises(AttributeError,
+                       match=r"switches has no attribute\(s\) \['TIEL'\]"):
+        with module_settings(switches, ON=True, TIEL=128):
+            pass
+    assert switches.ON is False  # nothing set
+
+
+def test_switch_model_rows_time_each_mode_off_then_on(monkeypatch,
+                                                      tiny_config):
+    """Each classifier and mode is timed with the switch off, then on; the
+    switch is restored, and a switch the module lacks is refused before a
+    model is built."""
+    switches = types.ModuleType('switches')
+    switches.ON = 'as set'
+    seen = []
+
+    def spy(model, mode, *args):
+        seen.append((mode, switches.ON))
+        return real(model, mode, *args)
+
+    real = timing.time_mode
+    monkeypatch.setattr(timing, 'time_mode', spy)
+    rows = timing.switch_model_rows([tiny_config],
+                                    ['infer-fp32', 'infer-bf16'], 2, 0, 1,
+                                    switches, 'ON', 'cpu', size=32)
+    assert seen == [('infer-fp32', False), ('infer-fp32', True),
+                    ('infer-bf16', False), ('infer-bf16', True)]
+    assert switches.ON == 'as set'
+    assert [(r['model'], r['mode']) for r in rows] == [
+        ('tiny_vmamba', 'infer-fp32'), ('tiny_vmamba', 'infer-bf16')]
+    assert all(r[key]['status'] == 'ok' and r[key]['img_per_s'] > 0
+               for r in rows for key in ('off', 'on'))
+    with pytest.raises(AttributeError, match="switches has no switch 'OFF'"):
+        timing.switch_model_rows(['no-such-model'], ['infer-fp32'], 2, 0, 1,
+                                 switches, 'OFF', 'cpu')
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_kernel('cuda')),
                     reason='needs a GPU and the compiled CUDA kernels')
 def test_gpu_time_counts_kernels_and_the_scan_among_them():
@@ -364,3 +414,45 @@ def test_every_swin_t_sized_model_is_compared_with_timm_swin_t():
     assert set(TIMM_SWIN_REFERENCE.values()) == {'timm-swin-t'}
     for name in ('vmamba2-t', 'vmamba2-s', 'vmamba2-b'):
         assert osp.isfile(MODEL_ZOO[name].config), name
+
+
+def undefined_names(path: str):
+    """``(scope, name)`` of each global name that a module's code reads but
+    neither the module (assignments, imports, defs, ``global``) nor the
+    builtins define (what pyflakes calls an undefined name)."""
+    with open(path) as f:
+        top = symtable.symtable(f.read(), path, 'exec')
+    defined = set(dir(builtins)) | {'__file__', '__name__', '__doc__'}
+    read = set()
+
+    def visit(table):
+        for symbol in table.get_symbols():
+            name = symbol.get_name()
+            if table is top or symbol.is_declared_global():
+                if symbol.is_assigned() or symbol.is_imported():
+                    defined.add(name)
+            if symbol.is_referenced() and (table is top or symbol.is_global()):
+                read.add((table.get_name(), name))
+        for child in table.get_children():
+            visit(child)
+
+    visit(top)
+    return sorted((scope, name) for scope, name in read
+                  if name not in defined)
+
+
+def test_undefined_names_are_found(tmp_path):
+    module = tmp_path / 'module.py'
+    module.write_text('import os\nSIZE = 2\n\n\ndef f(x):\n'
+                      '    global LATER\n    LATER = len(x)\n'
+                      '    return os.sep, SIZE, LATER, missing(x)\n')
+    assert undefined_names(str(module)) == [('f', 'missing')]
+
+
+@pytest.mark.parametrize('path', sorted(
+    glob.glob(osp.join(REPO, 'benchmarks', '*.py'))),
+                         ids=osp.basename)
+def test_benchmark_has_no_undefined_names(path):
+    """Code the CPU tests do not reach (GPU-only tables) reads no name its
+    module lacks."""
+    assert undefined_names(path) == []

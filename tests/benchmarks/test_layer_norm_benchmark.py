@@ -1,10 +1,25 @@
-"""benchmarks/layer_norm.py: the bytes of its floor, and a small run on the
-GPU (skipped without one)."""
+"""benchmarks/layer_norm.py: the bytes of its floor, its tables on the CPU
+(times made up), and a small run on the GPU (skipped without one)."""
+import argparse
+import itertools
+
 import layer_norm as bench
 import pytest
 import torch
 
+from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
+
+NEEDS_GPU = pytest.mark.skipif(
+    not torch.cuda.is_available() or ln.TRITON_IMPORT_ERROR is not None,
+    reason='needs a GPU and Triton')
+
+
+def small_run(*flags):
+    """``layer_norm.py`` with ``flags`` at batch 2, one warm-up call and two
+    timed ones."""
+    return bench.main([*flags, '--batch', '2', '--warmup', '1',
+                       '--repeat', '2'])
 
 
 def test_floor_bytes():
@@ -52,17 +67,206 @@ def test_check_triton_path_under_the_steps_autocast(monkeypatch):
         bench.check_triton_path(x, weight, bias)
 
 
+def test_fastest_launch_searches_and_restores(monkeypatch, capsys):
+    """Tiles (at least a row's block) x warps, then programs per SM at the
+    fastest; a failing setting is printed, not timed; the module's launch
+    settings are restored. The times are made up from the settings in
+    force when the step ran."""
+    config, programs = ln.gate_backward_launch_config, \
+        ln.BACKWARD_PROGRAMS_PER_SM
+    tried = []
+
+    def step():
+        block_c, rows, warps = ln.gate_backward_launch_config(96)
+        tried.append((block_c * rows, warps, ln.BACKWARD_PROGRAMS_PER_SM))
+        if warps == 16:
+            raise RuntimeError('out of resources')
+
+    def made_up_ms(step, device, warmup, repeat):
+        step()
+        tile, warps, per_sm = tried[-1]
+        return abs(tile - 2048) / 1e3 + warps / 1e2 + (per_sm != 8)
+
+    monkeypatch.setattr(bench, 'measure', made_up_ms)
+    best = bench.fastest_launch(step, 'gate_backward_launch_config', 96,
+                                (64, 2048, 4096), True, 'E=96', 'cpu', 0, 1)
+    assert best == '0.040 ms: tile 2048, 4 warps, 8/SM'
+    assert [t[:2] for t in tried[:9]] == [
+        (tile, warps) for tile in (128, 2048, 4096) for warps in (4, 8, 16)]
+    assert tried[9:] == [(2048, 4, 2), (2048, 4, 8)]
+    assert 'E=96 tile 4096 warps 16: RuntimeError' in capsys.readouterr().out
+    assert (ln.gate_backward_launch_config, ln.BACKWARD_PROGRAMS_PER_SM) == \
+        (config, programs)
+    del tried[:]
+    assert bench.fastest_launch(step, 'gate_backward_launch_config', 96,
+                                (2048, ), False, 'E=96', 'cpu', 0, 1) == \
+        '1.040 ms: tile 2048, 4 warps'
+    assert len(tried) == 3
+
+
+def test_gate_floor_bytes():
+    # forward: y (float32) and z read, the bf16 gated map written;
+    # backward: y, z and the gated map's gradient read, the gated map
+    # written again, y's (float32) and z's gradients written
+    elements = 2 * 7 * 7 * 1536
+    assert bench.gate_floor_bytes(2, 7, 7, 1536) == elements * (
+        (4 + 2) + 2 + (4 + 2 + 2) + 2 + (4 + 2))
+
+
+def test_gate_inputs_and_check(monkeypatch):
+    """The check names why the Triton backward would not run (CPU tensors
+    by default), passes where it would, and leaves the policy off (as
+    merged)."""
+    assert not common.GATE_BACKWARD_ON_TRITON
+    inputs = bench.gate_inputs(2, 3, 3, 32, 16, 'cpu')
+    assert inputs['z'].dtype == torch.bfloat16
+    assert inputs['z'].stride(-2) == 64  # half of in_proj's output
+    if ln.TRITON_IMPORT_ERROR is not None:
+        return
+    with pytest.raises(RuntimeError, match='x is on cpu'):
+        bench.check_gate_triton_path(inputs['y'], inputs['z'],
+                                     inputs['norm'])
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    bench.check_gate_triton_path(inputs['y'], inputs['z'], inputs['norm'])
+    assert not common.GATE_BACKWARD_ON_TRITON
+
+
+@pytest.fixture
+def made_up_times(monkeypatch):
+    """Time steps on the CPU without running them: 1, 2, 3... ms in call
+    order, the copy bandwidth 2000 GB/s."""
+    times = itertools.count(1)
+    monkeypatch.setattr(bench, 'measure',
+                        lambda step, device, warmup, repeat: next(times))
+    monkeypatch.setattr(bench, 'copy_bandwidth', lambda device: 2e12)
+
+
+def small_args(**kwargs):
+    """The parsed options of a run at batch 1, without ``--models``."""
+    return argparse.Namespace(**dict(
+        dict(batch=1, warmup=0, repeat=1, sweep=False, models=[],
+             dtypes=['float32', 'bfloat16'], modes=['infer-bf16']), **kwargs))
+
+
+@pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                    reason=str(ln.TRITON_IMPORT_ERROR))
+@pytest.mark.usefixtures('made_up_times')
+def test_gate_rows_and_table(monkeypatch, capsys):
+    """gate_rows: a row per gate map, then the copy bandwidth's; the
+    ``--gate`` table prints each map with the device's name (the Triton
+    path's check passing on CPU tensors)."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    rows = bench.gate_rows(1, 0, 1, device='cpu')
+    assert [r.get('shape') for r in rows] == [
+        '1x56x56x192', '1x28x28x384', '1x14x14x768', '1x7x7x1536', None]
+    assert rows[0]['aten'] == 1 and rows[0]['linear'] == 3
+    assert rows[-1] == dict(copy_gb_per_s=2000.)
+    printed = bench.print_gate_tables(small_args(), torch.device('cpu'))
+    assert [r['shape'] for r in printed] == [r['shape'] for r in rows[:4]]
+    out = capsys.readouterr().out
+    assert 'CPU, ' in out and 'copy bandwidth 2000 GB/s' in out
+    assert '1x7x7x1536' in out
+
+
+@pytest.mark.usefixtures('made_up_times')
+def test_add_norm_table(monkeypatch, capsys):
+    """``--add-norm`` on the CPU (both paths on ATen there, the kernels'
+    check skipped): a row per stage and residual dtype, the same sum, the
+    table with the device's name."""
+    checked = []
+    monkeypatch.setattr(bench, 'check_add_norm_paths',
+                        lambda *args: checked.append(args))
+    rows = bench.print_add_norm(small_args(), torch.device('cpu'))
+    assert len(rows) == len(checked) == 4 * 2
+    assert all(r['same_sum'] and r['norm_diff'] == 0 for r in rows)
+    assert [r['dtype'] for r in rows[:2]] == ['float32', 'bfloat16']
+    out = capsys.readouterr().out
+    assert 'CPU, ' in out and 'copy bandwidth 2000 GB/s' in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
 def test_refuses_to_run_without_a_gpu():
     with pytest.raises(SystemExit):
         bench.main(['--batch', '1'])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available()
-                    or ln.TRITON_IMPORT_ERROR is not None,
-                    reason='needs a GPU and Triton')
+@NEEDS_GPU
 def test_small_run_on_the_gpu(capsys):
-    rows = bench.main(['--batch', '2', '--warmup', '1', '--repeat', '2'])
+    rows = small_run()
     assert len(rows) == 4 * 2 * 2
     assert all(r['aten_ms'] > 0 and r['triton_ms'] > 0 for r in rows)
     assert 'ATen / Triton' in capsys.readouterr().out
+
+
+def test_gate_model_table(switch_table):
+    title, header, rows = switch_table(bench.print_gate_model_table)
+    assert "gate's backward on ATen / on Triton" in title
+    assert header == ['model', 'ATen', 'ms', 'Triton', 'ms', 'img/s', 'ATen',
+                      'img/s', 'Triton', 'speed-up']
+    assert rows == [['vmamba-t', '2.0', '1.0', '1000', '2000', '2.00'],
+                    ['vmamba-t', '2.0', '-', '1000', '-', '-']]
+
+
+@NEEDS_GPU
+def test_small_gate_run_on_the_gpu(capsys, tiny_config):
+    rows = small_run('--gate', '--models', tiny_config)
+    assert len(rows) == 4 + 1
+    assert all(r['aten'] > 0 and r['triton'] > 0 and r['linear'] > 0
+               for r in rows[:4])
+    assert rows[4]['mode'] == 'train-bf16'
+    assert rows[4]['off']['ms'] > 0 and rows[4]['on']['ms'] > 0
+    out = capsys.readouterr().out
+    assert 'gate ATen / Triton' in out and 'Classifier train-bf16' in out
+    assert not common.GATE_BACKWARD_ON_TRITON
+
+
+def test_add_norm_floor_bytes():
+    # a float32 residual and a bfloat16 update read, a float32 sum and a
+    # bfloat16 norm written; a bfloat16 residual gives a bfloat16 sum
+    elements = 2 * 7 * 7 * 768
+    assert bench.add_norm_floor_bytes(2, 7, 7, 768, torch.float32) == \
+        elements * (4 + 2 + 4 + 2)
+    assert bench.add_norm_floor_bytes(2, 7, 7, 768, torch.bfloat16) == \
+        elements * 4 * 2
+
+
+@pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,
+                    reason=str(ln.TRITON_IMPORT_ERROR))
+def test_check_add_norm_paths(monkeypatch):
+    """Both kernels take a stage's maps under the steps' autocast (CPU's
+    taken for CUDA's); a float64 residual is refused with the reason."""
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    monkeypatch.setattr(ln, 'AUTOCAST_DEVICE_TYPES', ('cuda', 'cpu'))
+    x = torch.randn(2, 7, 7, 96)
+    update = torch.randn(2, 7, 7, 96).bfloat16()
+    norm = ln.LayerNorm(96, linear_input=True)
+    bench.check_add_norm_paths(x, update, norm)
+    with pytest.raises(RuntimeError, match='add_layer_norm kernel would not '
+                       'run: x is torch.float64'):
+        bench.check_add_norm_paths(x.double(), update, norm)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
+def test_add_norm_refuses_to_run_without_a_gpu():
+    with pytest.raises(SystemExit):
+        bench.main(['--add-norm', '--batch', '1'])
+
+
+def test_add_norm_model_table(switch_table):
+    title, header, rows = switch_table(bench.print_add_norm_model_table)
+    assert 'ADD_NORM_ON_TRITON off and on' in title
+    assert header[-4:] == ['img/s', 'on', 'on', 'speed-up']
+    assert rows == [
+        ['vmamba-t', 'train-bf16', '2.0', '1.0', '1000', '2000', '2.000'],
+        ['vmamba-t', 'infer-bf16', '2.0', '-', '1000', '-', '-']]
+
+
+@NEEDS_GPU
+def test_small_add_norm_run_on_the_gpu(capsys, tiny_config):
+    rows = small_run('--add-norm', '--models', tiny_config)
+    assert len(rows) == 4 * 2
+    assert all(r['unfused_ms'] > 0 and r['fused_ms'] > 0 and r['same_sum']
+               for r in rows)
+    out = capsys.readouterr().out
+    assert 'add_layer_norm' in out and 'Inference steps' in out
+    assert not vmamba.ADD_NORM_ON_TRITON

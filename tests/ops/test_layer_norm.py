@@ -54,26 +54,18 @@ def cpu_autocast_as_cuda(monkeypatch):
 
 
 @pytest.fixture
-def index_as_in_triton_3_6(monkeypatch):
-    """Make the interpreter's ``tensor.__index__`` refuse as Triton 3.6's
-    does under NumPy >= 2.4: it takes ``int()`` of the one-element array of
-    a runtime value (``range(pid, n, step)`` in a kernel, say), which those
-    NumPy versions reject. Later Triton versions squeeze the array first."""
-    from triton.runtime import interpreter
-    patch_tensor = getattr(interpreter, '_patch_lang_tensor', None)
-    if patch_tensor is None:
-        return
+def gate_backward_calls(monkeypatch):
+    """The ``needs`` of each call of ``gated_layer_norm_backward`` (the
+    gate's Triton backward) in the test."""
+    calls = []
+    gated_backward = ln.gated_layer_norm_backward
 
-    def refuse(self):
-        raise TypeError('only 0-dimensional arrays can be converted to '
-                        'Python scalars (Triton 3.6 interpreter, NumPy >= '
-                        f'2.4): value of shape {self.handle.data.shape}')
+    def spy(*args):
+        calls.append(args[-1])
+        return gated_backward(*args)
 
-    def patch_strictly(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, '__index__', refuse)
-
-    monkeypatch.setattr(interpreter, '_patch_lang_tensor', patch_strictly)
+    monkeypatch.setattr(ln, 'gated_layer_norm_backward', spy)
+    return calls
 
 
 def reference(x, weight, bias, eps, dy):
@@ -149,6 +141,133 @@ def check_against_float64(y, x, w, b, eps, out_dtype):
         if t is None or not t.requires_grad:
             continue
         assert_close_to(next(grads), ref, t.dtype, scale)
+
+
+#: Relative rounding of a result in each dtype, as :func:`assert_close_to`
+#: takes it (float32's: its arithmetic).
+ROUNDING = {torch.float32: 1e-5, torch.bfloat16: BF16_RTOL,
+            torch.float16: 2**-11}
+
+
+def gate_reference(y, z, w, b, eps, grad):
+    """Float64 autograd of ``F.layer_norm(y) * F.silu(z)`` (w, b may be
+    None): the gradients of y, z, w and b for ``grad``, and the sizes that
+    bound each one's rounding error: a relative error r of SiLU(z) (its
+    rounding to z's dtype) moves the norm's gradient ``dn = grad * SiLU(z)``
+    by at most r |dn|, hence y's gradient by r times ``rstd (|w dn| +
+    |x_hat| mean(|w dn x_hat|) + mean(|w dn|))``, w's by r sum |dn x_hat|
+    and b's by r sum |dn|; z's gradient is a product, rounded relatively."""
+    channels = y.shape[-1]
+    leaves = [None if t is None else t.detach().double().requires_grad_()
+              for t in (y, z, w, b)]
+    out = F.layer_norm(leaves[0], (channels, ), leaves[2], leaves[3],
+                       eps) * F.silu(leaves[1])
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, grad.double()))
+    refs = [None if t is None else next(grads) for t in leaves]
+    y64, z64, g64 = y.double(), z.double(), grad.double()
+    rstd = torch.rsqrt(y64.var(-1, unbiased=False, keepdim=True) + eps)
+    x_hat = (y64 - y64.mean(-1, keepdim=True)) * rstd
+    dn = (g64 * F.silu(z64)).abs()
+    w_dn = dn if w is None else dn * w.double().abs()
+    dy_scale = rstd * (w_dn + x_hat.abs() * (w_dn * x_hat.abs()).mean(
+        -1, keepdim=True) + w_dn.mean(-1, keepdim=True))
+    rows = (-1, channels)
+    sums = ((dn * x_hat.abs()).reshape(rows).sum(0),
+            dn.reshape(rows).sum(0))
+    return refs, (dy_scale, refs[1].abs(), *sums)
+
+
+def assert_gate_grads_close(grads, y, z, w, b, eps, grad):
+    """Gradients of y, z, w, b (None where not computed) against
+    :func:`gate_reference`: float32 arithmetic plus the SiLU's rounding to
+    z's dtype (y's, w's, b's gradients) or two roundings to z's dtype (z's:
+    the product's gradient, then the result)."""
+    refs, scales = gate_reference(y, z, w, b, eps, grad)
+    act_rtol = 0. if z.dtype == torch.float32 else ROUNDING[z.dtype]
+    for name, got, ref, scale, tensor in zip('yzwb', grads, refs, scales,
+                                             (y, z, w, b)):
+        if got is None:
+            continue
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        rtol = 2 * act_rtol if name == 'z' else act_rtol
+        bound = ((rtol + 1e-5) * scale + 1e-5 * ref.abs() +
+                 1e-5 * float(ref.abs().max()) + 1e-6)
+        error = (got.double() - ref).abs()
+        assert bool((error <= bound).all()), (
+            f'd{name}: max error {float(error.max()):.3g}, worst error / '
+            f'bound {float((error / bound).max()):.3g}')
+
+
+def run_recomputed_output(common, shape, out_channels, device, autocast):
+    """SS2D's output stage by RecomputedOutput (``ss2d_output`` with
+    recompute) under bf16 autocast or not, its backward on the ATen ops and
+    on the gate's Triton kernels (``common.GATE_BACKWARD_ON_TRITON``): y
+    float32, z the second half of a (..., 2E) map (bfloat16 under
+    autocast), out_proj E -> ``out_channels``.
+
+    Returns:
+        tuple: The inputs (y, z, out_norm, out_proj), the output gradient,
+        and for each of ATen and Triton the output and the gradients of y,
+        z, the norm's weight and bias and out_proj's weight.
+    """
+    channels = shape[-1]
+    y = torch.randn(shape, device=device)
+    z = torch.randn(shape[:-1] + (2 * channels, ), device=device).to(
+        torch.bfloat16 if autocast else torch.float32)[..., channels:]
+    norm = nn.LayerNorm(channels).to(device)
+    proj = nn.Linear(channels, out_channels, bias=False).to(device)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_(0, 0.5)
+        proj.weight.normal_(0, channels**-0.5)
+    grad = torch.randn(shape[:-1] + (out_channels, ), device=device)
+    if autocast:
+        grad = grad.bfloat16()
+    # z keeps its strides, as in_proj's output chunk
+    inputs = [y.requires_grad_(), z.requires_grad_()]
+    wrt = (*inputs, norm.weight, norm.bias, proj.weight)
+    results = []
+    default = common.GATE_BACKWARD_ON_TRITON
+    try:
+        for on_triton in (False, True):
+            common.GATE_BACKWARD_ON_TRITON = on_triton
+            with torch.autocast(device, dtype=torch.bfloat16,
+                                enabled=autocast):
+                out = common.ss2d_output(*inputs, norm, proj, recompute=True)
+            results.append((out, ) + torch.autograd.grad(out, wrt, grad))
+    finally:
+        common.GATE_BACKWARD_ON_TRITON = default
+    return (y, z, norm, proj), grad, results[0], results[1]
+
+
+def check_recomputed_output(modules_and_inputs, grad, aten, triton_,
+                            autocast):
+    """:func:`run_recomputed_output`'s results: the same output and
+    gradient dtypes on both paths; the gate's gradients (of y, z, the
+    norm's weight and bias) within :func:`assert_gate_grads_close` of
+    float64 on both; out_proj's weight gradient of Triton within the
+    gated map's rounding (to bfloat16 under autocast: a unit in the last
+    place each side) of ATen's."""
+    y, z, norm, proj = modules_and_inputs
+    assert torch.equal(aten[0], triton_[0])  # the same forward
+    assert [t.dtype for t in aten] == [t.dtype for t in triton_]
+    linear_dtype = aten[0].dtype
+    grad_2d = grad.reshape(-1, grad.shape[-1])
+    grad_gated = (grad_2d @ proj.weight.detach().to(linear_dtype)).view(
+        y.shape)
+    parameters = (norm.weight.detach(), norm.bias.detach())
+    for result in (aten, triton_):
+        assert_gate_grads_close(result[1:5], y, z, *parameters, norm.eps,
+                                grad_gated)
+    gated64 = F.layer_norm(y.double(), y.shape[-1:], *[
+        p.double() for p in parameters], norm.eps) * F.silu(z.double())
+    size = grad_2d.double().abs().t() @ gated64.reshape(
+        grad_2d.shape[0], -1).abs()
+    rtol = 2 * ROUNDING[linear_dtype] if autocast else 1e-5
+    error = (triton_[5].double() - aten[5].double()).abs()
+    bound = 2 * rtol * size + 1e-6
+    assert bool((error <= bound).all()), float((error / bound).max())
 
 
 # ---------------------------------------------------------------------------
@@ -348,6 +467,63 @@ class TestInterpreted:
             expected.abs().max()) + 1e-6
         assert bool((error <= bound).all()), float((error / bound).max())
 
+    @pytest.mark.parametrize('channels', [1, 3, 100, 384])
+    @pytest.mark.parametrize('z_dtype',
+                             [torch.float32, torch.bfloat16, torch.float16])
+    def test_gated_backward_matches_float64(self, channels, z_dtype,
+                                            reported_seed):
+        """The gate's backward kernel, z the second half of a wider tensor
+        (row stride 2C) as SS2D's gate is, the gradient in out_proj's
+        dtype (z's here), 69 rows (not a multiple of the row block, more
+        blocks than programs for C >= 100)."""
+        y, w, b = make_inputs((3, 23, channels), torch.float32,
+                              grads=(False, False, False))
+        z = torch.randn(3, 23, 2 * channels).to(z_dtype)[..., channels:]
+        grad = torch.randn(y.shape).to(z_dtype)
+        assert z.stride(-2) == 2 * channels
+        grads = ln.gated_layer_norm_backward(grad, y, z, w, b, 1e-5,
+                                             (True, True, True, True))
+        assert_gate_grads_close(grads, y, z, w, b, 1e-5, grad)
+
+    @pytest.mark.parametrize('weight,bias', [(True, True), (True, False),
+                                             (False, True), (False, False)])
+    @pytest.mark.parametrize('needs', [(True, False, False, False),
+                                       (False, True, False, False),
+                                       (False, False, True, True),
+                                       (True, True, False, True)])
+    def test_gated_backward_requested_gradients(self, weight, bias, needs,
+                                                reported_seed):
+        """Each subset of gradients, with and without weight and bias: None
+        for those not requested (or without their parameter); a float32
+        gradient of a bfloat16 z (no autocast); a gradient with rows
+        apart in memory; eps that matters."""
+        y, w, b = make_inputs((2, 9, 100), torch.float32, weight=weight,
+                              bias=bias, grads=(False, False, False))
+        y = 5 + 0.05 * y  # a small variance
+        z = torch.randn(2, 9, 100).bfloat16()
+        grad = torch.randn(9, 2, 100).transpose(0, 1)
+        grads = ln.gated_layer_norm_backward(grad, y, z, w, b, 1e-3, needs)
+        expected = [need and t is not None
+                    for need, t in zip(needs, (y, z, w, b))]
+        assert [g is not None for g in grads] == expected
+        assert_gate_grads_close(grads, y, z, w, b, 1e-3, grad)
+
+    @pytest.mark.usefixtures('cpu_autocast_as_cuda')
+    @pytest.mark.parametrize('autocast', [True, False])
+    def test_recomputed_output_on_the_gate_kernels(self, autocast,
+                                                   gate_backward_calls,
+                                                   reported_seed):
+        """RecomputedOutput with GATE_BACKWARD_ON_TRITON: the backward runs
+        the kernels (the forward's, for out_proj's input, and the gate's
+        backward), with ATen's dtypes and its gradients up to float32 and
+        the SiLU's and the gated map's roundings to bfloat16; under
+        autocast (CPU's for CUDA's) z is bfloat16, as in_proj's output."""
+        from mmvmamba.models.backbones import common
+        results = run_recomputed_output(common, (2, 5, 7, 48), 24,
+                                        'cpu', autocast)
+        assert gate_backward_calls == [(True, True, True, True)]
+        check_recomputed_output(*results, autocast)
+
     def test_compile_falls_back_under_the_interpreter(self, reported_seed):
         # interpreted kernels cannot be traced: compiled code runs
         # F.layer_norm, with fullgraph=True too
@@ -439,6 +615,56 @@ def test_gate_unsupported_reasons(triton_on_cpu):
         assert reason(x, z, w, w) is None
 
 
+@needs_triton
+def test_gate_backward_reasons(monkeypatch):
+    """RecomputedOutput's backward takes the Triton kernels only with
+    GATE_BACKWARD_ON_TRITON (off by default) and where the gated kernel
+    takes the inputs."""
+    from mmvmamba.models.backbones import common
+    y, w = torch.randn(4, 6, 96), torch.randn(96)
+    z = torch.randn(4, 6, 192).bfloat16()[..., 96:]
+    reason = common.gate_backward_reason
+    assert not common.GATE_BACKWARD_ON_TRITON
+    assert reason(y, z, w, w, torch.bfloat16) == (
+        'GATE_BACKWARD_ON_TRITON is off')
+    monkeypatch.setattr(common, 'GATE_BACKWARD_ON_TRITON', True)
+    assert reason(y, z, w, w, torch.bfloat16).startswith('x is on cpu')
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
+    assert reason(y, z, w, w, torch.bfloat16) is None
+    assert reason(y, None, w, w, torch.float32) == 'no gate (z is None)'
+    assert reason(y, z, w, w, torch.float64) == (
+        'out_proj ran in torch.float64')
+    assert reason(y.bfloat16(), z, None, None, torch.bfloat16).startswith(
+        'x is torch.bfloat16')
+    w.requires_grad_()  # a double backward (create_graph) records
+    assert 'records' in reason(y, z, w, w, torch.bfloat16)
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_recomputed_output_on_cpu_keeps_aten_with_the_policy_on(
+        autocast, monkeypatch):
+    """With GATE_BACKWARD_ON_TRITON on, CPU tensors (by default) still take
+    the ATen backward: the plain graph's gradients, bit for bit."""
+    from mmvmamba.models.backbones import common
+    monkeypatch.setattr(common, 'GATE_BACKWARD_ON_TRITON', True)
+    monkeypatch.setattr(ln, 'gated_layer_norm_backward', None)  # not called
+    torch.manual_seed(0)
+    norm, proj = nn.LayerNorm(24), nn.Linear(24, 10, bias=False)
+    y = torch.randn(2, 5, 7, 24)
+    z = torch.randn(2, 5, 7, 48)[..., 24:]
+    grad = torch.randn(2, 5, 7, 10)
+    results = []
+    for recompute in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (y, z)]
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = common.ss2d_output(*inputs, norm, proj, recompute)
+        results.append((out, ) + torch.autograd.grad(
+            out, (*inputs, norm.weight, norm.bias, proj.weight),
+            grad.to(out.dtype)))
+    for plain, lean in zip(*results):
+        assert plain.dtype == lean.dtype and torch.equal(plain, lean)
+
+
 def test_gated_falls_back_to_aten_ops(monkeypatch):
     """Recorded calls (and CPU tensors by default) run the ATen ops: the
     plain graph's values and gradients, cast to the linear layer's dtype
@@ -459,6 +685,12 @@ def test_gated_falls_back_to_aten_ops(monkeypatch):
         expected = torch.autograd.grad(plain.to(out.dtype).float().sum(),
                                        (x, w))
         assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    # a given out_dtype (a recomputing backward's) wins over autocast's
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = ln.gated_layer_norm(x, z, w, b, 1e-4, out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, (F.layer_norm(x, (48, ), w, b, 1e-4) *
+                             F.silu(z)).half())
 
 
 @pytest.mark.parametrize('make', [
@@ -764,6 +996,39 @@ def test_gpu_gated_layer_norm(shape, z_dtype, reported_seed):
         assert bool((error <= rtol * expected.abs() + 1e-5 * scale).all())
     torch.testing.assert_close(out, aten, rtol=2**-7 if autocast else 1e-5,
                                atol=1e-5 * scale)
+
+
+#: SS2D's gate maps (B, H, W, E = 2C) of VMamba-T at 224, batch 128, and
+#: out_proj's output width C.
+GATE_SHAPES = [((128, 56, 56, 192), 96), ((128, 28, 28, 384), 192),
+               ((128, 14, 14, 768), 384), ((128, 7, 7, 1536), 768)]
+
+
+@needs_cuda
+@pytest.mark.parametrize('shape,out_channels', GATE_SHAPES)
+def test_gpu_recomputed_output_on_the_gate_kernels(shape, out_channels,
+                                                   gate_backward_calls,
+                                                   reported_seed):
+    """RecomputedOutput under bf16 autocast at VMamba-T's gate shapes (y
+    float32, z the bf16 second half of in_proj's output): the Triton
+    backward against ATen's, both within float32 and bf16 roundings of
+    float64 (:func:`check_recomputed_output`)."""
+    from mmvmamba.models.backbones import common
+    results = run_recomputed_output(common, shape, out_channels, 'cuda',
+                                    True)
+    assert gate_backward_calls == [(True, True, True, True)]
+    check_recomputed_output(*results, True)
+
+
+@needs_cuda
+def test_gpu_recomputed_output_on_the_gate_kernels_float32(
+        gate_backward_calls, reported_seed):
+    """The same without autocast: float32 throughout."""
+    from mmvmamba.models.backbones import common
+    results = run_recomputed_output(common, (8, 28, 28, 384), 192, 'cuda',
+                                    False)
+    assert gate_backward_calls == [(True, True, True, True)]
+    check_recomputed_output(*results, False)
 
 
 @needs_cuda

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, LayerNorm
 from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
+from mmvmamba.ops import layer_norm as ln
 from mmvmamba.ops.layer_norm import gated_layer_norm, norm_dtype
 from ..checkpoint import load_pretrained_backbone
 
@@ -31,8 +32,13 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
+    @property
+    def is_identity(self) -> bool:
+        """Whether :meth:`forward` returns its input (eval, or rate 0)."""
+        return self.drop_prob == 0. or not self.training
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0. or not self.training:
+        if self.is_identity:
             return x
         keep = 1 - self.drop_prob
         mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
@@ -191,6 +197,35 @@ def linear_backward(
     return grad_input, grad_weight, grad_bias
 
 
+#: Whether :class:`RecomputedOutput`'s backward runs the gate's Triton
+#: backward (:func:`mmvmamba.ops.layer_norm.gated_layer_norm_backward`, and
+#: the forward kernel for out_proj's input) where
+#: :func:`gate_backward_reason` allows, instead of the ATen ops. Set after
+#: measuring (``python benchmarks/layer_norm.py --gate`` times both); read
+#: at every backward.
+GATE_BACKWARD_ON_TRITON = False
+
+
+def gate_backward_reason(y: torch.Tensor, z: Optional[torch.Tensor],
+                         norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                         linear_dtype: torch.dtype) -> Optional[str]:
+    """Why :class:`RecomputedOutput`'s backward runs the ATen ops here
+    rather than the gate's Triton kernels, or None if it runs them.
+
+    Args:
+        y, z, norm_weight, norm_bias: The saved inputs of the gate.
+        linear_dtype (torch.dtype): The dtype ``out_proj`` ran in (that of
+            the gated map's gradient).
+    """
+    if not GATE_BACKWARD_ON_TRITON:
+        return 'GATE_BACKWARD_ON_TRITON is off'
+    if z is None:
+        return 'no gate (z is None)'
+    if linear_dtype not in ln.TRITON_DTYPES:
+        return f'out_proj ran in {linear_dtype}'
+    return ln.gate_unsupported_reason(y, z, norm_weight, norm_bias)
+
+
 class RecomputedOutput(torch.autograd.Function):
     """SS2D's output stage ``out_proj(output_gate(y, z))`` keeping only its
     inputs; the backward recomputes the norm's statistics, SiLU(z) and the
@@ -206,6 +241,13 @@ class RecomputedOutput(torch.autograd.Function):
     graph's (bit for bit on the CPU, where it is tested; a GPU's matrix
     products may round differently). Lighter on the host than
     ``torch.utils.checkpoint`` and traceable by ``torch.compile``.
+
+    Where :func:`gate_backward_reason` allows (off by default:
+    :data:`GATE_BACKWARD_ON_TRITON`), the backward runs Triton kernels
+    instead: the gated forward kernel recomputes ``out_proj``'s input, and
+    one kernel the gradients of y, z, and the norm's weight and bias, with
+    the ATen composition's roundings (equal up to float32 rounding, and a
+    bfloat16 result's rounding either way).
     """
 
     @staticmethod
@@ -229,6 +271,9 @@ class RecomputedOutput(torch.autograd.Function):
             ctx.saved_tensors
         need_y, need_z, need_nw, need_nb, _, need_pw, need_pb = \
             ctx.needs_input_grad
+        if gate_backward_reason(y, z, norm_weight, norm_bias,
+                                ctx.linear_dtype) is None:
+            return RecomputedOutput._backward_on_triton(ctx, grad)
         norm_in = [t.to(ctx.norm_dtype) for t in (y, norm_weight, norm_bias)]
         normed, mean, rstd = torch.ops.aten.native_layer_norm(
             norm_in[0], norm_weight.shape, norm_in[1], norm_in[2], ctx.eps)
@@ -259,6 +304,32 @@ class RecomputedOutput(torch.autograd.Function):
             grad_y = grad_y.to(y.dtype) if need_y else None
             grad_nw = grad_nw.to(norm_weight.dtype) if need_nw else None
             grad_nb = grad_nb.to(norm_bias.dtype) if need_nb else None
+        return grad_y, grad_z, grad_nw, grad_nb, None, grad_pw, grad_pb
+
+    @staticmethod
+    def _backward_on_triton(ctx, grad: torch.Tensor):
+        """The backward on the gate's Triton kernels (the gated map
+        recomputed by the forward kernel in ``out_proj``'s dtype; then
+        ``gated_layer_norm_backward``)."""
+        y, z, norm_weight, norm_bias, proj_weight, proj_bias = \
+            ctx.saved_tensors
+        need_y, need_z, need_nw, need_nb, _, need_pw, need_pb = \
+            ctx.needs_input_grad
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        gated_2d = None
+        if need_pw:
+            gated_2d = gated_layer_norm(
+                y, z, norm_weight, norm_bias, ctx.eps,
+                out_dtype=ctx.linear_dtype).view(-1, y.shape[-1])
+        needs = (need_y, need_z, need_nw, need_nb)
+        grad_gated, grad_pw, grad_pb = linear_backward(
+            grad_2d, gated_2d, proj_weight, proj_bias,
+            (any(needs), need_pw, need_pb))
+        grad_y = grad_z = grad_nw = grad_nb = None
+        if any(needs):
+            grad_y, grad_z, grad_nw, grad_nb = ln.gated_layer_norm_backward(
+                grad_gated.view(y.shape), y, z, norm_weight, norm_bias,
+                ctx.eps, needs)
         return grad_y, grad_z, grad_nw, grad_nb, None, grad_pw, grad_pb
 
 

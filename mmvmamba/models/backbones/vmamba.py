@@ -9,9 +9,16 @@ from mmengine.registry import MODELS
 from mmvmamba.ops import (LayerNorm, cross_selective_scan,
                           depthwise_conv_nhwc)
 from mmvmamba.ops.checks import autograd_records
+from mmvmamba.ops.layer_norm import add_layer_norm
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
                      add_ssm_parameters, init_linear_and_norm,
                      init_ssm_parameters, parse_arch, ss2d_output)
+
+#: Whether :class:`VSSStage` runs each block's residual add and the next
+#: block's norm in one pass (:func:`~mmvmamba.ops.layer_norm.add_layer_norm`)
+#: where autograd does not record. Off: not measured on a GPU yet
+#: (``python benchmarks/layer_norm.py --add-norm --models vmamba-t``).
+ADD_NORM_ON_TRITON = False
 
 
 class SS2D(nn.Module):
@@ -123,8 +130,13 @@ class VSSBlock(CheckpointedBlock):
         self.drop_path = DropPath(drop_path)
         self.with_cp = with_cp
 
+    def branch(self, normed: torch.Tensor) -> torch.Tensor:
+        """The residual branch ``DropPath(SS2D(normed))`` of the normalised
+        input."""
+        return self.drop_path(self.ss2d(normed))
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.ss2d(self.norm(x)))
+        return x + self.branch(self.norm(x))
 
 
 class PatchEmbed(nn.Module):
@@ -175,7 +187,14 @@ class PatchMerging(nn.Module):
 
 
 class VSSStage(BlockStage):
-    """A stage: VSS blocks, then an optional patch merging."""
+    """A stage: VSS blocks, then an optional patch merging.
+
+    With :data:`ADD_NORM_ON_TRITON`, where autograd does not record and
+    DropPath is the identity (eval), each block hands the next one its
+    normalised input: the residual add and the next block's norm run in one
+    pass (:func:`~mmvmamba.ops.layer_norm.add_layer_norm`), with the same
+    values up to float32 rounding. Otherwise the blocks run one by one.
+    """
 
     def __init__(self, embed_dims: int, depth: int, drop_paths: Sequence[float],
                  downsample: bool, with_cp: bool, **ssm_cfg):
@@ -183,6 +202,26 @@ class VSSStage(BlockStage):
             [VSSBlock(embed_dims, drop_paths[i], with_cp, **ssm_cfg)
              for i in range(depth)],
             PatchMerging(embed_dims) if downsample else None)
+
+    def _fuses_add_norm(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` hands the blocks normalised inputs (the
+        parameters are gathered only where gradients are on)."""
+        return ADD_NORM_ON_TRITON and all(
+            isinstance(block.norm, LayerNorm) and block.drop_path.is_identity
+            for block in self.blocks) and not (
+                torch.is_grad_enabled()
+                and autograd_records(x, *self.blocks.parameters()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fuses_add_norm(x):
+            return super().forward(x)
+        normed = self.blocks[0].norm(x)
+        for block, following in zip(self.blocks[:-1], self.blocks[1:]):
+            norm = following.norm
+            x, normed = add_layer_norm(x, block.branch(normed), norm.weight,
+                                       norm.bias, norm.eps,
+                                       norm.output_dtype(x))
+        return x + self.blocks[-1].branch(normed)
 
 
 @MODELS.register_module()
