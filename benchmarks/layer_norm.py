@@ -228,22 +228,30 @@ def sweep_launch(x, weight, bias, backward: bool, warmup: int,
         warmup, repeat)
 
 
-class TritonWhenRecorded(ln.LayerNorm):
-    """The backbones' LayerNorm on the Triton kernels for training too."""
-    triton_when_recorded = True
+#: The norm settings of :func:`model_rows`: (class, triton_when_recorded).
+NORM_SETTINGS = {
+    'aten': (torch.nn.LayerNorm, False),
+    'forward': (ln.LayerNorm, False),
+    'both': (ln.LayerNorm, True),
+}
 
 
-def set_norm_class(norms: List[torch.nn.Module], cls: type) -> None:
-    """Make each of ``norms`` a ``cls`` (the LayerNorm classes add no state
-    to ``nn.LayerNorm``)."""
+def set_norms(norms: List[torch.nn.Module], setting: str) -> None:
+    """Make each of ``norms`` run as :data:`NORM_SETTINGS` ``[setting]``
+    says: ``nn.LayerNorm``, the Triton forward where autograd does not
+    record, or Triton for both passes (the LayerNorm classes add no state
+    to ``nn.LayerNorm``: the modules, parameters and keys stay)."""
+    cls, when_recorded = NORM_SETTINGS[setting]
     for module in norms:
         module.__class__ = cls
+        module.triton_when_recorded = when_recorded
 
 
 def model_rows(names, modes, batch: int, warmup: int,
                repeat: int) -> List[Dict]:
-    """Classifier steps with nn.LayerNorm, the backbones' own LayerNorm and
-    the Triton kernels for both passes."""
+    """Classifier steps with the backbones' LayerNorms as nn.LayerNorm, on
+    the Triton forward alone and (training) on Triton for both passes; each
+    row also says which of the last two the backbone runs (``default``)."""
     from models import build_classifier, model_label, tensor_forward
     device = torch.device('cuda')
     rows = []
@@ -252,19 +260,22 @@ def model_rows(names, modes, batch: int, warmup: int,
             build_classifier(name).to(device), 'mmpretrain', batch,
             (224, 224))
         norms = [m for m in model.modules() if type(m) is ln.LayerNorm]
+        built = [m.triton_when_recorded for m in norms]
+        default = ('both' if all(built) else
+                   'forward' if not any(built) else 'mixed')
         for mode in modes:
             times = {}
-            for key, cls in (('aten', torch.nn.LayerNorm),
-                             ('default', ln.LayerNorm),
-                             ('triton', TritonWhenRecorded)):
-                if key == 'triton' and not mode.startswith('train'):
-                    continue  # the same calls as the default's
-                set_norm_class(norms, cls)
+            for key in NORM_SETTINGS:
+                if key == 'both' and not mode.startswith('train'):
+                    continue  # the same calls as the forward's
+                set_norms(norms, key)
                 times[key] = time_mode(model, mode, batch, 224, device,
                                        warmup, repeat)
-            set_norm_class(norms, ln.LayerNorm)
+            for module, when_recorded in zip(norms, built):
+                module.__class__ = ln.LayerNorm
+                module.triton_when_recorded = when_recorded
             rows.append(dict(model=model_label(name), mode=mode,
-                             norms=len(norms), **times))
+                             norms=len(norms), default=default, **times))
         del model
         torch.cuda.empty_cache()
     return rows
@@ -619,18 +630,17 @@ def main(argv=None):
                              args.warmup, max(10, args.repeat // 5))
         print_table(
             f'Classifier steps, batch {args.batch} at 224: the norms as '
-            'nn.LayerNorm, as the backbones have them (Triton forward where '
-            'autograd does not record) and on Triton for both passes '
-            '(out_norm not swapped)',
-            ['model', 'mode', 'norms', 'nn.LayerNorm ms', 'default ms',
-             'Triton both ms', 'img/s nn', 'img/s default',
-             'default speed-up', 'Triton both speed-up'],
+            'nn.LayerNorm, on the Triton forward where autograd does not '
+            'record, and on Triton for both passes (out_norm not swapped); '
+            'default: what the backbone runs',
+            ['model', 'mode', 'norms', 'nn.LayerNorm ms', 'forward ms',
+             'both ms', 'img/s nn', 'forward speed-up', 'both speed-up',
+             'default'],
             [[r['model'], r['mode'], r['norms'],
-              _fmt(r['aten']['ms'], '.1f'), _fmt(r['default']['ms'], '.1f'),
-              _fmt(r['triton']['ms'], '.1f') if 'triton' in r else '-',
+              _fmt(r['aten']['ms'], '.1f'), _fmt(r['forward']['ms'], '.1f'),
+              _fmt(r['both']['ms'], '.1f') if 'both' in r else '-',
               _fmt(r['aten']['img_per_s'], '.0f'),
-              _fmt(r['default']['img_per_s'], '.0f'),
-              _speed_up(r, 'default'), _speed_up(r, 'triton')]
+              _speed_up(r, 'forward'), _speed_up(r, 'both'), r['default']]
              for r in results])
     return rows
 

@@ -820,18 +820,20 @@ class LayerNorm(nn.LayerNorm):
 
     Calls that autograd does not record (inference, ``torch.no_grad``,
     frozen stages) run :func:`layer_norm`; recorded ones run
-    ``F.layer_norm``: with the Triton backward too, bf16 training steps
-    measured no faster (docs/ops.md, ``benchmarks/layer_norm.py
-    --models``). A subclass setting :attr:`triton_when_recorded` runs
-    :func:`layer_norm` for both. Same arguments, parameters and state_dict
-    keys as ``nn.LayerNorm``; a ``normalized_shape`` of more than one
-    dimension runs ``nn.LayerNorm``.
+    ``F.layer_norm`` unless :attr:`triton_when_recorded` is set, which the
+    backbone decides by measurement (docs/ops.md, ``benchmarks/layer_norm.py
+    --models``). Same arguments, parameters and state_dict keys as
+    ``nn.LayerNorm``; a ``normalized_shape`` of more than one dimension runs
+    ``nn.LayerNorm``.
 
     Args:
         linear_input (bool): The output feeds linear layers alone: under
             autocast it comes in autocast's dtype, which they cast it to
             anyway (the kernel writes it so, instead of a float32 map and
             a copy). Defaults to False.
+        triton_when_recorded (bool): Calls that autograd records run
+            :func:`layer_norm` and its Triton backward too. Defaults to
+            False.
         *args, **kwargs: Those of ``nn.LayerNorm``.
     """
 
@@ -840,9 +842,14 @@ class LayerNorm(nn.LayerNorm):
     #: Whether the output comes in autocast's dtype under autocast.
     linear_input = False
 
-    def __init__(self, *args, linear_input: bool = False, **kwargs):
+    def __init__(self,
+                 *args,
+                 linear_input: bool = False,
+                 triton_when_recorded: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.linear_input = linear_input
+        self.triton_when_recorded = triton_when_recorded
 
     def output_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
         """The dtype :meth:`forward` casts its output of ``x`` to:

@@ -2,6 +2,7 @@
 (times made up), and a small run on the GPU (skipped without one)."""
 import argparse
 import itertools
+from unittest.mock import patch
 
 import layer_norm as bench
 import pytest
@@ -33,19 +34,25 @@ def test_floor_bytes():
         elements * 8
 
 
-def test_set_norm_class():
-    """The benchmark's swaps keep the modules, their parameters and state
-    keys, and change how they run."""
-    norms = [ln.LayerNorm(8), ln.LayerNorm(16)]
+def test_set_norms():
+    """The benchmark's settings keep the modules, their parameters and
+    state keys, and change how they run."""
+    norms = [ln.LayerNorm(8), ln.LayerNorm(16, triton_when_recorded=True)]
     weights = [m.weight for m in norms]
     keys = [list(m.state_dict()) for m in norms]
-    for cls in (torch.nn.LayerNorm, bench.TritonWhenRecorded, ln.LayerNorm):
-        bench.set_norm_class(norms, cls)
+    for setting, (cls, when_recorded) in bench.NORM_SETTINGS.items():
+        bench.set_norms(norms, setting)
         assert all(type(m) is cls for m in norms)
+        assert all(m.triton_when_recorded is when_recorded for m in norms)
         assert [m.weight for m in norms] == weights
         assert [list(m.state_dict()) for m in norms] == keys
-    assert bench.TritonWhenRecorded.triton_when_recorded
-    assert not ln.LayerNorm.triton_when_recorded
+    x = torch.randn(2, 8, requires_grad=True)
+    with patch.object(ln, 'layer_norm', side_effect=ln.layer_norm) as op:
+        for setting, runs_op in (('aten', 0), ('forward', 0), ('both', 1)):
+            op.reset_mock()
+            bench.set_norms(norms[:1], setting)
+            norms[0](x)  # recorded: on the op with 'both' alone
+            assert op.call_count == runs_op, setting
 
 
 @pytest.mark.skipif(ln.TRITON_IMPORT_ERROR is not None,

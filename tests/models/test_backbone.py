@@ -97,6 +97,23 @@ def test_layout_of_a_block():
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
 
 
+def test_norms_train_on_triton_as_the_switch_says(monkeypatch):
+    """VMamba's LayerNorms (every one but SS2D's out_norm, which is an
+    nn.LayerNorm) take vmamba.NORMS_TRAIN_ON_TRITON when built."""
+    from mmvmamba.models.backbones import vmamba
+    from mmvmamba.ops import LayerNorm
+    for on in (True, False):
+        monkeypatch.setattr(vmamba, 'NORMS_TRAIN_ON_TRITON', on)
+        model = VMamba(dict(embed_dims=16, depths=[1, 1]),
+                       out_indices=(0, 1))
+        norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
+        # patch embedding, 2 blocks, 1 merging, 2 outputs
+        assert len(norms) == 6
+        assert all(m.triton_when_recorded is on for m in norms)
+        assert type(model.stages[0].blocks[0].ss2d.out_norm) is \
+            torch.nn.LayerNorm
+
+
 @pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 3])
 def test_frozen_stages(frozen_stages):
     """The patch embedding (from 0 on) and stages ``< frozen_stages`` with

@@ -35,9 +35,9 @@ class RecordFallbacks(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class TritonWhenRecorded(ln.LayerNorm):
+def triton_when_recorded(*args, **kwargs) -> ln.LayerNorm:
     """The module on :func:`layer_norm` for recorded calls too."""
-    triton_when_recorded = True
+    return ln.LayerNorm(*args, triton_when_recorded=True, **kwargs)
 
 
 @pytest.fixture
@@ -380,10 +380,10 @@ class TestInterpreted:
 
     def test_layer_norm_module(self, reported_seed):
         """The kernels for calls autograd does not record, F.layer_norm for
-        recorded ones (both for TritonWhenRecorded)."""
-        for cls, recorded_calls in ((ln.LayerNorm, 1), (TritonWhenRecorded,
-                                                        0)):
-            norm = cls(100)
+        recorded ones (both with triton_when_recorded)."""
+        for make, recorded_calls in ((ln.LayerNorm, 1),
+                                     (triton_when_recorded, 0)):
+            norm = make(100)
             with torch.no_grad():
                 norm.weight.normal_()
                 norm.bias.normal_()
@@ -812,7 +812,7 @@ def test_dynamo_traces_layer_norm_into_the_custom_op(triton_on_cpu):
 
         def __init__(self):
             super().__init__()
-            self.norm = TritonWhenRecorded(96)
+            self.norm = triton_when_recorded(96)
 
         def forward(self, x):
             return self.norm(x)
@@ -943,7 +943,7 @@ def test_gpu_compile_fullgraph_matches_eager(autocast, reported_seed):
         graphs.append(graph)
         return inductor_compile(graph, example_inputs)
 
-    norm = TritonWhenRecorded(192).cuda()
+    norm = triton_when_recorded(192).cuda()
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
