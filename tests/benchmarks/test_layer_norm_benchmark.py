@@ -122,9 +122,9 @@ def test_gate_floor_bytes():
 
 def test_gate_inputs_and_check(monkeypatch):
     """The check names why the Triton backward would not run (CPU tensors
-    by default), passes where it would, and leaves the policy off (as
-    merged)."""
-    assert not common.GATE_BACKWARD_ON_TRITON
+    by default), passes where it would, and leaves the policy as it
+    was."""
+    default = common.GATE_BACKWARD_ON_TRITON
     inputs = bench.gate_inputs(2, 3, 3, 32, 16, 'cpu')
     assert inputs['z'].dtype == torch.bfloat16
     assert inputs['z'].stride(-2) == 64  # half of in_proj's output
@@ -135,7 +135,12 @@ def test_gate_inputs_and_check(monkeypatch):
                                      inputs['norm'])
     monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ('cuda', 'cpu'))
     bench.check_gate_triton_path(inputs['y'], inputs['z'], inputs['norm'])
-    assert not common.GATE_BACKWARD_ON_TRITON
+    assert common.GATE_BACKWARD_ON_TRITON is default
+    # wider than the policy's cap: the op table times the kernel anyway
+    cap = common.GATE_BACKWARD_MAX_CHANNELS
+    wide = bench.gate_inputs(1, 2, 2, cap + 8, 16, 'cpu')
+    bench.check_gate_triton_path(wide['y'], wide['z'], wide['norm'])
+    assert common.GATE_BACKWARD_MAX_CHANNELS == cap
 
 
 @pytest.fixture
@@ -216,6 +221,7 @@ def test_gate_model_table(switch_table):
 
 @NEEDS_GPU
 def test_small_gate_run_on_the_gpu(capsys, tiny_config):
+    default = common.GATE_BACKWARD_ON_TRITON
     rows = small_run('--gate', '--models', tiny_config)
     assert len(rows) == 4 + 1
     assert all(r['aten'] > 0 and r['triton'] > 0 and r['linear'] > 0
@@ -224,7 +230,7 @@ def test_small_gate_run_on_the_gpu(capsys, tiny_config):
     assert rows[4]['off']['ms'] > 0 and rows[4]['on']['ms'] > 0
     out = capsys.readouterr().out
     assert 'gate ATen / Triton' in out and 'Classifier train-bf16' in out
-    assert not common.GATE_BACKWARD_ON_TRITON
+    assert common.GATE_BACKWARD_ON_TRITON is default
 
 
 def test_add_norm_floor_bytes():
@@ -270,10 +276,11 @@ def test_add_norm_model_table(switch_table):
 
 @NEEDS_GPU
 def test_small_add_norm_run_on_the_gpu(capsys, tiny_config):
+    default = vmamba.ADD_NORM_ON_TRITON
     rows = small_run('--add-norm', '--models', tiny_config)
     assert len(rows) == 4 * 2
     assert all(r['unfused_ms'] > 0 and r['fused_ms'] > 0 and r['same_sum']
                for r in rows)
     out = capsys.readouterr().out
     assert 'add_layer_norm' in out and 'Inference steps' in out
-    assert not vmamba.ADD_NORM_ON_TRITON
+    assert vmamba.ADD_NORM_ON_TRITON is default

@@ -9,6 +9,7 @@ fresh process with ``TRITON_INTERPRET=1``. The GPU tests skip without CUDA.
 """
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from test_layer_norm import RecordFallbacks, assert_close_to
 from torch.overrides import TorchFunctionMode
@@ -364,6 +365,42 @@ def test_vmamba_switch_keeps_cpu_and_recorded_calls_as_they_are(
         for a, b in zip([*plain[0], *plain[1]], [*fused[0], *fused[1]]):
             assert (a is None and b is None) or torch.equal(a, b)
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize('hooked', ['block', 'norm', 'global'])
+def test_vmamba_switch_runs_the_blocks_where_hooks_are_registered(
+        hooked, monkeypatch):
+    """A forward hook on a block, on a block's norm or on all modules turns
+    the fused loop off: every hook sees its calls (the fused loop would
+    skip the blocks' calls and the later norms')."""
+    monkeypatch.setattr(vmamba, 'ADD_NORM_ON_TRITON', True)
+    model = VMamba(ARCH, out_indices=(3, )).eval()
+    calls = []
+    real = vmamba.add_layer_norm
+    monkeypatch.setattr(vmamba, 'add_layer_norm',
+                        lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 28))
+    assert len(calls) == FUSED_PAIRS  # fused without hooks
+    del calls[:]
+    seen = []
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    hook = lambda module, args, out: seen.append(module)  # noqa: E731
+    if hooked == 'block':
+        handles = [b.register_forward_hook(hook) for b in blocks]
+    elif hooked == 'norm':
+        handles = [b.norm.register_forward_hook(hook) for b in blocks]
+    else:
+        handles = [nn.modules.module.register_module_forward_hook(hook)]
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 28))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not calls
+    if hooked != 'global':
+        assert len(seen) == len(blocks)
 
 
 # ---------------------------------------------------------------------------

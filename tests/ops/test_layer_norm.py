@@ -20,7 +20,6 @@ from mmvmamba.ops import layer_norm as ln
 from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
 
 
-
 class RecordFallbacks(TorchFunctionMode):
     """Counts the calls of ``F.layer_norm`` in a block: the fallback path
     calls it, the Triton path never does."""
@@ -228,7 +227,10 @@ def run_recomputed_output(common, shape, out_channels, device, autocast):
     inputs = [y.requires_grad_(), z.requires_grad_()]
     wrt = (*inputs, norm.weight, norm.bias, proj.weight)
     results = []
-    default = common.GATE_BACKWARD_ON_TRITON
+    defaults = (common.GATE_BACKWARD_ON_TRITON,
+                common.GATE_BACKWARD_MAX_CHANNELS)
+    # the kernels at any width (the default cap leaves the widest to ATen)
+    common.GATE_BACKWARD_MAX_CHANNELS = channels
     try:
         for on_triton in (False, True):
             common.GATE_BACKWARD_ON_TRITON = on_triton
@@ -237,7 +239,8 @@ def run_recomputed_output(common, shape, out_channels, device, autocast):
                 out = common.ss2d_output(*inputs, norm, proj, recompute=True)
             results.append((out, ) + torch.autograd.grad(out, wrt, grad))
     finally:
-        common.GATE_BACKWARD_ON_TRITON = default
+        (common.GATE_BACKWARD_ON_TRITON,
+         common.GATE_BACKWARD_MAX_CHANNELS) = defaults
     return (y, z, norm, proj), grad, results[0], results[1]
 
 
@@ -618,13 +621,14 @@ def test_gate_unsupported_reasons(triton_on_cpu):
 @needs_triton
 def test_gate_backward_reasons(monkeypatch):
     """RecomputedOutput's backward takes the Triton kernels only with
-    GATE_BACKWARD_ON_TRITON (off by default) and where the gated kernel
+    GATE_BACKWARD_ON_TRITON (on by default) and where the gated kernel
     takes the inputs."""
     from mmvmamba.models.backbones import common
     y, w = torch.randn(4, 6, 96), torch.randn(96)
     z = torch.randn(4, 6, 192).bfloat16()[..., 96:]
     reason = common.gate_backward_reason
-    assert not common.GATE_BACKWARD_ON_TRITON
+    assert common.GATE_BACKWARD_ON_TRITON
+    monkeypatch.setattr(common, 'GATE_BACKWARD_ON_TRITON', False)
     assert reason(y, z, w, w, torch.bfloat16) == (
         'GATE_BACKWARD_ON_TRITON is off')
     monkeypatch.setattr(common, 'GATE_BACKWARD_ON_TRITON', True)
@@ -634,6 +638,10 @@ def test_gate_backward_reasons(monkeypatch):
     assert reason(y, None, w, w, torch.float32) == 'no gate (z is None)'
     assert reason(y, z, w, w, torch.float64) == (
         'out_proj ran in torch.float64')
+    monkeypatch.setattr(common, 'GATE_BACKWARD_MAX_CHANNELS', 64)
+    assert reason(y, z, w, w, torch.bfloat16) == (
+        '96 channels, more than GATE_BACKWARD_MAX_CHANNELS (64)')
+    monkeypatch.setattr(common, 'GATE_BACKWARD_MAX_CHANNELS', 96)
     assert reason(y.bfloat16(), z, None, None, torch.bfloat16).startswith(
         'x is torch.bfloat16')
     w.requires_grad_()  # a double backward (create_graph) records
@@ -1036,29 +1044,50 @@ def test_gpu_backbone_norms(reported_seed, monkeypatch):
     """A small VMamba's norms are the Triton LayerNorm, its out_norms the
     gated kernel: under bf16 autocast, inference runs the kernels (where
     the map is contiguous in C) with the ATen ops' features up to bf16
-    rounding; a training forward runs F.layer_norm for the module norms
-    and the gated kernel inside the recomputing Function's forward."""
+    rounding; a training step runs the module norms on the kernels too
+    (vmamba.NORMS_TRAIN_ON_TRITON), with ATen's gradients up to bf16
+    rounding, and the gated kernel inside the recomputing Function's
+    forward."""
     from mmvmamba.models import VMamba
+    from mmvmamba.models.backbones import vmamba
     from mmvmamba.ops import depthwise_conv
+    assert vmamba.NORMS_TRAIN_ON_TRITON
     model = VMamba(dict(embed_dims=32, depths=[1, 1, 2, 1]),
                    drop_path_rate=0.).cuda().eval()
     norms = [m for m in model.modules() if type(m) is ln.LayerNorm]
     assert len(norms) == 1 + 5 + 3 + 1  # embed, blocks, merges, out
     x = torch.randn(2, 3, 64, 64, device='cuda')
+
+    def step(record):
+        """A training step's gradients, the forward's calls in record."""
+        model.zero_grad()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            with record:
+                outs = model(x)
+            sum(out.float().square().mean() for out in outs).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
     with torch.autocast('cuda', dtype=torch.bfloat16):
         with torch.no_grad(), RecordFallbacks() as inference:
             got = model(x)[-1]
-        with RecordFallbacks() as training:
-            model(x)
-        # the patch embedding's conv writes a channels-last map, so its norm
-        # reads contiguous rows too
-        assert inference.calls == 0
-        assert training.calls == len(norms)
-        # the reference: ATen's norms, gate and convolutions (cuDNN)
-        monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ())
-        monkeypatch.setattr(depthwise_conv, 'TRITON_DEVICE_TYPES', ())
+    # the patch embedding's conv writes a channels-last map, so its norm
+    # reads contiguous rows too
+    assert inference.calls == 0
+    training = RecordFallbacks()
+    grads = step(training)
+    assert training.calls == 0
+    # the reference: ATen's norms, gate and convolutions (cuDNN)
+    monkeypatch.setattr(ln, 'TRITON_DEVICE_TYPES', ())
+    monkeypatch.setattr(depthwise_conv, 'TRITON_DEVICE_TYPES', ())
+    with torch.autocast('cuda', dtype=torch.bfloat16):
         with torch.no_grad(), RecordFallbacks() as aten:
             expected = model(x)[-1]
-        assert aten.calls == len(norms) + 5  # and the five out_norms
+    assert aten.calls == len(norms) + 5  # and the five out_norms
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    aten_training = RecordFallbacks()
+    expected_grads = step(aten_training)
+    assert aten_training.calls == len(norms) + 5
+    for grad, ref in zip(grads, expected_grads):
+        scale = ref.abs().max().clamp_min(1e-6)
+        assert (grad - ref).abs().max() <= 3e-2 * scale

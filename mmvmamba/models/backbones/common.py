@@ -200,10 +200,16 @@ def linear_backward(
 #: Whether :class:`RecomputedOutput`'s backward runs the gate's Triton
 #: backward (:func:`mmvmamba.ops.layer_norm.gated_layer_norm_backward`, and
 #: the forward kernel for out_proj's input) where
-#: :func:`gate_backward_reason` allows, instead of the ATen ops. Set after
-#: measuring (``python benchmarks/layer_norm.py --gate`` times both); read
-#: at every backward.
-GATE_BACKWARD_ON_TRITON = False
+#: :func:`gate_backward_reason` allows, instead of the ATen ops; read at
+#: every backward. On: VMamba-T's bf16 training step measured 1.07x faster
+#: on an H200, VMamba2-T's the same (``python benchmarks/layer_norm.py
+#: --gate --models vmamba-t vmamba2-t``; docs/ops.md).
+GATE_BACKWARD_ON_TRITON = True
+
+#: The widest gate (E, y's channels) that takes the Triton backward: at
+#: VMamba-T's maps it measured 2.48x / 1.34x ATen's at E = 192 / 384 and
+#: 0.75x / 0.78x at E = 768 / 1536 (docs/ops.md).
+GATE_BACKWARD_MAX_CHANNELS = 384
 
 
 def gate_backward_reason(y: torch.Tensor, z: Optional[torch.Tensor],
@@ -223,6 +229,9 @@ def gate_backward_reason(y: torch.Tensor, z: Optional[torch.Tensor],
         return 'no gate (z is None)'
     if linear_dtype not in ln.TRITON_DTYPES:
         return f'out_proj ran in {linear_dtype}'
+    if y.shape[-1] > GATE_BACKWARD_MAX_CHANNELS:
+        return (f'{y.shape[-1]} channels, more than '
+                f'GATE_BACKWARD_MAX_CHANNELS ({GATE_BACKWARD_MAX_CHANNELS})')
     return ln.gate_unsupported_reason(y, z, norm_weight, norm_bias)
 
 

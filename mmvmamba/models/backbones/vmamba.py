@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.registry import MODELS
+from torch.nn.modules import module as nn_module
 
 from mmvmamba.ops import (LayerNorm, cross_selective_scan,
                           depthwise_conv_nhwc)
@@ -16,9 +17,10 @@ from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
 
 #: Whether :class:`VSSStage` runs each block's residual add and the next
 #: block's norm in one pass (:func:`~mmvmamba.ops.layer_norm.add_layer_norm`)
-#: where autograd does not record. Off: not measured on a GPU yet
-#: (``python benchmarks/layer_norm.py --add-norm --models vmamba-t``).
-ADD_NORM_ON_TRITON = False
+#: where autograd does not record. On: VMamba-T's bf16 inference measured
+#: 1.008x faster on an H200 (``python benchmarks/layer_norm.py --add-norm
+#: --models vmamba-t``; docs/ops.md).
+ADD_NORM_ON_TRITON = True
 
 #: Whether :class:`VMamba`'s LayerNorms (``out_norm`` aside) run the Triton
 #: kernels in training too (``LayerNorm.triton_when_recorded``), read when
@@ -192,6 +194,11 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class VSSStage(BlockStage):
     """A stage: VSS blocks, then an optional patch merging.
 
@@ -199,7 +206,9 @@ class VSSStage(BlockStage):
     DropPath is the identity (eval), each block hands the next one its
     normalised input: the residual add and the next block's norm run in one
     pass (:func:`~mmvmamba.ops.layer_norm.add_layer_norm`), with the same
-    values up to float32 rounding. Otherwise the blocks run one by one.
+    values up to float32 rounding. Otherwise (also where forward hooks are
+    registered on the blocks, their norms or all modules, which that path
+    would not call) the blocks run one by one.
     """
 
     def __init__(self, embed_dims: int, depth: int, drop_paths: Sequence[float],
@@ -214,9 +223,13 @@ class VSSStage(BlockStage):
         parameters are gathered only where gradients are on)."""
         return ADD_NORM_ON_TRITON and all(
             isinstance(block.norm, LayerNorm) and block.drop_path.is_identity
+            and not _has_forward_hooks(block)
+            and not _has_forward_hooks(block.norm)
             for block in self.blocks) and not (
-                torch.is_grad_enabled()
-                and autograd_records(x, *self.blocks.parameters()))
+                nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks) and not (
+                    torch.is_grad_enabled()
+                    and autograd_records(x, *self.blocks.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fuses_add_norm(x):
