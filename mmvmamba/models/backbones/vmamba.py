@@ -24,8 +24,9 @@ ADD_NORM_ON_TRITON = True
 
 #: Whether :class:`VMamba`'s LayerNorms (``out_norm`` aside) run the Triton
 #: kernels in training too (``LayerNorm.triton_when_recorded``), read when
-#: the backbone is built. On: VMamba-T's bf16 training step measured 1.05x
-#: faster on an H200 (docs/ops.md); VMamba2 keeps ``F.layer_norm`` there.
+#: the backbone is built. On: VMamba-T's bf16 training step measured
+#: 1.04-1.05x faster on an H200, VMamba2-T's 0.89x (docs/ops.md), so VMamba2
+#: keeps ``F.layer_norm`` there.
 NORMS_TRAIN_ON_TRITON = True
 
 
