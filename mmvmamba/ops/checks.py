@@ -49,6 +49,18 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f'all tensors must be on one device, got {listing}')
 
 
+def autocast_dtype(x: torch.Tensor,
+                   device_types: Sequence[str]) -> Optional[torch.dtype]:
+    """Autocast's dtype for ``x``'s device where autocast is on there and
+    the device is one of ``device_types`` (the kernels' own, which they
+    read at call time), else None."""
+    device_type = x.device.type
+    if device_type in device_types and torch.is_autocast_enabled(
+            device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def autograd_records(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records an op on ``tensors`` here."""
     return torch.is_grad_enabled() and any(

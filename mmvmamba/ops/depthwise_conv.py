@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import forward_only_reason
+from .checks import autocast_dtype, forward_only_reason
 from .layer_norm import TRITON_IMPORT_ERROR, tl, triton
 
 #: Device types whose tensors take the kernel (tests add 'cpu' to run it in
@@ -83,16 +83,6 @@ if triton is not None:
                  mask=out_mask)
 
 
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """Autocast's dtype for ``x``'s device where it is on (one of
-    :data:`AUTOCAST_DEVICE_TYPES`), else None."""
-    device_type = x.device.type
-    if (device_type in AUTOCAST_DEVICE_TYPES
-            and torch.is_autocast_enabled(device_type)):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 def unsupported_reason(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
     """Why :func:`depthwise_conv_nhwc` would not run the kernel for
     ``conv`` on the channels-last map ``x``, or None if it would."""
@@ -115,11 +105,11 @@ def unsupported_reason(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
                 f'{channels}) map')
     if x.stride(-1) != 1:
         return f'x is not contiguous along C (stride {x.stride(-1)})'
-    autocast_dtype = _autocast_dtype(x)
-    dtype = autocast_dtype or x.dtype
+    cast_dtype = autocast_dtype(x, AUTOCAST_DEVICE_TYPES)
+    dtype = cast_dtype or x.dtype
     if dtype not in TRITON_DTYPES or x.dtype not in TRITON_DTYPES:
         return f'x of {x.dtype} computed in {dtype} is not covered'
-    if autocast_dtype is None and conv.weight.dtype != x.dtype:
+    if cast_dtype is None and conv.weight.dtype != x.dtype:
         return (f'x is {x.dtype} and the weight {conv.weight.dtype} outside '
                 'autocast')
     return forward_only_reason(x, conv.weight, conv.bias)
@@ -145,7 +135,7 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
     if unsupported_reason(conv, x) is not None:
         out = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return F.silu(out) if silu else out
-    dtype = _autocast_dtype(x) or x.dtype
+    dtype = autocast_dtype(x, AUTOCAST_DEVICE_TYPES) or x.dtype
     batch, height, width, channels = x.shape
     k = conv.kernel_size[0]
     # the parameters as autocast hands them to cuDNN

@@ -44,8 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import (autograd_records, check_same_device, check_tensor,
-                     forward_only_reason)
+from .checks import (autocast_dtype, autograd_records, check_same_device,
+                     check_tensor, forward_only_reason)
 
 try:
     import triton
@@ -519,9 +519,7 @@ def _autocast_on(x: torch.Tensor) -> bool:
     """Whether autocast of ``x``'s device (one of
     :data:`AUTOCAST_DEVICE_TYPES`) is on where this is called: the front
     function decides, before any dispatch, and hands the dtype down."""
-    device_type = x.device.type
-    return (device_type in AUTOCAST_DEVICE_TYPES
-            and torch.is_autocast_enabled(device_type))
+    return autocast_dtype(x, AUTOCAST_DEVICE_TYPES) is not None
 
 
 def norm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -661,9 +659,9 @@ def gated_layer_norm(x: torch.Tensor,
     Returns:
         Tensor: ``x``'s shape.
     """
-    if out_dtype is None and _autocast_on(x):
-        out_dtype = torch.get_autocast_dtype(x.device.type)
-    elif out_dtype is None:
+    if out_dtype is None:
+        out_dtype = autocast_dtype(x, AUTOCAST_DEVICE_TYPES)
+    if out_dtype is None:
         out_dtype = torch.promote_types(x.dtype, z.dtype)
     if gate_unsupported_reason(x, z, weight, bias) is not None:
         gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps) * F.silu(z)
