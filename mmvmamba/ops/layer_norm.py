@@ -666,16 +666,6 @@ def gated_layer_norm(x: torch.Tensor,
     if gate_unsupported_reason(x, z, weight, bias) is not None:
         gated = F.layer_norm(x, x.shape[-1:], weight, bias, eps) * F.silu(z)
         return gated.to(out_dtype)
-    return _gated_forward(x, z, weight, bias, eps, out_dtype)
-
-
-def _gated_forward(x: torch.Tensor, z: torch.Tensor,
-                   weight: Optional[torch.Tensor],
-                   bias: Optional[torch.Tensor], eps: float,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    """Launch the gated forward (inputs that
-    :func:`gate_unsupported_reason` passes): ``x``'s shape, ``out_dtype``.
-    """
     x_rows = _as_rows(x)
     out = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
     _launch_forward(x_rows, out, weight, bias, eps,

@@ -17,7 +17,6 @@ from mmvmamba.ops import depthwise_conv as dw
 from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
 
 
-
 def make_conv(channels, k=3, bias=True, device='cpu'):
     conv = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels,
                      bias=bias).to(device)

@@ -251,7 +251,7 @@ class RecomputedOutput(torch.autograd.Function):
     products may round differently). Lighter on the host than
     ``torch.utils.checkpoint`` and traceable by ``torch.compile``.
 
-    Where :func:`gate_backward_reason` allows (off by default:
+    Where :func:`gate_backward_reason` allows (on by default:
     :data:`GATE_BACKWARD_ON_TRITON`), the backward runs Triton kernels
     instead: the gated forward kernel recomputes ``out_proj``'s input, and
     one kernel the gradients of y, z, and the norm's weight and bias, with
@@ -282,7 +282,9 @@ class RecomputedOutput(torch.autograd.Function):
             ctx.needs_input_grad
         if gate_backward_reason(y, z, norm_weight, norm_bias,
                                 ctx.linear_dtype) is None:
-            return RecomputedOutput._backward_on_triton(ctx, grad)
+            return RecomputedOutput._backward_on_triton(
+                ctx, grad, ctx.needs_input_grad, y, z, norm_weight,
+                norm_bias, proj_weight, proj_bias)
         norm_in = [t.to(ctx.norm_dtype) for t in (y, norm_weight, norm_bias)]
         normed, mean, rstd = torch.ops.aten.native_layer_norm(
             norm_in[0], norm_weight.shape, norm_in[1], norm_in[2], ctx.eps)
@@ -316,14 +318,15 @@ class RecomputedOutput(torch.autograd.Function):
         return grad_y, grad_z, grad_nw, grad_nb, None, grad_pw, grad_pb
 
     @staticmethod
-    def _backward_on_triton(ctx, grad: torch.Tensor):
+    def _backward_on_triton(ctx, grad: torch.Tensor, needs_input_grad,
+                            y, z, norm_weight, norm_bias, proj_weight,
+                            proj_bias):
         """The backward on the gate's Triton kernels (the gated map
         recomputed by the forward kernel in ``out_proj``'s dtype; then
-        ``gated_layer_norm_backward``)."""
-        y, z, norm_weight, norm_bias, proj_weight, proj_bias = \
-            ctx.saved_tensors
+        ``gated_layer_norm_backward``), of the saved tensors that
+        :meth:`backward` unpacked."""
         need_y, need_z, need_nw, need_nb, _, need_pw, need_pb = \
-            ctx.needs_input_grad
+            needs_input_grad
         grad_2d = grad.reshape(-1, grad.shape[-1])
         gated_2d = None
         if need_pw:
