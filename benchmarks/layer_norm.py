@@ -36,15 +36,14 @@ weight from a fixed bfloat16 gradient) at VMamba-T's gate maps (batch, H,
 W, E = 2C; y float32, z the bfloat16 second half of a (batch, H, W, 2E)
 map, out_proj E -> C), under bf16 autocast, its backward on the ATen ops
 and on the gate's Triton kernels (``GATE_BACKWARD_ON_TRITON`` off and
-on, ``GATE_BACKWARD_MAX_CHANNELS`` lifted); beside them out_proj alone
+on); beside them out_proj alone
 (its forward and backward on a bfloat16 input, in both times) and the
 gate's time without it, against the bytes
 the gate's kernels move at least (forward: y and z read, the bfloat16 gated
 map written; backward: y, z and the gated map's gradient read, the gated
 map written again for out_proj's weight gradient, the gradients of y and z
 written) over the copy bandwidth. With ``--models``, ``train-bf16`` steps
-of the classifiers with ``GATE_BACKWARD_ON_TRITON`` off and on (its
-channel cap as set).
+of the classifiers with ``GATE_BACKWARD_ON_TRITON`` off and on.
 
     python benchmarks/layer_norm.py --gate [--sweep] [--models vmamba-t]
 
@@ -345,10 +344,9 @@ def make_linear_step(y, proj, grad) -> Callable[[], None]:
 
 def check_gate_triton_path(y, z, norm) -> None:
     """Raise RuntimeError (with the reason) if RecomputedOutput's backward
-    would not run the Triton kernels with the policy on at any width (under
-    no_grad, as a backward runs)."""
-    with module_settings(common, GATE_BACKWARD_ON_TRITON=True,
-                         GATE_BACKWARD_MAX_CHANNELS=y.shape[-1]), \
+    would not run the Triton kernels with the policy on (under no_grad, as
+    a backward runs)."""
+    with module_settings(common, GATE_BACKWARD_ON_TRITON=True), \
             torch.no_grad():
         reason = common.gate_backward_reason(y, z, norm.weight, norm.bias,
                                              torch.bfloat16)
@@ -364,8 +362,7 @@ def sweep_gate_launch(step: Callable[[], None], channels: int,
     row (``step`` timed with the Triton backward): elements per tile x
     warps, then programs per SM at the fastest of those
     (:func:`fastest_launch`)."""
-    with module_settings(common, GATE_BACKWARD_ON_TRITON=True,
-                         GATE_BACKWARD_MAX_CHANNELS=channels):
+    with module_settings(common, GATE_BACKWARD_ON_TRITON=True):
         return fastest_launch(step, 'gate_backward_launch_config', channels,
                               (1024, 2048, 4096), True, f'E={channels}',
                               device, warmup, repeat)
@@ -389,10 +386,7 @@ def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
         step = make_gate_step(**inputs)
         times = {}
         for key, on in (('aten', False), ('triton', True)):
-            # the kernels at every width: GATE_BACKWARD_MAX_CHANNELS comes
-            # from this table
-            with module_settings(common, GATE_BACKWARD_ON_TRITON=on,
-                                 GATE_BACKWARD_MAX_CHANNELS=inner):
+            with module_settings(common, GATE_BACKWARD_ON_TRITON=on):
                 times[key] = measure(step, device, warmup, repeat)
         times['linear'] = measure(
             make_linear_step(inputs['y'], inputs['proj'], inputs['grad']),

@@ -227,10 +227,7 @@ def run_recomputed_output(common, shape, out_channels, device, autocast):
     inputs = [y.requires_grad_(), z.requires_grad_()]
     wrt = (*inputs, norm.weight, norm.bias, proj.weight)
     results = []
-    defaults = (common.GATE_BACKWARD_ON_TRITON,
-                common.GATE_BACKWARD_MAX_CHANNELS)
-    # the kernels at any width (the default cap leaves the widest to ATen)
-    common.GATE_BACKWARD_MAX_CHANNELS = channels
+    default = common.GATE_BACKWARD_ON_TRITON
     try:
         for on_triton in (False, True):
             common.GATE_BACKWARD_ON_TRITON = on_triton
@@ -239,8 +236,7 @@ def run_recomputed_output(common, shape, out_channels, device, autocast):
                 out = common.ss2d_output(*inputs, norm, proj, recompute=True)
             results.append((out, ) + torch.autograd.grad(out, wrt, grad))
     finally:
-        (common.GATE_BACKWARD_ON_TRITON,
-         common.GATE_BACKWARD_MAX_CHANNELS) = defaults
+        common.GATE_BACKWARD_ON_TRITON = default
     return (y, z, norm, proj), grad, results[0], results[1]
 
 
@@ -638,10 +634,6 @@ def test_gate_backward_reasons(monkeypatch):
     assert reason(y, None, w, w, torch.float32) == 'no gate (z is None)'
     assert reason(y, z, w, w, torch.float64) == (
         'out_proj ran in torch.float64')
-    monkeypatch.setattr(common, 'GATE_BACKWARD_MAX_CHANNELS', 64)
-    assert reason(y, z, w, w, torch.bfloat16) == (
-        '96 channels, more than GATE_BACKWARD_MAX_CHANNELS (64)')
-    monkeypatch.setattr(common, 'GATE_BACKWARD_MAX_CHANNELS', 96)
     assert reason(y.bfloat16(), z, None, None, torch.bfloat16).startswith(
         'x is torch.bfloat16')
     w.requires_grad_()  # a double backward (create_graph) records

@@ -202,14 +202,11 @@ def linear_backward(
 #: the forward kernel for out_proj's input) where
 #: :func:`gate_backward_reason` allows, instead of the ATen ops; read at
 #: every backward. On: VMamba-T's bf16 training step measured 1.07x faster
-#: on an H200, VMamba2-T's the same (``python benchmarks/layer_norm.py
-#: --gate --models vmamba-t vmamba2-t``; docs/ops.md).
+#: on an H200 (at every gate width; leaving E >= 768 to ATen, faster there
+#: by the op table, made it 1.04x), VMamba2-T's the same
+#: (``python benchmarks/layer_norm.py --gate --models vmamba-t vmamba2-t``;
+#: docs/ops.md).
 GATE_BACKWARD_ON_TRITON = True
-
-#: The widest gate (E, y's channels) that takes the Triton backward: at
-#: VMamba-T's maps it measured 2.48x / 1.34x ATen's at E = 192 / 384 and
-#: 0.75x / 0.78x at E = 768 / 1536 (docs/ops.md).
-GATE_BACKWARD_MAX_CHANNELS = 384
 
 
 def gate_backward_reason(y: torch.Tensor, z: Optional[torch.Tensor],
@@ -229,9 +226,6 @@ def gate_backward_reason(y: torch.Tensor, z: Optional[torch.Tensor],
         return 'no gate (z is None)'
     if linear_dtype not in ln.TRITON_DTYPES:
         return f'out_proj ran in {linear_dtype}'
-    if y.shape[-1] > GATE_BACKWARD_MAX_CHANNELS:
-        return (f'{y.shape[-1]} channels, more than '
-                f'GATE_BACKWARD_MAX_CHANNELS ({GATE_BACKWARD_MAX_CHANNELS})')
     return ln.gate_unsupported_reason(y, z, norm_weight, norm_bias)
 
 
