@@ -160,18 +160,17 @@ struct CrossIo {
   // The table of the next chunk's kSteps int32 positions, in floats.
   static constexpr int kPositionFloats = kSteps;
   // The scanned chunk's positions lie in the padding column of the u and dt
-  // tiles, which are contiguous: rows 0 .. kSteps - 1 of the two.
+  // tiles, which are contiguous: rows 0 .. kSteps - 1 of the two (the full
+  // passes; the summaries store nothing).
   template <Pass kPass>
   static constexpr bool kPaddingColumn = SmemLayout<Q, kPass>::u == 0 &&
                                          SmemLayout<Q, kPass>::dt == Tl::channels * kRow;
   static_assert(kPaddingColumn<Pass::kForward> && kPaddingColumn<Pass::kBackward> &&
-                    kPaddingColumn<Pass::kForwardSummary> &&
-                    kPaddingColumn<Pass::kBackwardSummary> &&
                     2 * Tl::channels >= kSteps && kRow > kSteps,
                 "a padding column of kSteps rows in the u and dt tiles");
 
   // The backward runs in the fragment layout (FragmentLane, scan_bwd.cuh):
-  // its tiles are staged by Loads<true, true> (pair_dy_index,
+  // its tiles are staged by Loads<Pass::kBackward, true> (pair_dy_index,
   // pair_state_index), its dB / dC terms stored in rows of kStateGradRow.
   static constexpr bool kFragmentBackward = true;
   // A warp's dB / dC of one step in the fragment layout: value 16 k + n is
@@ -230,10 +229,11 @@ struct CrossIo {
   }
 
   // The position table, the dB column's offset, dt_weight rows, the tile's
-  // dt_low, and (backward) d dt_weight rows.
-  static int extra_floats(const ScanParams& p, bool backward) {
+  // dt_low, and (the full backward) d dt_weight rows.
+  template <Pass kPass>
+  static int extra_floats(const ScanParams& p) {
     return kPositionFloats + kOffsetFloats +
-           ((backward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
+           ((kPass == Pass::kBackward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
   }
 
   // The regions of the extra shared memory (16-byte aligned: kPositionFloats,
@@ -300,8 +300,9 @@ struct CrossIo {
     return p.row_bytes[sizeof(V) / 4];
   }
 
-  // The block's rows of dt_weight, kept for the whole kernel; the
+  // The block's rows of dt_weight, kept for the whole kernel; the full
   // backward's d dt_weight rows start at zero.
+  template <Pass kPass>
   __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
                                  float* extra) {
     float* w_s = weights(extra);
@@ -313,7 +314,9 @@ struct CrossIo {
           d_in_group < p.per_group && r < p.rank
               ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
               : 0.0f;
-      if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
+      if constexpr (kPass == Pass::kBackward) {
+        if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
+      }
     }
     if (threadIdx.x == 0) {
       // Row (b, 0) of dx_dbl, direction g, its first dB column (R); the
@@ -342,13 +345,15 @@ struct CrossIo {
     }
   }
 
-  // kFragment (with kWithDy): staged for the backward's fragment layout
-  // (pair_dy_index, pair_state_index).
-  template <bool kWithDy, bool kFragment = false>
+  // The tiles of Staged<kPass>. kFragment (the full backward): staged for
+  // its fragment layout (pair_dy_index, pair_state_index).
+  template <Pass kPass, bool kFragment = false>
   struct Loads {
-    static_assert(kWithDy || !kFragment, "the fragment layout is the backward's");
-    T u[kRowLoads], B[kStateLoads], C[kStateLoads];
-    float dy[kWithDy ? kRowLoads : 1];
+    using In = Staged<kPass>;
+    static_assert(kPass == Pass::kBackward || !kFragment,
+                  "the fragment layout is the full backward's");
+    T u[In::u ? kRowLoads : 1], B[In::B ? kStateLoads : 1], C[In::C ? kStateLoads : 1];
+    float dy[In::dy ? kRowLoads : 1];
 
     __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const float* extra) {
@@ -362,14 +367,16 @@ struct CrossIo {
         const int64_t start = image_start(p, pos) + (row_ok ? d_in_group : 0);
         const T* u_map = static_cast<const T*>(p.u) + start;
         const float* dy_map =
-            kWithDy ? static_cast<const float*>(p.dy) + start : nullptr;
+            In::dy ? static_cast<const float*>(p.dy) + start : nullptr;
 #pragma unroll
         for (int k = 0; k < kRowLoads; ++k) {
           const int at = next_position(extra, j + k * kStepThreads);
           const bool ok = row_ok && j + k * kStepThreads < steps;
-          const T* u_at = row_at(u_map, at, map_pitch<T>(p));
-          u[k] = ok ? *u_at : zero;
-          if constexpr (kWithDy) {
+          if constexpr (In::u) {
+            const T* u_at = row_at(u_map, at, map_pitch<T>(p));
+            u[k] = ok ? *u_at : zero;
+          }
+          if constexpr (In::dy) {
             const float* dy_at = row_at(dy_map, at, map_pitch<float>(p));
             dy[k] = ok ? *dy_at : 0.0f;
           }
@@ -385,15 +392,19 @@ struct CrossIo {
       for (int k = 0; k < kStateLoads; ++k) {
         const int at = next_position(extra, j + k * kStateThreads);
         const bool ok = state_ok && j + k * kStateThreads < steps;
-        const T* B_at = row_at(B_rows, at, row_pitch<T>(p));
-        const T* C_at = row_at(C_rows, at, row_pitch<T>(p));
-        B[k] = ok ? *B_at : zero;
-        C[k] = ok ? *C_at : zero;
+        if constexpr (In::B) {
+          const T* B_at = row_at(B_rows, at, row_pitch<T>(p));
+          B[k] = ok ? *B_at : zero;
+        }
+        if constexpr (In::C) {
+          const T* C_at = row_at(C_rows, at, row_pitch<T>(p));
+          C[k] = ok ? *C_at : zero;
+        }
       }
     }
 
-    // Stores the loads, then the tile's dt_low (and copies the tile's
-    // positions for its stores), then computes the step sizes
+    // Stores the loads, then the tile's dt_low (and, the full passes, copies
+    // the tile's positions for their stores), then computes the step sizes
     // softplus(bias + dt_weight @ dt_low) of the block's channels.
     __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const TileSmem& s, float* extra) const {
@@ -402,10 +413,10 @@ struct CrossIo {
 #pragma unroll
       for (int k = 0; k < kRowLoads; ++k) {
         const int t = j + k * kStepThreads;
-        s.u[c * kRow + t] = static_cast<float>(u[k]);
+        if constexpr (In::u) s.u[c * kRow + t] = static_cast<float>(u[k]);
         if constexpr (kFragment) {
           s.dy[pair_dy_index(c, t)] = dy[k];
-        } else if constexpr (kWithDy) {
+        } else if constexpr (In::dy) {
           s.dy[c * kRow + t] = dy[k];
         }
       }
@@ -419,8 +430,8 @@ struct CrossIo {
             s.B[pair_state_index(t, n, 0)] = static_cast<float>(B[k]);
             s.B[pair_state_index(t, n, 1)] = static_cast<float>(C[k]);
           } else {
-            s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
-            s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+            if constexpr (In::B) s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
+            if constexpr (In::C) s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
           }
         }
       }
@@ -431,7 +442,9 @@ struct CrossIo {
         const int r0 = threadIdx.x / kSteps;
         const bool ok = t < chunk_steps(p, l0);
         const int at = next_position(extra, t);
-        if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(ok ? at : -1);
+        if constexpr (In::kFull) {
+          if (r0 == 0) s.u[t * kRow + kSteps] = __int_as_float(ok ? at : -1);
+        }
         const T* row = row_at(static_cast<const T*>(p.delta) + x_image_start(p, pos) +
                                   pos.g * (p.rank + 2 * p.d_state),
                               at, row_pitch<T>(p));
@@ -447,11 +460,11 @@ struct CrossIo {
         }
       }
       __syncthreads();
-      // The backward's recomputation on the tensor cores; the forward on the
-      // FMA pipes, where the products' fragments and accumulators would
-      // spill under the forward's register bound (measured slower at R = 6
-      // and 12; see docs/scan_kernel_notes.md).
-      if constexpr (kWithDy) {
+      // The full backward's recomputation on the tensor cores; the forward
+      // and the summaries on the FMA pipes, where the products' fragments and
+      // accumulators would spill under their register bounds (measured
+      // slower at R = 6 and 12 forward; see docs/scan_kernel_notes.md).
+      if constexpr (kPass == Pass::kBackward) {
         step_sizes(p, pos, l0, s, extra);
       } else {
         step_sizes_fma(p, pos, l0, s, extra);

@@ -100,7 +100,7 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::prepare(p, pos, extra);
+  Io::template prepare<Pass::kBackward>(p, pos, extra);
   // The segment's chunks, in reverse from the carry of the later segments:
   // dh enters its last step as decay_next * dh (zero after the last one).
   const SegmentRange range = segment_range(p);
@@ -147,7 +147,7 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
   }
   for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
     const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
-    typename Io::template Loads<true> tile;
+    typename Io::template Loads<Pass::kBackward> tile;
     tile.fetch(p, pos, l0, extra);
     __syncthreads();
     tile.stage(p, pos, l0, tiles, extra);
@@ -378,7 +378,7 @@ __device__ __forceinline__ FragmentStep load_fragment_step(const float* bc,
 
 // The backward in the fragment layout (Io::kFragmentBackward, CrossIo; see
 // FragmentLane): the passes of scan_bwd_lanes with Q = 4, but a lane holds 2
-// states of 2 channels. Its tiles are staged for it (Io::Loads<true, true>:
+// states of 2 channels. Its tiles are staged for it (Io::Loads<Pass::kBackward, true>:
 // a lane's dy of its two channels in one 8-byte load, its B and C in one
 // 16-byte load). dB / dC: the lane folds its two channels, then
 // reduce_state_grads_fragment (3 shuffles a step, was 7). The sums over
@@ -415,7 +415,7 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
 
   const BlockPos pos = block_pos(p);
   const FragmentLane lane(p, pos);
-  Io::prepare(p, pos, extra);
+  Io::template prepare<Pass::kBackward>(p, pos, extra);
   const SegmentRange range = segment_range(p);
   float dh[kP] = {}, decay_next[kP] = {}, dA[kP] = {};
   if (range.end < p.chunks) {
@@ -451,7 +451,7 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
   __syncthreads();
   for (int chunk = range.end - 1; chunk >= range.first; --chunk) {
     const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
-    typename Io::template Loads<true, true> tile;
+    typename Io::template Loads<Pass::kBackward, true> tile;
     tile.fetch(p, pos, l0, extra);
     __syncthreads();
     tile.stage(p, pos, l0, tiles, extra);
@@ -670,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
 // Backward: segments 1 .. S-1 (blockIdx.y + 1), chunks and steps in
 // reverse, to seg_state / seg_dt.
 template <typename Io>
-__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
+__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_summary_blocks_per_sm)
     scan_bwd_summary_kernel(const ScanParams p) {
   constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
@@ -681,13 +681,13 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_blocks_per_sm)
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::prepare(p, pos, extra);
+  Io::template prepare<Pass::kBackwardSummary>(p, pos, extra);
   const int seg = blockIdx.y + 1;
   const SegmentRange range = segment_range(p, 1);
   const float* dtrow = s.dt + lane.c * kRow;
   const float* dyrow = s.dy + lane.c * kRow;
   float dh[kP] = {}, decay_next[kP] = {}, dt_sum = 0.0f;
-  typename Io::template Loads<true> tile;
+  typename Io::template Loads<Pass::kBackwardSummary> tile;
   if constexpr (Io::kPositions) {
     Io::index_chunk(p, pos, range.end - 1, extra);
     __syncthreads();

@@ -43,6 +43,10 @@ struct Tile {
   static constexpr int fwd_blocks_per_sm = Q == 4 ? 5 : 4;
   static constexpr int bwd_blocks_per_sm = Q == 4 ? 4 : 3;
   static constexpr int bwd_keep_blocks_per_sm = 3;
+  // The backward's segment summary carries dh alone (no states, no
+  // outputs) and runs more blocks (7 measured 3-14% faster than 4 on an
+  // H200; the forward's summary, at 7, was slower than at 5).
+  static constexpr int bwd_summary_blocks_per_sm = Q == 4 ? 7 : 3;
   static constexpr int channels = kThreads / Q;  // channels per block
   static constexpr int states = kP * Q;          // states held by a channel
   static constexpr int state_row = states;       // 16-byte rows
@@ -143,6 +147,21 @@ __device__ __forceinline__ int part_index(int step, int lane) {
 // The kernels of a scan; each lays out its shared memory differently.
 enum class Pass { kForward, kBackward, kForwardSummary, kBackwardSummary };
 
+// The tiles a pass stages: the full passes all they read or store through
+// (and, CrossIo, the scanned chunk's positions for the stores); a summary
+// only what its walk reads: forward u, the step sizes and B; backward the
+// step sizes, dy and C.
+template <Pass kPass>
+struct Staged {
+  static constexpr bool kFull = kPass == Pass::kForward || kPass == Pass::kBackward;
+  static constexpr bool kBackward =
+      kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
+  static constexpr bool u = kPass != Pass::kBackwardSummary;
+  static constexpr bool dy = kBackward;
+  static constexpr bool B = kPass != Pass::kBackwardSummary;
+  static constexpr bool C = kPass != Pass::kForwardSummary;
+};
+
 // The shared-memory tiles of a block, kSteps steps deep: per channel (rows
 // of kRow) u, step sizes and dy; per step (rows of state_row) B and C.
 struct TileSmem {
@@ -159,16 +178,15 @@ struct Smem {
   float *state_grads, *part, *extra;
 };
 
-// The one layout of a block's shared memory, in floats: the tiles (dy for
-// the backward passes), then for the full passes the backward's dB / dC
-// terms and the partial sums, then the Io's extra floats, whose count is
-// known only at run time and so come last. Kernels carve their pointers
-// with carve(), the launch code sizes the allocation with bytes().
+// The one layout of a block's shared memory, in floats: the tiles the pass
+// stages (Staged), then for the full passes the backward's dB / dC terms and
+// the partial sums, then the Io's extra floats, whose count is known only at
+// run time and so come last. Kernels carve their pointers with carve(), the
+// launch code sizes the allocation with bytes().
 template <int Q, Pass kPass>
 struct SmemLayout {
   using Tl = Tile<Q>;
-  static constexpr bool kWithDy =
-      kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
+  using In = Staged<kPass>;
   static constexpr int kChannelTile = Tl::channels * kRow;
   static constexpr int kStateTile = kSteps * Tl::state_row;
   static constexpr int kGradFloats =
@@ -177,11 +195,11 @@ struct SmemLayout {
                                      : kPass == Pass::kBackward ? 2 * kThreads * kPiece
                                                                 : 0;
   static constexpr int u = 0;
-  static constexpr int dt = u + kChannelTile;
+  static constexpr int dt = u + (In::u ? kChannelTile : 0);
   static constexpr int dy = dt + kChannelTile;
-  static constexpr int B = dy + (kWithDy ? kChannelTile : 0);
-  static constexpr int C = B + kStateTile;
-  static constexpr int state_grads = C + kStateTile;
+  static constexpr int B = dy + (In::dy ? kChannelTile : 0);
+  static constexpr int C = B + (In::B ? kStateTile : 0);
+  static constexpr int state_grads = C + (In::C ? kStateTile : 0);
   static constexpr int part = state_grads + kGradFloats;
   static constexpr int extra = part + kPartFloats;
   static_assert(dt % 4 == 0 && dy % 4 == 0 && B % 4 == 0 && C % 4 == 0 &&
@@ -194,11 +212,11 @@ struct SmemLayout {
 
   __device__ static Smem carve(float* smem) {
     Smem s;
-    s.tile.u = smem + u;
+    s.tile.u = In::u ? smem + u : nullptr;
     s.tile.dt = smem + dt;
-    s.tile.dy = kWithDy ? smem + dy : nullptr;
-    s.tile.B = smem + B;
-    s.tile.C = smem + C;
+    s.tile.dy = In::dy ? smem + dy : nullptr;
+    s.tile.B = In::B ? smem + B : nullptr;
+    s.tile.C = In::C ? smem + C : nullptr;
     s.state_grads = kGradFloats > 0 ? smem + state_grads : nullptr;
     s.part = kPartFloats > 0 ? smem + part : nullptr;
     s.extra = smem + extra;

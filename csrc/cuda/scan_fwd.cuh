@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::prepare(p, pos, extra);
+  Io::template prepare<Pass::kForward>(p, pos, extra);
   // The segment's chunks, from its start state (zero for the first).
   const SegmentRange range = segment_range(p);
   float h[kP] = {};
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
   constexpr bool kDecaysAhead = kAhead >= 2;
   StepInputs ahead[kAhead > 0 ? kAhead : 1];
 
-  typename Io::template Loads<false> tile;
+  typename Io::template Loads<Pass::kForward> tile;
   if constexpr (Io::kPositions) {
     Io::index_chunk(p, pos, range.first, extra);
     __syncthreads();
@@ -243,12 +243,12 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::prepare(p, pos, extra);
+  Io::template prepare<Pass::kForwardSummary>(p, pos, extra);
   const SegmentRange range = segment_range(p);
   const float* urow = s.u + lane.c * kRow;
   const float* dtrow = s.dt + lane.c * kRow;
   float h[kP] = {}, dt_sum = 0.0f;
-  typename Io::template Loads<false> tile;
+  typename Io::template Loads<Pass::kForwardSummary> tile;
   if constexpr (Io::kPositions) {
     Io::index_chunk(p, pos, range.first, extra);
     __syncthreads();

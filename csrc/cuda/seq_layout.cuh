@@ -39,14 +39,18 @@ struct SeqIo {
   // The backward keeps Q lanes a channel (scan_bwd_lanes; see CrossIo).
   static constexpr bool kFragmentBackward = false;
 
-  static int extra_floats(const ScanParams&, bool) { return 0; }
+  template <Pass kPass>
+  static int extra_floats(const ScanParams&) { return 0; }
+  template <Pass kPass>
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
   __device__ static void finish(const ScanParams&, const BlockPos&, float*) {}
 
-  template <bool kWithDy>
+  // The tiles of Staged<kPass>.
+  template <Pass kPass>
   struct Loads {
-    T u[kRowLoads], delta[kRowLoads], dy[kWithDy ? kRowLoads : 1];
-    T B[kStateLoads], C[kStateLoads];
+    using In = Staged<kPass>;
+    T u[In::u ? kRowLoads : 1], delta[kRowLoads], dy[In::dy ? kRowLoads : 1];
+    T B[In::B ? kStateLoads : 1], C[In::C ? kStateLoads : 1];
 
     __device__ void fetch(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const float*) {
@@ -64,9 +68,9 @@ struct SeqIo {
 #pragma unroll
         for (int k = 0; k < kRowLoads; ++k) {
           const bool ok = row_ok && l + k * kRowThreads < p.length;
-          u[k] = ok ? u_row[k * kRowThreads] : zero;
+          if constexpr (In::u) u[k] = ok ? u_row[k * kRowThreads] : zero;
           delta[k] = ok ? delta_row[k * kRowThreads] : zero;
-          if constexpr (kWithDy) dy[k] = ok ? dy_row[k * kRowThreads] : zero;
+          if constexpr (In::dy) dy[k] = ok ? dy_row[k * kRowThreads] : zero;
         }
       }
       const int n = threadIdx.x / kStateThreads;
@@ -79,8 +83,8 @@ struct SeqIo {
 #pragma unroll
       for (int k = 0; k < kStateLoads; ++k) {
         const bool ok = row_ok && l + k * kStateThreads < p.length;
-        B[k] = ok ? B_row[k * kStateThreads] : zero;
-        C[k] = ok ? C_row[k * kStateThreads] : zero;
+        if constexpr (In::B) B[k] = ok ? B_row[k * kStateThreads] : zero;
+        if constexpr (In::C) C[k] = ok ? C_row[k * kStateThreads] : zero;
       }
     }
 
@@ -100,9 +104,9 @@ struct SeqIo {
           // Padding keeps a zero step: no bias, no softplus.
           const float x = static_cast<float>(delta[k]) + bias;
           const float dt = p.softplus ? softplus(x) : x;
-          s.u[c * kRow + t] = static_cast<float>(u[k]);
+          if constexpr (In::u) s.u[c * kRow + t] = static_cast<float>(u[k]);
           s.dt[c * kRow + t] = row_ok && l0 + t < p.length ? dt : 0.0f;
-          if constexpr (kWithDy) s.dy[c * kRow + t] = static_cast<float>(dy[k]);
+          if constexpr (In::dy) s.dy[c * kRow + t] = static_cast<float>(dy[k]);
         }
       }
       const int n = threadIdx.x / kStateThreads;
@@ -110,8 +114,8 @@ struct SeqIo {
 #pragma unroll
       for (int k = 0; k < kStateLoads; ++k) {
         const int t = j + k * kStateThreads;
-        s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
-        s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
+        if constexpr (In::B) s.B[t * Tl::state_row + n] = static_cast<float>(B[k]);
+        if constexpr (In::C) s.C[t * Tl::state_row + n] = static_cast<float>(C[k]);
       }
     }
   };
