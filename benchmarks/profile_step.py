@@ -17,7 +17,7 @@ import time
 
 import torch
 from models import build_classifier, model_label, tensor_forward
-from timing import MODES, _step, print_table
+from timing import MODES, _step, device_kernels, print_table
 
 
 def profile_step(name: str, mode: str, batch: int, size: int,
@@ -51,8 +51,7 @@ def profile_step(name: str, mode: str, batch: int, size: int,
         torch.cuda.synchronize(device)
     events = prof.key_averages()
     kernels = sorted(((e.key, e.count, e.self_device_time_total / 1e3)
-                      for e in events if e.self_device_time_total > 0
-                      and e.device_type != torch.autograd.DeviceType.CPU),
+                      for e in device_kernels(events)),
                      key=lambda k: -k[2])
     gpu_ms = sum(k[2] for k in kernels)
     scan_ms = sum(k[2] for k in kernels if 'mmvmamba::' in k[0]

@@ -54,6 +54,18 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int,
     return statistics.median(times)
 
 
+def device_kernels(events: Sequence) -> List:
+    """The GPU work among ``torch.profiler``'s ``key_averages()``: kernels,
+    copies and memsets, without the GPU ranges of ``record_function``
+    annotations (the optimizer's step, say), which span kernels counted
+    already."""
+    return [
+        e for e in events if e.self_device_time_total > 0
+        and e.device_type != torch.autograd.DeviceType.CPU
+        and not getattr(e, 'is_user_annotation', False)
+    ]
+
+
 def gpu_time(fn: Callable[[], object],
              device: torch.device) -> Dict[str, Optional[float]]:
     """GPU time of one call of ``fn``, summed over its kernels and copies.
@@ -73,7 +85,7 @@ def gpu_time(fn: Callable[[], object],
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    events = prof.key_averages()
+    events = device_kernels(prof.key_averages())
     total = sum(e.self_device_time_total for e in events)
     scan = sum(e.self_device_time_total for e in events
                if 'mmvmamba::' in e.key)

@@ -44,8 +44,9 @@ struct Tile {
   static constexpr int bwd_blocks_per_sm = Q == 4 ? 4 : 3;
   static constexpr int bwd_keep_blocks_per_sm = 3;
   // The backward's segment summary carries dh alone (no states, no
-  // outputs) and runs more blocks (7 measured 3-14% faster than 4 on an
-  // H200; the forward's summary, at 7, was slower than at 5).
+  // outputs) and runs more blocks: with its trimmed staging (Staged), 3-14%
+  // faster at 7 than before at 4 on an H200. The forward's summary at 7 was
+  // slower than at 5 (docs/scan_kernel_notes.md).
   static constexpr int bwd_summary_blocks_per_sm = Q == 4 ? 7 : 3;
   static constexpr int channels = kThreads / Q;  // channels per block
   static constexpr int states = kP * Q;          // states held by a channel

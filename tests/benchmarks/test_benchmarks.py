@@ -15,7 +15,7 @@ import scaling
 import timing
 import torch
 from mmengine.config import Config
-from timing import gpu_time, module_settings, relative_to
+from timing import device_kernels, gpu_time, module_settings, relative_to
 
 from mmvmamba.ops import _ext, selective_scan
 from mmvmamba.ops.backend import LABELS
@@ -254,6 +254,27 @@ def test_rounds_merge_to_medians_and_the_largest_peak():
 def test_gpu_time_is_none_off_the_gpu():
     assert gpu_time(lambda: torch.ones(3).sum(), torch.device('cpu')) == \
         dict(gpu_ms=None, scan_ms=None)
+
+
+def test_device_kernels_leave_out_annotations_and_host_events():
+    """A record_function range on the GPU timeline (the optimizer's step)
+    spans kernels listed already: not counted again."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, device_type, ms, annotation=False):
+        return types.SimpleNamespace(key=key, device_type=device_type,
+                                     self_device_time_total=ms * 1e3,
+                                     is_user_annotation=annotation)
+
+    events = [
+        event('aten::mm', cpu, 2.0),  # the op, with its kernels' time
+        event('gemm_kernel', cuda, 2.0),
+        event('Optimizer.step#AdamW.step', cuda, 48.0, annotation=True),
+        event('multi_tensor_apply_kernel', cuda, 1.0),
+        event('Memset (Device)', cuda, 0.0),
+    ]
+    assert [e.key for e in device_kernels(events)] == [
+        'gemm_kernel', 'multi_tensor_apply_kernel']
 
 
 def test_module_settings_restore_and_refuse_unknown_names():
