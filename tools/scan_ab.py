@@ -9,7 +9,9 @@ Two builds register the same torch ops, so each runs in its own process:
     # kernel times (median ms, CUDA events) of the raw ops
     python tools/scan_ab.py time [--batch 128] [--repeat 20] [--dtype bfloat16] [--fused-only]
     # one fused forward + backward per stage, to profile (ncu)
-    python tools/scan_ab.py profile [--batch 128] [--stages 0 2]
+    python tools/scan_ab.py profile [--batch 128] [--size 224] [--stages 0 2] [--dtype bfloat16]
+    # the ops where sequences are split into segments: time by kernel kind
+    python tools/scan_ab.py segments [--repeat 15] [--segment-chunks 0 64]
 
 ``save`` runs the raw ops (``torch.ops.mmvmamba.*``: forward, then backward
 of a fixed output gradient) on seeded inputs at VMamba-T's four stage shapes
@@ -26,7 +28,15 @@ held to: at most twice it (equal where it is exactly zero), and for outputs
 rounded to bfloat16 / float16 after float32 atomics (where one flipped
 rounding moves an element by an ulp) at most one ulp of the largest
 magnitude. It exits 1 when a file is outside that.
+
+``segments`` times the ops at shapes whose sequences are split into segments
+(:data:`SEGMENTED`: VMamba-T at 1024 x 1024, batch 6, and Mask R-CNN's maps
+at 800 x 1344, batch 2; the plain scan at batch 2) and splits each op's GPU
+time (``torch.profiler``) into the full passes, the segment summaries and
+the carries between them; ``--segment-chunks`` repeats the table with
+``MMVMAMBA_SCAN_SEGMENT_CHUNKS`` set to each value (0: one segment).
 """
+import os
 import argparse
 import sys
 
@@ -34,6 +44,15 @@ import torch
 
 # (C, H = W) of VMamba-T's stages at 224: d_inner = 2C, rank = ceil(C / 16).
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
+# (label, batch, C, H, W) of the fused scan where sequences are split:
+# VMamba-T's stages 0-1 at 1024 x 1024, Mask R-CNN's stages 0-2.
+SEGMENTED = (('1024 stage 0', 6, 96, 256, 256),
+             ('1024 stage 1', 6, 192, 128, 128),
+             ('mask-rcnn stage 0', 2, 96, 200, 336),
+             ('mask-rcnn stage 1', 2, 192, 100, 168),
+             ('mask-rcnn stage 2', 2, 384, 50, 84))
+# (batch, C, side) of the plain scan where sequences are split.
+SEGMENTED_PLAIN = ((2, 96, 128), (2, 192, 64))
 D_STATE = 16
 DIRECTIONS = 4
 
@@ -42,10 +61,12 @@ def _randn(g, *shape, scale=1.0, shift=0.0):
     return torch.randn(*shape, generator=g, device=g.device) * scale + shift
 
 
-def cross_inputs(batch, C, side, dtype, seed):
-    """Inputs of cross_scan_fwd / _bwd at a stage, drawn on the GPU."""
+def cross_inputs(batch, C, side, dtype, seed, width=None):
+    """Inputs of cross_scan_fwd / _bwd at a stage (a side x side map, or
+    side x width), drawn on the GPU."""
     g = torch.Generator(device='cuda').manual_seed(seed)
-    d_inner, rank, length = 2 * C, -(-C // 16), side * side
+    width = side if width is None else width
+    d_inner, rank, length = 2 * C, -(-C // 16), side * width
     x_dbl = torch.cat([
         _randn(g, batch, length, DIRECTIONS, rank),
         _randn(g, batch, length, DIRECTIONS, 2 * D_STATE)
@@ -60,7 +81,7 @@ def cross_inputs(batch, C, side, dtype, seed):
                                     scale=0.1)),
         D=_randn(g, DIRECTIONS * d_inner))
     grad = _randn(g, batch, length, d_inner)
-    return args, grad, (side, side)
+    return args, grad, (side, width)
 
 
 def plain_inputs(batch, C, side, dtype, seed):
@@ -173,70 +194,161 @@ def compare(paths):
     return 1 if failed else 0
 
 
+def median_ms(fn, repeat):
+    """Median ms of ``fn`` over ``repeat`` calls after 3 (CUDA events)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def cross_calls(args, grad, hw):
+    """The fused scan's forward and backward on ``args`` as callables."""
+    ops, a = torch.ops.mmvmamba, args
+    _, checkpoints = ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],
+                                        a['dt_bias'], a['A'], a['D'], *hw)
+
+    def fwd():
+        return ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],
+                                  a['dt_bias'], a['A'], a['D'], *hw)
+
+    def bwd():
+        return ops.cross_scan_bwd(grad, a['u'], a['x_dbl'], a['dt_weight'],
+                                  a['dt_bias'], a['A'], a['D'], *hw,
+                                  checkpoints)
+
+    return fwd, bwd
+
+
+def plain_calls(args, grad):
+    """The plain scan's forward and backward on ``args`` as callables."""
+    ops, a = torch.ops.mmvmamba, args
+    inputs = (a['u'], a['delta'], a['A'], a['B'], a['C'], a['D'],
+              a['delta_bias'], True)
+    _, checkpoints = ops.selective_scan_fwd(*inputs)
+
+    def fwd():
+        return ops.selective_scan_fwd(*inputs)
+
+    def bwd():
+        return ops.selective_scan_bwd(grad, *inputs, checkpoints)
+
+    return fwd, bwd
+
+
 def time_ops(batch, repeat, dtype=torch.float32, fused_only=False):
     """Median ms of the fused scan's forward and backward (inputs of
     ``dtype``) and, unless ``fused_only``, the plain scan's (float32), at
     each stage."""
     import mmvmamba.ops._ext  # noqa: F401
 
-    def median_ms(fn):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeat):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
-    ops = torch.ops.mmvmamba
     print(f'{"stage":12s} {"op":6s} {"fwd ms":>8s} {"bwd ms":>8s} '
           f'{"fwd+bwd":>8s}')
     total = 0.0
     for depth, (C, side) in zip((2, 2, 9, 2), STAGES):
-        args, grad, hw = cross_inputs(batch, C, side, dtype, 0)
-        a = args
-        fwd = lambda: ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],  # noqa: E731,E501
-                                         a['dt_bias'], a['A'], a['D'], *hw)
-        _, checkpoints = fwd()
-        bwd = lambda: ops.cross_scan_bwd(grad, a['u'], a['x_dbl'],  # noqa: E731
-                                         a['dt_weight'], a['dt_bias'], a['A'],
-                                         a['D'], *hw, checkpoints)
-        f, b = median_ms(fwd), median_ms(bwd)
+        fwd, bwd = cross_calls(*cross_inputs(batch, C, side, dtype, 0))
+        f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
         total += depth * (f + b)
         print(f'C={C:<3d} L={side * side:<4d} cross  {f:8.3f} {b:8.3f} '
               f'{f + b:8.3f}', flush=True)
-        del args, grad, checkpoints
+        del fwd, bwd
         torch.cuda.empty_cache()
     print(f'fused fwd+bwd summed over VMamba-T\'s 15 blocks: {total:.1f} ms')
     for C, side in () if fused_only else STAGES:
-        args, grad = plain_inputs(batch, C, side, torch.float32, 0)
-        a = args
-        fwd = lambda: ops.selective_scan_fwd(a['u'], a['delta'], a['A'],  # noqa: E731,E501
-                                             a['B'], a['C'], a['D'],
-                                             a['delta_bias'], True)
-        _, checkpoints = fwd()
-        bwd = lambda: ops.selective_scan_bwd(grad, a['u'], a['delta'], a['A'],  # noqa: E731,E501
-                                             a['B'], a['C'], a['D'],
-                                             a['delta_bias'], True, checkpoints)
-        f, b = median_ms(fwd), median_ms(bwd)
+        fwd, bwd = plain_calls(*plain_inputs(batch, C, side, torch.float32,
+                                             0))
+        f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
         print(f'C={C:<3d} L={side * side:<4d} plain  {f:8.3f} {b:8.3f} '
               f'{f + b:8.3f}', flush=True)
-        del args, grad, checkpoints
+        del fwd, bwd
         torch.cuda.empty_cache()
 
 
-def profile(batch, stages):
-    """One forward and one backward of the fused scan (float32) at each of
-    `stages` (indices into STAGES), for a profiler such as ncu."""
+def kernel_kind(name):
+    """``'summary'``, ``'carry'`` or ``'full'`` for a scan kernel's name,
+    None for any other kernel."""
+    if 'scan_cuda' not in name:
+        return None
+    if 'summary' in name:
+        return 'summary'
+    return 'carry' if 'carry' in name else 'full'
+
+
+def kernel_kind_ms(fn):
+    """GPU ms of one call of ``fn`` by :func:`kernel_kind`."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ms = dict(full=0.0, summary=0.0, carry=0.0)
+    for event in prof.key_averages():
+        kind = kernel_kind(event.key)
+        if kind is not None:
+            ms[kind] += event.self_device_time_total / 1e3
+    return ms
+
+
+def time_segments(repeat, segment_chunks=(None, )):
+    """Print the ops' ms (forward, backward) at :data:`SEGMENTED` and
+    :data:`SEGMENTED_PLAIN`, each pass's GPU ms split by
+    :func:`kernel_kind`, once per value of ``segment_chunks`` (None: the
+    launch code's choice; else MMVMAMBA_SCAN_SEGMENT_CHUNKS)."""
+    import mmvmamba.ops._ext  # noqa: F401
+    env = 'MMVMAMBA_SCAN_SEGMENT_CHUNKS'
+    before = os.environ.get(env)
+    cases = [(f'cross {label} b{batch}', dtype,
+              lambda batch=batch, C=C, H=H, W=W, dtype=dtype: cross_calls(
+                  *cross_inputs(batch, C, H, dtype, 0, width=W)))
+             for dtype in (torch.bfloat16, torch.float32)
+             for label, batch, C, H, W in SEGMENTED]
+    cases += [(f'plain b{batch} {4 * 2 * C} rows L={side * side}', dtype,
+               lambda batch=batch, C=C, side=side, dtype=dtype: plain_calls(
+                   *plain_inputs(batch, C, side, dtype, 0)))
+              for dtype in (torch.float32, torch.float16)
+              for batch, C, side in SEGMENTED_PLAIN]
+    try:
+        for chunks in segment_chunks:
+            if chunks is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = str(chunks)
+            setting = 'as chosen' if chunks is None else f'{env}={chunks}'
+            print(f'\nsegments: {setting}')
+            print(f'{"case":34s} {"dtype":9s} {"fwd ms":>7s} {"bwd ms":>7s}  '
+                  'fwd full / summary / carry   bwd full / summary / carry')
+            for name, dtype, make in cases:
+                fwd, bwd = make()
+                f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
+                kf, kb = kernel_kind_ms(fwd), kernel_kind_ms(bwd)
+                print(f'{name:34s} {str(dtype)[6:]:9s} {f:7.3f} {b:7.3f}  ' +
+                      ' / '.join(f'{kf[k]:.3f}' for k in kf) + '   ' +
+                      ' / '.join(f'{kb[k]:.3f}' for k in kb), flush=True)
+                del fwd, bwd
+                torch.cuda.empty_cache()
+    finally:
+        if before is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = before
+
+
+def profile(batch, stages, size=224, dtype=torch.float32):
+    """One forward and one backward of the fused scan (inputs of ``dtype``)
+    at each of `stages` (indices into STAGES, maps scaled to a ``size``
+    input), for a profiler such as ncu."""
     import mmvmamba.ops._ext  # noqa: F401
     for stage in stages:
         C, side = STAGES[stage]
-        args, grad, hw = cross_inputs(batch, C, side, torch.float32, 0)
+        side = side * size // 224
+        args, grad, hw = cross_inputs(batch, C, side, dtype, 0)
         run_cross(args, grad, hw)
         torch.cuda.synchronize()
         print(f'profiled C={C} L={side * side}', flush=True)
@@ -262,7 +374,20 @@ def main(argv=None):
                        'stage, for a profiler')
     p.add_argument('--batch', type=int, default=128)
     p.add_argument('--stages', type=int, nargs='+', default=[0, 2])
+    p.add_argument('--size', type=int, default=224,
+                   help='the input side the stage maps are scaled to '
+                   '(a multiple of 32)')
+    p.add_argument('--dtype', choices=['float32', 'bfloat16'],
+                   default='float32', help="the fused scan's input dtype")
+    p = sub.add_parser('segments', help='the ops where sequences are split, '
+                       'time by kernel kind')
+    p.add_argument('--repeat', type=int, default=15)
+    p.add_argument('--segment-chunks', type=int, nargs='+',
+                   help='also with MMVMAMBA_SCAN_SEGMENT_CHUNKS set to each')
     args = parser.parse_args(argv)
+    if args.mode == 'profile' and (args.size < 32 or args.size % 32):
+        parser.error(f'--size must be a positive multiple of 32, got '
+                     f'{args.size}')
     if args.mode != 'compare' and not torch.cuda.is_available():
         parser.error(f'{args.mode} needs a CUDA GPU')
     if args.mode == 'save':
@@ -275,8 +400,10 @@ def main(argv=None):
     elif args.mode == 'time':
         time_ops(args.batch, args.repeat, getattr(torch, args.dtype),
                  args.fused_only)
+    elif args.mode == 'segments':
+        time_segments(args.repeat, [None] + (args.segment_chunks or []))
     else:
-        profile(args.batch, args.stages)
+        profile(args.batch, args.stages, args.size, getattr(torch, args.dtype))
     return 0
 
 
