@@ -107,25 +107,15 @@ PLAIN_GRADS = ('du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias')
 
 
 def run_cross(args, grad, hw):
-    ops = torch.ops.mmvmamba
-    a = args
-    y, checkpoints = ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],
-                                        a['dt_bias'], a['A'], a['D'], *hw)
-    grads = ops.cross_scan_bwd(grad, a['u'], a['x_dbl'], a['dt_weight'],
-                               a['dt_bias'], a['A'], a['D'], *hw, checkpoints)
-    return y, checkpoints, grads
+    """One forward and backward of the fused scan: y, checkpoints, grads."""
+    _, bwd, (y, checkpoints) = cross_calls(args, grad, hw)
+    return y, checkpoints, bwd()
 
 
 def run_plain(args, grad):
-    ops = torch.ops.mmvmamba
-    a = args
-    y, checkpoints = ops.selective_scan_fwd(a['u'], a['delta'], a['A'], a['B'],
-                                            a['C'], a['D'], a['delta_bias'],
-                                            True)
-    grads = ops.selective_scan_bwd(grad, a['u'], a['delta'], a['A'], a['B'],
-                                   a['C'], a['D'], a['delta_bias'], True,
-                                   checkpoints)
-    return y, checkpoints, grads
+    """One forward and backward of the plain scan: y, checkpoints, grads."""
+    _, bwd, (y, checkpoints) = plain_calls(args, grad)
+    return y, checkpoints, bwd()
 
 
 def cases():
@@ -211,37 +201,40 @@ def median_ms(fn, repeat):
 
 
 def cross_calls(args, grad, hw):
-    """The fused scan's forward and backward on ``args`` as callables."""
+    """The fused scan's forward and backward on ``args`` as callables, and
+    the outputs of one forward run (whose checkpoints the backward reads)."""
     ops, a = torch.ops.mmvmamba, args
-    _, checkpoints = ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],
-                                        a['dt_bias'], a['A'], a['D'], *hw)
 
     def fwd():
         return ops.cross_scan_fwd(a['u'], a['x_dbl'], a['dt_weight'],
                                   a['dt_bias'], a['A'], a['D'], *hw)
+
+    y, checkpoints = fwd()
 
     def bwd():
         return ops.cross_scan_bwd(grad, a['u'], a['x_dbl'], a['dt_weight'],
                                   a['dt_bias'], a['A'], a['D'], *hw,
                                   checkpoints)
 
-    return fwd, bwd
+    return fwd, bwd, (y, checkpoints)
 
 
 def plain_calls(args, grad):
-    """The plain scan's forward and backward on ``args`` as callables."""
+    """The plain scan's forward and backward on ``args`` as callables, and
+    the outputs of one forward run (whose checkpoints the backward reads)."""
     ops, a = torch.ops.mmvmamba, args
     inputs = (a['u'], a['delta'], a['A'], a['B'], a['C'], a['D'],
               a['delta_bias'], True)
-    _, checkpoints = ops.selective_scan_fwd(*inputs)
 
     def fwd():
         return ops.selective_scan_fwd(*inputs)
 
+    y, checkpoints = fwd()
+
     def bwd():
         return ops.selective_scan_bwd(grad, *inputs, checkpoints)
 
-    return fwd, bwd
+    return fwd, bwd, (y, checkpoints)
 
 
 def time_ops(batch, repeat, dtype=torch.float32, fused_only=False):
@@ -254,7 +247,7 @@ def time_ops(batch, repeat, dtype=torch.float32, fused_only=False):
           f'{"fwd+bwd":>8s}')
     total = 0.0
     for depth, (C, side) in zip((2, 2, 9, 2), STAGES):
-        fwd, bwd = cross_calls(*cross_inputs(batch, C, side, dtype, 0))
+        fwd, bwd, _ = cross_calls(*cross_inputs(batch, C, side, dtype, 0))
         f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
         total += depth * (f + b)
         print(f'C={C:<3d} L={side * side:<4d} cross  {f:8.3f} {b:8.3f} '
@@ -263,8 +256,8 @@ def time_ops(batch, repeat, dtype=torch.float32, fused_only=False):
         torch.cuda.empty_cache()
     print(f'fused fwd+bwd summed over VMamba-T\'s 15 blocks: {total:.1f} ms')
     for C, side in () if fused_only else STAGES:
-        fwd, bwd = plain_calls(*plain_inputs(batch, C, side, torch.float32,
-                                             0))
+        fwd, bwd, _ = plain_calls(*plain_inputs(batch, C, side,
+                                                torch.float32, 0))
         f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
         print(f'C={C:<3d} L={side * side:<4d} plain  {f:8.3f} {b:8.3f} '
               f'{f + b:8.3f}', flush=True)
@@ -325,7 +318,7 @@ def time_segments(repeat, segment_chunks=(None, )):
             print(f'{"case":34s} {"dtype":9s} {"fwd ms":>7s} {"bwd ms":>7s}  '
                   'fwd full / summary / carry   bwd full / summary / carry')
             for name, dtype, make in cases:
-                fwd, bwd = make()
+                fwd, bwd, _ = make()
                 f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
                 kf, kb = kernel_kind_ms(fwd), kernel_kind_ms(bwd)
                 print(f'{name:34s} {str(dtype)[6:]:9s} {f:7.3f} {b:7.3f}  ' +

@@ -87,11 +87,11 @@ def test_op_calls_pass_the_inputs_in_the_ops_order(scan_ab):
         dt_bias=torch.randn(4, channels, generator=g) - 4,
         A=-torch.rand(4 * channels, n, generator=g) - 0.5,
         D=torch.randn(4 * channels, generator=g))
-    fwd, bwd = scan_ab.cross_calls(
+    fwd, bwd, first = scan_ab.cross_calls(
         cross, torch.randn(batch, length, channels, generator=g),
         (height, width))
     y = ops.cross_scan_fwd(*cross.values(), height, width)[0]
-    assert torch.equal(fwd()[0], y)
+    assert torch.equal(fwd()[0], y) and torch.equal(first[0], y)
     assert [t.shape for t in bwd()] == [t.shape for t in cross.values()]
     plain = dict(
         u=torch.randn(batch, 4 * channels, length, generator=g),
@@ -101,8 +101,8 @@ def test_op_calls_pass_the_inputs_in_the_ops_order(scan_ab):
         C=torch.randn(batch, 4, n, length, generator=g),
         D=torch.randn(4 * channels, generator=g),
         delta_bias=torch.randn(4 * channels, generator=g))
-    fwd, bwd = scan_ab.plain_calls(
+    fwd, bwd, first = scan_ab.plain_calls(
         plain, torch.randn(batch, 4 * channels, length, generator=g))
     y = ops.selective_scan_fwd(*plain.values(), True)[0]
-    assert torch.equal(fwd()[0], y)
+    assert torch.equal(fwd()[0], y) and torch.equal(first[0], y)
     assert [t.shape for t in bwd()] == [t.shape for t in plain.values()]
