@@ -155,10 +155,8 @@ enum class Pass { kForward, kBackward, kForwardSummary, kBackwardSummary };
 template <Pass kPass>
 struct Staged {
   static constexpr bool kFull = kPass == Pass::kForward || kPass == Pass::kBackward;
-  static constexpr bool kBackward =
-      kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
   static constexpr bool u = kPass != Pass::kBackwardSummary;
-  static constexpr bool dy = kBackward;
+  static constexpr bool dy = kPass == Pass::kBackward || kPass == Pass::kBackwardSummary;
   static constexpr bool B = kPass != Pass::kBackwardSummary;
   static constexpr bool C = kPass != Pass::kForwardSummary;
 };
