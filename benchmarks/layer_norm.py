@@ -187,10 +187,13 @@ def fastest_launch(step: Callable[[], None], config_name: str,
         str, optional: The fastest setting and its time, None if none ran.
     """
     block_c = max(16, 1 << (channels - 1).bit_length())
+    # a setting with programs per SM in it (the gate's) takes per_sm there
+    per_sm_in_config = len(getattr(ln, config_name)(channels)) == 4
     results = []
 
     def run(tile, warps, per_sm):
-        config = (block_c, tile // block_c, warps)
+        config = (block_c, tile // block_c, warps) + (
+            (per_sm, ) if per_sm_in_config else ())
         settings = {config_name: lambda c: config,
                     'BACKWARD_PROGRAMS_PER_SM': per_sm}
         try:
@@ -392,8 +395,8 @@ def gate_rows(batch: int, warmup: int, repeat: int, sweep: bool = False,
             make_linear_step(inputs['y'], inputs['proj'], inputs['grad']),
             device, warmup, repeat)
         moved = gate_floor_bytes(batch, height, width, inner)
-        best = (sweep_gate_launch(step, inner, device, 2,
-                                  max(10, repeat // 2)) if sweep else None)
+        best = (sweep_gate_launch(step, inner, device, warmup, repeat)
+                if sweep else None)
         rows.append(dict(shape=f'{batch}x{height}x{width}x{inner}',
                          channels=channels, bytes=moved,
                          floor_ms=moved / bandwidth * 1e3, best=best,

@@ -75,6 +75,16 @@ TILE_ELEMENTS = 4096
 BACKWARD_PROGRAMS_PER_SM = 4
 #: Backward programs off CUDA (Triton's interpreter in tests).
 BACKWARD_PROGRAMS_OFF_CUDA = 2
+#: The gate's backward launch by C padded to a power of two: (elements of a
+#: program's tile, warps, programs per SM), the fastest of ``python
+#: benchmarks/layer_norm.py --gate --sweep`` on one H200 (docs/ops.md).
+#: Widths not listed take :func:`launch_config`'s.
+GATE_BACKWARD_LAUNCH = {
+    256: (2048, 8, 4),
+    512: (4096, 4, 4),
+    1024: (4096, 16, 2),
+    2048: (4096, 16, 2),
+}
 
 if triton is not None:
 
@@ -264,11 +274,21 @@ def launch_config(channels: int) -> Tuple[int, int, int]:
     return block_c, block_rows, num_warps
 
 
-def gate_backward_launch_config(channels: int) -> Tuple[int, int, int]:
-    """Block shape and warps of the backward kernel with the gate (more
-    live values a row than without): :func:`launch_config`'s until
-    ``benchmarks/layer_norm.py --gate --sweep`` finds better."""
-    return launch_config(channels)
+def gate_backward_launch_config(channels: int) -> Tuple[int, int, int, int]:
+    """Launch setting of the backward kernel with the gate (more live values
+    a row than without) for C = ``channels``: :data:`GATE_BACKWARD_LAUNCH`'s
+    for C padded to a power of two, else :func:`launch_config`'s at
+    :data:`BACKWARD_PROGRAMS_PER_SM`.
+
+    Returns:
+        tuple[int, int, int, int]: ``(block_c, block_rows, num_warps,
+        programs_per_sm)``.
+    """
+    block_c, block_rows, num_warps = launch_config(channels)
+    if block_c not in GATE_BACKWARD_LAUNCH:
+        return block_c, block_rows, num_warps, BACKWARD_PROGRAMS_PER_SM
+    tile, num_warps, per_sm = GATE_BACKWARD_LAUNCH[block_c]
+    return block_c, max(1, tile // block_c), num_warps, per_sm
 
 
 def _launcher(kernel, traceable: bool):
@@ -277,11 +297,13 @@ def _launcher(kernel, traceable: bool):
     return torch.library.wrap_triton(kernel) if traceable else kernel
 
 
-def _backward_programs(n_blocks: int, device: torch.device) -> int:
-    """Programs of the backward: a few per SM, at most one per row block."""
+def _backward_programs(n_blocks: int, per_sm: int,
+                       device: torch.device) -> int:
+    """Programs of the backward: ``per_sm`` per SM, at most one per row
+    block."""
     if device.type == 'cuda':
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        cap = BACKWARD_PROGRAMS_PER_SM * sms
+        cap = per_sm * sms
     else:
         cap = BACKWARD_PROGRAMS_OFF_CUDA
     return max(1, min(n_blocks, cap))
@@ -374,9 +396,13 @@ def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
     need_z = need_z and gated
     need_weight = need_weight and weight is not None
     need_bias = need_bias and bias is not None
-    block_c, block_rows, num_warps = (gate_backward_launch_config
-                                      if gated else launch_config)(channels)
-    programs = _backward_programs(triton.cdiv(n_rows, block_rows),
+    if gated:
+        block_c, block_rows, num_warps, per_sm = gate_backward_launch_config(
+            channels)
+    else:
+        block_c, block_rows, num_warps = launch_config(channels)
+        per_sm = BACKWARD_PROGRAMS_PER_SM
+    programs = _backward_programs(triton.cdiv(n_rows, block_rows), per_sm,
                                   x_rows.device)
     f32 = dict(dtype=torch.float32, device=x_rows.device)
     # unused pointers get ``unused`` (never read or written)

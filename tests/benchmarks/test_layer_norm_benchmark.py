@@ -84,8 +84,8 @@ def test_fastest_launch_searches_and_restores(monkeypatch, capsys):
     tried = []
 
     def step():
-        block_c, rows, warps = ln.gate_backward_launch_config(96)
-        tried.append((block_c * rows, warps, ln.BACKWARD_PROGRAMS_PER_SM))
+        block_c, rows, warps, per_sm = ln.gate_backward_launch_config(96)
+        tried.append((block_c * rows, warps, per_sm))
         if warps == 16:
             raise RuntimeError('out of resources')
 

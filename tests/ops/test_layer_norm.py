@@ -544,6 +544,32 @@ def test_kernels_in_triton_interpreter(run_interpreted):
 # The choice of path, dtypes, the module (no kernel runs here)
 
 
+def test_gate_backward_launch_config(monkeypatch):
+    """The gate's backward takes its width's entry of GATE_BACKWARD_LAUNCH
+    (C padded to a power of two), else launch_config's setting at the
+    norm's programs per SM; programs are per_sm a CUDA SM, at most one a
+    row block."""
+    monkeypatch.setattr(ln, 'GATE_BACKWARD_LAUNCH', {256: (2048, 16, 2)})
+    assert ln.gate_backward_launch_config(192) == (256, 8, 16, 2)
+    assert ln.gate_backward_launch_config(256) == (256, 8, 16, 2)
+    assert ln.gate_backward_launch_config(384) == ln.launch_config(384) + (
+        ln.BACKWARD_PROGRAMS_PER_SM, )
+    monkeypatch.setattr(ln, 'GATE_BACKWARD_LAUNCH', {512: (256, 4, 8)})
+    assert ln.gate_backward_launch_config(384) == (512, 1, 4, 8)
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                        lambda device: Props)
+    cuda = torch.device('cuda')
+    assert ln._backward_programs(10_000, 2, cuda) == 264
+    assert ln._backward_programs(10_000, 4, cuda) == 528
+    assert ln._backward_programs(100, 4, cuda) == 100
+    assert ln._backward_programs(10_000, 4, torch.device('cpu')) == \
+        ln.BACKWARD_PROGRAMS_OFF_CUDA
+
+
 def test_result_dtype():
     x32, x16 = torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bfloat16)
     p32, p16 = torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)
