@@ -104,13 +104,14 @@ __device__ __forceinline__ void mma_large_term(float (&d)[4], const FragA& a,
 // SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
 // reads 32 channels of one position (coalesced in every scan order); the
 // extra shared memory holds the positions of the next chunk's steps
-// (below), dt_weight of the block's channels (and the backward's d
-// dt_weight), dt_pitch ranks (R rounded up to a multiple of 4, zero-padded)
+// (below), dt_weight of the block's channels, dt_pitch ranks (R rounded up to a multiple of 4, zero-padded)
 // of 32 channels; and the tile's dt_low transposed, dt_pitch ranks (the
 // padding ones zero) of kSteps steps. The rank products run on the tensor
-// cores (3xTF32, see split_tf32); the three tiles are stored permuted
-// (weight_index, low_index, weight_grad_index) so that their fragment reads
-// are free of bank conflicts.
+// cores (3xTF32, see split_tf32); the two tiles are stored permuted
+// (weight_index, low_index) so that their fragment reads are free of bank
+// conflicts. The backward adds each chunk's d dt_weight to the gradient
+// (atomics): rows of it in shared memory would cost the 4th block per SM
+// at R = 24.
 //
 // Positions: the map position of step l depends only on the direction and
 // l, so each chunk's kSteps positions are computed once, as int32 (0 past
@@ -216,24 +217,19 @@ struct CrossIo {
   // block, [rank][channel]: the 8 groups of 4 channels of rank r permuted by
   // r (a float4 keeps its channels in order). dt_low, [rank][step]: steps
   // permuted by bits 0 and 1 of the rank (bits 3 and 4 of the step flipped).
-  // d dt_weight, [rank][channel]: channels permuted by bits 1 and 2 of the
-  // rank. The tiles are conflict-free to read as fragments that way.
+  // The tiles are conflict-free to read as fragments that way.
   __device__ static int weight_index(int c, int r) {
     return r * Tl::channels + (((c >> 2) ^ (2 * (r & 3) + ((r >> 2) & 1))) << 2) + (c & 3);
   }
   __device__ static int low_index(int r, int t) {
     return r * kLowPitch + (t ^ (16 * (r & 1) + 8 * ((r >> 1) & 1)));
   }
-  __device__ static int weight_grad_index(int c, int r) {
-    return r * Tl::channels + (c ^ (4 * ((r >> 1) & 3)));
-  }
 
-  // The position table, the dB column's offset, dt_weight rows, the tile's
-  // dt_low, and (the full backward) d dt_weight rows.
+  // The position table, the dB column's offset, dt_weight rows and the
+  // tile's dt_low (every pass).
   template <Pass kPass>
   static int extra_floats(const ScanParams& p) {
-    return kPositionFloats + kOffsetFloats +
-           ((kPass == Pass::kBackward ? 2 : 1) * Tl::channels + kSteps) * p.dt_pitch;
+    return kPositionFloats + kOffsetFloats + (Tl::channels + kSteps) * p.dt_pitch;
   }
 
   // The regions of the extra shared memory (16-byte aligned: kPositionFloats,
@@ -242,9 +238,6 @@ struct CrossIo {
   __device__ static float* weights(float* extra) { return column_offset(extra) + kOffsetFloats; }
   __device__ static float* dt_low(float* extra, const ScanParams& p) {
     return weights(extra) + Tl::channels * p.dt_pitch;
-  }
-  __device__ static float* weight_grads(float* extra, const ScanParams& p) {
-    return dt_low(extra, p) + kLowPitch * p.dt_pitch;
   }
 
   // Positions are kept in float words, bit for bit (no type punning).
@@ -300,13 +293,11 @@ struct CrossIo {
     return p.row_bytes[sizeof(V) / 4];
   }
 
-  // The block's rows of dt_weight, kept for the whole kernel; the full
-  // backward's d dt_weight rows start at zero.
+  // The block's rows of dt_weight, kept for the whole kernel.
   template <Pass kPass>
   __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
                                  float* extra) {
     float* w_s = weights(extra);
-    float* dw_s = weight_grads(extra, p);
     for (int i = threadIdx.x; i < Tl::channels * p.dt_pitch; i += kThreads) {
       const int c = i / p.dt_pitch, r = i % p.dt_pitch;
       const int64_t d_in_group = pos.cblock * Tl::channels + c;
@@ -314,9 +305,6 @@ struct CrossIo {
           d_in_group < p.per_group && r < p.rank
               ? p.dt_weight[(pos.g * p.per_group + d_in_group) * p.rank + r]
               : 0.0f;
-      if constexpr (kPass == Pass::kBackward) {
-        if (p.ddt_weight != nullptr) dw_s[i] = 0.0f;
-      }
     }
     if (threadIdx.x == 0) {
       // Row (b, 0) of dx_dbl, direction g, its first dB column (R); the
@@ -327,21 +315,6 @@ struct CrossIo {
       float* words = column_offset(extra);
       words[0] = __uint_as_float(static_cast<uint32_t>(offset));
       words[1] = __uint_as_float(static_cast<uint32_t>(offset >> 32));
-    }
-  }
-
-  // Adds the block's d dt_weight rows to the gradient.
-  __device__ static void finish(const ScanParams& p, const BlockPos& pos,
-                                float* extra) {
-    __syncthreads();
-    const float* dw_s = weight_grads(extra, p);
-    for (int i = threadIdx.x; i < Tl::channels * p.rank; i += kThreads) {
-      const int c = i / p.rank, r = i % p.rank;
-      const int64_t d_in_group = pos.cblock * Tl::channels + c;
-      if (d_in_group < p.per_group) {
-        atomicAdd(p.ddt_weight + (pos.g * p.per_group + d_in_group) * p.rank + r,
-                  dw_s[weight_grad_index(c, r)]);
-      }
     }
   }
 
@@ -634,7 +607,8 @@ struct CrossIo {
 
   // Adds du (in s.u) to the merged float32 map; adds the gradient of dt_low
   // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) into
-  // dx_dbl; accumulates d dt_weight (dW[c] += sum_t dd[c][t] dt_low[t]). dd
+  // dx_dbl; adds the chunk's d dt_weight (sum_t dd[c][t] dt_low[t]) to the
+  // gradient. dd
   // (in s.dt) holds d(step size) before the softplus, zero past L and for
   // padding channels. Both products run on the tensor cores in 3xTF32 (see
   // split_tf32), in n-tiles of 8 ranks: those past dt_pitch get zero
@@ -648,7 +622,6 @@ struct CrossIo {
     __syncwarp();
     const float* w_s = weights(extra);
     const float* dtl_s = dt_low(extra, p);
-    float* dw_s = weight_grads(extra, p);
     const int steps = chunk_steps(p, l0);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, q = lane % 4;
@@ -681,8 +654,7 @@ struct CrossIo {
       }
     }
     {
-      // d dt_weight [32 x R] += dd [32 x 64] L^T [64 x R], onto dw_s's
-      // values (the accumulators start from them). K = the steps in k-step
+      // d dt_weight [32 x R] += dd [32 x 64] L^T [64 x R]. K = the steps in k-step
       // pairs of 16: k-step 2 P + s, column q: step 16 P + 4 q + 2 s, column q
       // + 4: the step after (a lane's B values of two k-steps are one
       // float4). Warp w: m-tile w % 2, rows g: channel (g % 4) + 16 (g / 4) +
@@ -696,13 +668,22 @@ struct CrossIo {
       const float* dd_a = dd_s + c * kRow + 4 * q;
       const float* l_even = dtl_s + low_index(g, 4 * q);
       const float* l_odd = dtl_s + low_index(g, 16 + 4 * q);
+      // The gradient's rows of channels c and c + 4 (null for padding).
+      float* dw_rows[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t d_in_group = pos.cblock * Tl::channels + c + 4 * h;
+        dw_rows[h] = d_in_group < p.per_group
+                         ? p.ddt_weight + (pos.g * p.per_group + d_in_group) * p.rank
+                         : nullptr;
+      }
       for (int n0 = n_first; n0 < p.dt_pitch; n0 += 32) {
         // The second n-tile only below dt_pitch (a warp-uniform test; the
         // first always is).
         if (n0 + 16 < p.dt_pitch) {
-          weight_grad_pass<2>(p, dw_s, dd_a, l_even, l_odd, c, n0);
+          weight_grad_pass<2>(p, dw_rows, dd_a, l_even, l_odd, n0);
         } else {
-          weight_grad_pass<1>(p, dw_s, dd_a, l_even, l_odd, c, n0);
+          weight_grad_pass<1>(p, dw_rows, dd_a, l_even, l_odd, n0);
         }
       }
     }
@@ -744,30 +725,18 @@ struct CrossIo {
     }
   }
 
-  // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product, onto
-  // dw_s (rows of channel c, c + 4).
-  // The last n-tile may end at dt_pitch after 4 ranks: zero B values past
-  // it, and its accumulators there are neither read nor written.
+  // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product, added
+  // into the gradient's rows of channels c, c + 4 (rows[h], null for a
+  // padding channel). The last n-tile may end at dt_pitch after 4 ranks:
+  // zero B values past it, and its outputs there are not added.
   template <int kTiles>
-  __device__ static void weight_grad_pass(const ScanParams& p, float* dw_s, const float* dd_a,
-                                          const float* l_even, const float* l_odd, int c,
-                                          int n0) {
+  __device__ static void weight_grad_pass(const ScanParams& p, float* const (&rows)[2],
+                                          const float* dd_a, const float* l_even,
+                                          const float* l_odd, int n0) {
     const int g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
-    // Output (h, e) of n-tile j: channel c + 4 h, rank n0 + 16 j + 2 q + e,
-    // at weight_grad_index, whose permutation (by (rank / 2) % 4 = q) is
-    // the lane's.
-    const int out[2] = {2 * q * Tl::channels + (c ^ (4 * q)),
-                        2 * q * Tl::channels + ((c + 4) ^ (4 * q))};
-    float acc[kTiles][4];
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-      const bool ok = j + 1 < kTiles || n0 + 16 * j + 2 * q < p.dt_pitch;
-      const float* dw = dw_s + (n0 + 16 * j) * Tl::channels;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        acc[j][i] = ok ? dw[out[i / 2] + (i % 2) * Tl::channels] : 0.0f;
-      }
-    }
+    // Output (h, e) of n-tile j (accumulator 2 h + e): channel c + 4 h, rank
+    // n0 + 16 j + 2 q + e.
+    float acc[kTiles][4] = {};
 #pragma unroll
     for (int P = 0; P < 4; ++P) {
       FragB b[kTiles][2];
@@ -793,10 +762,10 @@ struct CrossIo {
     }
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
-      if (j + 1 < kTiles || n0 + 16 * j + 2 * q < p.dt_pitch) {
-        float* dw = dw_s + (n0 + 16 * j) * Tl::channels;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dw[out[i / 2] + (i % 2) * Tl::channels] = acc[j][i];
+      for (int i = 0; i < 4; ++i) {
+        const int r = n0 + 16 * j + 2 * q + i % 2;
+        if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
       }
     }
   }

@@ -78,6 +78,15 @@ __device__ __forceinline__ int piece_part_index(int step, int lane) {
   }
 }
 
+// The backward's dB / dC terms of a piece lie in one buffer (two would cost
+// the 4th block per SM at R = 24, VMamba-T's stage 2): before a piece's
+// first store into it, the barrier after which every thread has read the
+// previous piece's (store_state_grads). Pieces run from `pieces` - 1 down;
+// the first of a chunk needs none (the chunk's own barriers come between).
+__device__ __forceinline__ void piece_grads_free(int s, int pieces) {
+  if (s + 1 < pieces) __syncthreads();
+}
+
 // The backward of an Io whose lanes hold kP states of one channel (Q lanes
 // a channel; see scan_common.cuh), run by scan_bwd_kernel below.
 template <typename Io, bool kKeepDecays>
@@ -204,8 +213,9 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
 #pragma unroll
     for (int s = kPieces - 1; s >= 0; --s) {
       if (s >= pieces) continue;
-      // The warps' dB / dC terms of the piece: two buffers, alternating.
-      float* grads = shared.state_grads + (s & 1) * kWarps * kPiece * Tl::grad_row;
+      // The warps' dB / dC terms of the piece (one buffer, see
+      // piece_grads_free).
+      float* grads = shared.state_grads;
       float* warp_grads = grads + warp * kPiece * Tl::grad_row;
       // The piece's states and (if kept) its decays exp2(a dt).
       float hs[kPiece][kP], decays[kKeepDecays ? kPiece : 1][kP];
@@ -224,6 +234,7 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
           hs[k][i] = decay * prev + dtu * bv[i];
         }
       }
+      piece_grads_free(s, pieces);
 #pragma unroll
       for (int k = kPiece - 1; k >= 0; --k) {
         const int t = s * kPiece + k;
@@ -295,15 +306,13 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
           dt_s[c * kRow + t] = ddt;
         }
       }
-      // The block's dB / dC of the piece: every warp's terms are stored (and
-      // the other buffer, the last piece's, was read by every thread).
+      // The block's dB / dC of the piece: every warp's terms are stored.
       __syncthreads();
       Io::store_state_grads(p, pos, l0, s * kPiece, grads, tiles, extra);
     }
     __syncthreads();
     Io::store_grads(p, pos, l0, tiles, extra);
   }
-  Io::finish(p, pos, extra);
   if (lane.valid) {
 #pragma unroll
     for (int i = 0; i < kP; ++i) {
@@ -507,8 +516,8 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
 #pragma unroll
     for (int s = kPieces - 1; s >= 0; --s) {
       if (s >= pieces) continue;
-      // The warps' dB / dC of the piece: two buffers, alternating.
-      float* grads = shared.state_grads + (s & 1) * kWarps * kPiece * Tl::grad_row;
+      // The warps' dB / dC of the piece (one buffer, see piece_grads_free).
+      float* grads = shared.state_grads;
       // (this lane's value of the warp's rows)
       float* warp_grads = grads + warp * kPiece * Tl::grad_row + grad_slot;
       // The piece's states and (if kept) its decays exp2(a dt).
@@ -546,6 +555,7 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
           ahead[i] = load_fragment_step(bc, dy_pair, dtrow, urow, s * kPiece + kPiece - 1 - i);
         }
       }
+      piece_grads_free(s, pieces);
 #pragma unroll
       for (int k = kPiece - 1; k >= 0; --k) {
         const int t = s * kPiece + k;
@@ -625,15 +635,13 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
         // (the first half's reads before the second half's stores)
         if (k != 0) __syncwarp();
       }
-      // The block's dB / dC of the piece: every warp's terms are stored (and
-      // the other buffer, the last piece's, was read by every thread).
+      // The block's dB / dC of the piece: every warp's terms are stored.
       __syncthreads();
       Io::store_state_grads(p, pos, l0, s * kPiece, grads, tiles, extra);
     }
     __syncthreads();
     Io::store_grads(p, pos, l0, tiles, extra);
   }
-  Io::finish(p, pos, extra);
 #pragma unroll
   for (int i = 0; i < kP; ++i) {
     const int n = lane.state(i);

@@ -168,10 +168,10 @@ struct TileSmem {
 };
 
 // A block's shared memory, carved by SmemLayout: the tiles, the backward's
-// per-warp dB / dC terms of a piece (two buffers of [warp][kPiece steps]
-// [grad_row]), the lanes' partial sums (per warp; kPart steps forward, two
-// buffers of kPiece steps backward) and the Io's extra floats. Regions a
-// pass does not use are null.
+// per-warp dB / dC terms of a piece ([warp][kPiece steps][grad_row]), the
+// lanes' partial sums (per warp; kPart steps forward, two buffers of kPiece
+// steps backward) and the Io's extra floats. Regions a pass does not use
+// are null.
 struct Smem {
   TileSmem tile;
   float *state_grads, *part, *extra;
@@ -189,7 +189,7 @@ struct SmemLayout {
   static constexpr int kChannelTile = Tl::channels * kRow;
   static constexpr int kStateTile = kSteps * Tl::state_row;
   static constexpr int kGradFloats =
-      kPass == Pass::kBackward ? 2 * kWarps * kPiece * Tl::grad_row : 0;
+      kPass == Pass::kBackward ? kWarps * kPiece * Tl::grad_row : 0;
   static constexpr int kPartFloats = kPass == Pass::kForward    ? kThreads * kPart
                                      : kPass == Pass::kBackward ? 2 * kThreads * kPiece
                                                                 : 0;

@@ -43,7 +43,6 @@ struct SeqIo {
   static int extra_floats(const ScanParams&) { return 0; }
   template <Pass kPass>
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
-  __device__ static void finish(const ScanParams&, const BlockPos&, float*) {}
 
   // The tiles of Staged<kPass>.
   template <Pass kPass>
