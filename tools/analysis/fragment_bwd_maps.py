@@ -23,7 +23,7 @@ The index maps of ``csrc/cuda/scan_bwd.cuh`` (``scan_bwd_fragment``,
    accesses, 16 for 8-byte, 8 for 16-byte), and of the old layout's
    corresponding finishing accesses for comparison.
 4. Shared memory: the block's bytes and blocks per SM for R = 1 .. 64 (the
-   layout's regions are those of scan_bwd_lanes, so unchanged).
+   layout's regions are those of scan_bwd_lanes).
 
 CPU only:
 
@@ -361,14 +361,15 @@ def term_check():
 def smem_table():
     """Bytes of the backward (SmemLayout<4, kBackward> + CrossIo's extra)
     and blocks per SM (233,472 bytes, 1,024 reserved a block; registers:
-    4 blocks without kept decays, 3 with)."""
+    4 blocks without kept decays, 3 with). One buffer of a piece's dB / dC
+    terms; no d dt_weight rows (each chunk adds its own to the gradient)."""
     tiles = 3 * kChannels * kRow + 2 * kSteps * kStates
-    grads = 2 * kWarps * kPiece * kGradRow
+    grads = kWarps * kPiece * kGradRow
     part = 2 * 128 * kPiece
     rows = []
     for R in range(1, 65):
         pitch = (R + 3) // 4 * 4
-        extra = kSteps + 4 + (2 * kChannels + kSteps) * pitch
+        extra = kSteps + 4 + (kChannels + kSteps) * pitch
         b = 4 * (tiles + grads + part + extra)
         by_smem = 233472 // (b + 1024)
         keep = by_smem < 4
