@@ -12,6 +12,9 @@ Two builds register the same torch ops, so each runs in its own process:
     python tools/scan_ab.py profile [--batch 128] [--size 224] [--stages 0 2] [--dtype bfloat16]
     # the ops where sequences are split into segments: time by kernel kind
     python tools/scan_ab.py segments [--repeat 15] [--segment-chunks 0 64]
+    # the fused op at a stage's shape with other ranks R: times, and whether
+    # the backward kept its decays (the kernel the launch code chose)
+    python tools/scan_ab.py ranks [--stage 2] [--ranks 24 16 12 8] [--batch 128] [--dtype bfloat16]
 
 ``save`` runs the raw ops (``torch.ops.mmvmamba.*``: forward, then backward
 of a fixed output gradient) on seeded inputs at VMamba-T's four stage shapes
@@ -35,6 +38,12 @@ at 800 x 1344, batch 2; the plain scan at batch 2) and splits each op's GPU
 time (``torch.profiler``) into the full passes, the segment summaries and
 the carries between them; ``--segment-chunks`` repeats the table with
 ``MMVMAMBA_SCAN_SEGMENT_CHUNKS`` set to each value (0: one segment).
+
+``ranks`` times the fused op at one stage's map and width with dt_rank R set
+to each of ``--ranks`` (VMamba-T's own: ceil(C / 16)), and names the backward
+kernel that ran: the rank sets the block's shared memory, hence the blocks
+per SM and whether the backward keeps its decays (``keep_decays`` in
+``csrc/cuda/scan_launch.cuh``).
 """
 import os
 import argparse
@@ -61,12 +70,14 @@ def _randn(g, *shape, scale=1.0, shift=0.0):
     return torch.randn(*shape, generator=g, device=g.device) * scale + shift
 
 
-def cross_inputs(batch, C, side, dtype, seed, width=None):
+def cross_inputs(batch, C, side, dtype, seed, width=None, rank=None):
     """Inputs of cross_scan_fwd / _bwd at a stage (a side x side map, or
-    side x width), drawn on the GPU."""
+    side x width; dt_rank ``rank``, by default VMamba's ceil(C / 16)), drawn
+    on the GPU."""
     g = torch.Generator(device='cuda').manual_seed(seed)
     width = side if width is None else width
-    d_inner, rank, length = 2 * C, -(-C // 16), side * width
+    rank = -(-C // 16) if rank is None else rank
+    d_inner, length = 2 * C, side * width
     x_dbl = torch.cat([
         _randn(g, batch, length, DIRECTIONS, rank),
         _randn(g, batch, length, DIRECTIONS, 2 * D_STATE)
@@ -289,6 +300,38 @@ def kernel_kind_ms(fn):
     return ms
 
 
+def backward_kernel(name):
+    """``'kept decays'`` or ``'decays recomputed'`` for the name of a full
+    backward kernel of the fused op, None for any other kernel."""
+    if 'scan_bwd_kernel' not in name or 'CrossIo' not in name:
+        return None
+    return 'kept decays' if ', true>' in name else 'decays recomputed'
+
+
+def time_ranks(batch, stage, ranks, dtype, repeat):
+    """Print the fused op's ms (forward, backward) at stage ``stage``'s map
+    and width with each dt_rank of ``ranks``, and the backward kernel that
+    ran (:func:`backward_kernel`)."""
+    import mmvmamba.ops._ext  # noqa: F401
+    from torch.profiler import ProfilerActivity, profile
+    C, side = STAGES[stage]
+    print(f'fused scan, C={C} L={side * side} (d_inner {2 * C}), batch '
+          f'{batch}, {str(dtype)[6:]}; VMamba\'s rank here: {-(-C // 16)}')
+    print(f'{"R":>3s} {"fwd ms":>8s} {"bwd ms":>8s}  backward kernel')
+    for rank in ranks:
+        fwd, bwd, _ = cross_calls(
+            *cross_inputs(batch, C, side, dtype, 0, rank=rank))
+        f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            bwd()
+            torch.cuda.synchronize()
+        kinds = sorted({backward_kernel(e.key) for e in prof.key_averages()}
+                       - {None})
+        print(f'{rank:3d} {f:8.3f} {b:8.3f}  {", ".join(kinds)}', flush=True)
+        del fwd, bwd
+        torch.cuda.empty_cache()
+
+
 def time_segments(repeat, segment_chunks=(None, )):
     """Print the ops' ms (forward, backward) at :data:`SEGMENTED` and
     :data:`SEGMENTED_PLAIN`, each pass's GPU ms split by
@@ -377,7 +420,22 @@ def main(argv=None):
     p.add_argument('--repeat', type=int, default=15)
     p.add_argument('--segment-chunks', type=int, nargs='+',
                    help='also with MMVMAMBA_SCAN_SEGMENT_CHUNKS set to each')
+    p = sub.add_parser('ranks', help="the fused op at a stage's shape with "
+                       'other ranks')
+    p.add_argument('--stage', type=int, default=2,
+                   help='0 .. 3, a stage of VMamba-T at 224')
+    p.add_argument('--ranks', type=int, nargs='+', default=[24, 16, 12, 8])
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--repeat', type=int, default=20)
+    p.add_argument('--dtype', choices=['float32', 'bfloat16'],
+                   default='bfloat16', help="the fused scan's input dtype")
     args = parser.parse_args(argv)
+    if args.mode == 'ranks':
+        if not 0 <= args.stage < len(STAGES):
+            parser.error(f'--stage must be 0 .. {len(STAGES) - 1}, got '
+                         f'{args.stage}')
+        if min(args.ranks) < 1:
+            parser.error(f'--ranks must be positive, got {args.ranks}')
     if args.mode == 'profile' and (args.size < 32 or args.size % 32):
         parser.error(f'--size must be a positive multiple of 32, got '
                      f'{args.size}')
@@ -395,6 +453,9 @@ def main(argv=None):
                  args.fused_only)
     elif args.mode == 'segments':
         time_segments(args.repeat, [None] + (args.segment_chunks or []))
+    elif args.mode == 'ranks':
+        time_ranks(args.batch, args.stage, args.ranks,
+                   getattr(torch, args.dtype), args.repeat)
     else:
         profile(args.batch, args.stages, args.size, getattr(torch, args.dtype))
     return 0

@@ -54,6 +54,33 @@ def test_segmented_shapes_are_split_on_an_h200(scan_ab):
             assert -(-chunks // seg) > 1, (height, width, backward)
 
 
+@pytest.mark.parametrize('name, kernel', [
+    ('void mmvmamba::scan_cuda::scan_bwd_kernel<mmvmamba::scan_cuda::'
+     'CrossIo<c10::BFloat16>, true>(mmvmamba::scan_cuda::ScanParams)',
+     'kept decays'),
+    ('void mmvmamba::scan_cuda::scan_bwd_kernel<mmvmamba::scan_cuda::'
+     'CrossIo<float>, false>(mmvmamba::scan_cuda::ScanParams)',
+     'decays recomputed'),
+    ('void mmvmamba::scan_cuda::scan_bwd_kernel<mmvmamba::scan_cuda::'
+     'SeqIo<float, 4>, true>(mmvmamba::scan_cuda::ScanParams)', None),
+    ('void mmvmamba::scan_cuda::scan_bwd_summary_kernel<mmvmamba::scan_cuda'
+     '::CrossIo<float> >(mmvmamba::scan_cuda::ScanParams)', None),
+])
+def test_backward_kernels(scan_ab, name, kernel):
+    assert scan_ab.backward_kernel(name) == kernel
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--stage', '4'], '--stage must be 0 .. 3, got 4'),
+    (['--stage', '-1'], '--stage must be 0 .. 3, got -1'),
+    (['--ranks', '12', '0'], '--ranks must be positive, got [12, 0]'),
+])
+def test_ranks_arguments(scan_ab, capsys, args, message):
+    with pytest.raises(SystemExit):
+        scan_ab.main(['ranks'] + args)
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('size', ['100', '16', '0'])
 def test_profile_size_must_be_a_multiple_of_32(scan_ab, capsys, size):
     with pytest.raises(SystemExit):
@@ -63,7 +90,7 @@ def test_profile_size_must_be_a_multiple_of_32(scan_ab, capsys, size):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU path')
-@pytest.mark.parametrize('mode', ['segments', 'time', 'profile'])
+@pytest.mark.parametrize('mode', ['segments', 'time', 'profile', 'ranks'])
 def test_gpu_subcommands_refuse_without_a_gpu(scan_ab, capsys, mode):
     with pytest.raises(SystemExit):
         scan_ab.main([mode])
