@@ -104,9 +104,9 @@ __device__ __forceinline__ void mma_large_term(float (&d)[4], const FragA& a,
 // SS2D's fused layout (see the top of the file); N <= 16, so Q = 4. A warp
 // reads 32 channels of one position (coalesced in every scan order); the
 // extra shared memory holds the positions of the next chunk's steps
-// (below), dt_weight of the block's channels, dt_pitch ranks (R rounded up to a multiple of 4, zero-padded)
-// of 32 channels; and the tile's dt_low transposed, dt_pitch ranks (the
-// padding ones zero) of kSteps steps. The rank products run on the tensor
+// (below), dt_weight of the block's channels, dt_pitch ranks (R rounded up
+// to a multiple of 4, zero-padded) of 32 channels; and the tile's dt_low
+// transposed, dt_pitch ranks (the padding ones zero) of kSteps steps. The rank products run on the tensor
 // cores (3xTF32, see split_tf32); the two tiles are stored permuted
 // (weight_index, low_index) so that their fragment reads are free of bank
 // conflicts. The backward adds each chunk's d dt_weight to the gradient
@@ -608,9 +608,8 @@ struct CrossIo {
   // Adds du (in s.u) to the merged float32 map; adds the gradient of dt_low
   // (d dt_low[t] = sum_c dd[c][t] W[c], over the block's channels) into
   // dx_dbl; adds the chunk's d dt_weight (sum_t dd[c][t] dt_low[t]) to the
-  // gradient. dd
-  // (in s.dt) holds d(step size) before the softplus, zero past L and for
-  // padding channels. Both products run on the tensor cores in 3xTF32 (see
+  // gradient. dd (in s.dt) holds d(step size) before the softplus, zero past
+  // L and for padding channels. Both products run on the tensor cores in 3xTF32 (see
   // split_tf32), in n-tiles of 8 ranks: those past dt_pitch get zero
   // fragments (no loads), their outputs are not kept.
   __device__ static void store_grads(const ScanParams& p, const BlockPos& pos,
@@ -654,9 +653,9 @@ struct CrossIo {
       }
     }
     {
-      // d dt_weight [32 x R] += dd [32 x 64] L^T [64 x R]. K = the steps in k-step
-      // pairs of 16: k-step 2 P + s, column q: step 16 P + 4 q + 2 s, column q
-      // + 4: the step after (a lane's B values of two k-steps are one
+      // d dt_weight [32 x R] += dd [32 x 64] L^T [64 x R]. K = the steps in
+      // k-step pairs of 16: k-step 2 P + s, column q: step 16 P + 4 q + 2 s,
+      // column q + 4: the step after (a lane's B values of two k-steps are one
       // float4). Warp w: m-tile w % 2, rows g: channel (g % 4) + 16 (g / 4) +
       // 8 (w % 2), rows g + 8: 4 channels on (distinct banks for dd's
       // reads); n-tiles 8 (w / 2) + 16 j, two a pass.
