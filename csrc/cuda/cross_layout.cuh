@@ -106,12 +106,12 @@ __device__ __forceinline__ void mma_large_term(float (&d)[4], const FragA& a,
 // extra shared memory holds the positions of the next chunk's steps
 // (below), dt_weight of the block's channels, dt_pitch ranks (R rounded up
 // to a multiple of 4, zero-padded) of 32 channels; and the tile's dt_low
-// transposed, dt_pitch ranks (the padding ones zero) of kSteps steps. The rank products run on the tensor
-// cores (3xTF32, see split_tf32); the two tiles are stored permuted
-// (weight_index, low_index) so that their fragment reads are free of bank
-// conflicts. The backward adds each chunk's d dt_weight to the gradient
-// (atomics): rows of it in shared memory would cost the 4th block per SM
-// at R = 24.
+// transposed, dt_pitch ranks (the padding ones zero) of kSteps steps. The
+// rank products run on the tensor cores (3xTF32, see split_tf32); the two
+// tiles are stored permuted (weight_index, low_index) so that their
+// fragment reads are free of bank conflicts. The backward adds each chunk's
+// d dt_weight to the gradient (atomics): rows of it in shared memory would
+// cost the 4th block per SM at R = 24.
 //
 // Positions: the map position of step l depends only on the direction and
 // l, so each chunk's kSteps positions are computed once, as int32 (0 past
