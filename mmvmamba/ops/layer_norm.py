@@ -76,9 +76,10 @@ BACKWARD_PROGRAMS_PER_SM = 4
 #: Backward programs off CUDA (Triton's interpreter in tests).
 BACKWARD_PROGRAMS_OFF_CUDA = 2
 #: The gate's backward launch by C padded to a power of two: (elements of a
-#: program's tile, warps, programs per SM), the fastest of ``python
-#: benchmarks/layer_norm.py --gate --sweep`` on one H200 (docs/ops.md).
-#: Widths not listed take :func:`launch_config`'s.
+#: program's tile, warps, programs per SM), a sweep's fastest (``python
+#: benchmarks/layer_norm.py --gate --sweep``, one H200), kept since
+#: VMamba-T's training step is faster with it (docs/ops.md). Widths not
+#: listed take :func:`launch_config`'s.
 GATE_BACKWARD_LAUNCH = {
     256: (2048, 8, 4),
     512: (4096, 4, 4),
