@@ -66,6 +66,11 @@ D_STATE = 16
 DIRECTIONS = 4
 
 
+def vmamba_rank(C):
+    """VMamba's dt_rank at width C: ceil(C / 16)."""
+    return -(-C // 16)
+
+
 def _randn(g, *shape, scale=1.0, shift=0.0):
     return torch.randn(*shape, generator=g, device=g.device) * scale + shift
 
@@ -76,7 +81,7 @@ def cross_inputs(batch, C, side, dtype, seed, width=None, rank=None):
     on the GPU."""
     g = torch.Generator(device='cuda').manual_seed(seed)
     width = side if width is None else width
-    rank = -(-C // 16) if rank is None else rank
+    rank = vmamba_rank(C) if rank is None else rank
     d_inner, length = 2 * C, side * width
     x_dbl = torch.cat([
         _randn(g, batch, length, DIRECTIONS, rank),
@@ -286,14 +291,20 @@ def kernel_kind(name):
     return 'carry' if 'carry' in name else 'full'
 
 
-def kernel_kind_ms(fn):
-    """GPU ms of one call of ``fn`` by :func:`kernel_kind`."""
+def profiled_events(fn):
+    """``torch.profiler``'s ``key_averages()`` of one call of ``fn`` (CUDA
+    activity)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def kernel_kind_ms(fn):
+    """GPU ms of one call of ``fn`` by :func:`kernel_kind`."""
     ms = dict(full=0.0, summary=0.0, carry=0.0)
-    for event in prof.key_averages():
+    for event in profiled_events(fn):
         kind = kernel_kind(event.key)
         if kind is not None:
             ms[kind] += event.self_device_time_total / 1e3
@@ -313,19 +324,15 @@ def time_ranks(batch, stage, ranks, dtype, repeat):
     and width with each dt_rank of ``ranks``, and the backward kernel that
     ran (:func:`backward_kernel`)."""
     import mmvmamba.ops._ext  # noqa: F401
-    from torch.profiler import ProfilerActivity, profile
     C, side = STAGES[stage]
     print(f'fused scan, C={C} L={side * side} (d_inner {2 * C}), batch '
-          f'{batch}, {str(dtype)[6:]}; VMamba\'s rank here: {-(-C // 16)}')
+          f'{batch}, {str(dtype)[6:]}; VMamba\'s rank here: {vmamba_rank(C)}')
     print(f'{"R":>3s} {"fwd ms":>8s} {"bwd ms":>8s}  backward kernel')
     for rank in ranks:
         fwd, bwd, _ = cross_calls(
             *cross_inputs(batch, C, side, dtype, 0, rank=rank))
         f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            bwd()
-            torch.cuda.synchronize()
-        kinds = sorted({backward_kernel(e.key) for e in prof.key_averages()}
+        kinds = sorted({backward_kernel(e.key) for e in profiled_events(bwd)}
                        - {None})
         print(f'{rank:3d} {f:8.3f} {b:8.3f}  {", ".join(kinds)}', flush=True)
         del fwd, bwd
