@@ -36,9 +36,8 @@ weight from a fixed bfloat16 gradient) at VMamba-T's gate maps (batch, H,
 W, E = 2C; y float32, z the bfloat16 second half of a (batch, H, W, 2E)
 map, out_proj E -> C), under bf16 autocast, its backward on the ATen ops
 and on the gate's Triton kernels (``GATE_BACKWARD_ON_TRITON`` off and
-on); beside them out_proj alone
-(its forward and backward on a bfloat16 input, in both times) and the
-gate's time without it, against the bytes
+on); beside them out_proj alone (its forward and backward on a bfloat16
+input, in both times) and the gate's time without it, against the bytes
 the gate's kernels move at least (forward: y and z read, the bfloat16 gated
 map written; backward: y, z and the gated map's gradient read, the gated
 map written again for out_proj's weight gradient, the gradients of y and z
