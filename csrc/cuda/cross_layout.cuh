@@ -227,7 +227,6 @@ struct CrossIo {
 
   // The position table, the dB column's offset, dt_weight rows and the
   // tile's dt_low (every pass).
-  template <Pass kPass>
   static int extra_floats(const ScanParams& p) {
     return kPositionFloats + kOffsetFloats + (Tl::channels + kSteps) * p.dt_pitch;
   }

@@ -43,7 +43,7 @@ void launch_carry(const ScanParams& p, bool reverse, cudaStream_t stream);
 // Dynamic shared memory of a kernel of Io's pass.
 template <typename Io, Pass kPass>
 int shared_bytes(const ScanParams& p) {
-  return SmemLayout<Io::Q, kPass>::bytes(Io::template extra_floats<kPass>(p));
+  return SmemLayout<Io::Q, kPass>::bytes(Io::extra_floats(p));
 }
 
 // Launches `kernel` over the blocks and segments (gridDim.y) of a pass.

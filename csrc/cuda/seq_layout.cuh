@@ -39,7 +39,6 @@ struct SeqIo {
   // The backward keeps Q lanes a channel (scan_bwd_lanes; see CrossIo).
   static constexpr bool kFragmentBackward = false;
 
-  template <Pass kPass>
   static int extra_floats(const ScanParams&) { return 0; }
   template <Pass kPass>
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
