@@ -713,14 +713,7 @@ struct CrossIo {
         mma_large_term(acc[j], a, b);
       }
     }
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = n0 + 8 * j + 2 * q + i % 2;
-        if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
-      }
-    }
+    add_tiles<kTiles, 8>(p, rows, acc, n0);
   }
 
   // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product, added
@@ -731,7 +724,7 @@ struct CrossIo {
   __device__ static void weight_grad_pass(const ScanParams& p, float* const (&rows)[2],
                                           const float* dd_a, const float* l_even,
                                           const float* l_odd, int n0) {
-    const int g = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+    const int g = threadIdx.x % 32 / 4;
     // Output (h, e) of n-tile j (accumulator 2 h + e): channel c + 4 h, rank
     // n0 + 16 j + 2 q + e.
     float acc[kTiles][4] = {};
@@ -758,11 +751,21 @@ struct CrossIo {
         for (int j = 0; j < kTiles; ++j) mma_large_term(acc[j], a, b[j][k]);
       }
     }
+    add_tiles<kTiles, 16>(p, rows, acc, n0);
+  }
+
+  // Adds the accumulators of kTiles n-tiles of a rank product to two rows
+  // of a gradient: accumulator 2 h + e of n-tile j goes to rows[h] (null:
+  // not added) at rank n0 + kTileStep j + 2 q + e, ranks below p.rank only.
+  template <int kTiles, int kTileStep>
+  __device__ static void add_tiles(const ScanParams& p, float* const (&rows)[2],
+                                   const float (&acc)[kTiles][4], int n0) {
+    const int q = threadIdx.x % 4;
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int r = n0 + 16 * j + 2 * q + i % 2;
+        const int r = n0 + kTileStep * j + 2 * q + i % 2;
         if (rows[i / 2] != nullptr && r < p.rank) atomicAdd(rows[i / 2] + r, acc[j][i]);
       }
     }
