@@ -29,6 +29,16 @@ ADD_NORM_ON_TRITON = True
 #: keeps ``F.layer_norm`` there.
 NORMS_TRAIN_ON_TRITON = True
 
+#: Whether SS2D's ``in_proj`` runs as two products, one per half of its
+#: weight (x and z), where autograd records: each half is then dense, so
+#: cuDNN's depthwise conv reads x without copying it (twice a step: its
+#: forward and its weight gradient) and the halves' gradients need no
+#: ``cat``. Read at every forward; ``in_proj``'s own forward hooks are
+#: still honoured (the product runs whole where it has any). Off until
+#: measured: ``benchmarks/timing.py``'s ``switch_model_rows(['vmamba-t'],
+#: ['train-bf16'], 128, 5, 10, vmamba, 'SPLIT_IN_PROJ')`` times it.
+SPLIT_IN_PROJ = False
+
 
 class SS2D(nn.Module):
     """2D selective scan: the token mixer of a VSS block.
@@ -96,7 +106,13 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        if (SPLIT_IN_PROJ and autograd_records(x, self.in_proj.weight)
+                and not _has_forward_hooks(self.in_proj)
+                and not _global_forward_hooks()):
+            x_weight, z_weight = self.in_proj.weight.chunk(2, dim=0)
+            x, z = F.linear(x, x_weight), F.linear(x, z_weight)
+        else:
+            x, z = self.in_proj(x).chunk(2, dim=-1)
         # the SiLU in the convolution's pass where autograd does not record
         # it; else in the scan's op, which keeps the map before it
         silu_in_conv = not autograd_records(x, *self.conv2d.parameters())
@@ -200,6 +216,12 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks are registered for all modules."""
+    return bool(nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
 class VSSStage(BlockStage):
     """A stage: VSS blocks, then an optional patch merging.
 
@@ -226,11 +248,9 @@ class VSSStage(BlockStage):
             isinstance(block.norm, LayerNorm) and block.drop_path.is_identity
             and not _has_forward_hooks(block)
             and not _has_forward_hooks(block.norm)
-            for block in self.blocks) and not (
-                nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks) and not (
-                    torch.is_grad_enabled()
-                    and autograd_records(x, *self.blocks.parameters()))
+            for block in self.blocks) and not _global_forward_hooks() and not (
+                torch.is_grad_enabled()
+                and autograd_records(x, *self.blocks.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fuses_add_norm(x):
