@@ -1,5 +1,5 @@
 """VMamba backbone (paper version 1, January 2024)."""
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,11 +33,13 @@ NORMS_TRAIN_ON_TRITON = True
 #: weight (x and z), where autograd records: each half is then dense, so
 #: cuDNN's depthwise conv reads x without copying it (twice a step: its
 #: forward and its weight gradient) and the halves' gradients need no
-#: ``cat``. Read at every forward; ``in_proj``'s own forward hooks are
-#: still honoured (the product runs whole where it has any). Off until
-#: measured: ``benchmarks/timing.py``'s ``switch_model_rows(['vmamba-t'],
-#: ['train-bf16'], 128, 5, 10, vmamba, 'SPLIT_IN_PROJ')`` times it.
-SPLIT_IN_PROJ = False
+#: ``cat``. Read at every forward. The product runs whole where
+#: ``in_proj`` has forward hooks (or global ones are set) or is not a plain
+#: ``nn.Linear``. On: VMamba-T's bf16 training step measured 1.5% less GPU
+#: time and 0.8% faster on an H200 (docs/benchmarks.md); ``switch_model_rows
+#: (['vmamba-t'], ['train-bf16'], 128, 5, 30, vmamba, 'SPLIT_IN_PROJ')`` in
+#: ``benchmarks/timing.py`` times it.
+SPLIT_IN_PROJ = True
 
 
 class SS2D(nn.Module):
@@ -104,15 +106,23 @@ class SS2D(nn.Module):
         """
         init_ssm_parameters(self, dt_min, dt_max, dt_floor)
 
+    def _in_proj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``in_proj``'s halves (x, z): two products where
+        :data:`SPLIT_IN_PROJ` applies, else halves of the whole one."""
+        proj = self.in_proj
+        if (SPLIT_IN_PROJ and type(proj) is nn.Linear
+                and autograd_records(x, *proj.parameters())
+                and not _has_forward_hooks(proj)
+                and not _global_forward_hooks()):
+            biases = (None, None) if proj.bias is None else proj.bias.chunk(2)
+            return tuple(
+                F.linear(x, weight, bias)
+                for weight, bias in zip(proj.weight.chunk(2), biases))
+        return tuple(proj(x).chunk(2, dim=-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        if (SPLIT_IN_PROJ and autograd_records(x, self.in_proj.weight)
-                and not _has_forward_hooks(self.in_proj)
-                and not _global_forward_hooks()):
-            x_weight, z_weight = self.in_proj.weight.chunk(2, dim=0)
-            x, z = F.linear(x, x_weight), F.linear(x, z_weight)
-        else:
-            x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, z = self._in_proj(x)
         # the SiLU in the convolution's pass where autograd does not record
         # it; else in the scan's op, which keeps the map before it
         silu_in_conv = not autograd_records(x, *self.conv2d.parameters())
