@@ -1,6 +1,7 @@
 """The VMamba backbone: layout, sizes, options, registries and errors."""
 import pytest
 import torch
+import torch.nn as nn
 
 from mmvmamba.models import VMamba
 from mmvmamba.models.backbones.common import ss2d_output
@@ -395,3 +396,47 @@ def test_kernel_model_matches_float64_reference():
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         err = ((a.double() - b).norm() / b.norm()).item()
         assert err < 1e-5  # measured: at most 1.0e-6
+
+
+class _SubclassedLinear(nn.Linear):
+    """A subclass may change the forward: SS2D keeps the whole product."""
+
+
+@pytest.mark.parametrize('variant', ['plain', 'bias', 'hooked', 'subclass'])
+def test_split_in_proj_matches_the_whole_product(monkeypatch, variant):
+    """vmamba.SPLIT_IN_PROJ: where autograd records, in_proj runs as two
+    products (with a bias too) and the conv gets a dense x; the output and
+    every gradient are those of the whole product. A forward hook on
+    in_proj or a subclass of nn.Linear keeps the whole product."""
+    from mmvmamba.models.backbones import vmamba
+    torch.manual_seed(0)
+    ss2d = SS2D(8, d_state=4)
+    if variant in ('bias', 'subclass'):
+        proj = (nn.Linear if variant == 'bias' else _SubclassedLinear)(
+            8, ss2d.in_proj.out_features, bias=variant == 'bias')
+        ss2d.in_proj = proj
+    calls = []
+    if variant == 'hooked':
+        ss2d.in_proj.register_forward_hook(lambda *_: calls.append('hook'))
+    dense = []
+    conv = vmamba.depthwise_conv_nhwc
+    monkeypatch.setattr(
+        vmamba, 'depthwise_conv_nhwc',
+        lambda module, x, **kw: dense.append(x.is_contiguous()) or conv(
+            module, x, **kw))
+    x = torch.randn(2, 5, 7, 8, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 8)
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(vmamba, 'SPLIT_IN_PROJ', split)
+        out = ss2d(x)
+        wrt = (x, *ss2d.parameters())
+        results.append((out, *torch.autograd.grad(out, wrt, grad)))
+    splits = variant in ('plain', 'bias')
+    assert dense == [False, splits]
+    assert calls == (['hook', 'hook'] if variant == 'hooked' else [])
+    for whole, split in zip(*results):
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # nothing recorded: the whole product
+        ss2d(x)
+    assert dense[-1] is False

@@ -1,5 +1,5 @@
 """VMamba backbone (paper version 1, January 2024)."""
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,18 @@ ADD_NORM_ON_TRITON = True
 #: 1.04-1.05x faster on an H200, VMamba2-T's 0.89x (docs/ops.md), so VMamba2
 #: keeps ``F.layer_norm`` there.
 NORMS_TRAIN_ON_TRITON = True
+
+#: Whether SS2D's ``in_proj`` runs as two products, one per half of its
+#: weight (x and z), where autograd records: each half is then dense, so
+#: cuDNN's depthwise conv reads x without copying it (twice a step: its
+#: forward and its weight gradient) and the halves' gradients need no
+#: ``cat``. Read at every forward. The product runs whole where
+#: ``in_proj`` has forward hooks (or global ones are set) or is not a plain
+#: ``nn.Linear``. On: VMamba-T's bf16 training step measured 1.5% less GPU
+#: time and 0.8% faster on an H200 (docs/benchmarks.md); ``switch_model_rows
+#: (['vmamba-t'], ['train-bf16'], 128, 5, 30, vmamba, 'SPLIT_IN_PROJ')`` in
+#: ``benchmarks/timing.py`` times it.
+SPLIT_IN_PROJ = True
 
 
 class SS2D(nn.Module):
@@ -94,9 +106,23 @@ class SS2D(nn.Module):
         """
         init_ssm_parameters(self, dt_min, dt_max, dt_floor)
 
+    def _in_proj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``in_proj``'s halves (x, z): two products where
+        :data:`SPLIT_IN_PROJ` applies, else halves of the whole one."""
+        proj = self.in_proj
+        if (SPLIT_IN_PROJ and type(proj) is nn.Linear
+                and autograd_records(x, *proj.parameters())
+                and not _has_forward_hooks(proj)
+                and not _global_forward_hooks()):
+            biases = (None, None) if proj.bias is None else proj.bias.chunk(2)
+            return tuple(
+                F.linear(x, weight, bias)
+                for weight, bias in zip(proj.weight.chunk(2), biases))
+        return tuple(proj(x).chunk(2, dim=-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x, z = self._in_proj(x)
         # the SiLU in the convolution's pass where autograd does not record
         # it; else in the scan's op, which keeps the map before it
         silu_in_conv = not autograd_records(x, *self.conv2d.parameters())
@@ -200,6 +226,12 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks are registered for all modules."""
+    return bool(nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
 class VSSStage(BlockStage):
     """A stage: VSS blocks, then an optional patch merging.
 
@@ -226,11 +258,9 @@ class VSSStage(BlockStage):
             isinstance(block.norm, LayerNorm) and block.drop_path.is_identity
             and not _has_forward_hooks(block)
             and not _has_forward_hooks(block.norm)
-            for block in self.blocks) and not (
-                nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks) and not (
-                    torch.is_grad_enabled()
-                    and autograd_records(x, *self.blocks.parameters()))
+            for block in self.blocks) and not _global_forward_hooks() and not (
+                torch.is_grad_enabled()
+                and autograd_records(x, *self.blocks.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fuses_add_norm(x):
