@@ -52,3 +52,32 @@ def test_pass_markers_found_in_the_backward_source():
     starts = [passes[p][0] for p in order]
     assert starts == sorted(starts) and starts[0] > bounds[0]
     assert all(a <= b for a, b in passes.values())
+
+
+def test_report_counts_a_chunks_spills_by_pass(tmp_path, capsys):
+    """A chunk from the barrier before pass 1: pass 1 (with piece 7), then
+    pieces whose reverse scans are recognised; spills counted per pass."""
+    def at(line, *ops):
+        return [f'        //## File "/x/csrc/cuda/scan_bwd.cuh", line {line}'] + [
+            f'        /*{k:04x}*/                   {op} ;' for k, op in enumerate(ops)]
+
+    rows = ['\t.section\t.text.kernel_b,"ax",@progbits']
+    rows += at(5, 'BAR.SYNC.DEFER_BLOCKING 0x0')
+    rows += at(10, 'STL [R1], R4', 'FFMA R4, R5, R6, R7')  # pass 1
+    rows += at(30, 'LDL R4, [R1]', 'FADD R8, R4, R9')  # piece 7's reverse scan
+    rows += at(50, 'BAR.SYNC.DEFER_BLOCKING 0x0')
+    for _ in range(2):  # two steady pieces
+        rows += at(20, 'FMUL R4, R5, R6')
+        rows += at(30, 'LDL R4, [R1]', 'LDS R8, [R2]', 'FADD R9, R8, R4')
+        rows += at(50, 'BAR.SYNC.DEFER_BLOCKING 0x0')
+    path = tmp_path / 'k.sass'
+    path.write_text('\n'.join(rows) + '\n')
+    code = sched.parse_listing(str(path))['kernel_b']
+    passes = {'pass 1': (10, 19), 'states': (20, 29), 'reverse': (30, 39),
+              'finish': (40, 49), 'piece end': (50, 60)}
+    sched.report(code, (1, 60), passes)
+    out = capsys.readouterr().out
+    assert ('spill instructions in the chunk 4 (pass 1 1, reverse 3), '
+            'in the kernel 4') in out
+    # a piece from its barrier on: the barrier and 4 instructions
+    assert 'steady piece 5.0, its reverse scan 3.0' in out

@@ -4,10 +4,11 @@ Reads the ``nvdisasm -gi`` listing of a cubin holding
 ``scan_bwd_kernel<CrossIo<...>, ...>`` and the scan_bwd.cuh it was compiled
 from, and prints for each such kernel: the instructions of a chunk's pieces
 (pass 1 and the 8 pieces, between block barriers), of a steady piece
-(pieces 6 .. 0) and of its reverse scan, spill instructions, the mean
-distance from each shared load (LDS / LDS.64 / LDS.128), MUFU and SHFL to
-its first reader (instructions in program order, the reader counted) per
-pass, and the floating-point instructions of a chunk. CPU only; see
+(pieces 6 .. 0) and of its reverse scan, spill instructions (a chunk's by
+pass), the mean distance from each shared load (LDS / LDS.64 / LDS.128),
+MUFU and SHFL to its first reader (instructions in program order, the
+reader counted) per pass, and the floating-point instructions of a chunk.
+CPU only; see
 docs/scan_kernel_notes.md, "Backward schedule against latency":
 
     nvdisasm -gi cross_scan.sm_90.cubin > bwd.sass
@@ -157,11 +158,14 @@ def report(code, bounds, passes):
     reverse = mean_of([where[a:b].count('reverse') for a, b in steady])
     advance = where[pieces[0][0]:pieces[0][1]].count('pass 1') / 7
     chunk = sum(b - a for a, b in pieces)
-    spills = sum(1 for x in code[pieces[0][0]:pieces[-1][1]] if x.op[:3] in ('STL', 'LDL'))
+    spilled = collections.Counter(
+        where[i] for i in range(pieces[0][0], pieces[-1][1]) if code[i].op[:3] in ('STL', 'LDL'))
+    by_pass = ', '.join(f'{name} {spilled[name]}' for name in (*passes, 'other') if spilled[name])
     print(f'  instructions: chunk (pass 1 + 8 pieces) {chunk}, steady piece {piece:.1f}, '
           f'its reverse scan {reverse:.1f}, pass-1 advance of 8 steps {advance:.1f}; '
-          f'spill instructions in the chunk {spills} (kernel '
-          f'{sum(1 for x in code if x.op[:3] in ("STL", "LDL"))})')
+          f'spill instructions in the chunk {sum(spilled.values())}'
+          f'{f" ({by_pass})" if by_pass else ""}, in the kernel '
+          f'{sum(1 for x in code if x.op[:3] in ("STL", "LDL"))}')
     for name in ('pass 1', 'states', 'reverse'):
         span = pieces[:1] if name == 'pass 1' else steady
         cells = []
