@@ -293,7 +293,6 @@ struct CrossIo {
   }
 
   // The block's rows of dt_weight, kept for the whole kernel.
-  template <Pass kPass>
   __device__ static void prepare(const ScanParams& p, const BlockPos& pos,
                                  float* extra) {
     float* w_s = weights(extra);

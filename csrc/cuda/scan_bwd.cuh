@@ -109,7 +109,7 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::template prepare<Pass::kBackward>(p, pos, extra);
+  Io::prepare(p, pos, extra);
   // The segment's chunks, in reverse from the carry of the later segments:
   // dh enters its last step as decay_next * dh (zero after the last one).
   const SegmentRange range = segment_range(p);
@@ -424,7 +424,7 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
 
   const BlockPos pos = block_pos(p);
   const FragmentLane lane(p, pos);
-  Io::template prepare<Pass::kBackward>(p, pos, extra);
+  Io::prepare(p, pos, extra);
   const SegmentRange range = segment_range(p);
   float dh[kP] = {}, decay_next[kP] = {}, dA[kP] = {};
   if (range.end < p.chunks) {
@@ -689,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::bwd_summary_blocks_per_
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::template prepare<Pass::kBackwardSummary>(p, pos, extra);
+  Io::prepare(p, pos, extra);
   const int seg = blockIdx.y + 1;
   const SegmentRange range = segment_range(p, 1);
   const float* dtrow = s.dt + lane.c * kRow;

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::template prepare<Pass::kForward>(p, pos, extra);
+  Io::prepare(p, pos, extra);
   // The segment's chunks, from its start state (zero for the first).
   const SegmentRange range = segment_range(p);
   float h[kP] = {};
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
 
   const BlockPos pos = block_pos(p);
   const Lane<Q> lane(p, pos);
-  Io::template prepare<Pass::kForwardSummary>(p, pos, extra);
+  Io::prepare(p, pos, extra);
   const SegmentRange range = segment_range(p);
   const float* urow = s.u + lane.c * kRow;
   const float* dtrow = s.dt + lane.c * kRow;

@@ -40,7 +40,6 @@ struct SeqIo {
   static constexpr bool kFragmentBackward = false;
 
   static int extra_floats(const ScanParams&) { return 0; }
-  template <Pass kPass>
   __device__ static void prepare(const ScanParams&, const BlockPos&, float*) {}
 
   // The tiles of Staged<kPass>.
