@@ -45,8 +45,8 @@ kernel that ran: the rank sets the block's shared memory, hence the blocks
 per SM and whether the backward keeps its decays (``keep_decays`` in
 ``csrc/cuda/scan_launch.cuh``).
 """
-import os
 import argparse
+import os
 import sys
 
 import torch
