@@ -473,7 +473,13 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
     const float* dtrow = dt_s + lane.c[0] * kRow;
     const float* dy_pair = dy_s + Io::pair_dy_index(lane.c[0], 0);
     const float* bc = tiles.B + 4 * lane.g;
-    // As in scan_bwd_lanes.
+    // As in scan_bwd_lanes, but pass 1 skips the pieces wholly past L in
+    // both kernels: the one without kept decays runs stage 2 too since it
+    // has 4 blocks there (R <= 28), where the last chunk (L = 196: 4 steps)
+    // would walk 56 steps of nothing: about 5% of the block's instructions.
+    // Its advances are skipped, not exited from: an exit made ptxas spill
+    // 59 instructions a chunk (main 16), the skips 32, and a full chunk
+    // comes to 7984 instructions a warp (main 8073; bwd_schedule_sass.py).
     const int64_t left = p.length - l0;
     const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
                                      : kPieces;
@@ -496,7 +502,7 @@ __device__ __forceinline__ void scan_bwd_fragment(const ScanParams& p) {
 #pragma unroll
         for (int i = 0; i < kP; ++i) start[s][i] = h[i];
         if (s + 1 == kPieces) break;
-        if (kKeepDecays && s + 1 >= pieces) break;  // no later start is read
+        if (s + 1 >= pieces) continue;  // no later start is read
 #pragma unroll
         for (int t = s * kPiece; t < (s + 1) * kPiece; ++t) {
           const float dt[2] = {dtrow[t], dtrow[4 * kRow + t]};
