@@ -141,6 +141,10 @@ struct CrossIo {
   // The backward keeps decays where shared memory limits its blocks (long
   // ranks R; see keep_decays in scan_launch.cuh).
   static constexpr bool kMayKeepDecays = true;
+  // The forward computes its step sizes on the tensor cores where shared
+  // memory limits its blocks (long ranks R; see tensor_step_sizes in
+  // scan_launch.cuh), on the FMA pipes elsewhere.
+  static constexpr bool kMayTensorStepSizes = true;
   // The forward's recurrence loads each step's inputs 2 steps ahead and
   // computes its decays 1 step ahead (scan_fwd_kernel).
   static constexpr int kFwdLoadsAhead = 2;
@@ -376,7 +380,10 @@ struct CrossIo {
 
     // Stores the loads, then the tile's dt_low (and, the full passes, copies
     // the tile's positions for their stores), then computes the step sizes
-    // softplus(bias + dt_weight @ dt_low) of the block's channels.
+    // softplus(bias + dt_weight @ dt_low) of the block's channels: on the
+    // tensor cores with kTensorSteps (the backward's always, the forward's
+    // where its launch chooses), else on the FMA pipes.
+    template <bool kTensorSteps = kPass == Pass::kBackward>
     __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const TileSmem& s, float* extra) const {
       const int c = threadIdx.x % Tl::channels;
@@ -431,11 +438,13 @@ struct CrossIo {
         }
       }
       __syncthreads();
-      // The full backward's recomputation on the tensor cores; the forward
-      // and the summaries on the FMA pipes, where the products' fragments and
-      // accumulators would spill under their register bounds (measured
-      // slower at R = 6 and 12 forward; see docs/scan_kernel_notes.md).
-      if constexpr (kPass == Pass::kBackward) {
+      // The full backward's recomputation on the tensor cores; the summaries
+      // and the forward at 5 blocks an SM on the FMA pipes, where the
+      // products' fragments and accumulators would spill under their
+      // register bounds (measured slower at R = 6 and 12 forward; see
+      // docs/scan_kernel_notes.md).
+      static_assert(!kTensorSteps || In::kFull, "the full passes' tiles");
+      if constexpr (kTensorSteps) {
         step_sizes(p, pos, l0, s, extra);
       } else {
         step_sizes_fma<kPass == Pass::kForward>(p, pos, l0, s, extra);
