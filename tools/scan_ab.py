@@ -40,10 +40,11 @@ the carries between them; ``--segment-chunks`` repeats the table with
 ``MMVMAMBA_SCAN_SEGMENT_CHUNKS`` set to each value (0: one segment).
 
 ``ranks`` times the fused op at one stage's map and width with dt_rank R set
-to each of ``--ranks`` (VMamba-T's own: ceil(C / 16)), and names the backward
-kernel that ran: the rank sets the block's shared memory, hence the blocks
-per SM and whether the backward keeps its decays (``keep_decays`` in
-``csrc/cuda/scan_launch.cuh``).
+to each of ``--ranks`` (VMamba-T's own: ceil(C / 16)), and names the kernels
+that ran: the rank sets the block's shared memory, hence the blocks
+per SM, whether the backward keeps its decays and whether the forward
+computes its step sizes on the tensor cores (``keep_decays`` and
+``tensor_step_sizes`` in ``csrc/cuda/scan_launch.cuh``).
 """
 import argparse
 import os
@@ -311,29 +312,36 @@ def kernel_kind_ms(fn):
     return ms
 
 
-def backward_kernel(name):
-    """``'kept decays'`` or ``'decays recomputed'`` for the name of a full
-    backward kernel of the fused op, None for any other kernel."""
-    if 'scan_bwd_kernel' not in name or 'CrossIo' not in name:
+def kernel_variant(name):
+    """The variant a full kernel of the fused op names: the backward's
+    ``'kept decays'`` or ``'decays recomputed'``, the forward's ``'tensor
+    step sizes'`` or ``'FMA step sizes'``; None for any other kernel."""
+    if 'CrossIo' not in name:
         return None
-    return 'kept decays' if ', true>' in name else 'decays recomputed'
+    flag = ', true>' in name
+    if 'scan_bwd_kernel' in name:
+        return 'kept decays' if flag else 'decays recomputed'
+    if 'scan_fwd_kernel' in name:
+        return 'tensor step sizes' if flag else 'FMA step sizes'
+    return None
 
 
 def time_ranks(batch, stage, ranks, dtype, repeat):
     """Print the fused op's ms (forward, backward) at stage ``stage``'s map
-    and width with each dt_rank of ``ranks``, and the backward kernel that
-    ran (:func:`backward_kernel`)."""
+    and width with each dt_rank of ``ranks``, and the kernels that ran
+    (:func:`kernel_variant`)."""
     import mmvmamba.ops._ext  # noqa: F401
     C, side = STAGES[stage]
     print(f'fused scan, C={C} L={side * side} (d_inner {2 * C}), batch '
           f'{batch}, {str(dtype)[6:]}; VMamba\'s rank here: {vmamba_rank(C)}')
-    print(f'{"R":>3s} {"fwd ms":>8s} {"bwd ms":>8s}  backward kernel')
+    print(f'{"R":>3s} {"fwd ms":>8s} {"bwd ms":>8s}  kernels')
     for rank in ranks:
         fwd, bwd, _ = cross_calls(
             *cross_inputs(batch, C, side, dtype, 0, rank=rank))
         f, b = median_ms(fwd, repeat), median_ms(bwd, repeat)
-        kinds = sorted({backward_kernel(e.key) for e in profiled_events(bwd)}
-                       - {None})
+        kinds = [kernel_variant(e.key) for fn in (fwd, bwd)
+                 for e in profiled_events(fn)]
+        kinds = sorted(set(kinds) - {None})
         print(f'{rank:3d} {f:8.3f} {b:8.3f}  {", ".join(kinds)}', flush=True)
         del fwd, bwd
         torch.cuda.empty_cache()

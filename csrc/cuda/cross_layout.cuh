@@ -141,6 +141,10 @@ struct CrossIo {
   // The backward keeps decays where shared memory limits its blocks (long
   // ranks R; see keep_decays in scan_launch.cuh).
   static constexpr bool kMayKeepDecays = true;
+  // The forward computes its step sizes on the tensor cores where shared
+  // memory limits its blocks (long ranks R; see tensor_step_sizes in
+  // scan_launch.cuh), on the FMA pipes elsewhere.
+  static constexpr bool kMayTensorStepSizes = true;
   // The forward's recurrence loads each step's inputs 2 steps ahead and
   // computes its decays 1 step ahead (scan_fwd_kernel).
   static constexpr int kFwdLoadsAhead = 2;
@@ -376,7 +380,10 @@ struct CrossIo {
 
     // Stores the loads, then the tile's dt_low (and, the full passes, copies
     // the tile's positions for their stores), then computes the step sizes
-    // softplus(bias + dt_weight @ dt_low) of the block's channels.
+    // softplus(bias + dt_weight @ dt_low) of the block's channels: on the
+    // tensor cores with kTensorSteps (the backward's always, the forward's
+    // where its launch chooses), else on the FMA pipes.
+    template <bool kTensorSteps = kPass == Pass::kBackward>
     __device__ void stage(const ScanParams& p, const BlockPos& pos, int64_t l0,
                           const TileSmem& s, float* extra) const {
       const int c = threadIdx.x % Tl::channels;
@@ -431,14 +438,16 @@ struct CrossIo {
         }
       }
       __syncthreads();
-      // The full backward's recomputation on the tensor cores; the forward
-      // and the summaries on the FMA pipes, where the products' fragments and
-      // accumulators would spill under their register bounds (measured
-      // slower at R = 6 and 12 forward; see docs/scan_kernel_notes.md).
-      if constexpr (kPass == Pass::kBackward) {
+      // The full backward's recomputation on the tensor cores; the summaries
+      // and the forward at 5 blocks an SM on the FMA pipes, where the
+      // products' fragments and accumulators would spill under their
+      // register bounds (measured slower at R = 6 and 12 forward; see
+      // docs/scan_kernel_notes.md).
+      static_assert(!kTensorSteps || In::kFull, "the full passes' tiles");
+      if constexpr (kTensorSteps) {
         step_sizes(p, pos, l0, s, extra);
       } else {
-        step_sizes_fma(p, pos, l0, s, extra);
+        step_sizes_fma<kPass == Pass::kForward>(p, pos, l0, s, extra);
       }
     }
   };
@@ -515,9 +524,14 @@ struct CrossIo {
     for (int nt = 0; nt < 2; ++nt) {
       l_a[nt] = dtl_s + low_index(q, 16 * warp + 8 * nt + (g >> 1) + 4 * (g & 1));
     }
-    int k0 = 0;
-    for (; k0 + 8 <= p.dt_pitch; k0 += 8) step_size_kstep<true>(acc, w_a, w_b, l_a, k0);
-    if (k0 < p.dt_pitch) step_size_kstep<false>(acc, w_a, w_b, l_a, k0);
+    // A warp whose 16 steps are all past L (stage 2's last chunk: 4 steps)
+    // skips the product: its outputs are zeros (a warp-uniform test, through
+    // the shuffle as in store_grads).
+    if (__shfl_sync(0xffffffffu, 16 * warp < steps, 0)) {
+      int k0 = 0;
+      for (; k0 + 8 <= p.dt_pitch; k0 += 8) step_size_kstep<true>(acc, w_a, w_b, l_a, k0);
+      if (k0 < p.dt_pitch) step_size_kstep<false>(acc, w_a, w_b, l_a, k0);
+    }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -536,6 +550,7 @@ struct CrossIo {
   // channel c, steps j kRowLoads .. j kRowLoads + kRowLoads - 1 (j the
   // warp: the dt_low loads are broadcasts), each step's sum in rank order,
   // four ranks a pass (the padding adds zeros).
+  template <bool kSkipPastL>
   __device__ static void step_sizes_fma(const ScanParams& p, const BlockPos& pos, int64_t l0,
                                         const TileSmem& s, float* extra) {
     static_assert(kRowLoads == 16, "a thread's steps: one 16-step group of low_index");
@@ -551,10 +566,14 @@ struct CrossIo {
     float x[kRowLoads];
 #pragma unroll
     for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
+    // kSkipPastL (the forward; the summaries' registers spill more with
+    // it): threads whose steps are all past L (a warp's: stage 2's last
+    // chunk) skip the product, their outputs are zeros.
+    const int rank = !kSkipPastL || kRowLoads * j < chunk_steps(p, l0) ? p.rank : 0;
     // Rank r + i (r a multiple of 4) permutes by i alone: low_index flips
     // bit 4 of the step (the 16-step group) for odd i and bit 3 for i >= 2.
     const float* group[2] = {dtl_s + kRowLoads * j, dtl_s + kRowLoads * (j ^ 1)};
-    for (int r = 0; r < p.rank; r += 4) {
+    for (int r = 0; r < rank; r += 4) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float w = w_s[weight_index(c, r + i)];
@@ -640,8 +659,10 @@ struct CrossIo {
       }
       const float* dd_a = dd_s + q * kRow + t_row;
       // Passes of 4 n-tiles, the last one of those below dt_pitch only (a
-      // warp-uniform count).
-      for (int n0 = 0; n0 < p.dt_pitch; n0 += 32) {
+      // warp-uniform count); none where the warp's first step (lane 0's) is
+      // past L: its rows are not added.
+      const int n_end = __shfl_sync(0xffffffffu, t_row < steps ? p.dt_pitch : 0, 0);
+      for (int n0 = 0; n0 < n_end; n0 += 32) {
         switch (min(4, (p.dt_pitch - n0 + 7) / 8)) {
           case 4: low_grad_pass<4>(p, w_s, dd_a, rows, n0); break;
           case 3: low_grad_pass<3>(p, w_s, dd_a, rows, n0); break;
@@ -674,13 +695,16 @@ struct CrossIo {
                          ? p.ddt_weight + (pos.g * p.per_group + d_in_group) * p.rank
                          : nullptr;
       }
+      // The k-step pairs (16 steps each) that hold a step before L: dd is
+      // zero past it (block-uniform; through the shuffle for the compiler).
+      const int pairs = __shfl_sync(0xffffffffu, (steps + 15) / 16, 0);
       for (int n0 = n_first; n0 < p.dt_pitch; n0 += 32) {
         // The second n-tile only below dt_pitch (a warp-uniform test; the
         // first always is).
         if (n0 + 16 < p.dt_pitch) {
-          weight_grad_pass<2>(p, dw_rows, dd_a, l_even, l_odd, n0);
+          weight_grad_pass<2>(p, dw_rows, dd_a, l_even, l_odd, n0, pairs);
         } else {
-          weight_grad_pass<1>(p, dw_rows, dd_a, l_even, l_odd, n0);
+          weight_grad_pass<1>(p, dw_rows, dd_a, l_even, l_odd, n0, pairs);
         }
       }
     }
@@ -715,20 +739,22 @@ struct CrossIo {
     add_tiles<kTiles, 8>(p, rows, acc, n0);
   }
 
-  // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product, added
-  // into the gradient's rows of channels c, c + 4 (rows[h], null for a
-  // padding channel). The last n-tile may end at dt_pitch after 4 ranks:
-  // zero B values past it, and its outputs there are not added.
+  // kTiles n-tiles (n0, n0 + 16) of store_grads' d dt_weight product over
+  // the first `pairs` k-step pairs (16 steps each), added into the
+  // gradient's rows of channels c, c + 4 (rows[h], null for a padding
+  // channel). The last n-tile may end at dt_pitch after 4 ranks: zero B
+  // values past it, and its outputs there are not added.
   template <int kTiles>
   __device__ static void weight_grad_pass(const ScanParams& p, float* const (&rows)[2],
                                           const float* dd_a, const float* l_even,
-                                          const float* l_odd, int n0) {
+                                          const float* l_odd, int n0, int pairs) {
     const int g = threadIdx.x % 32 / 4;
     // Output (h, e) of n-tile j (accumulator 2 h + e): channel c + 4 h, rank
     // n0 + 16 j + 2 q + e.
     float acc[kTiles][4] = {};
 #pragma unroll
     for (int P = 0; P < 4; ++P) {
+      if (P >= pairs) break;
       FragB b[kTiles][2];
 #pragma unroll
       for (int j = 0; j < kTiles; ++j) {

@@ -51,9 +51,14 @@ __device__ __forceinline__ float scan_step(float (&h)[kP], const float (&a)[kP],
   return acc;
 }
 
-template <typename Io>
-__global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
+// kTensorSteps (an Io with kMayTensorStepSizes): the tile's step sizes on
+// the tensor cores, at the register bound of fwd_tensor_blocks_per_sm.
+template <typename Io, bool kTensorSteps = false>
+__global__ void __launch_bounds__(kThreads, kTensorSteps
+                                                ? Tile<Io::Q>::fwd_tensor_blocks_per_sm
+                                                : Tile<Io::Q>::fwd_blocks_per_sm)
     scan_fwd_kernel(const ScanParams p) {
+  static_assert(!kTensorSteps || Io::kMayTensorStepSizes, "an Io with a rank product");
   constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
   constexpr int kWarpChannels = 32 / Q;
@@ -121,7 +126,11 @@ __global__ void __launch_bounds__(kThreads, Tile<Io::Q>::fwd_blocks_per_sm)
     const int64_t l0 = static_cast<int64_t>(chunk) * kSteps;
     const int steps = p.length - l0 < kSteps ? static_cast<int>(p.length - l0) : kSteps;
     __syncthreads();
-    tile.stage(p, pos, l0, s, extra);
+    if constexpr (kTensorSteps) {
+      tile.template stage<true>(p, pos, l0, s, extra);
+    } else {
+      tile.stage(p, pos, l0, s, extra);
+    }
     // The next chunk's positions (Io::kPositions): the staging's barrier
     // follows the table's last reads (this chunk's), the barrier below
     // publishes it to the next fetch. (After the staging, whose loads'

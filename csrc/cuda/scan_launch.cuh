@@ -57,6 +57,16 @@ void launch_kernel(void (*kernel)(ScanParams), const ScanParams& p, dim3 grid,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The blocks of `kernel` an SM holds with `smem` bytes of shared memory.
+inline int resident_blocks(void (*kernel)(ScanParams), int smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, kernel, kThreads, smem));
+  return blocks;
+}
+
 // Whether the backward keeps a piece's decays in registers (see
 // scan_bwd_kernel): only for an Io that allows it (Io::kMayKeepDecays), and
 // where the block's shared memory (`smem` bytes) already holds the SM to
@@ -65,13 +75,23 @@ void launch_kernel(void (*kernel)(ScanParams), const ScanParams& p, dim3 grid,
 template <typename Io>
 bool keep_decays(int smem) {
   if constexpr (Io::kMayKeepDecays) {
-    auto kernel = scan_bwd_kernel<Io, false>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, kernel, kThreads, smem));
-    return blocks < Tile<Io::Q>::bwd_blocks_per_sm;
+    return resident_blocks(scan_bwd_kernel<Io, false>, smem) <
+           Tile<Io::Q>::bwd_blocks_per_sm;
+  } else {
+    return false;
+  }
+}
+
+// Whether the forward computes its step sizes on the tensor cores (see
+// scan_fwd_kernel): only for an Io with a rank product
+// (Io::kMayTensorStepSizes), and where its shared memory already holds the
+// SM to the blocks the kernel's larger register bound allows (VMamba-T's
+// stage 3, R = 48), so they cost no occupancy.
+template <typename Io>
+bool tensor_step_sizes(int smem) {
+  if constexpr (Io::kMayTensorStepSizes) {
+    return resident_blocks(scan_fwd_kernel<Io, false>, smem) <=
+           Tile<Io::Q>::fwd_tensor_blocks_per_sm;
   } else {
     return false;
   }
@@ -91,9 +111,12 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
   TORCH_CHECK(p.chunks < (int64_t{1} << 30), "selective_scan: sequence too "
               "long (", std::to_string(p.length), " steps)");
   const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
+  const bool tensor =
+      !backward && tensor_step_sizes<Io>(shared_bytes<Io, Pass::kForward>(p));
   choose_segments(p, blocks,
-                  !backward ? Tl::fwd_blocks_per_sm
-                            : keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm,
+                  backward ? keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm
+                  : tensor ? Tl::fwd_tensor_blocks_per_sm
+                           : Tl::fwd_blocks_per_sm,
                   backward);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned grid_x = static_cast<unsigned>(blocks);
@@ -125,7 +148,13 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
     }
     launch_kernel<Io, Pass::kBackward>(scan_bwd_kernel<Io, false>, p, grid, stream);
   } else {
-    launch_kernel<Io, Pass::kForward>(scan_fwd_kernel<Io>, p, grid, stream);
+    if constexpr (Io::kMayTensorStepSizes) {
+      if (tensor) {
+        launch_kernel<Io, Pass::kForward>(scan_fwd_kernel<Io, true>, p, grid, stream);
+        return;
+      }
+    }
+    launch_kernel<Io, Pass::kForward>(scan_fwd_kernel<Io, false>, p, grid, stream);
   }
 }
 

@@ -28,6 +28,8 @@ struct SeqIo {
   // The backward never keeps decays (see scan_bwd_kernel): its shared
   // memory allows the blocks its registers do.
   static constexpr bool kMayKeepDecays = false;
+  // Its step sizes are the inputs' (no rank product).
+  static constexpr bool kMayTensorStepSizes = false;
   // The forward's recurrence loads each step's inputs at the step
   // (scan_fwd_kernel).
   static constexpr int kFwdLoadsAhead = 0;

@@ -41,6 +41,8 @@ CASES = [
 SEGMENT_CASE = (2, 40, 11, 37, 4, 16)
 # The same with R = 20 and N = 15: the backward that keeps decays.
 KEEP_SEGMENT_CASE = (2, 40, 11, 37, 20, 15)
+# The same with R = 48: the forward's step sizes on the tensor cores.
+TENSOR_SEGMENT_CASE = (2, 40, 11, 37, 48, 16)
 # Twelve chunks: split into segments of 4 by default (few blocks on any GPU).
 LONG_CASE = (1, 16, 24, 30, 2, 16)
 SEGMENT_ENV = 'MMVMAMBA_SCAN_SEGMENT_CHUNKS'
@@ -214,6 +216,31 @@ def test_segmented_keep_decays_matches_float64_reference(
     """Segments through the backward that keeps its decays (R = 20)."""
     monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
     check_against_reference(KEEP_SEGMENT_CASE, (torch.float32, torch.float32))
+
+
+@pytest.mark.parametrize('segment_chunks', ['1', '3'])
+def test_segmented_tensor_step_sizes_match_float64_reference(
+        segment_chunks, monkeypatch):
+    """Segments through the forward whose step sizes are products on the
+    tensor cores (R = 48; its summaries keep the FMA pipes)."""
+    monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
+    check_against_reference(TENSOR_SEGMENT_CASE, (torch.float32, torch.float32))
+
+
+@pytest.mark.parametrize('rank, tensor', [(6, False), (24, False), (48, True),
+                                          (70, True)])
+def test_forward_step_sizes_on_tensor_cores_by_shared_memory(rank, tensor):
+    """The forward's kernel (``tensor_step_sizes`` in scan_launch.cuh):
+    step sizes on the tensor cores where the rank's shared memory holds an
+    SM to 4 blocks or fewer (from R = 33), on the FMA pipes below."""
+    from torch.profiler import ProfilerActivity, profile
+    x, params = make_params((2, 40, 9, 15, rank, 16), 'cuda')
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cross_selective_scan(x, **params, channels_last=True, fused=True)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if 'scan_fwd_kernel' in e.key]
+    assert len(names) == 1, names
+    assert (', true>' in names[0]) == tensor, names[0]
 
 
 def test_default_segments_match_float64_reference(monkeypatch):

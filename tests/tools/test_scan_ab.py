@@ -65,9 +65,19 @@ def test_segmented_shapes_are_split_on_an_h200(scan_ab):
      'SeqIo<float, 4>, true>(mmvmamba::scan_cuda::ScanParams)', None),
     ('void mmvmamba::scan_cuda::scan_bwd_summary_kernel<mmvmamba::scan_cuda'
      '::CrossIo<float> >(mmvmamba::scan_cuda::ScanParams)', None),
+    ('void mmvmamba::scan_cuda::scan_fwd_kernel<mmvmamba::scan_cuda::'
+     'CrossIo<float>, true>(mmvmamba::scan_cuda::ScanParams)',
+     'tensor step sizes'),
+    ('void mmvmamba::scan_cuda::scan_fwd_kernel<mmvmamba::scan_cuda::'
+     'CrossIo<c10::BFloat16>, false>(mmvmamba::scan_cuda::ScanParams)',
+     'FMA step sizes'),
+    ('void mmvmamba::scan_cuda::scan_fwd_kernel<mmvmamba::scan_cuda::'
+     'SeqIo<float, 4>, false>(mmvmamba::scan_cuda::ScanParams)', None),
+    ('void mmvmamba::scan_cuda::scan_fwd_summary_kernel<mmvmamba::scan_cuda'
+     '::CrossIo<float> >(mmvmamba::scan_cuda::ScanParams)', None),
 ])
-def test_backward_kernels(scan_ab, name, kernel):
-    assert scan_ab.backward_kernel(name) == kernel
+def test_kernel_variants(scan_ab, name, kernel):
+    assert scan_ab.kernel_variant(name) == kernel
 
 
 @pytest.mark.parametrize('args, message', [
