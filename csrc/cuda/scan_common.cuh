@@ -44,7 +44,8 @@ struct Tile {
   static constexpr int bwd_blocks_per_sm = Q == 4 ? 4 : 3;
   static constexpr int bwd_keep_blocks_per_sm = 3;
   // The forward with its step sizes on the tensor cores (scan_fwd_kernel,
-  // kTensorSteps): 128 registers, where shared memory allows no more blocks.
+  // kTensorSteps; where tensor_step_sizes in scan_launch.cuh chooses it):
+  // 128 registers.
   static constexpr int fwd_tensor_blocks_per_sm = 4;
   // The backward's segment summary carries dh alone (no states, no
   // outputs) and runs more blocks: with its trimmed staging (Staged), 3-14%

@@ -84,14 +84,16 @@ bool keep_decays(int smem) {
 
 // Whether the forward computes its step sizes on the tensor cores (see
 // scan_fwd_kernel): only for an Io with a rank product
-// (Io::kMayTensorStepSizes), and where its shared memory already holds the
-// SM to the blocks the kernel's larger register bound allows (VMamba-T's
-// stage 3, R = 48), so they cost no occupancy.
+// (Io::kMayTensorStepSizes), from rank Io::kTensorStepRank on (VMamba-T's
+// stages 2 and 3), where the product outweighs the block per SM the
+// kernel's larger register bound costs, and wherever the block's shared
+// memory (`smem` bytes) already holds the SM to that many blocks.
 template <typename Io>
-bool tensor_step_sizes(int smem) {
+bool tensor_step_sizes(const ScanParams& p, int smem) {
   if constexpr (Io::kMayTensorStepSizes) {
-    return resident_blocks(scan_fwd_kernel<Io, false>, smem) <=
-           Tile<Io::Q>::fwd_tensor_blocks_per_sm;
+    return p.rank >= Io::kTensorStepRank ||
+           resident_blocks(scan_fwd_kernel<Io, false>, smem) <=
+               Tile<Io::Q>::fwd_tensor_blocks_per_sm;
   } else {
     return false;
   }
@@ -112,7 +114,7 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
               "long (", std::to_string(p.length), " steps)");
   const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
   const bool tensor =
-      !backward && tensor_step_sizes<Io>(shared_bytes<Io, Pass::kForward>(p));
+      !backward && tensor_step_sizes<Io>(p, shared_bytes<Io, Pass::kForward>(p));
   choose_segments(p, blocks,
                   backward ? keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm
                   : tensor ? Tl::fwd_tensor_blocks_per_sm

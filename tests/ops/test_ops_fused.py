@@ -34,6 +34,8 @@ CASES = [
     (1, 64, 8, 17, 64, 16),  # R = 64 (VMamba-B stage 3)
     (1, 24, 5, 13, 70, 16),  # R = 70: rank rows past 64; the last chunk 1 step
     (2, 40, 9, 15, 20, 15),  # N = 15 (a padding state among 16), kept decays
+    (2, 48, 14, 14, 24, 16),  # VMamba-T stage 2: L = 196 (last chunk 4 steps),
+    # the forward's step sizes on the tensor cores (R = 24)
     (1, 33, 11, 30, 6, 12),  # N = 12, decays not kept
 ]
 # The kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): L = 407,
@@ -227,14 +229,14 @@ def test_segmented_tensor_step_sizes_match_float64_reference(
     check_against_reference(TENSOR_SEGMENT_CASE, (torch.float32, torch.float32))
 
 
-@pytest.mark.parametrize('rank, tensor', [(6, False), (24, False), (48, True),
-                                          (70, True)])
-def test_forward_step_sizes_on_tensor_cores_by_shared_memory(rank, tensor):
+@pytest.mark.parametrize('rank, tensor', [(6, False), (20, False), (24, True),
+                                          (48, True), (70, True)])
+def test_forward_step_sizes_on_tensor_cores_by_rank(rank, tensor):
     """The forward's kernel (``tensor_step_sizes`` in scan_launch.cuh):
-    step sizes on the tensor cores where the rank's shared memory holds an
-    SM to 4 blocks or fewer, on the FMA pipes elsewhere. The ranks where
-    that happens depend on the SM's shared memory: these are an H100's /
-    H200's (228 KiB: from R = 32)."""
+    step sizes on the tensor cores from R = 24 on and where the rank's
+    shared memory holds an SM to 4 blocks or fewer, on the FMA pipes
+    elsewhere. The latter depends on the SM's shared memory: these are an
+    H100's / H200's (228 KiB: from R = 32)."""
     if torch.cuda.get_device_properties(0).shared_memory_per_multiprocessor != 228 * 1024:
         pytest.skip('the expected kernels are those of a GPU with 228 KiB a SM')
     from torch.profiler import ProfilerActivity, profile
