@@ -144,10 +144,9 @@ struct CrossIo {
   // The forward computes its step sizes on the tensor cores from rank
   // kTensorStepRank on, and wherever shared memory limits its blocks as
   // much as that kernel's registers do (see tensor_step_sizes in
-  // scan_launch.cuh); on the FMA pipes elsewhere. Measured on an H200
-  // (bfloat16, batch 128): at VMamba-T's stage 1 map the FMA pipes are
-  // faster at R = 12, 16 and 20 by 0.5-8%, the tensor cores at R = 24 by
-  // 4%, and at stage 2 (R = 24) by 3.5%.
+  // scan_launch.cuh); on the FMA pipes elsewhere. The threshold is where
+  // they crossed on an H200 (docs/scan_kernel_notes.md, "Tails past L, and
+  // the forward's step sizes on the tensor cores").
   static constexpr bool kMayTensorStepSizes = true;
   static constexpr int kTensorStepRank = 24;
   // The forward's recurrence loads each step's inputs 2 steps ahead and
@@ -443,11 +442,10 @@ struct CrossIo {
         }
       }
       __syncthreads();
-      // The full backward's recomputation on the tensor cores; the summaries
-      // and the forward at 5 blocks an SM on the FMA pipes, where the
-      // products' fragments and accumulators would spill under their
-      // register bounds (measured slower at R = 6 and 12 forward; see
-      // docs/scan_kernel_notes.md).
+      // The full backward's recomputation on the tensor cores; the summaries,
+      // and the forward where its launch does not choose them, on the FMA
+      // pipes, where the products' fragments and accumulators would spill
+      // under their register bounds (see docs/scan_kernel_notes.md).
       static_assert(!kTensorSteps || In::kFull, "the full passes' tiles");
       if constexpr (kTensorSteps) {
         step_sizes(p, pos, l0, s, extra);
