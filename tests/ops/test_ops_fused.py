@@ -36,6 +36,8 @@ CASES = [
     (2, 40, 9, 15, 20, 15),  # N = 15 (a padding state among 16), kept decays
     (2, 48, 14, 14, 24, 16),  # VMamba-T stage 2: L = 196 (last chunk 4 steps),
     # the forward's step sizes on the tensor cores (R = 24)
+    (1, 40, 9, 15, 24, 1),  # the same forward at N = 1 (the general kernel)
+    (2, 24, 7, 9, 33, 8),  # and at N = 8, R = 33 (dt_pitch 36: 3 padding ranks)
     (1, 33, 11, 30, 6, 12),  # N = 12, decays not kept
 ]
 # The kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): L = 407,
