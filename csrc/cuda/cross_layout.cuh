@@ -565,14 +565,15 @@ struct CrossIo {
     const bool row_ok = d_in_group < p.per_group;
     const float bias = row_ok ? p.delta_bias[pos.g * p.per_group + d_in_group] : 0.0f;
     // The steps before L, none for a padding channel.
-    const int live = row_ok ? chunk_steps(p, l0) : 0;
+    const int steps = chunk_steps(p, l0);
+    const int live = row_ok ? steps : 0;
     float x[kRowLoads];
 #pragma unroll
     for (int k = 0; k < kRowLoads; ++k) x[k] = bias;
     // kSkipPastL (the forward; the summaries' registers spill more with
     // it): threads whose steps are all past L (a warp's: stage 2's last
     // chunk) skip the product, their outputs are zeros.
-    const int rank = !kSkipPastL || kRowLoads * j < chunk_steps(p, l0) ? p.rank : 0;
+    const int rank = !kSkipPastL || kRowLoads * j < steps ? p.rank : 0;
     // Rank r + i (r a multiple of 4) permutes by i alone: low_index flips
     // bit 4 of the step (the 16-step group) for odd i and bit 3 for i >= 2.
     const float* group[2] = {dtl_s + kRowLoads * j, dtl_s + kRowLoads * (j ^ 1)};
