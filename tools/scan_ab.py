@@ -12,8 +12,8 @@ Two builds register the same torch ops, so each runs in its own process:
     python tools/scan_ab.py profile [--batch 128] [--size 224] [--stages 0 2] [--dtype bfloat16]
     # the ops where sequences are split into segments: time by kernel kind
     python tools/scan_ab.py segments [--repeat 15] [--segment-chunks 0 64]
-    # the fused op at a stage's shape with other ranks R: times, and whether
-    # the backward kept its decays (the kernel the launch code chose)
+    # the fused op at a stage's shape with other ranks R: times, and the
+    # kernels the launch code chose (decays kept, step sizes on tensor cores)
     python tools/scan_ab.py ranks [--stage 2] [--ranks 24 16 12 8] [--batch 128] [--dtype bfloat16]
 
 ``save`` runs the raw ops (``torch.ops.mmvmamba.*``: forward, then backward

@@ -37,7 +37,7 @@ CASES = [
     (2, 48, 14, 14, 24, 16),  # VMamba-T stage 2: L = 196 (last chunk 4 steps),
     # the forward's step sizes on the tensor cores (R = 24)
     (1, 40, 9, 15, 24, 1),  # the same forward at N = 1 (the general kernel)
-    (2, 24, 7, 9, 33, 8),  # and at N = 8, R = 33 (dt_pitch 36: 3 padding ranks)
+    (2, 24, 7, 9, 33, 8),  # and at N = 8, R = 33 (dt_pitch 36: 3 padding)
     (1, 33, 11, 30, 6, 12),  # N = 12, decays not kept
 ]
 # The kernels' sequence segments (MMVMAMBA_SCAN_SEGMENT_CHUNKS): L = 407,
@@ -228,7 +228,8 @@ def test_segmented_tensor_step_sizes_match_float64_reference(
     """Segments through the forward whose step sizes are products on the
     tensor cores (R = 48; its summaries keep the FMA pipes)."""
     monkeypatch.setenv(SEGMENT_ENV, segment_chunks)
-    check_against_reference(TENSOR_SEGMENT_CASE, (torch.float32, torch.float32))
+    check_against_reference(TENSOR_SEGMENT_CASE,
+                            (torch.float32, torch.float32))
 
 
 @pytest.mark.parametrize('rank, tensor', [(6, False), (20, False), (24, True),
@@ -239,8 +240,9 @@ def test_forward_step_sizes_on_tensor_cores_by_rank(rank, tensor):
     shared memory holds an SM to 4 blocks or fewer, on the FMA pipes
     elsewhere. The latter depends on the SM's shared memory: these are an
     H100's / H200's (228 KiB: from R = 32)."""
-    if torch.cuda.get_device_properties(0).shared_memory_per_multiprocessor != 228 * 1024:
-        pytest.skip('the expected kernels are those of a GPU with 228 KiB a SM')
+    props = torch.cuda.get_device_properties(0)
+    if props.shared_memory_per_multiprocessor != 228 * 1024:
+        pytest.skip('the expected kernels are those of 228 KiB a SM')
     from torch.profiler import ProfilerActivity, profile
     x, params = make_params((2, 40, 9, 15, rank, 16), 'cuda')
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
