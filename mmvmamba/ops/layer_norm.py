@@ -168,7 +168,7 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm_bwd_kernel(X, DY, DX, W, B, Mean, Rstd, Z, DZ,
-                               DW_partial, DB_partial, n_rows, n_cols,
+                               Partial, db_row, n_rows, n_cols,
                                x_row_stride, dy_row_stride, z_row_stride,
                                eps, HAS_WEIGHT: tl.constexpr,
                                HAS_BIAS: tl.constexpr,
@@ -180,8 +180,10 @@ if triton is not None:
                                BLOCK_C: tl.constexpr):
         """Gradients of the norm: DX (contiguous) row by row; each program
         loops over the row blocks ``pid, pid + programs, ...`` and writes
-        its partial sums of the weight and bias gradients to row ``pid`` of
-        DW_partial and DB_partial (float32).
+        its partial sums of the weight and bias gradients to column ``pid``
+        of Partial (float32, a row of ``programs`` a channel: the weight's
+        from row 0, the bias's from row ``db_row``), which one sum along its
+        rows finishes.
 
         With HAS_GATE, DY is the gradient of the forward's gated output
         ``norm * SiLU(Z)``: each row's mean and 1 / std are recomputed from
@@ -252,11 +254,11 @@ if triton is not None:
                          dx.to(DX.dtype.element_ty), mask=mask)
             block += n_programs
         if STORE_DW:
-            tl.store(DW_partial + pid * n_cols + cols, tl.sum(dw_sum, axis=0),
-                     mask=col_mask)
+            tl.store(Partial + cols * n_programs + pid,
+                     tl.sum(dw_sum, axis=0), mask=col_mask)
         if STORE_DB:
-            tl.store(DB_partial + pid * n_cols + cols, tl.sum(db_sum, axis=0),
-                     mask=col_mask)
+            tl.store(Partial + (db_row + cols) * n_programs + pid,
+                     tl.sum(db_sum, axis=0), mask=col_mask)
 
 
 def launch_config(channels: int) -> Tuple[int, int, int]:
@@ -412,15 +414,16 @@ def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
                       device=x_rows.device) if need_x else unused)
     dz = (torch.empty((n_rows, channels), dtype=z_rows.dtype,
                       device=x_rows.device) if need_z else unused)
-    dw_partial = (torch.empty((programs, channels), **f32)
-                  if need_weight else unused)
-    db_partial = (torch.empty((programs, channels), **f32)
-                  if need_bias else unused)
+    # the weight's then the bias's partial sums, a row of ``programs`` a
+    # channel: one sum along contiguous rows finishes both
+    db_row = channels if need_weight else 0
+    partial = (torch.empty((db_row + channels * need_bias, programs), **f32)
+               if need_weight or need_bias else unused)
     _launcher(_layer_norm_bwd_kernel, traceable)[(programs, )](
         x_rows, grad_rows, dx, unused if weight is None else weight,
         unused if bias is None else bias, unused if mean is None else mean,
         unused if rstd is None else rstd, z_rows if gated else unused, dz,
-        dw_partial, db_partial, n_rows, channels, x_rows.stride(0),
+        partial, db_row, n_rows, channels, x_rows.stride(0),
         grad_rows.stride(0), z_rows.stride(0) if gated else 0, eps,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=gated and bias is not None, HAS_GATE=gated,
@@ -429,8 +432,9 @@ def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     # custom ops return tensors: an empty one for a gradient not requested
     empty = x_rows.new_empty(0)
-    dw = dw_partial.sum(0).to(weight.dtype) if need_weight else empty
-    db = db_partial.sum(0).to(bias.dtype) if need_bias else empty
+    sums = partial.sum(1) if need_weight or need_bias else empty
+    dw = sums[:db_row].to(weight.dtype) if need_weight else empty
+    db = sums[db_row:].to(bias.dtype) if need_bias else empty
     return (dx if need_x else empty, dz if need_z else empty, dw, db)
 
 
