@@ -88,8 +88,10 @@ __device__ __forceinline__ void piece_grads_free(int s, int pieces) {
 }
 
 // The backward of an Io whose lanes hold kP states of one channel (Q lanes
-// a channel; see scan_common.cuh), run by scan_bwd_kernel below.
-template <typename Io, bool kKeepDecays>
+// a channel; see scan_common.cuh), run by scan_bwd_kernel below. Its
+// decays are recomputed in the reverse scan (the plain op's SeqIo never
+// keeps them).
+template <typename Io>
 __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
   constexpr int Q = Io::Q;
   using Tl = Tile<Q>;
@@ -171,11 +173,10 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
     const float* dtrow = dt_s + lane.c * kRow;
     const float* dyrow = dy_s + lane.c * kRow;
     // Pass 2 skips the pieces wholly past L (the sequence's last chunk only,
-    // walked first by the last segment: dh is still zero there); so does
-    // pass 1 with kept decays (block-uniform exits). Without them (128
-    // registers) an exit in pass 1 made the compiler spill the piece starts
-    // (or copy them, guarded instead), costing full chunks more than the
-    // last chunk gains at its ranks (R <= 12: stages 0 and 1).
+    // walked first by the last segment: dh is still zero there). Pass 1
+    // walks them all: an exit there made the compiler spill the piece
+    // starts (or copy them, guarded instead), costing full chunks more than
+    // the last chunk gains.
     const int64_t left = p.length - l0;
     const int pieces = left < kSteps ? static_cast<int>((left + kPiece - 1) / kPiece)
                                      : kPieces;
@@ -196,7 +197,6 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
 #pragma unroll
         for (int i = 0; i < kP; ++i) start[s][i] = h[i];
         if (s + 1 == kPieces) break;
-        if (kKeepDecays && s + 1 >= pieces) break;  // no later start is read
 #pragma unroll
         for (int t = s * kPiece; t < (s + 1) * kPiece; ++t) {
           const float dt = dtrow[t], dtu = dt * urow[t];
@@ -217,8 +217,8 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
       // piece_grads_free).
       float* grads = shared.state_grads;
       float* warp_grads = grads + warp * kPiece * Tl::grad_row;
-      // The piece's states and (if kept) its decays exp2(a dt).
-      float hs[kPiece][kP], decays[kKeepDecays ? kPiece : 1][kP];
+      // The piece's states.
+      float hs[kPiece][kP];
 #pragma unroll
       for (int k = 0; k < kPiece; ++k) {
         const int t = s * kPiece + k;
@@ -229,9 +229,7 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
 #pragma unroll
         for (int i = 0; i < kP; ++i) {
           const float prev = k == 0 ? start[s][i] : hs[k - 1][i];
-          const float decay = exp2f(lane.a[i] * dt);
-          if constexpr (kKeepDecays) decays[k][i] = decay;
-          hs[k][i] = decay * prev + dtu * bv[i];
+          hs[k][i] = exp2f(lane.a[i] * dt) * prev + dtu * bv[i];
         }
       }
       piece_grads_free(s, pieces);
@@ -249,12 +247,7 @@ __device__ __forceinline__ void scan_bwd_lanes(const ScanParams& p) {
         float vb[kP], vc[kP], sum_b = 0.0f, sum_a = 0.0f;
 #pragma unroll
         for (int i = 0; i < kP; ++i) {
-          float decay;
-          if constexpr (kKeepDecays) {
-            decay = decays[k][i];
-          } else {
-            decay = exp2f(lane.a[i] * dt);
-          }
+          const float decay = exp2f(lane.a[i] * dt);
           dh[i] = g * cv[i] + decay_next[i] * dh[i];
           decay_next[i] = decay;
           const float prev = k == 0 ? start[s][i] : hs[k - 1][i];
@@ -677,7 +670,8 @@ __global__ void __launch_bounds__(kThreads, kKeepDecays
   if constexpr (Io::kFragmentBackward) {
     scan_bwd_fragment<Io, kKeepDecays>(p);
   } else {
-    scan_bwd_lanes<Io, kKeepDecays>(p);
+    static_assert(!kKeepDecays, "only the fragment layout keeps decays");
+    scan_bwd_lanes<Io>(p);
   }
 }
 
