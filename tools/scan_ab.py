@@ -68,8 +68,9 @@ DIRECTIONS = 4
 
 
 def vmamba_rank(C):
-    """VMamba's dt_rank at width C: ceil(C / 16)."""
-    return -(-C // 16)
+    """VMamba's dt_rank at width C (``dt_rank='auto'``)."""
+    from mmvmamba.models.backbones.common import auto_dt_rank
+    return auto_dt_rank(C)
 
 
 def _randn(g, *shape, scale=1.0, shift=0.0):

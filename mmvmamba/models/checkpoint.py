@@ -1,5 +1,4 @@
 """The authors' checkpoint keys, and strict loading of converted weights."""
-import math
 import os.path as osp
 import pickle
 import re
@@ -376,7 +375,9 @@ def infer_vmamba2_arch(backbone: Dict[str, torch.Tensor]) -> Dict:
         ssm_ratio=d_inner / embed_dims,
         d_state=d_state,
         mlp_ratio=0.0 if fc1 is None else fc1.shape[0] / embed_dims)
-    auto = [math.ceil(embed_dims * 2**i / 16) for i in range(len(depths))]
+    # imported here: the backbones import this module
+    from .backbones.common import auto_dt_rank
+    auto = [auto_dt_rank(embed_dims * 2**i) for i in range(len(depths))]
     if ranks != auto:
         if len(set(ranks)) > 1:
             raise ValueError(f'dt ranks {ranks} per stage: neither ceil(C / '

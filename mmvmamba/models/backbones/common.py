@@ -86,18 +86,24 @@ def parse_scan_dtype(scan_dtype: str) -> torch.dtype:
     return SCAN_DTYPES[scan_dtype]
 
 
+def auto_dt_rank(embed_dims: int) -> int:
+    """The rank R of the step-size projection that ``dt_rank='auto'``
+    gives a block of ``embed_dims`` channels: ``ceil(embed_dims / 16)``."""
+    return math.ceil(embed_dims / 16)
+
+
 def add_ssm_parameters(ss2d: nn.Module, embed_dims: int, d_inner: int,
                        d_state: int, dt_rank: Union[int, str]) -> None:
     """Register an SS2D's per-direction SSM parameters (uninitialised).
 
-    Sets ``ss2d.d_inner``, ``d_state`` and ``dt_rank`` (``'auto'`` is
-    ``ceil(embed_dims / 16)``) and adds ``x_proj_weight`` (4, R + 2N, D),
+    Sets ``ss2d.d_inner``, ``d_state`` and ``dt_rank`` (``'auto'``:
+    :func:`auto_dt_rank`) and adds ``x_proj_weight`` (4, R + 2N, D),
     ``dt_projs_weight`` (4, D, R), ``dt_projs_bias`` (4, D), ``A_logs``
     (4D, N) and ``Ds`` (4D), in the authors' order; see
     :func:`init_ssm_parameters`.
     """
     if dt_rank == 'auto':
-        dt_rank = math.ceil(embed_dims / 16)
+        dt_rank = auto_dt_rank(embed_dims)
     ss2d.d_inner, ss2d.d_state, ss2d.dt_rank = d_inner, d_state, dt_rank
     k = NUM_DIRECTIONS
     ss2d.x_proj_weight = nn.Parameter(
