@@ -52,6 +52,10 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                '..', 'benchmarks'))
+from timing import measure  # noqa: E402
+
 # (C, H = W) of VMamba-T's stages at 224: d_inner = 2C, rank = ceil(C / 16).
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
 # (label, batch, C, H, W) of the fused scan where sequences are split:
@@ -203,19 +207,9 @@ def compare(paths):
 
 
 def median_ms(fn, repeat):
-    """Median ms of ``fn`` over ``repeat`` calls after 3 (CUDA events)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median ms of ``fn`` over ``repeat`` calls after 3, CUDA events
+    (:func:`timing.measure` of ``benchmarks/``)."""
+    return measure(fn, torch.device('cuda'), 3, repeat)
 
 
 def cross_calls(args, grad, hw):
