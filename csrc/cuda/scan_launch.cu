@@ -44,6 +44,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
+int device_sms() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        device));
+  return sms;
+}
+
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
 // segment of the forward or backward pass, by segment_chunks() (segments.h)
 // with a wave of blocks_per_sm blocks on every SM of the current device.
@@ -52,11 +60,7 @@ void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm,
   const int64_t forced = segment_chunks_from_env();
   int64_t wave = 0;
   if (segments_need_wave(p.chunks, forced)) {
-    int device = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                          device));
-    wave = int64_t{sms} * blocks_per_sm;
+    wave = int64_t{device_sms()} * blocks_per_sm;
   }
   const int64_t seg_chunks = segment_chunks(p.chunks, blocks, wave, backward, forced);
   p.seg_chunks = static_cast<int>(seg_chunks);

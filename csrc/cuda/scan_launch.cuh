@@ -32,6 +32,9 @@
 namespace mmvmamba {
 namespace scan_cuda {
 
+// The current device's SMs (scan_launch.cu).
+int device_sms();
+
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
 // segment of the forward or backward pass (scan_launch.cu).
 void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm,
@@ -83,17 +86,27 @@ bool keep_decays(int smem) {
 }
 
 // Whether the forward computes its step sizes on the tensor cores (see
-// scan_fwd_kernel): only for an Io with a rank product
-// (Io::kMayTensorStepSizes), from rank Io::kTensorStepRank on (VMamba-T's
-// stages 2 and 3), where the product outweighs the block per SM the
-// kernel's larger register bound costs, and wherever the block's shared
-// memory (`smem` bytes) already holds the SM to that many blocks.
+// scan_fwd_kernel) for a launch of `blocks` blocks of `smem` bytes: only for
+// an Io with a rank product (Io::kMayTensorStepSizes). Wherever the block's
+// shared memory already holds the SM to the tensor kernel's
+// fwd_tensor_blocks_per_sm, it costs nothing; elsewhere its register bound
+// costs a block per SM, which its product outweighs from rank
+// Io::kTensorStepRank on (VMamba-T's stage 2) unless the lost block adds
+// waves: a wave of the tensor kernel takes about 3/4 of the FMA kernel's
+// there (measured at R = 24, batch 128: 24 waves against 19), so it runs
+// where 3 x its waves <= 4 x theirs (not at 1024 x 1024, batch 6: stage 2's
+// 576 blocks make 2 waves of 4 blocks a SM, 1 of 5 on an H200).
 template <typename Io>
-bool tensor_step_sizes(const ScanParams& p, int smem) {
+bool tensor_step_sizes(const ScanParams& p, int smem, int64_t blocks) {
   if constexpr (Io::kMayTensorStepSizes) {
-    return p.rank >= Io::kTensorStepRank ||
-           resident_blocks(scan_fwd_kernel<Io, false>, smem) <=
-               Tile<Io::Q>::fwd_tensor_blocks_per_sm;
+    constexpr int kTensorBlocks = Tile<Io::Q>::fwd_tensor_blocks_per_sm;
+    const int fma_blocks = resident_blocks(scan_fwd_kernel<Io, false>, smem);
+    if (fma_blocks <= kTensorBlocks) return true;
+    if (p.rank < Io::kTensorStepRank) return false;
+    const int64_t sms = device_sms();
+    const int64_t tensor_waves = (blocks + kTensorBlocks * sms - 1) / (kTensorBlocks * sms);
+    const int64_t fma_waves = (blocks + fma_blocks * sms - 1) / (fma_blocks * sms);
+    return 3 * tensor_waves <= 4 * fma_waves;
   } else {
     return false;
   }
@@ -114,7 +127,7 @@ void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
               "long (", std::to_string(p.length), " steps)");
   const bool keep = backward && keep_decays<Io>(shared_bytes<Io, Pass::kBackward>(p));
   const bool tensor =
-      !backward && tensor_step_sizes<Io>(p, shared_bytes<Io, Pass::kForward>(p));
+      !backward && tensor_step_sizes<Io>(p, shared_bytes<Io, Pass::kForward>(p), blocks);
   choose_segments(p, blocks,
                   backward ? keep ? Tl::bwd_keep_blocks_per_sm : Tl::bwd_blocks_per_sm
                   : tensor ? Tl::fwd_tensor_blocks_per_sm

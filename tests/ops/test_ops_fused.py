@@ -232,6 +232,26 @@ def test_segmented_tensor_step_sizes_match_float64_reference(
                             (torch.float32, torch.float32))
 
 
+def forward_on_tensor_cores(case):
+    """Whether the fused forward at ``case`` ran the kernel with its step
+    sizes on the tensor cores (from the profiler's kernel name)."""
+    from torch.profiler import ProfilerActivity, profile
+    x, params = make_params(case, 'cuda')
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cross_selective_scan(x, **params, channels_last=True, fused=True)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if 'scan_fwd_kernel' in e.key]
+    assert len(names) == 1, names
+    return ', true>' in names[0]
+
+
+def skip_unless_228_kib_a_sm():
+    props = torch.cuda.get_device_properties(0)
+    if props.shared_memory_per_multiprocessor != 228 * 1024:
+        pytest.skip('the expected kernels are those of 228 KiB a SM')
+    return props
+
+
 @pytest.mark.parametrize('rank, tensor', [(6, False), (20, False), (24, True),
                                           (48, True), (70, True)])
 def test_forward_step_sizes_on_tensor_cores_by_rank(rank, tensor):
@@ -240,17 +260,22 @@ def test_forward_step_sizes_on_tensor_cores_by_rank(rank, tensor):
     shared memory holds an SM to 4 blocks or fewer, on the FMA pipes
     elsewhere. The latter depends on the SM's shared memory: these are an
     H100's / H200's (228 KiB: from R = 32)."""
-    props = torch.cuda.get_device_properties(0)
-    if props.shared_memory_per_multiprocessor != 228 * 1024:
-        pytest.skip('the expected kernels are those of 228 KiB a SM')
-    from torch.profiler import ProfilerActivity, profile
-    x, params = make_params((2, 40, 9, 15, rank, 16), 'cuda')
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        cross_selective_scan(x, **params, channels_last=True, fused=True)
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages() if 'scan_fwd_kernel' in e.key]
-    assert len(names) == 1, names
-    assert (', true>' in names[0]) == tensor, names[0]
+    skip_unless_228_kib_a_sm()
+    assert forward_on_tensor_cores((2, 40, 9, 15, rank, 16)) == tensor
+
+
+@pytest.mark.parametrize('waves_of_four, tensor', [(1, True), (2, False)])
+def test_forward_step_sizes_on_the_fma_pipes_where_they_add_a_wave(
+        waves_of_four, tensor):
+    """At R = 24 (5 blocks a SM on the FMA pipes, 4 on the tensor cores):
+    the tensor cores for blocks that fill a wave of 4 a SM, the FMA pipes
+    for more blocks than that up to a wave of 5 (2 waves against 1, as
+    VMamba-T's stage 2 at 1024 x 1024, batch 6)."""
+    sms = skip_unless_228_kib_a_sm().multi_processor_count
+    per_image = 4 * 2  # directions x 32-channel blocks of 40 channels
+    batch = (waves_of_four * 4 * sms if tensor else 5 * sms) // per_image
+    assert (batch * per_image > 4 * sms) == (not tensor)
+    assert forward_on_tensor_cores((batch, 40, 5, 7, 24, 16)) == tensor
 
 
 def test_default_segments_match_float64_reference(monkeypatch):
