@@ -52,7 +52,10 @@ images per second, peak GPU memory and the ratios of time and memory to the
 Swin of the same task and size class in the same mode, and which scans ran.
 On a GPU one more
 step is profiled: the time its kernels take (all of them, and the scans)
-shows whether the host or the GPU bounds the step. ``--rounds`` times the
+shows whether the host or the GPU bounds the step. Then the backbone alone
+is timed on the same images (forward and backward, in the mode), with the
+host's time to enqueue it: near the backbone's wall time, the host bounds
+the backbone too. ``--rounds`` times the
 set several times, models in turn, for a host whose speed drifts (medians
 and the range of the rounds). No checkpoint is read
 (backbones start from their initialisation); SyncBN runs as BN. On the CPU,
@@ -221,16 +224,20 @@ def bench_detectors(args) -> list:
         title += f'; median of {args.rounds} rounds, models in turn'
     print_table(
         title + '; GPU ms: kernels and copies of one step (torch.profiler), '
-        'scan ms: the selective-scan kernels among them',
+        'scan ms: the selective-scan kernels among them; backbone ms: the '
+        'backbone alone, forward and backward on the batch, and host ms the '
+        'host\'s time to enqueue that (near backbone ms: host-bound)',
         ['model', 'input', 'params (M)', 'mode', 'ms/step', 'ms range',
-         'GPU ms', 'scan ms', 'img/s', 'peak mem (GiB)', 'time / Swin',
-         'mem / Swin', 'scan'],
+         'GPU ms', 'scan ms', 'backbone ms', 'host ms', 'img/s',
+         'peak mem (GiB)', 'time / Swin', 'mem / Swin', 'scan'],
         [[
             r['model'], f'{r["shape"][0]}x{r["shape"][1]}',
             f'{r["params_m"]:.1f}', r['mode'], _ms(r),
             _ms_range(r),
             _fmt(r['gpu_ms'], '.1f'),
             _fmt(r['scan_ms'], '.1f'),
+            _fmt(r['backbone_ms'], '.1f'),
+            _fmt(r['backbone_host_ms'], '.1f'),
             _fmt(r['img_per_s'], '.2f'),
             _fmt(r['peak_gib'], '.2f'),
             _fmt(r['time_vs_swin'], '.2f'),

@@ -28,7 +28,7 @@ from mmengine.registry import DefaultScope
 
 from models import (CONFIG_DIR, build, load_config, model_label, quiet_logger,
                     scope_of)
-from timing import timed
+from timing import host_and_wall_ms, timed
 
 #: Training modes of :func:`time_train_step`.
 MODES = ('fp32', 'amp')
@@ -346,6 +346,52 @@ def time_train_step(model: nn.Module,
     return result
 
 
+def time_backbone(model: nn.Module,
+                  mode: str,
+                  data: dict,
+                  device: torch.device,
+                  warmup: int = 5,
+                  repeat: int = 20,
+                  amp_dtype: str = 'bfloat16') -> Dict[str, Optional[float]]:
+    """Time the backbone alone on the batch's preprocessed images: its
+    forward (under autocast in ``'amp'``), the sum of its outputs' means,
+    the backward.
+
+    Args:
+        model (nn.Module): From :func:`build_detector`, on ``device``.
+        mode (str): One of :data:`MODES`.
+        data (dict): A batch of :func:`synthetic_batch`.
+        device (torch.device): The model's device.
+        warmup (int): Untimed steps first.
+        repeat (int): Timed steps; medians are reported.
+        amp_dtype (str): Autocast's dtype in ``'amp'``.
+
+    Returns:
+        dict: ``backbone_ms``, the median wall time of a step, and
+        ``backbone_host_ms``, the host's time to enqueue one
+        (:func:`timing.host_and_wall_ms`); both None when the GPU ran out
+        of memory.
+    """
+    inputs = model.data_preprocessor(data, True)['inputs']
+    backbone = model.backbone
+    backbone.train()  # some backbones' train() returns None
+
+    def step():
+        with torch.autocast(device.type, dtype=getattr(torch, amp_dtype),
+                            enabled=mode == 'amp'):
+            outs = backbone(inputs)
+        sum(out.float().mean() for out in outs).backward()
+
+    try:
+        host, wall = host_and_wall_ms(step, device, warmup, repeat)
+    except torch.OutOfMemoryError:
+        host = wall = None
+        torch.cuda.empty_cache()
+    finally:
+        model.zero_grad(set_to_none=True)
+    return dict(backbone_ms=wall, backbone_host_ms=host)
+
+
 def merge_rounds(results: Sequence[dict], batch: int) -> dict:
     """One row from the timings of a model and mode over several rounds.
 
@@ -359,7 +405,7 @@ def merge_rounds(results: Sequence[dict], batch: int) -> dict:
             return dict(result, round_ms=ms)
     merged = dict(results[-1], ms=statistics.median(ms), round_ms=ms)
     merged['img_per_s'] = batch * 1e3 / merged['ms']
-    for key in ('gpu_ms', 'scan_ms'):
+    for key in ('gpu_ms', 'scan_ms', 'backbone_ms', 'backbone_host_ms'):
         values = [r[key] for r in results if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
     peaks = [r['peak_gib'] for r in results if r['peak_gib'] is not None]
@@ -402,7 +448,8 @@ def benchmark(names: Sequence[str],
     Returns:
         list[dict]: One row per model and mode: ``model``, ``task``,
         ``shape``, ``params_m``, ``mode`` (:func:`mode_label`), ``batch``,
-        the keys of :func:`time_train_step` and ``round_ms``.
+        the keys of :func:`time_train_step` and :func:`time_backbone`, and
+        ``round_ms``.
     """
     if rounds < 1:
         raise ValueError(f'rounds must be at least 1, got {rounds}')
@@ -433,6 +480,11 @@ def benchmark(names: Sequence[str],
                 row = rows[key]
                 result = time_train_step(model, cfg, mode, data, device,
                                          warmup, repeat, dtype)
+                result.update(
+                    time_backbone(model, mode, data, device, warmup, repeat,
+                                  dtype or 'bfloat16')
+                    if result['status'] == 'ok' else
+                    dict(backbone_ms=None, backbone_host_ms=None))
                 results.setdefault(key, []).append(result)
                 ms = result['ms']
                 log(f'{prefix}{row["model"]}  {row["mode"]}  ' +

@@ -21,7 +21,8 @@ import statistics
 import time
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,35 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int,
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def host_and_wall_ms(fn: Callable[[], object], device: torch.device,
+                     warmup: int, repeat: int) -> Tuple[float, float]:
+    """Median host time of ``fn`` (until it returns, its GPU work not
+    awaited) and median wall time (CUDA events on a GPU; off the GPU the
+    host's clock, the same time), in milliseconds. A host time near the
+    wall time means the host, not the GPU, bounds ``fn``."""
+    for _ in range(warmup):
+        fn()
+    host, wall = [], []
+    for _ in range(repeat):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e3)
+            end.record()
+            torch.cuda.synchronize(device)
+            wall.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e3)
+            wall.append(host[-1])
+    return statistics.median(host), statistics.median(wall)
 
 
 def device_kernels(events: Sequence) -> List:

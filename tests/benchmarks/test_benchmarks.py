@@ -6,6 +6,7 @@ import glob
 import math
 import os.path as osp
 import symtable
+import time
 import types
 
 import benchmark
@@ -15,7 +16,8 @@ import scaling
 import timing
 import torch
 from mmengine.config import Config
-from timing import device_kernels, gpu_time, module_settings, relative_to
+from timing import (device_kernels, gpu_time, host_and_wall_ms,
+                    module_settings, relative_to)
 
 from mmvmamba.ops import _ext, selective_scan
 from mmvmamba.ops.backend import LABELS
@@ -234,13 +236,15 @@ def test_a_failing_train_step_is_a_row_not_a_crash():
 def test_rounds_merge_to_medians_and_the_largest_peak():
     ok = [
         dict(ms=ms, img_per_s=2e3 / ms, peak_gib=peak, gpu_ms=gpu,
-             scan_ms=None, status='ok', loss=1., error=None)
+             scan_ms=None, status='ok', loss=1., error=None,
+             backbone_ms=gpu / 2, backbone_host_ms=gpu / 4)
         for ms, peak, gpu in ((30., 2., 10.), (10., 3., 30.), (20., 1., 20.))
     ]
     row = detectors.merge_rounds(ok, batch=2)
     assert row['ms'] == 20. and row['round_ms'] == [30., 10., 20.]
     assert row['img_per_s'] == pytest.approx(100.)
     assert row['peak_gib'] == 3. and row['gpu_ms'] == 20.
+    assert (row['backbone_ms'], row['backbone_host_ms']) == (10., 5.)
     assert row['scan_ms'] is None and row['status'] == 'ok'
     oom = dict(ok[0], ms=None, img_per_s=None, status='OOM')
     row = detectors.merge_rounds([ok[0], oom, ok[1]], batch=2)
@@ -249,6 +253,20 @@ def test_rounds_merge_to_medians_and_the_largest_peak():
     with pytest.raises(ValueError, match='rounds'):
         detectors.benchmark(['upernet-vmamba-t'], ['fp32'],
                             torch.device('cpu'), rounds=0)
+
+
+def test_host_and_wall_ms_off_the_gpu():
+    """Off the GPU both are the host's clock: equal medians, warm-up calls
+    untimed."""
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002 * len(calls))
+
+    host, wall = host_and_wall_ms(fn, torch.device('cpu'), 1, 3)
+    assert len(calls) == 4 and host == wall
+    assert 5.5 < host < 30  # the median of 4, 6 and 8 ms of sleep
 
 
 def test_gpu_time_is_none_off_the_gpu():
@@ -357,6 +375,10 @@ def test_benchmark_detectors_on_cpu(capsys, task, batch):
     for row in rows:
         assert row['status'] == 'ok' and row['batch'] == batch
         assert math.isfinite(row['ms']) and row['ms'] > 0
+        # the backbone alone: less than the whole step; the host's clock
+        # is the wall clock off the GPU
+        assert 0 < row['backbone_ms'] < row['ms']
+        assert row['backbone_host_ms'] == row['backbone_ms']
         assert math.isfinite(row['loss']) and row['loss'] > 0
         assert row['error'] is None
         assert row['peak_gib'] is None and row['mem_vs_swin'] is None
@@ -380,6 +402,11 @@ def test_benchmark_detectors_on_cpu(capsys, task, batch):
             names.index(name)]['scan']
         ms = float(cells[header.index('ms/step')])
         assert math.isfinite(ms) and ms > 0
+        row = rows[names.index(name)]
+        assert float(cells[header.index('backbone ms')]) == pytest.approx(
+            row['backbone_ms'], abs=0.06)
+        assert cells[header.index('host ms')] == cells[header.index(
+            'backbone ms')]
     assert table[names[1]][header.index('time / Swin')] == '1.00'
     for cells in table.values():  # no GPU: not profiled, one round
         assert cells[header.index('GPU ms')] == '-'
