@@ -35,24 +35,9 @@ MODES = ('infer-fp32', 'infer-bf16', 'train-bf16')
 
 def measure(fn: Callable[[], object], device: torch.device, warmup: int,
             repeat: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == 'cuda':
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU;
+    :func:`host_and_wall_ms`)."""
+    return host_and_wall_ms(fn, device, warmup, repeat)[1]
 
 
 def host_and_wall_ms(fn: Callable[[], object], device: torch.device,
