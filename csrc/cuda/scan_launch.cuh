@@ -104,9 +104,8 @@ bool tensor_step_sizes(const ScanParams& p, int smem, int64_t blocks) {
     if (fma_blocks <= kTensorBlocks) return true;
     if (p.rank < Io::kTensorStepRank) return false;
     const int64_t sms = device_sms();
-    const int64_t tensor_waves = (blocks + kTensorBlocks * sms - 1) / (kTensorBlocks * sms);
-    const int64_t fma_waves = (blocks + fma_blocks * sms - 1) / (fma_blocks * sms);
-    return 3 * tensor_waves <= 4 * fma_waves;
+    const auto waves = [&](int per_sm) { return (blocks + per_sm * sms - 1) / (per_sm * sms); };
+    return 3 * waves(kTensorBlocks) <= 4 * waves(fma_blocks);
   } else {
     return false;
   }
