@@ -135,7 +135,7 @@ FwdResult cross_scan_fwd_cpu(const at::Tensor& u_in, const at::Tensor& x_dbl_in,
   const CrossCall call(s, u, x_dbl, dt_weight, dt_bias, A, D);
   const int64_t L = s.height * s.width;
   const int64_t lanes = kernels.lanes();
-  const int64_t blocks = (s.d_inner + lanes - 1) / lanes;
+  const int64_t blocks = ceil_div(s.d_inner, lanes);
   float* out_data = out.mutable_data_ptr<float>();
   at::parallel_for(0, s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch(kernels.scratch_floats(s.rank, L, /*backward=*/false));
@@ -176,11 +176,11 @@ CrossBwdResult cross_scan_bwd_cpu(
   const CrossKernels& kernels = cross_kernels();
   const CrossCall call(s, u, x_dbl, dt_weight, dt_bias, A, D);
   const int64_t lanes = kernels.lanes();
-  const int64_t blocks = (s.d_inner + lanes - 1) / lanes;
+  const int64_t blocks = ceil_div(s.d_inner, lanes);
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
   const int64_t groups = std::clamp<int64_t>(
-      (want + s.batch * kDirections - 1) / (s.batch * kDirections), 1, blocks);
-  const int64_t per_group = (blocks + groups - 1) / groups;
+      ceil_div(want, s.batch * kDirections), 1, blocks);
+  const int64_t per_group = ceil_div(blocks, groups);
   const int64_t row = kDirections * (s.rank + 2 * s.d_state);
   at::Tensor du_dirs = at::empty({kDirections, s.batch, L, s.d_inner}, f32);
   at::Tensor dx_groups = at::zeros({groups, s.batch, L, row}, f32);

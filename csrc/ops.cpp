@@ -110,7 +110,7 @@ void check_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
               "), got ", grad_out.scalar_type(), ", ", shape_str(grad_out),
               ", ", grad_out.device().str());
   if (!cuda) return;
-  const int64_t chunks = (shape.length + kChunk - 1) / kChunk;
+  const int64_t chunks = ceil_div(shape.length, kChunk);
   TORCH_CHECK(checkpoints.device() == u.device() &&
                   checkpoints.scalar_type() == at::kFloat &&
                   checkpoints.dim() == 4 &&
@@ -206,7 +206,7 @@ void check_cross_scan_grad_args(const at::Tensor& grad_out, const at::Tensor& u,
                 shape_str(checkpoints));
     return;
   }
-  const int64_t chunks = (shape.height * shape.width + kChunk - 1) / kChunk;
+  const int64_t chunks = ceil_div(shape.height * shape.width, kChunk);
   TORCH_CHECK(checkpoints.device() == u.device() &&
                   checkpoints.scalar_type() == at::kFloat &&
                   checkpoints.sizes().equals({shape.batch,

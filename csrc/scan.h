@@ -17,6 +17,9 @@ constexpr int64_t kMaxDState = 64;
 // from those checkpoints. The fake kernels in mmvmamba/ops/_ext.py mirror it.
 constexpr int64_t kChunk = 64;
 
+// ceil(a / b), for b > 0 and a >= 0: blocks, chunks, segments and waves.
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // "(2, 3, 4)" for a tensor's sizes, for error messages.
 std::string shape_str(const at::Tensor& t);
 

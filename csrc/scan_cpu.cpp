@@ -129,10 +129,10 @@ struct Tasks {
 Tasks make_tasks(const ScanShape& s) {
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   const int64_t rows = s.batch * s.groups;
-  int64_t parts = std::clamp<int64_t>((want + rows - 1) / rows, 1,
+  int64_t parts = std::clamp<int64_t>(ceil_div(want, rows), 1,
                                       std::max<int64_t>(s.per_group, 1));
-  const int64_t per_part = (s.per_group + parts - 1) / parts;
-  parts = (s.per_group + per_part - 1) / per_part;
+  const int64_t per_part = ceil_div(s.per_group, parts);
+  parts = ceil_div(s.per_group, per_part);
   return {parts, per_part, rows * parts};
 }
 

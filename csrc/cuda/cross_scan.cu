@@ -41,7 +41,7 @@ ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
   p.channels = kDirections * s.d_inner;
   p.length = s.height * s.width;
   p.d_state = s.d_state;
-  p.chunks = (p.length + kChunk - 1) / kChunk;
+  p.chunks = ceil_div(p.length, kChunk);
   p.softplus = true;
   p.height = static_cast<int>(s.height);
   p.width = static_cast<int>(s.width);

@@ -533,9 +533,9 @@ struct N1Block {
 
 N1Block n1_block(int64_t d_inner) {
   // At least kSteps threads: they stage the chunks.
-  const int64_t warps_needed = std::max<int64_t>((d_inner + 31) / 32, kSteps / 32);
-  const int64_t blocks = (warps_needed + kN1MaxWarps - 1) / kN1MaxWarps;
-  const int64_t warps = (warps_needed + blocks - 1) / blocks;
+  const int64_t warps_needed = std::max<int64_t>(ceil_div(d_inner, 32), kSteps / 32);
+  const int64_t blocks = ceil_div(warps_needed, kN1MaxWarps);
+  const int64_t warps = ceil_div(warps_needed, blocks);
   return {static_cast<int>(32 * warps), static_cast<int>(blocks)};
 }
 

@@ -2,8 +2,13 @@
 // chaining the segments' summaries (scan_launch.cuh says how they work).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 #include "../segments.h"
 #include "scan_launch.cuh"
@@ -40,16 +45,69 @@ __global__ void scan_carry_kernel(const ScanParams p, bool reverse) {
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// A kernel on a device, with its threads and dynamic shared memory a block.
+using KernelKey = std::tuple<int, const void*, int, int>;
+
+// What the launch code has learnt from the driver, which it needs at every
+// launch: each device's SMs, the dynamic shared memory each kernel is
+// allowed on each device, and the blocks an SM holds of a kernel at a size.
+struct DeviceFacts {
+  std::mutex mutex;
+  std::map<int, int> sms;
+  std::map<std::pair<int, const void*>, int> allowed;
+  std::map<KernelKey, int> resident;
+};
+
+DeviceFacts& device_facts() {
+  static DeviceFacts facts;
+  return facts;
+}
+
+// Raises `kernel`'s limit on `device` to `smem` bytes where lower; with the
+// facts' lock held.
+void raise_limit(DeviceFacts& facts, int device, const void* kernel, int smem) {
+  int& allowed = facts.allowed[{device, kernel}];
+  if (allowed >= smem) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allowed = smem;
+}
 
 }  // namespace
 
 int device_sms() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int device = c10::cuda::current_device();
+  DeviceFacts& facts = device_facts();
+  std::lock_guard<std::mutex> lock(facts.mutex);
+  const auto found = facts.sms.find(device);
+  if (found != facts.sms.end()) return found->second;
+  int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                         device));
+  facts.sms.emplace(device, sms);
   return sms;
+}
+
+void allow_shared_bytes(const void* kernel, int smem) {
+  const int device = c10::cuda::current_device();
+  DeviceFacts& facts = device_facts();
+  std::lock_guard<std::mutex> lock(facts.mutex);
+  raise_limit(facts, device, kernel, smem);
+}
+
+int resident_blocks(const void* kernel, int threads, int smem) {
+  const int device = c10::cuda::current_device();
+  DeviceFacts& facts = device_facts();
+  std::lock_guard<std::mutex> lock(facts.mutex);
+  const KernelKey key{device, kernel, threads, smem};
+  const auto found = facts.resident.find(key);
+  if (found != facts.resident.end()) return found->second;
+  raise_limit(facts, device, kernel, smem);
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, kernel, threads, smem));
+  facts.resident.emplace(key, blocks);
+  return blocks;
 }
 
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per

@@ -35,6 +35,15 @@ namespace scan_cuda {
 // The current device's SMs (scan_launch.cu).
 int device_sms();
 
+// Allows `kernel` `smem` bytes of dynamic shared memory on the current device
+// (the driver is asked only to raise the limit; scan_launch.cu).
+void allow_shared_bytes(const void* kernel, int smem);
+
+// The blocks of `threads` threads and `smem` bytes of dynamic shared memory
+// of `kernel` that an SM of the current device holds (the driver is asked
+// once per device, kernel and size; scan_launch.cu).
+int resident_blocks(const void* kernel, int threads, int smem);
+
 // Sets p.seg_chunks / p.segments for a launch of `blocks` blocks per
 // segment of the forward or backward pass (scan_launch.cu).
 void choose_segments(ScanParams& p, int64_t blocks, int blocks_per_sm,
@@ -54,20 +63,14 @@ template <typename Io, Pass kPass>
 void launch_kernel(void (*kernel)(ScanParams), const ScanParams& p, dim3 grid,
                    cudaStream_t stream) {
   const int smem = shared_bytes<Io, kPass>(p);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_shared_bytes(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<grid, kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The blocks of `kernel` an SM holds with `smem` bytes of shared memory.
+// The blocks of a scan kernel an SM holds with `smem` bytes of shared memory.
 inline int resident_blocks(void (*kernel)(ScanParams), int smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, kernel, kThreads, smem));
-  return blocks;
+  return resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, smem);
 }
 
 // Whether the backward keeps a piece's decays in registers (see
@@ -104,7 +107,7 @@ bool tensor_step_sizes(const ScanParams& p, int smem, int64_t blocks) {
     if (fma_blocks <= kTensorBlocks) return true;
     if (p.rank < Io::kTensorStepRank) return false;
     const int64_t sms = device_sms();
-    const auto waves = [&](int per_sm) { return (blocks + per_sm * sms - 1) / (per_sm * sms); };
+    const auto waves = [&](int per_sm) { return ceil_div(blocks, per_sm * sms); };
     return 3 * waves(kTensorBlocks) <= 4 * waves(fma_blocks);
   } else {
     return false;
@@ -118,7 +121,7 @@ bool tensor_step_sizes(const ScanParams& p, int smem, int64_t blocks) {
 template <typename Io>
 void launch(ScanParams& p, bool backward, const at::TensorOptions& f32) {
   using Tl = Tile<Io::Q>;
-  p.channel_blocks = static_cast<int>((p.per_group + Tl::channels - 1) / Tl::channels);
+  p.channel_blocks = static_cast<int>(ceil_div(p.per_group, Tl::channels));
   const int64_t blocks = p.batch * p.groups * p.channel_blocks;
   TORCH_CHECK(blocks <= INT32_MAX, "selective_scan: batch x channels too "
               "large for one launch (", std::to_string(blocks), " blocks)");

@@ -48,7 +48,7 @@ ScanParams make_params(const ScanShape& s, const at::Tensor& u,
   p.groups = s.groups;
   p.per_group = s.per_group;
   p.d_state = s.d_state;
-  p.chunks = (s.length + kChunk - 1) / kChunk;
+  p.chunks = ceil_div(s.length, kChunk);
   p.softplus = softplus;
   return p;
 }

@@ -626,6 +626,13 @@ def layer_norm(x: torch.Tensor,
     if torch.compiler.is_compiling():
         return torch.ops.mmvmamba.layer_norm_fwd(x, weight, bias, eps,
                                                  out_dtype)[0]
+    if not autograd_records(x, weight, bias):
+        # nothing kept for a backward: the kernel alone, without the
+        # statistics or the Function (lighter on the host)
+        x_rows = _as_rows(x)
+        y = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
+        _launch_forward(x_rows, y, weight, bias, eps)
+        return y.view(x.shape)
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 

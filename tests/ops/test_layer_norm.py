@@ -306,6 +306,28 @@ class TestInterpreted:
             check_against_float64(y, x, w, b, 1e-5, dtype)
         assert record.calls == 0  # the Triton path ran
 
+    @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+    def test_unrecorded_calls_skip_the_function(self, dtype, monkeypatch,
+                                                reported_seed):
+        # where autograd does not record, the kernel runs alone (no
+        # statistics, no autograd Function: lighter on the host), with the
+        # recorded call's values
+        x, w, b = make_inputs((3, 23, 100), dtype, dtype)
+        recorded = ln.layer_norm(x, w, b, 1e-5)
+
+        def no_function(*args):
+            raise AssertionError('the Function ran for an unrecorded call')
+
+        monkeypatch.setattr(ln._LayerNormFunction, 'apply', no_function)
+        with RecordFallbacks() as record, torch.no_grad():
+            y = ln.layer_norm(x, w, b, 1e-5)
+        assert record.calls == 0  # the Triton path ran
+        assert y.grad_fn is None and y.dtype == dtype
+        assert y.shape == x.shape and y.is_contiguous()
+        torch.testing.assert_close(y, recorded.detach(), rtol=0, atol=0)
+        y64, _ = reference(x, w, b, 1e-5, torch.zeros_like(recorded))
+        assert_close_to(y, y64, dtype)
+
     def test_float16(self, reported_seed):
         x, w, b = make_inputs((5, 13, 96), torch.float16, torch.float16)
         check_against_float64(ln.layer_norm(x, w, b), x, w, b, 1e-5,
