@@ -13,6 +13,7 @@
 
 #include "cross_layout.cuh"
 #include "cross_scan_n1.cuh"
+#include "scan_launch.cuh"
 
 namespace mmvmamba {
 namespace scan_cuda {
@@ -567,15 +568,14 @@ bool use_n1(const ScanParams& p, bool backward) {
     return false;
   }
   const N1Block blk = n1_block(p.per_group);
-  int device = 0, max_smem = 0, sms = 0;
+  int device = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(
       &max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   if (n1_smem_bytes(p, blk.threads, backward) > max_smem) return false;
   if (mode == 1) return true;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t warps = p.batch * kDirections * ((p.per_group + 31) / 32);
-  return warps >= int64_t{kN1MinWarpsPerSm} * sms;
+  const int64_t warps = p.batch * kDirections * ceil_div(p.per_group, 32);
+  return warps >= int64_t{kN1MinWarpsPerSm} * device_sms();
 }
 
 template <typename T>
@@ -589,8 +589,7 @@ void launch_n1(ScanParams& p, bool backward) {
               "one launch (", std::to_string(blocks), " blocks)");
   const int smem = n1_smem_bytes(p, blk.threads, backward);
   void (*kernel)(ScanParams) = backward ? n1_bwd_kernel<T> : n1_fwd_kernel<T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_shared_bytes(reinterpret_cast<const void*>(kernel), smem);
   kernel<<<static_cast<unsigned>(blocks), blk.threads, smem,
            c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
