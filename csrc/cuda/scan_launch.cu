@@ -1,5 +1,6 @@
-// Host code shared by the CUDA scans: the segment choice and the kernel
-// chaining the segments' summaries (scan_launch.cuh says how they work).
+// Host code shared by the CUDA scans: what the launches ask of the driver
+// (kept per device), the segment choice and the kernel chaining the
+// segments' summaries (scan_launch.cuh says how they work).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>

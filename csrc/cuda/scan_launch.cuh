@@ -32,7 +32,8 @@
 namespace mmvmamba {
 namespace scan_cuda {
 
-// The current device's SMs (scan_launch.cu).
+// The current device's SMs (asked of the driver once per device;
+// scan_launch.cu).
 int device_sms();
 
 // Allows `kernel` `smem` bytes of dynamic shared memory on the current device
