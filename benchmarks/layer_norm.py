@@ -4,6 +4,7 @@ Triton.
     python benchmarks/layer_norm.py [--batch 128] [--dtypes float32 bfloat16]
         [--warmup 5] [--repeat 50] [--sweep] [--add-norm]
         [--models vmamba2-t vmamba-t] [--modes infer-bf16 train-bf16]
+    python benchmarks/layer_norm.py --host [--repeat 50]
 
 For each stage map (batch, H, W, C) of the models at 224 (C = 96, 192, 384,
 768) and each input dtype, under bf16 autocast as the backbones run (so a
@@ -49,6 +50,19 @@ of the classifiers with ``GATE_BACKWARD_ON_TRITON`` off and on.
 With ``--sweep`` it also times the gate's backward kernel at other launch
 settings (for :func:`mmvmamba.ops.layer_norm.gate_backward_launch_config`).
 
+``--host``: instead, the host's time of one call (microseconds, until it
+returns; the GPU's work not awaited) at a small map (64 rows of C = 96,
+float32), where the launch is all there is: ``F.layer_norm``,
+:func:`mmvmamba.ops.layer_norm.layer_norm` where autograd does not record
+(the kernel alone) and where it does (its autograd Function, which keeps
+each row's statistics), :func:`~mmvmamba.ops.layer_norm.gated_layer_norm`,
+:func:`~mmvmamba.ops.layer_norm.add_layer_norm`, and the forward kernel's
+bare launch into preallocated tensors; each against ``F.layer_norm`` and
+against the bare launch. At batch 2 the detectors' backbones are host-bound
+(docs/benchmarks.md), so this is what a norm costs them.
+
+    python benchmarks/layer_norm.py --host [--repeat 50]
+
 ``--add-norm``: instead, the residual add and the next block's norm of
 VMamba's stages, at the same maps, without autograd under bf16 autocast
 (``--dtypes``: the residual's dtype, the update bfloat16 as SS2D's output,
@@ -62,6 +76,8 @@ on (it changes VMamba v1 alone).
 """
 import argparse
 import itertools
+import statistics
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -579,6 +595,77 @@ def print_add_norm(args, device) -> List[Dict]:
     return rows
 
 
+#: Map of the ``--host`` table: rows, C.
+HOST_MAP = (64, 96)
+
+
+def host_us_per_call(fn: Callable[[], object], device: torch.device,
+                     calls: int, rounds: int) -> float:
+    """Median over ``rounds`` of the host's microseconds a call of ``fn``
+    over ``calls`` calls in a row (the device synchronised before each
+    round, not awaited within it)."""
+    for _ in range(calls):
+        fn()
+    times = []
+    for _ in range(rounds):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
+def host_rows(device: torch.device, calls: int = 200,
+              rounds: int = 15) -> List[Dict]:
+    """The ``--host`` table's rows: ``call``, ``us`` (host time a call) and
+    its ratios to ``F.layer_norm``'s and to the bare launch's."""
+    rows_, channels = HOST_MAP
+    x = torch.randn(rows_, channels, device=device)
+    z = torch.randn_like(x)
+    weight = torch.ones(channels, device=device)
+    bias = torch.zeros(channels, device=device)
+    recorded = x.clone().requires_grad_()
+    y, mean, rstd = (torch.empty_like(x), torch.empty(rows_, device=device),
+                     torch.empty(rows_, device=device))
+
+    def bare_launch():
+        ln._launch_forward(x, y, weight, bias, 1e-5, stats=(mean, rstd))
+
+    calls_ = {
+        'F.layer_norm': lambda: F.layer_norm(x, (channels, ), weight, bias),
+        'layer_norm, not recorded': lambda: ln.layer_norm(x, weight, bias),
+        'layer_norm, recorded (Function)':
+        lambda: ln.layer_norm(recorded, weight, bias),
+        'gated_layer_norm': lambda: ln.gated_layer_norm(x, z, weight, bias),
+        'add_layer_norm': lambda: ln.add_layer_norm(x, z, weight, bias),
+        'bare launch (_launch_forward)': bare_launch,
+    }
+    times = {}
+    for name, fn in calls_.items():
+        grad = torch.enable_grad() if 'recorded' in name else torch.no_grad()
+        with grad:
+            times[name] = host_us_per_call(fn, device, calls, rounds)
+    aten, bare = times['F.layer_norm'], times['bare launch (_launch_forward)']
+    return [dict(call=name, us=us, vs_aten=us / aten, vs_bare=us / bare)
+            for name, us in times.items()]
+
+
+def print_host_table(device: torch.device, repeat: int) -> List[Dict]:
+    """Print :func:`host_rows` (``repeat`` rounds)."""
+    rows = host_rows(device, rounds=repeat)
+    print_table(
+        f'Host time of one LayerNorm call, {HOST_MAP[0]} x {HOST_MAP[1]} '
+        f'float32, {device_name(device)}, median of {repeat} rounds of 200 '
+        'calls', ['call', 'host us', 'x F.layer_norm', 'x bare launch'],
+        [[r['call'], _fmt(r['us'], '.1f'), _fmt(r['vs_aten'], '.2f'),
+          _fmt(r['vs_bare'], '.2f')] for r in rows])
+    return rows
+
+
 def _fmt(value, spec='.3f'):
     return '-' if value is None else format(value, spec)
 
@@ -608,6 +695,8 @@ def main(argv=None):
                         help='classifier names of benchmark.py throughput')
     parser.add_argument('--modes', nargs='+', choices=MODES,
                         default=['infer-bf16', 'train-bf16'])
+    parser.add_argument('--host', action='store_true',
+                        help='time the host\'s cost of one call instead')
     parser.add_argument('--gate', action='store_true',
                         help="time SS2D's output stage with the gate's "
                         'backward on ATen and on Triton instead')
@@ -617,6 +706,8 @@ def main(argv=None):
     if ln.TRITON_IMPORT_ERROR:
         parser.error(ln.TRITON_IMPORT_ERROR)
     device = torch.device('cuda')
+    if args.host:
+        return print_host_table(device, args.repeat)
     if args.add_norm:
         return print_add_norm(args, device)
     if args.gate:

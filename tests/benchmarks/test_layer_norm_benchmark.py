@@ -279,3 +279,40 @@ def test_small_add_norm_run_on_the_gpu(capsys, tiny_config):
     out = capsys.readouterr().out
     assert 'add_layer_norm' in out and 'Inference steps' in out
     assert vmamba.ADD_NORM_ON_TRITON is default
+
+
+def test_host_us_per_call_counts_each_call():
+    calls = []
+    us = bench.host_us_per_call(lambda: calls.append(1), torch.device('cpu'),
+                                calls=3, rounds=2)
+    assert len(calls) == 3 + 3 * 2  # warm-up, then two rounds
+    assert us > 0
+
+
+def test_host_table(monkeypatch, capsys):
+    # made-up times by call (the bare launch stubbed: no kernel on the CPU)
+    times = iter([10., 50., 80., 60., 55., 20.])
+    launched = []
+    monkeypatch.setattr(bench, 'host_us_per_call',
+                        lambda fn, device, calls, rounds:
+                        (fn(), next(times))[1])
+    monkeypatch.setattr(ln, '_launch_forward',
+                        lambda *args, **kwargs: launched.append(args))
+    rows = bench.print_host_table(torch.device('cpu'), repeat=2)
+    assert [r['call'] for r in rows] == [
+        'F.layer_norm', 'layer_norm, not recorded',
+        'layer_norm, recorded (Function)', 'gated_layer_norm',
+        'add_layer_norm', 'bare launch (_launch_forward)']
+    assert len(launched) == 1
+    assert [r['vs_aten'] for r in rows] == [1., 5., 8., 6., 5.5, 2.]
+    assert [r['vs_bare'] for r in rows] == [0.5, 2.5, 4., 3., 2.75, 1.]
+    out = capsys.readouterr().out
+    assert 'Host time of one LayerNorm call, 64 x 96 float32' in out
+    assert 'x bare launch' in out
+
+
+@NEEDS_GPU
+def test_small_host_run_on_the_gpu(capsys):
+    rows = bench.main(['--host', '--repeat', '2'])
+    assert len(rows) == 6 and all(r['us'] > 0 for r in rows)
+    assert 'x F.layer_norm' in capsys.readouterr().out
