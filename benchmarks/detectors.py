@@ -352,7 +352,8 @@ def time_backbone(model: nn.Module,
                   device: torch.device,
                   warmup: int = 5,
                   repeat: int = 20,
-                  amp_dtype: str = 'bfloat16') -> Dict[str, Optional[float]]:
+                  amp_dtype: Optional[str] = 'bfloat16'
+                  ) -> Dict[str, Optional[float]]:
     """Time the backbone alone on the batch's preprocessed images: its
     forward (under autocast in ``'amp'``), the sum of its outputs' means,
     the backward.
@@ -364,7 +365,8 @@ def time_backbone(model: nn.Module,
         device (torch.device): The model's device.
         warmup (int): Untimed steps first.
         repeat (int): Timed steps; medians are reported.
-        amp_dtype (str): Autocast's dtype in ``'amp'``.
+        amp_dtype (str, optional): Autocast's dtype in ``'amp'`` (read
+            there only).
 
     Returns:
         dict: ``backbone_ms``, the median wall time of a step, and
@@ -375,10 +377,11 @@ def time_backbone(model: nn.Module,
     inputs = model.data_preprocessor(data, True)['inputs']
     backbone = model.backbone
     backbone.train()  # some backbones' train() returns None
+    dtype = getattr(torch, amp_dtype) if mode == 'amp' else None
 
     def step():
-        with torch.autocast(device.type, dtype=getattr(torch, amp_dtype),
-                            enabled=mode == 'amp'):
+        with torch.autocast(device.type, dtype=dtype,
+                            enabled=dtype is not None):
             outs = backbone(inputs)
         sum(out.float().mean() for out in outs).backward()
 
@@ -482,7 +485,7 @@ def benchmark(names: Sequence[str],
                                          warmup, repeat, dtype)
                 result.update(
                     time_backbone(model, mode, data, device, warmup, repeat,
-                                  dtype or 'bfloat16')
+                                  dtype)
                     if result['status'] == 'ok' else
                     dict(backbone_ms=None, backbone_host_ms=None))
                 results.setdefault(key, []).append(result)
