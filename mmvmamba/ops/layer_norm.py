@@ -352,20 +352,26 @@ def _launch_forward(x_rows: torch.Tensor, y: torch.Tensor,
 
 def _forward(x: torch.Tensor, weight: Optional[torch.Tensor],
              bias: Optional[torch.Tensor], eps: float,
-             out_dtype: torch.dtype, traceable: bool = False
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             out_dtype: torch.dtype, traceable: bool = False,
+             keep_stats: bool = True
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                        Optional[torch.Tensor]]:
     """Launch the forward on ``x`` (any leading shape).
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: The output (``x``'s shape,
-        ``out_dtype``), and each row's mean and 1 / std (float32).
+        ``out_dtype``), and each row's mean and 1 / std (float32; None
+        without ``keep_stats``, for calls with no backward).
     """
     x_rows = _as_rows(x)
     n_rows, channels = x_rows.shape
     y = torch.empty((n_rows, channels), dtype=out_dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    _launch_forward(x_rows, y, weight, bias, eps, stats=(mean, rstd),
+    mean = rstd = None
+    if keep_stats:
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    _launch_forward(x_rows, y, weight, bias, eps,
+                    stats=(mean, rstd) if keep_stats else None,
                     traceable=traceable)
     return y.view(x.shape), mean, rstd
 
@@ -629,10 +635,7 @@ def layer_norm(x: torch.Tensor,
     if not autograd_records(x, weight, bias):
         # nothing kept for a backward: the kernel alone, without the
         # statistics or the Function (lighter on the host)
-        x_rows = _as_rows(x)
-        y = torch.empty(x_rows.shape, dtype=out_dtype, device=x.device)
-        _launch_forward(x_rows, y, weight, bias, eps)
-        return y.view(x.shape)
+        return _forward(x, weight, bias, eps, out_dtype, keep_stats=False)[0]
     return _LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 
