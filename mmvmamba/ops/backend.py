@@ -207,6 +207,8 @@ def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
                 _ext.ext_status()[1])
     if _backend == 'reference':
         return 'the scan backend is \'reference\''
+    if x.numel() == 0:
+        return f'the map of shape {tuple(x.shape)} is empty'
     limits = _ext.LIMITS
     if d_state > limits.cross_max_d_state:
         return f'd_state N={d_state} > {limits.cross_max_d_state}'

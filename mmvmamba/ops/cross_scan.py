@@ -84,7 +84,8 @@ def _project_and_scan(u, weight, params, H, W, scan_dtype):
     # cast for the scan.
     x_dbl = F.linear(u, weight)
     linear_dtype = x_dbl.dtype
-    x_dbl = x_dbl.view(batch, length, NUM_DIRECTIONS, -1).to(scan_dtype)
+    x_dbl = x_dbl.view(batch, length, NUM_DIRECTIONS,
+                       weight.shape[0] // NUM_DIRECTIONS).to(scan_dtype)
     x_dbl = x_dbl.contiguous()
     y, checkpoints = torch.ops.mmvmamba.cross_scan_fwd(
         u.to(scan_dtype).contiguous(), x_dbl, *params, H, W)
@@ -191,8 +192,8 @@ def _cross_selective_scan_unfused(x, x_proj_weight, dt_projs_weight,
     param_dtype = torch.float64 if scan_dtype == torch.float64 else \
         torch.float32
     y = selective_scan(
-        xs.reshape(batch, -1, length).to(scan_dtype),
-        dts.reshape(batch, -1, length).to(scan_dtype),
+        xs.reshape(batch, NUM_DIRECTIONS * d_inner, length).to(scan_dtype),
+        dts.reshape(batch, NUM_DIRECTIONS * d_inner, length).to(scan_dtype),
         -torch.exp(A_logs.to(param_dtype)),
         Bs.to(scan_dtype).contiguous(),
         Cs.to(scan_dtype).contiguous(),

@@ -3,12 +3,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmvmamba.models import VMamba
+from mmvmamba.models import VMamba, VMamba2
 from mmvmamba.models.backbones.common import ss2d_output
 from mmvmamba.models.backbones.vmamba import SS2D
 from mmvmamba.ops.backend import use_backend
 
 SMALL = dict(embed_dims=16, depths=[1, 1, 2, 1])
+# VMamba2's arch dict names its block settings too
+SMALL2 = dict(SMALL, ssm_ratio=1.0, d_state=1, mlp_ratio=4.0)
+ARCH_OF = {VMamba: SMALL, VMamba2: SMALL2}
 
 
 class RandomProjection:
@@ -238,6 +241,41 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r'x must have dtype in \(float32, '
                        r'float16, bfloat16, float64\), got uint8'):
         model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize('backbone', [VMamba, VMamba2])
+def test_input_against_the_weights(backbone):
+    """A dtype or device other than the weights' is named, not left to the
+    first convolution; under autocast any float dtype is taken."""
+    model = backbone(ARCH_OF[backbone]).eval()
+    with pytest.raises(ValueError, match="x has dtype float64 but the "
+                       "backbone's weights float32: cast one to the other"):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x is on meta but the backbone's "
+                       "weights are on cpu"):
+        model(torch.randn(1, 3, 8, 8, device='meta'))
+    with torch.autocast('cpu', torch.bfloat16):
+        outs = model(torch.randn(1, 3, 8, 8, dtype=torch.bfloat16))
+    assert outs[0].shape == (1, 16 * 8, 1, 1)
+
+
+@pytest.mark.parametrize('device', [
+    'cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason='needs a GPU'))])
+@pytest.mark.parametrize('backbone', [VMamba, VMamba2])
+def test_empty_batch(backbone, device):
+    """A batch of no images: outputs of the right shapes, no images, and
+    zero gradients (as PyTorch's own layers give)."""
+    model = backbone(ARCH_OF[backbone], out_indices=(0, 1, 2, 3)).to(device)
+    x = torch.randn(0, 3, 37, 50, device=device, requires_grad=True)
+    outs = model(x)
+    assert [o.shape for o in outs] == [
+        (0, 16 * 2**i, h, w)
+        for i, (h, w) in enumerate([(10, 13), (5, 7), (3, 4), (2, 2)])]
+    sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == x.shape
+    assert all(not p.grad.any() for p in model.parameters()
+               if p.grad is not None)
 
 
 def test_scan_dtype_option():

@@ -209,6 +209,37 @@ def test_cross_selective_scan_bad_options():
         cross_selective_scan(x[0], *params, channels_last=True)
 
 
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a GPU'))]
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('shape', [(0, 6, 5, 3), (2, 6, 0, 3),
+                                   (2, 6, 5, 0)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_cross_selective_scan_of_an_empty_map(shape, channels_last, device):
+    """An empty batch or map gives an empty output and zero gradients, on
+    the unfused path (the fused kernel says why it does not take it)."""
+    params = [t.to(device).requires_grad_() for t in (
+        torch.randn(4, 2 + 2 * 4, 6), torch.randn(4, 6, 2),
+        torch.randn(4, 6), torch.randn(24, 4), torch.randn(24))]
+    x = torch.randn(shape, device=device, requires_grad=True)
+    x_in = x.permute(0, 2, 3, 1) if channels_last else x
+    with RecordScans() as scans:
+        y = cross_selective_scan(x_in, *params, channels_last=channels_last)
+    assert y.shape == x_in.shape and y.dtype == torch.float32
+    assert not any(key.startswith('fused') for key in scans.ran)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for param in params:
+        assert param.grad is not None and not param.grad.any()
+    with pytest.raises(ValueError, match=r'fused=True, but the fused kernel '
+                       r'cannot run: (the map of shape .* is empty|the fused '
+                       r'\w+ kernel was not built)'):
+        cross_selective_scan(x_in, *params, channels_last=channels_last,
+                             fused=True)
+
+
 @pytest.mark.parametrize('change,match', [
     (dict(u=torch.randn(2, 8)), r'u must have shape \(batch, channels, L\)'),
     (dict(delta=torch.randn(2, 8, 11)), r'delta must have shape'),

@@ -496,12 +496,27 @@ class VSSBackbone(BaseModule):
                     m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> tuple:
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Shape, dtype and device of the images, against the weights (any
+        batch, empty too; any dtype under autocast)."""
         check_tensor(
             'x',
             x, (None, self.in_channels, None, None),
             HALF_AND_FLOAT,
             labels='(batch, in_channels, H, W)')
+        weight = next(self.patch_embed.parameters())
+        if x.device != weight.device:
+            raise ValueError(f'x is on {x.device} but the backbone\'s weights '
+                             f'are on {weight.device}: move one to the other')
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(
+                x.device.type):
+            raise ValueError(
+                f'x has dtype {str(x.dtype)[6:]} but the backbone\'s weights '
+                f'{str(weight.dtype)[6:]}: cast one to the other, or run '
+                'under torch.autocast')
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        self._check_input(x)
         x = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.stages):

@@ -135,8 +135,8 @@ class RecomputedMlp(torch.autograd.Function):
                 grad_hidden.view(-1, hidden.shape[-1]), x_2d, fc1_weight,
                 fc1_bias, (need_x, need_w1, need_b1))
             if need_x:
-                grad_x = grad_x.view(*hidden.shape[:-1], -1).to(
-                    ctx.input_dtype)
+                grad_x = grad_x.view(*hidden.shape[:-1],
+                                     fc1_weight.shape[1]).to(ctx.input_dtype)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
