@@ -80,10 +80,12 @@ class Scratch {
   std::vector<float> buffer_;
 };
 
-// The arguments of one batch entry of the kernels.
+// The arguments of one batch entry of the kernels; x_dbl float32 (see
+// cpu::CrossArgs).
 struct CrossCall {
   cpu::CrossArgs base;
-  const char *u, *x_dbl;
+  const char* u;
+  const float* x_dbl;
   int64_t in_bytes, x_dbl_row;
   std::vector<int32_t> orders;
 
@@ -102,7 +104,7 @@ struct CrossCall {
     base.D = D.const_data_ptr<float>();
     base.orders = orders.data();
     u = static_cast<const char*>(u_.const_data_ptr());
-    x_dbl = static_cast<const char*>(x_dbl_.const_data_ptr());
+    x_dbl = x_dbl_.const_data_ptr<float>();
     in_bytes = u_.element_size();
     x_dbl_row = kDirections * (s.rank + 2 * s.d_state);
   }
@@ -110,7 +112,7 @@ struct CrossCall {
   cpu::CrossArgs entry(int64_t b) const {
     cpu::CrossArgs a = base;
     a.u = u + b * a.length * a.d_inner * in_bytes;
-    a.x_dbl = x_dbl + b * a.length * x_dbl_row * in_bytes;
+    a.x_dbl = x_dbl + b * a.length * x_dbl_row;
     return a;
   }
 };
@@ -122,7 +124,8 @@ FwdResult cross_scan_fwd_cpu(const at::Tensor& u_in, const at::Tensor& x_dbl_in,
                              int64_t width) {
   const CrossShape s = check_cross_scan_args(u_in, x_dbl_in, dt_weight_in,
                                              dt_bias_in, A_in, D_in, height, width);
-  const at::Tensor u = u_in.contiguous(), x_dbl = x_dbl_in.contiguous(),
+  const at::Tensor u = u_in.contiguous(),
+                   x_dbl = x_dbl_in.to(at::kFloat).contiguous(),
                    dt_weight = dt_weight_in.contiguous(),
                    dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
                    D = D_in.contiguous();
@@ -162,14 +165,15 @@ CrossBwdResult cross_scan_bwd_cpu(
                                              dt_bias_in, A_in, D_in, height, width);
   check_cross_scan_grad_args(grad_in, u_in, checkpoints, s);
   const at::Tensor dout = grad_in.contiguous(), u = u_in.contiguous(),
-                   x_dbl = x_dbl_in.contiguous(),
+                   x_dbl = x_dbl_in.to(at::kFloat).contiguous(),
                    dt_weight = dt_weight_in.contiguous(),
                    dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
                    D = D_in.contiguous();
   const auto f32 = u.options().dtype(at::kFloat);
   const int64_t L = s.height * s.width;
   if (u.numel() == 0) {
-    return {at::zeros(u.sizes(), u.options()), at::zeros(x_dbl.sizes(), x_dbl.options()),
+    return {at::zeros(u.sizes(), u.options()),
+            at::zeros(x_dbl.sizes(), x_dbl_in.options()),
             at::zeros(dt_weight.sizes(), f32), at::zeros(dt_bias.sizes(), f32),
             at::zeros(A.sizes(), f32), at::zeros(D.sizes(), f32)};
   }

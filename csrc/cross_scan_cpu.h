@@ -7,13 +7,15 @@
 
 namespace mmvmamba::cpu {
 
-// One batch entry of mmvmamba::cross_scan_fwd. u and x_dbl hold float32, or
-// bfloat16 bits when `bf16`; the parameters are float32.
+// One batch entry of mmvmamba::cross_scan_fwd. u holds float32, or bfloat16
+// bits when `bf16`; x_dbl and the parameters are float32 (the launcher
+// upcasts a bfloat16 x_dbl once, exactly, so that each channel block reads
+// its rows in place instead of converting them again).
 struct CrossArgs {
   int64_t length, d_inner, rank, d_state;  // L = H*W, D, R, N
   bool bf16;
   const void* u;           // (L, D) channels-last map
-  const void* x_dbl;       // (L, 4, R + 2N): (dt_low, B, C) per direction
+  const float* x_dbl;      // (L, 4, R + 2N): (dt_low, B, C) per direction
   const float* dt_weight;  // (4, D, R)
   const float* dt_bias;    // (4, D)
   const float* A;          // (4D, N)

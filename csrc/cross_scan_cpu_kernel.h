@@ -48,15 +48,6 @@ MMV_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
 MMV_INLINE vf splat(float x) { return vf{} + x; }
 
-MMV_INLINE float to_float(float x) { return x; }
-
-MMV_INLINE float to_float(uint16_t bfloat16_bits) {
-  const uint32_t wide = static_cast<uint32_t>(bfloat16_bits) << 16;
-  float x;
-  std::memcpy(&x, &wide, sizeof(x));
-  return x;
-}
-
 // `lanes` channels from p (all of a vector, or the last few of D; the rest
 // zero), as float32.
 MMV_INLINE vf load_lanes(const float* p, int lanes) {
@@ -147,7 +138,7 @@ constexpr int kChunkSteps = 16;
 // backward adds the gradient sums of dt_weight (R vectors), room for one
 // step's lane sums (R + 2N vectors, padded) and the state at the start of
 // every chunk. Last, `rows` holds a chunk's (dt_low, B, C) when x_dbl
-// cannot be read in place (bfloat16, or N padded).
+// cannot be read in place (N padded).
 struct Block {
   float *weight, *A_log2, *A, *bias, *D, *dweight, *sums, *starts, *rows;
 };
@@ -202,8 +193,8 @@ void prepare_block(const CrossArgs& a, int k, int64_t c0, int lanes,
 }
 
 // One direction of one channel block; NS = N rounded up to a power of two.
-// A step's (dt_low, B, C) are read in place (float32 x_dbl and N = NS) or
-// from blk.rows, each laid out (dt_low, B padded to NS, C padded to NS).
+// A step's (dt_low, B, C) are read in place (N = NS) or from blk.rows, each
+// laid out (dt_low, B padded to NS, C padded to NS).
 template <typename T, int NS>
 struct Direction {
   const CrossArgs& a;
@@ -212,7 +203,7 @@ struct Direction {
   int64_t L, Dm, R, N, stride;
   bool in_place, reverse;
   const T* u;
-  const T* x_dbl;
+  const float* x_dbl;
   const int32_t* order;
 
   Direction(const CrossArgs& args, const Block& block, int direction,
@@ -223,11 +214,10 @@ struct Direction {
     R = a.rank;
     N = a.d_state;
     stride = kDirections * (R + 2 * N);
-    in_place = false;
-    if constexpr (std::is_same_v<T, float>) in_place = N == NS;
+    in_place = N == NS;
     reverse = k >= 2;
     u = static_cast<const T*>(a.u) + c0;
-    x_dbl = static_cast<const T*>(a.x_dbl) + k * (R + 2 * N);
+    x_dbl = a.x_dbl + k * (R + 2 * N);
     order = a.orders + (k & 1) * L;
     if (!in_place) {
       std::memset(blk.rows, 0, sizeof(float) * kChunkSteps * row_floats(R));
@@ -260,14 +250,13 @@ void load_chunk(const Direction<T, NS>& dir, int64_t i0, Chunk<kBackward>& c) {
   c.steps = static_cast<int>(dir.L - i0 < kChunkSteps ? dir.L - i0 : kChunkSteps);
   for (int t = 0; t < c.steps; ++t) {
     const int64_t pos = dir.position(i0 + t);
-    const T* src = dir.x_dbl + pos * dir.stride;
+    const float* src = dir.x_dbl + pos * dir.stride;
     float* copy = blk.rows + t * row_floats(R);
-    const float* row = copy;
-    if (dir.in_place) {
-      if constexpr (std::is_same_v<T, float>) row = src;
-    } else {
-      for (int64_t j = 0; j < R + N; ++j) copy[j] = to_float(src[j]);
-      for (int64_t n = 0; n < N; ++n) copy[R + NS + n] = to_float(src[R + N + n]);
+    const float* row = src;
+    if (!dir.in_place) {
+      std::memcpy(copy, src, sizeof(float) * (R + N));
+      std::memcpy(copy + R + NS, src + R + N, sizeof(float) * N);
+      row = copy;
     }
     vf delta0 = bias, delta1 = vf{};
     int64_t r = 0;
