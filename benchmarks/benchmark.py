@@ -24,7 +24,8 @@ and the ratios to the bandwidth and exponential floors (copy bandwidth and
 exponential rate measured in the same run); then SS2D's whole core
 (``cross_selective_scan``) on the fused kernel against the unfused path,
 float32 and bfloat16 scan inputs, with the same floors, at the stage shapes
-of VMamba-T and of VMamba2-T (d_inner = C, N = 1) (:mod:`scan_timing`).
+of VMamba-T and of VMamba2-T (d_inner = C, N = 1) (:mod:`scan_timing`), on
+the GPU or the CPU (no exponential rate there).
 
 ``throughput``: classifiers (names of ``models.MODEL_ZOO`` or classifier
 configs) in inference (fp32, bf16 autocast) and training steps
@@ -75,6 +76,7 @@ from scan_timing import (CORE_SHAPES, D_STATE, FUSED_HEADER, HEADER,
 from timing import (MODES, device_name, measure, print_table, relative_to,
                     time_mode)
 
+from mmvmamba.ops import _ext
 from mmvmamba.ops.backend import LABELS
 
 SWIN_OF = {'tiny': 'tiny', 'small': 'small', 'base': 'base'}
@@ -272,7 +274,7 @@ def bench_scan(args) -> list:
              'forward, 2 forward+backward')
     print_table(title, HEADER, format_rows(rows))
     rows = rows[:-1]
-    if device.type == 'cuda' and not args.no_fused:
+    if not args.no_fused and _ext.has_cross_kernel(device.type):
         for model in args.fused_models:
             fused = fused_rows(device, args.batch, args.warmup, args.repeat,
                                model=model)
@@ -281,8 +283,8 @@ def bench_scan(args) -> list:
                 f'SS2D core (cross_selective_scan, channels-last), {model} '
                 f'stages (d_inner = {core.ssm_ratio}C, N = {core.d_state}), '
                 f'batch {args.batch}, {device_name(device)}: '
-                f'{LABELS["fused-cuda"]} vs the unfused path (four copies + the '
-                f'plain kernel); {_rates(fused[-1])}',
+                f'{LABELS["fused-" + device.type]} vs the unfused path (four '
+                f'copies + the plain kernel); {_rates(fused[-1])}',
                 FUSED_HEADER, format_fused_rows(fused))
             rows += [dict(r, model=model) for r in fused[:-1]]
     return rows

@@ -219,17 +219,19 @@ def _ss2d_inputs(batch, C, L, core, dtype, device, requires_grad):
 
 
 def fused_bytes(batch, C, L, scan_dtype,
-                core: CoreShape = CORE_SHAPES['vmamba-t']) -> Dict[str, int]:
+                core: CoreShape = CORE_SHAPES['vmamba-t'],
+                checkpoints: bool = True) -> Dict[str, int]:
     """Bytes SS2D's core must move at least, forward and backward: the map
     and its projections read once, the float32 output written once (and
-    their gradients), the checkpoints."""
+    their gradients), the checkpoints (the CUDA kernels'; the CPU backward
+    recomputes the states instead)."""
     size = torch.empty(0, dtype=scan_dtype).element_size()
     d_inner, rank, d_state = core.ssm_ratio * C, -(-C // 16), core.d_state
     plane = batch * L * d_inner
     x_dbl = batch * L * NUM_DIRECTIONS * (rank + 2 * d_state) * size
-    checkpoints = (batch * NUM_DIRECTIONS * d_inner *
-                   -(-L // _ext.LIMITS.chunk) * d_state * 4)
-    forward = plane * size + plane * 4 + x_dbl + checkpoints
+    kept = (batch * NUM_DIRECTIONS * d_inner * -(-L // _ext.LIMITS.chunk) *
+            d_state * 4) if checkpoints else 0
+    forward = plane * size + plane * 4 + x_dbl + kept
     backward = forward + plane * 4 + plane * size + x_dbl
     return {'fwd': forward, 'fwd+bwd': forward + backward}
 
@@ -252,24 +254,28 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
     bandwidth and exponential rate.
     """
     device = torch.device(device)
-    if not (device.type == 'cuda' and _ext.has_cross_kernel()):
-        raise RuntimeError('the fused kernel needs a GPU and the CUDA build: '
+    if not _ext.has_cross_kernel(device.type):
+        raise RuntimeError(f'no fused kernel for {device.type}: '
                            f'{_ext.ext_status()[1]}')
     core = CORE_SHAPES[model]
     bandwidth = copy_bandwidth(device)
-    exps_per_s, exp_source = exp_rate(device)
+    exps_per_s, exp_source = (exp_rate(device) if device.type == 'cuda' else
+                              (None, None))
     rows = []
     for C, L in STAGES:
         exps = batch * NUM_DIRECTIONS * core.ssm_ratio * C * L * core.d_state
         for scan_dtype in scan_dtypes:
-            moved = fused_bytes(batch, C, L, scan_dtype, core)
+            moved = fused_bytes(batch, C, L, scan_dtype, core,
+                                checkpoints=device.type == 'cuda')
             for name, backward in (('fwd', False), ('fwd+bwd', True)):
                 args = _ss2d_inputs(batch, C, L, core, torch.float32, device,
                                     backward)
                 times = {}
-                # 'generic': the fused path with the N = 1 kernels off.
-                variants = ['fused', 'unfused'] + (['generic'] if
-                                                   core.d_state == 1 else [])
+                # 'generic': the fused path with the N = 1 kernels off (the
+                # CPU has none).
+                variants = ['fused', 'unfused'] + (
+                    ['generic'] if core.d_state == 1 and device.type == 'cuda'
+                    else [])
                 for variant in variants:
 
                     def step():
@@ -288,7 +294,8 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                                                      repeat)
                     except torch.OutOfMemoryError:
                         times[variant] = None
-                    torch.cuda.empty_cache()
+                    if device.type == 'cuda':
+                        torch.cuda.empty_cache()
                 rows.append(
                     dict(stage=f'C={C} L={L}', pass_=name,
                          scan_dtype=str(scan_dtype).replace('torch.', ''),
@@ -320,7 +327,7 @@ def format_fused_rows(rows: List[Dict]) -> List[List[str]]:
         fmt(r.get('generic_ms'), '.3f'), fmt(r['unfused_ms'], '.3f'),
         fmt(r['unfused_ms'] / r['fused_ms'] if r['unfused_ms'] else None,
             '.2f'), f'{r["bytes"] / 1e9:.3f}', f'{r["gb_per_s"]:.0f}',
-        f'{r["over_bandwidth_floor"]:.2f}', f'{r["over_exp_floor"]:.2f}'
+        f'{r["over_bandwidth_floor"]:.2f}', fmt(r['over_exp_floor'], '.2f')
     ] for r in rows[:-1]]
 
 

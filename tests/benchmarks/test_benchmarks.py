@@ -438,6 +438,39 @@ def test_benchmark_detectors_rounds_take_turns(capsys):
         assert float(high) == pytest.approx(max(row['round_ms']), abs=0.06)
 
 
+@pytest.mark.skipif(not _ext.has_cross_kernel('cpu'),
+                    reason='needs the fused CPU kernel')
+def test_benchmark_scan_on_cpu_has_the_fused_tables(monkeypatch, capsys):
+    """``scan --device cpu`` times the fused CPU core against the unfused
+    path too, without checkpoint bytes or an exponential rate (two small
+    stages stand in for VMamba-T's four)."""
+    import scan_timing
+    monkeypatch.setattr(scan_timing, 'STAGES', ((8, 25), (16, 9)))
+    rows = benchmark.main([
+        'scan', '--device', 'cpu', '--batch', '1', '--no-reference',
+        '--fused-models', 'vmamba-t', 'vmamba2-t', '--warmup', '0',
+        '--repeat', '1'
+    ])
+    out = capsys.readouterr().out
+    assert f'{LABELS["fused-cpu"]} vs the unfused path' in out
+    fused = [r for r in rows if 'model' in r]
+    assert [(r['model'], r['stage'], r['scan_dtype'], r['pass_'])
+            for r in fused] == [
+                (m, f'C={C} L={L}', dtype, name)
+                for m in ('vmamba-t', 'vmamba2-t') for C, L in ((8, 25),
+                                                                 (16, 9))
+                for dtype in ('float32', 'bfloat16')
+                for name in ('fwd', 'fwd+bwd')]
+    for row in fused:
+        assert row['fused_ms'] > 0 and row['unfused_ms'] > 0
+        assert row['generic_ms'] is None and row['over_exp_floor'] is None
+        C, L = map(int, row['stage'][2:].split(' L='))
+        core = scan_timing.CORE_SHAPES[row['model']]
+        assert row['bytes'] == scan_timing.fused_bytes(
+            1, C, L, getattr(torch, row['scan_dtype']), core,
+            checkpoints=False)[row['pass_']]
+
+
 def test_fused_bytes_follow_the_core_shapes():
     """VMamba2-T's core: d_inner = C, N = 1; VMamba-T's: 2C, N = 16."""
     import scan_timing
