@@ -41,6 +41,12 @@ def check_tensor(name: str,
                          f'got {str(value.dtype).replace("torch.", "")}')
 
 
+def check_bool(name: str, value) -> None:
+    """Check that a flag is a bool (a string such as ``'no'`` is not)."""
+    if not isinstance(value, bool):
+        raise ValueError(f'{name} must be a bool, got {value!r}')
+
+
 def check_same_device(**tensors) -> None:
     """Check that all given (non-None) tensors lie on one device."""
     devices = {n: t.device for n, t in tensors.items() if t is not None}

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import fused_unsupported_reason
-from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
+from .checks import (FLOAT, HALF_AND_FLOAT, check_bool, check_same_device,
+                     check_tensor)
 from .selective_scan import selective_scan
 
 #: The scan orders of SS2D (rows, columns, and both reversed); the fused
@@ -41,6 +42,10 @@ def cross_merge(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
     Returns:
         Tensor: ``(batch, C, H*W)`` in row-major order.
     """
+    # (sizes may be traced: tensors under jit, SymInts under compile)
+    for name, size in (('H', H), ('W', W)):
+        if isinstance(size, int) and size < 0:
+            raise ValueError(f'{name} must be >= 0, got {size}')
     check_tensor('y', y, (None, NUM_DIRECTIONS, None, H * W),
                  labels='(batch, 4, C, H*W)')
     batch, _, channels, _ = y.shape
@@ -256,10 +261,8 @@ def cross_selective_scan(x: torch.Tensor,
     Returns:
         Tensor: Same layout as ``x``, float32 (float64 for float64 input).
     """
-    if not isinstance(channels_last, bool):
-        raise ValueError(f'channels_last must be a bool, got {channels_last!r}')
-    if not isinstance(silu, bool):
-        raise ValueError(f'silu must be a bool, got {silu!r}')
+    check_bool('channels_last', channels_last)
+    check_bool('silu', silu)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         check_tensor('x', x, (None, None, None, None), HALF_AND_FLOAT,
                      '(batch, H, W, D)' if channels_last else '(batch, D, H, W)')

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import autocast_dtype, forward_only_reason
+from .checks import (HALF_AND_FLOAT, autocast_dtype, check_bool, check_tensor,
+                     forward_only_reason)
 from .layer_norm import TRITON_IMPORT_ERROR, tl, triton
 
 #: Device types whose tensors take the kernel (tests add 'cpu' to run it in
@@ -132,6 +133,11 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
         Tensor: ``(B, H, W, C)``, in the dtype of ``conv``'s result
         (autocast's, if on); contiguous where the kernel ran.
     """
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f'conv must be an nn.Conv2d, got {type(conv).__name__}')
+    check_tensor('x', x, (None, None, None, conv.in_channels), HALF_AND_FLOAT,
+                 '(B, H, W, in_channels)')
+    check_bool('silu', silu)
     if unsupported_reason(conv, x) is not None:
         out = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return F.silu(out) if silu else out

@@ -16,7 +16,8 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _ext
 from .backend import choose_scan_backend
-from .checks import FLOAT, HALF_AND_FLOAT, check_same_device, check_tensor
+from .checks import (FLOAT, HALF_AND_FLOAT, check_bool, check_same_device,
+                     check_tensor)
 
 
 def check_selective_scan_args(u, delta, A, B, C, D=None, delta_bias=None) -> None:
@@ -154,6 +155,7 @@ def selective_scan(u: torch.Tensor,
         state and the sums are float32.
     """
     check_selective_scan_args(u, delta, A, B, C, D, delta_bias)
+    check_bool('delta_softplus', delta_softplus)
     if choose_scan_backend(u, A) == 'kernel':
         return _ext.selective_scan_kernel(u, delta, A, B, C, D, delta_bias,
                                           delta_softplus)

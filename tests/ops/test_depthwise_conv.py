@@ -150,6 +150,20 @@ def test_unsupported_reasons(kernel_on_cpu):
         assert reason(conv, x) is None
 
 
+def test_bad_input():
+    conv = make_conv(8)
+    with pytest.raises(ValueError, match=r'x must have shape \(B, H, W, '
+                       r'in_channels\) = \(\*, \*, \*, 8\), got \(1, 5, 6, 7\)'):
+        dw.depthwise_conv_nhwc(conv, torch.randn(1, 5, 6, 7))
+    with pytest.raises(ValueError, match='x must have shape'):
+        dw.depthwise_conv_nhwc(conv, torch.randn(5, 6, 8))
+    with pytest.raises(ValueError, match='silu must be a bool'):
+        dw.depthwise_conv_nhwc(conv, torch.randn(1, 5, 6, 8), silu='yes')
+    with pytest.raises(ValueError, match='conv must be an nn.Conv2d, got '
+                       'Linear'):
+        dw.depthwise_conv_nhwc(nn.Linear(8, 8), torch.randn(1, 5, 6, 8))
+
+
 def test_falls_back_to_the_module(monkeypatch):
     """CPU tensors (by default) and recorded calls run the module on the
     permuted view: its very values and gradients."""

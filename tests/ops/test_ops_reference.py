@@ -252,6 +252,7 @@ def test_cross_selective_scan_of_an_empty_map(shape, channels_last, device):
     (dict(u=torch.randint(0, 3, (2, 8, 10))), r'u must have dtype'),
     (dict(A=torch.randn(8, 4).half()), r'A must have dtype'),
     (dict(B=torch.randn(2, 2, 4, 10).half()), r'B must have dtype'),
+    (dict(delta_softplus='no'), r"delta_softplus must be a bool, got 'no'"),
 ])
 def test_selective_scan_bad_input(change, match):
     args = random_scan_inputs(2, 2, 4, 4, 10, dtype=torch.float32, seed=6)
@@ -265,6 +266,9 @@ def test_cross_ops_bad_input():
         cross_scan(torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match=r'y must have shape'):
         cross_merge(torch.randn(1, 4, 3, 10), 3, 4)
+    # (-3) * (-5) is y's 15 positions, but no map's
+    with pytest.raises(ValueError, match=r'H must be >= 0, got -3'):
+        cross_merge(torch.randn(1, 4, 3, 15), -3, -5)
     x = torch.randn(1, 4, 3, 3)
     with pytest.raises(ValueError, match=r'x_proj_weight must have shape'):
         cross_selective_scan(x, torch.randn(4, 6, 4), torch.randn(4, 4, 1),
