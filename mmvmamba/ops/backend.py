@@ -31,6 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import _ext
+from .checks import dtype_name
 
 BACKENDS = ('auto', 'reference', 'kernel')
 ENV_VARIABLE = 'MMVMAMBA_SCAN_BACKEND'
@@ -115,15 +116,11 @@ def use_n1_kernels(mode) -> Iterator[None]:
             os.environ[N1_ENV_VARIABLE] = previous
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace('torch.', '')
-
-
 def _case_unsupported_reason(u: torch.Tensor,
                              A: torch.Tensor) -> Optional[str]:
     """Why the built kernel does not cover these inputs, or None."""
     if u.dtype not in KERNEL_DTYPES:
-        return f'dtype {_dtype_name(u.dtype)}'
+        return f'dtype {dtype_name(u.dtype)}'
     d_state = A.shape[-1]
     if not 1 <= d_state <= _ext.LIMITS.max_d_state:
         return f'd_state N={d_state} outside 1..{_ext.LIMITS.max_d_state}'
@@ -213,7 +210,7 @@ def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
     if d_state > limits.cross_max_d_state:
         return f'd_state N={d_state} > {limits.cross_max_d_state}'
     if scan_dtype not in CROSS_DTYPES:
-        return f'scan dtype {_dtype_name(scan_dtype)}'
+        return f'scan dtype {dtype_name(scan_dtype)}'
     if length >= limits.cross_max_length:
         return f'H*W={length} >= {limits.cross_max_length}'
     return None

@@ -8,8 +8,13 @@ HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FLOAT = (torch.float32, torch.float64)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``'float32'`` for ``torch.float32``: a dtype as messages name it."""
+    return str(dtype).replace('torch.', '')
+
+
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
-    return ', '.join(str(d).replace('torch.', '') for d in dtypes)
+    return ', '.join(dtype_name(d) for d in dtypes)
 
 
 def check_tensor(name: str,
@@ -38,7 +43,7 @@ def check_tensor(name: str,
                          f'got {tuple(value.shape)}')
     if dtypes is not None and value.dtype not in dtypes:
         raise ValueError(f'{name} must have dtype in ({_dtype_names(dtypes)}), '
-                         f'got {str(value.dtype).replace("torch.", "")}')
+                         f'got {dtype_name(value.dtype)}')
 
 
 def check_bool(name: str, value) -> None:

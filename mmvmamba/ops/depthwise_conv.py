@@ -134,7 +134,8 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
         (autocast's, if on); contiguous where the kernel ran.
     """
     if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f'conv must be an nn.Conv2d, got {type(conv).__name__}')
+        raise ValueError(
+            f'conv must be an nn.Conv2d, got {type(conv).__name__}')
     check_tensor('x', x, (None, None, None, conv.in_channels), HALF_AND_FLOAT,
                  '(B, H, W, in_channels)')
     check_bool('silu', silu)

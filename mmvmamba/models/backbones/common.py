@@ -13,7 +13,7 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, LayerNorm
-from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor
+from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor, dtype_name
 from mmvmamba.ops import layer_norm as ln
 from mmvmamba.ops.layer_norm import gated_layer_norm, norm_dtype
 from ..checkpoint import load_pretrained_backbone
@@ -511,9 +511,9 @@ class VSSBackbone(BaseModule):
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(
                 x.device.type):
             raise ValueError(
-                f'x has dtype {str(x.dtype)[6:]} but the backbone\'s weights '
-                f'{str(weight.dtype)[6:]}: cast one to the other, or run '
-                'under torch.autocast')
+                f'x has dtype {dtype_name(x.dtype)} but the backbone\'s '
+                f'weights {dtype_name(weight.dtype)}: cast one to the other, '
+                'or run under torch.autocast')
 
     def forward(self, x: torch.Tensor) -> tuple:
         self._check_input(x)
