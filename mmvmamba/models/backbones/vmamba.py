@@ -111,7 +111,7 @@ class SS2D(nn.Module):
         :data:`SPLIT_IN_PROJ` applies, else halves of the whole one."""
         proj = self.in_proj
         if (SPLIT_IN_PROJ and type(proj) is nn.Linear
-                and autograd_records(x, *proj.parameters())
+                and autograd_records(x, proj.weight, proj.bias)
                 and not _has_forward_hooks(proj)
                 and not _global_forward_hooks()):
             biases = (None, None) if proj.bias is None else proj.bias.chunk(2)
@@ -125,7 +125,8 @@ class SS2D(nn.Module):
         x, z = self._in_proj(x)
         # the SiLU in the convolution's pass where autograd does not record
         # it; else in the scan's op, which keeps the map before it
-        silu_in_conv = not autograd_records(x, *self.conv2d.parameters())
+        silu_in_conv = not autograd_records(x, self.conv2d.weight,
+                                            self.conv2d.bias)
         x = depthwise_conv_nhwc(self.conv2d, x, silu=silu_in_conv)
         y = cross_selective_scan(
             x,
@@ -259,8 +260,9 @@ class VSSStage(BlockStage):
             and not _has_forward_hooks(block)
             and not _has_forward_hooks(block.norm)
             for block in self.blocks) and not _global_forward_hooks() and not (
-                torch.is_grad_enabled()
-                and autograd_records(x, *self.blocks.parameters()))
+                torch.is_grad_enabled() and
+                (x.requires_grad
+                 or any(p.requires_grad for p in self.blocks.parameters())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fuses_add_norm(x):
