@@ -72,17 +72,21 @@ def _clock_exp_rate(device: torch.device) -> float:
 
 def exp_rate(device: torch.device,
              elements: int = 2**26,
-             steps: int = 256) -> Tuple[float, str]:
+             steps: int = 256) -> Tuple[Optional[float], Optional[str]]:
     """Exponentials per second of the GPU, measured.
 
     A Triton kernel applies ``steps`` dependent ``exp2`` (``ex2.approx``)
     to every element of a float32 tensor, so that the special-function
     units bound it; the rate is ``elements * steps`` over its median time.
-    Without Triton the rate comes from the clock.
+    Without Triton the rate comes from the clock. Off the GPU there is no
+    such unit, and no rate.
 
     Returns:
-        tuple[float, str]: The rate and how it was obtained.
+        tuple[float, str]: The rate and how it was obtained; ``(None,
+        None)`` off the GPU.
     """
+    if device.type != 'cuda':
+        return None, None
     try:
         import triton
         import triton.language as tl
@@ -166,8 +170,7 @@ def kernel_rows(device='cuda', batch: int = 128, dtype=torch.float32,
         raise RuntimeError(f'no compiled kernel for {device.type}: '
                            f'{_ext.ext_status()[1]}')
     bandwidth = copy_bandwidth(device)
-    exps_per_s, exp_source = (exp_rate(device) if device.type == 'cuda' else
-                              (None, None))
+    exps_per_s, exp_source = exp_rate(device)
     rows = []
     for C, L in STAGES:
         exps = batch * NUM_DIRECTIONS * 2 * C * L * D_STATE
@@ -259,8 +262,7 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                            f'{_ext.ext_status()[1]}')
     core = CORE_SHAPES[model]
     bandwidth = copy_bandwidth(device)
-    exps_per_s, exp_source = (exp_rate(device) if device.type == 'cuda' else
-                              (None, None))
+    exps_per_s, exp_source = exp_rate(device)
     rows = []
     for C, L in STAGES:
         exps = batch * NUM_DIRECTIONS * core.ssm_ratio * C * L * core.d_state
@@ -294,8 +296,7 @@ def fused_rows(device='cuda', batch: int = 128, warmup: int = 3,
                                                      repeat)
                     except torch.OutOfMemoryError:
                         times[variant] = None
-                    if device.type == 'cuda':
-                        torch.cuda.empty_cache()
+                    torch.cuda.empty_cache()
                 rows.append(
                     dict(stage=f'C={C} L={L}', pass_=name,
                          scan_dtype=str(scan_dtype).replace('torch.', ''),

@@ -260,9 +260,9 @@ class VSSStage(BlockStage):
             and not _has_forward_hooks(block)
             and not _has_forward_hooks(block.norm)
             for block in self.blocks) and not _global_forward_hooks() and not (
-                torch.is_grad_enabled() and
-                (x.requires_grad
-                 or any(p.requires_grad for p in self.blocks.parameters())))
+                torch.is_grad_enabled()
+                and (autograd_records(x)
+                     or autograd_records(*self.blocks.parameters())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fuses_add_norm(x):
