@@ -1,22 +1,14 @@
 """``tools/run_kernels.py``, the cases run under ``compute-sanitizer``: on
 the CPU kernels here (the GPU's run is in docs/gpu_checks.md)."""
-import importlib.util
 import os
-import os.path as osp
 
 import pytest
 import torch
 
-SCRIPT = osp.join(osp.dirname(osp.dirname(osp.dirname(
-    osp.abspath(__file__)))), 'tools', 'run_kernels.py')
-
 
 @pytest.fixture(scope='module')
-def run_kernels():
-    spec = importlib.util.spec_from_file_location('run_kernels', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_kernels(load_tool):
+    return load_tool('run_kernels')
 
 
 def test_every_case_runs_on_the_cpu(run_kernels, capsys):

@@ -1,23 +1,15 @@
 """The CPU side of ``tools/scan_ab.py``: how ``segments`` groups the
 kernels, and what ``profile`` and the GPU subcommands refuse."""
-import importlib.util
-import os.path as osp
 
 import pytest
 import torch
 
 from mmvmamba.ops import _ext
 
-SCRIPT = osp.join(osp.dirname(osp.dirname(osp.dirname(
-    osp.abspath(__file__)))), 'tools', 'scan_ab.py')
-
 
 @pytest.fixture(scope='module')
-def scan_ab():
-    spec = importlib.util.spec_from_file_location('scan_ab', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def scan_ab(load_tool):
+    return load_tool('scan_ab')
 
 
 @pytest.mark.parametrize('name, kind', [
