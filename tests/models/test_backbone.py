@@ -222,7 +222,29 @@ def test_drop_path_rates_are_linear():
     (dict(arch=dict(embed_dims=8)), r'missing \[\'depths\'\]'),
     (dict(arch=dict(embed_dims=8, depths=[1], width=3)), r'unknown'),
     (dict(out_indices=(4, )), r'out_indices must lie in \[0, 4\)'),
-    (dict(frozen_stages=5), r'frozen_stages must lie in'),
+    (dict(out_indices=()), r'out_indices must be a stage index or a '
+     r'non-empty sequence of them, got \[\]'),
+    (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
+    (dict(frozen_stages='2'), r"frozen_stages must be an int .*, got '2'"),
+    (dict(arch=dict(embed_dims=0, depths=[1])),
+     r"arch\['embed_dims'\] must be a positive int, got 0"),
+    (dict(arch=dict(embed_dims=8, depths=[2, -1])),
+     r"arch\['depths'\] must be a non-empty list of positive ints"),
+    (dict(arch=dict(embed_dims=8, depths=[])), r"arch\['depths'\]"),
+    (dict(arch=dict(embed_dims=8, depths=[1], d_state=0)),
+     r"arch\['d_state'\] must be a positive int, got 0"),
+    (dict(arch=dict(embed_dims=8, depths=[1], ssm_ratio=0.1)),
+     r"arch\['ssm_ratio'\] must be a number giving at least one inner "
+     r'channel \(int\(ssm_ratio \* 8\) >= 1\), got 0.1'),
+    (dict(arch=dict(embed_dims=8, depths=[1], dt_rank=0)),
+     r"arch\['dt_rank'\] must be 'auto' or a positive int, got 0"),
+    (dict(in_channels=0), r'in_channels must be a positive int, got 0'),
+    (dict(drop_path_rate=1.0), r'drop_path_rate must be a number in '
+     r'\[0, 1\), got 1.0'),
+    (dict(drop_path_rate=-0.1), r'drop_path_rate must be a number in'),
+    (dict(with_cp='yes'), r"with_cp must be a bool, got 'yes'"),
+    (dict(norm_eval=1), r'norm_eval must be a bool, got 1'),
+    (dict(recompute_gate='no'), r"recompute_gate must be a bool, got 'no'"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -431,8 +431,17 @@ def test_with_cp_saves_memory_for_backward():
      r"missing \['ssm_ratio', 'd_state', 'mlp_ratio'\]"),
     (dict(arch=dict(SMALL, heads=3)), r"unknown \['heads'\]"),
     (dict(out_indices=(4, )), r'out_indices must lie in \[0, 4\)'),
-    (dict(frozen_stages=5), r'frozen_stages must lie in \[-1, 4\]'),
+    (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
     (dict(scan_dtype='float16'), r'scan_dtype must be one of'),
+    (dict(arch=dict(SMALL, mlp_ratio=-1.0)),
+     r"arch\['mlp_ratio'\] must be a number >= 0 \(0: no MLP\), got -1.0"),
+    (dict(arch=dict(SMALL, depths=[1, 0, 1, 1])), r"arch\['depths'\]"),
+    (dict(arch=dict(SMALL, d_state=0)), r"arch\['d_state'\]"),
+    (dict(drop_path_rate=1.5), r'drop_path_rate must be a number in'),
+    (dict(recompute_norm=None), r'recompute_norm must be a bool, got None'),
+    (dict(recompute_mlp='yes'), r'recompute_mlp must be a bool'),
+    (dict(out_indices=[]), r'out_indices must be a stage index or a '
+     r'non-empty sequence'),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

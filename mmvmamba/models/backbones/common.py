@@ -3,6 +3,7 @@ SSM parameters' initialisation, SS2D's output stage, linear's backward for
 the recomputing Functions, argument checks, the weight init and the
 backbone's frame (:class:`VSSBackbone`)."""
 import math
+import numbers
 from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,7 +14,8 @@ from mmengine.model import BaseModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, LayerNorm
-from mmvmamba.ops.checks import HALF_AND_FLOAT, check_tensor, dtype_name
+from mmvmamba.ops.checks import (HALF_AND_FLOAT, check_bool, check_tensor,
+                                 dtype_name)
 from mmvmamba.ops import layer_norm as ln
 from mmvmamba.ops.layer_norm import gated_layer_norm, norm_dtype
 from ..checkpoint import load_pretrained_backbone
@@ -395,15 +397,73 @@ def parse_arch(arch: Union[str, Dict], zoo: Dict[str, Dict],
         raise ValueError(f'arch dict needs {tuple(required)} and may set '
                          f'{tuple(optional)}; missing {missing}, unknown '
                          f'{sorted(unknown)}')
+    check_arch_values(arch)
     return dict(arch)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_int(name: str, value) -> None:
+    """``value`` must be an int of at least 1."""
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+
+
+def check_arch_values(arch: Dict) -> None:
+    """The values of an ``arch`` dict: ``embed_dims`` a positive int,
+    ``depths`` a non-empty list of positive ints, and where given
+    ``d_state`` a positive int, ``ssm_ratio`` a number giving at least one
+    inner channel, ``dt_rank`` ``'auto'`` or a positive int, ``mlp_ratio``
+    a number of at least 0."""
+    check_positive_int("arch['embed_dims']", arch['embed_dims'])
+    depths = arch['depths']
+    if not (isinstance(depths, (list, tuple)) and depths
+            and all(_is_int(d) and d >= 1 for d in depths)):
+        raise ValueError(f"arch['depths'] must be a non-empty list of "
+                         f'positive ints (blocks per stage), got {depths!r}')
+    if 'd_state' in arch:
+        check_positive_int("arch['d_state']", arch['d_state'])
+    ratio = arch.get('ssm_ratio', 1)
+    if not (_is_real(ratio) and int(ratio * arch['embed_dims']) >= 1):
+        raise ValueError(f"arch['ssm_ratio'] must be a number giving at "
+                         f"least one inner channel (int(ssm_ratio * "
+                         f"{arch['embed_dims']}) >= 1), got {ratio!r}")
+    if arch.get('dt_rank', 'auto') != 'auto':
+        if not (_is_int(arch['dt_rank']) and arch['dt_rank'] >= 1):
+            raise ValueError(f"arch['dt_rank'] must be 'auto' or a positive "
+                             f"int, got {arch['dt_rank']!r}")
+    mlp_ratio = arch.get('mlp_ratio', 0)
+    if not (_is_real(mlp_ratio) and mlp_ratio >= 0):
+        raise ValueError(f"arch['mlp_ratio'] must be a number >= 0 (0: no "
+                         f'MLP), got {mlp_ratio!r}')
+
+
+def check_block_settings(drop_path_rate: float, **flags) -> None:
+    """``drop_path_rate`` must lie in ``[0, 1)`` and each of ``flags``
+    (``with_cp``, ``recompute_gate``, ...) be a bool."""
+    if not (_is_real(drop_path_rate) and 0 <= drop_path_rate < 1):
+        raise ValueError(f'drop_path_rate must be a number in [0, 1), got '
+                         f'{drop_path_rate!r}')
+    for name, value in flags.items():
+        check_bool(name, value)
 
 
 def check_out_indices(out_indices: Union[int, Iterable[int]],
                       num_stages: int) -> Tuple[int, ...]:
     """``out_indices`` as a tuple of stage indices (negative ones counted
     from the end), each in ``[0, num_stages)``."""
-    if isinstance(out_indices, int):
+    if _is_int(out_indices):
         out_indices = [out_indices]
+    out_indices = list(out_indices)
+    if not out_indices or not all(_is_int(i) for i in out_indices):
+        raise ValueError(f'out_indices must be a stage index or a non-empty '
+                         f'sequence of them, got {out_indices!r}')
     out_indices = [i % num_stages if i < 0 else i for i in out_indices]
     for i in out_indices:
         if not 0 <= i < num_stages:
@@ -414,9 +474,9 @@ def check_out_indices(out_indices: Union[int, Iterable[int]],
 
 def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
     """``frozen_stages`` must lie in ``[-1, num_stages]``."""
-    if not -1 <= frozen_stages <= num_stages:
-        raise ValueError(f'frozen_stages must lie in [-1, {num_stages}], '
-                         f'got {frozen_stages}')
+    if not (_is_int(frozen_stages) and -1 <= frozen_stages <= num_stages):
+        raise ValueError(f'frozen_stages must be an int in [-1, '
+                         f'{num_stages}], got {frozen_stages!r}')
 
 
 def freeze(modules: Iterable[nn.Module]) -> None:
@@ -453,6 +513,8 @@ class VSSBackbone(BaseModule):
             frozen_stages (int): Stages to freeze, in ``[-1, num_stages]``.
             norm_eval (bool): Keep BatchNorms in eval mode while training.
         """
+        check_positive_int('in_channels', in_channels)
+        check_bool('norm_eval', norm_eval)
         self.in_channels = in_channels
         self.num_stages = num_stages
         self.embed_dims = embed_dims

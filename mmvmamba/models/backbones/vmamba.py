@@ -12,7 +12,7 @@ from mmvmamba.ops import (LayerNorm, cross_selective_scan,
 from mmvmamba.ops.checks import autograd_records
 from mmvmamba.ops.layer_norm import add_layer_norm
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
-                     add_ssm_parameters, init_linear_and_norm,
+                     add_ssm_parameters, check_block_settings, init_linear_and_norm,
                      init_ssm_parameters, parse_arch, ss2d_output)
 
 #: Whether :class:`VSSStage` runs each block's residual add and the next
@@ -338,6 +338,8 @@ class VMamba(VSSBackbone):
                  recompute_gate: bool = True,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
+        check_block_settings(drop_path_rate, with_cp=with_cp,
+                             recompute_gate=recompute_gate)
         arch = self._parse_arch(arch)
         embed_dims, depths = arch['embed_dims'], list(arch['depths'])
         ssm_cfg = {k: arch[k] for k in self.ssm_keys if k in arch}

@@ -8,7 +8,7 @@ from mmengine.registry import MODELS
 
 from mmvmamba.ops import LayerNorm, cross_selective_scan
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
-                     add_ssm_parameters, init_linear_and_norm,
+                     add_ssm_parameters, check_block_settings, init_linear_and_norm,
                      init_ssm_parameters, linear_backward, parse_arch,
                      parse_scan_dtype, ss2d_output)
 
@@ -344,6 +344,9 @@ class VMamba2(VSSBackbone):
                  recompute_mlp: bool = True,
                  init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
+        check_block_settings(drop_path_rate, with_cp=with_cp,
+                             recompute_norm=recompute_norm,
+                             recompute_mlp=recompute_mlp)
         arch = parse_arch(arch, self.arch_zoo, self.arch_keys, ('dt_rank', ))
         embed_dims, depths = arch['embed_dims'], list(arch['depths'])
         ssm_cfg = dict(
