@@ -30,8 +30,8 @@ _HEAD_RULE = r'^(?:classifier\.)?head\.(weight|bias)$'
 
 def _rename(state_dict: Dict[str, torch.Tensor],
             rules: List[Tuple[str, str]],
-            adapt: Optional[Callable] = None) -> Tuple[OrderedDict, OrderedDict,
-                                                       List[str]]:
+            adapt: Optional[Callable] = None
+            ) -> Tuple[OrderedDict, OrderedDict, List[str]]:
     """Split the authors' keys: the head's (``_HEAD_RULE``), the backbone's
     renamed by the first matching ``(pattern, replacement)`` of ``rules``
     (the value passed through ``adapt(key, value)`` if given), and the keys
@@ -54,7 +54,8 @@ def _rename(state_dict: Dict[str, torch.Tensor],
 
 
 def convert_authors_state_dict(
-        state_dict: Dict[str, torch.Tensor]) -> Tuple[OrderedDict, OrderedDict]:
+    state_dict: Dict[str, torch.Tensor]
+) -> Tuple[OrderedDict, OrderedDict]:
     """Map an authors' VSSM state dict to mmvmamba names.
 
     Their current models (:func:`authors_version` ``'v2'``) go to

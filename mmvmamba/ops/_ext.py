@@ -2,14 +2,15 @@
 
 Importing this module tries to load the extension once and never raises: when
 it is missing or was built for another torch, :func:`ext_status` says why and
-how to rebuild. When it loads, its ops ``torch.ops.mmvmamba.selective_scan_fwd``
-and ``selective_scan_bwd`` (and the fused four-direction ``cross_scan_fwd`` /
-``_bwd``) get fake (meta) kernels and autograd here, so that
-:func:`selective_scan_kernel` and :func:`cross_scan_kernel` are
-differentiable, work under ``torch.compile(fullgraph=True)`` and pass
-``torch.library.opcheck``. The kernels' limits are the library's own
-constants (:data:`LIMITS`, from ``csrc/scan.h``); which kernel runs for which
-inputs is :mod:`mmvmamba.ops.backend`'s decision.
+how to rebuild. When it loads, its ops
+``torch.ops.mmvmamba.selective_scan_fwd`` and ``selective_scan_bwd`` (and
+the fused four-direction ``cross_scan_fwd`` / ``_bwd``) get fake (meta)
+kernels and autograd here, so that :func:`selective_scan_kernel` and
+:func:`cross_scan_kernel` are differentiable, work under
+``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``. The
+kernels' limits are the library's own constants (:data:`LIMITS`, from
+``csrc/scan.h``); which kernel runs for which inputs is
+:mod:`mmvmamba.ops.backend`'s decision.
 """
 import glob
 import os
@@ -48,8 +49,8 @@ def _built_torch_version(path: str) -> Optional[str]:
     """Read the torch version recorded in a library file (csrc/ops.cpp)."""
     try:
         with open(path, 'rb') as f:
-            found = re.search(rb'mmvmamba-built-with-torch=([0-9A-Za-z.+_-]*);',
-                              f.read())
+            found = re.search(
+                rb'mmvmamba-built-with-torch=([0-9A-Za-z.+_-]*);', f.read())
     except OSError:
         return None
     return found.group(1).decode() if found else None
@@ -62,10 +63,11 @@ def _torch_release(version: str) -> str:
 def _explain_load_failure(error: BaseException) -> str:
     files = _library_files()
     if not files:
-        return ('mmvmamba._C is not built (installed with MMVMAMBA_BUILD_EXT=0, '
-                'without a C++ compiler, or not installed with pip); build it '
-                'with `pip install --no-deps --no-build-isolation -e .` '
-                '(MMVMAMBA_BUILD_EXT=1, the default, with torch installed)')
+        return ('mmvmamba._C is not built (installed with '
+                'MMVMAMBA_BUILD_EXT=0, without a C++ compiler, or not '
+                'installed with pip); build it with `pip install --no-deps '
+                '--no-build-isolation -e .` (MMVMAMBA_BUILD_EXT=1, the '
+                'default, with torch installed)')
     running = _torch_release(torch.__version__)
     built = _built_torch_version(files[0])
     if built is not None and built != running:
@@ -240,7 +242,8 @@ def check_extension(tag: str) -> Optional[str]:
 
 
 def has_kernel(device_type: str) -> bool:
-    """Whether the compiled kernel exists for ``device_type`` ('cpu', 'cuda')."""
+    """Whether the compiled kernel exists for ``device_type`` ('cpu',
+    'cuda')."""
     return _BUILT.get(device_type, False)
 
 

@@ -33,8 +33,10 @@ def check_tensor(name: str,
             ``'(batch, channels, L)'``, for the error message.
     """
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f'{name} must be a torch.Tensor, got {type(value).__name__}')
-    expected = '(' + ', '.join('*' if s is None else str(s) for s in shape) + ')'
+        raise ValueError(f'{name} must be a torch.Tensor, got '
+                         f'{type(value).__name__}')
+    expected = '(' + ', '.join('*' if s is None else str(s)
+                               for s in shape) + ')'
     if labels:
         expected = f'{labels} = {expected}'
     if value.dim() != len(shape) or any(
@@ -42,8 +44,9 @@ def check_tensor(name: str,
         raise ValueError(f'{name} must have shape {expected}, '
                          f'got {tuple(value.shape)}')
     if dtypes is not None and value.dtype not in dtypes:
-        raise ValueError(f'{name} must have dtype in ({_dtype_names(dtypes)}), '
-                         f'got {dtype_name(value.dtype)}')
+        raise ValueError(f'{name} must have dtype in '
+                         f'({_dtype_names(dtypes)}), got '
+                         f'{dtype_name(value.dtype)}')
 
 
 def check_bool(name: str, value) -> None:

@@ -107,8 +107,9 @@ class _SiLUCrossScan(torch.autograd.Function):
     calls for the plain graph (``F.silu``, ``F.linear``, the op), in the
     same dtypes (autocast's included), so outputs and gradients equal the
     plain graph's (bit for bit on the CPU, where it is tested; a GPU's
-    matrix products may round differently). Takes a channels-last ``v`` whose reshape to
-    ``(batch, H*W, D)`` is a contiguous view (as the conv's output is).
+    matrix products may round differently). Takes a channels-last ``v``
+    whose reshape to ``(batch, H*W, D)`` is a contiguous view (as the
+    conv's output is).
     """
 
     @staticmethod
@@ -264,8 +265,9 @@ def cross_selective_scan(x: torch.Tensor,
     check_bool('channels_last', channels_last)
     check_bool('silu', silu)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        check_tensor('x', x, (None, None, None, None), HALF_AND_FLOAT,
-                     '(batch, H, W, D)' if channels_last else '(batch, D, H, W)')
+        check_tensor(
+            'x', x, (None, None, None, None), HALF_AND_FLOAT,
+            '(batch, H, W, D)' if channels_last else '(batch, D, H, W)')
     x_chw = x.permute(0, 3, 1, 2) if channels_last else x
     check_cross_selective_scan_args(x_chw, x_proj_weight, dt_projs_weight,
                                     dt_projs_bias, A_logs, Ds)

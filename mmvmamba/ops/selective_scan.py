@@ -20,7 +20,8 @@ from .checks import (FLOAT, HALF_AND_FLOAT, check_bool, check_same_device,
                      check_tensor)
 
 
-def check_selective_scan_args(u, delta, A, B, C, D=None, delta_bias=None) -> None:
+def check_selective_scan_args(u, delta, A, B, C, D=None,
+                              delta_bias=None) -> None:
     """Raise ``ValueError`` unless the arguments fit ``selective_scan``."""
     check_tensor('u', u, (None, None, None), HALF_AND_FLOAT,
                  '(batch, channels, L)')

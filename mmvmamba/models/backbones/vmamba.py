@@ -12,8 +12,9 @@ from mmvmamba.ops import (LayerNorm, cross_selective_scan,
 from mmvmamba.ops.checks import autograd_records
 from mmvmamba.ops.layer_norm import add_layer_norm
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
-                     add_ssm_parameters, check_block_settings, init_linear_and_norm,
-                     init_ssm_parameters, parse_arch, ss2d_output)
+                     add_ssm_parameters, check_block_settings,
+                     init_linear_and_norm, init_ssm_parameters, parse_arch,
+                     ss2d_output)
 
 #: Whether :class:`VSSStage` runs each block's residual add and the next
 #: block's norm in one pass (:func:`~mmvmamba.ops.layer_norm.add_layer_norm`)
@@ -245,8 +246,9 @@ class VSSStage(BlockStage):
     would not call) the blocks run one by one.
     """
 
-    def __init__(self, embed_dims: int, depth: int, drop_paths: Sequence[float],
-                 downsample: bool, with_cp: bool, **ssm_cfg):
+    def __init__(self, embed_dims: int, depth: int,
+                 drop_paths: Sequence[float], downsample: bool, with_cp: bool,
+                 **ssm_cfg):
         super().__init__(
             [VSSBlock(embed_dims, drop_paths[i], with_cp, **ssm_cfg)
              for i in range(depth)],

@@ -8,9 +8,10 @@ from mmengine.registry import MODELS
 
 from mmvmamba.ops import LayerNorm, cross_selective_scan
 from .common import (BlockStage, CheckpointedBlock, DropPath, VSSBackbone,
-                     add_ssm_parameters, check_block_settings, init_linear_and_norm,
-                     init_ssm_parameters, linear_backward, parse_arch,
-                     parse_scan_dtype, ss2d_output)
+                     add_ssm_parameters, check_block_settings,
+                     init_linear_and_norm, init_ssm_parameters,
+                     linear_backward, parse_arch, parse_scan_dtype,
+                     ss2d_output)
 
 
 class SS2DV2(nn.Module):
