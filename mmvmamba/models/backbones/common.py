@@ -4,7 +4,7 @@ the recomputing Functions, argument checks, the weight init and the
 backbone's frame (:class:`VSSBackbone`)."""
 import math
 import numbers
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -444,6 +444,17 @@ def check_arch_values(arch: Dict) -> None:
                          f'MLP), got {mlp_ratio!r}')
 
 
+def stage_drop_paths(drop_path_rate: float,
+                     depths: Sequence[int]) -> List[List[float]]:
+    """The blocks' stochastic depth rates, rising linearly from 0 to
+    ``drop_path_rate`` over all blocks, split by stage."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths),
+                           device='cpu').tolist()
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [rates[start:start + depth]
+            for start, depth in zip(starts, depths)]
+
+
 def check_block_settings(drop_path_rate: float, **flags) -> None:
     """``drop_path_rate`` must lie in ``[0, 1)`` and each of ``flags``
     (``with_cp``, ``recompute_gate``, ...) be a bool."""
@@ -494,9 +505,9 @@ class VSSBackbone(BaseModule):
 
     A subclass calls :meth:`_set_outputs` first, then builds
     ``patch_embed`` (channels last out) and ``stages`` (each with a
-    ``downsample``, None on the last stage), then calls
-    :meth:`_add_output_norms` and :meth:`_freeze_stages`, in that order (the
-    order of the state dict's keys).
+    ``downsample``, None on the last stage: :meth:`_build_stages`), then
+    calls :meth:`_add_output_norms` and :meth:`_freeze_stages`, in that
+    order (the order of the state dict's keys).
     """
 
     def _set_outputs(self, in_channels: int, embed_dims: int, num_stages: int,
@@ -523,6 +534,17 @@ class VSSBackbone(BaseModule):
         check_frozen_stages(frozen_stages, num_stages)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+
+    def _build_stages(self, stage_cls: type, depths: Sequence[int],
+                      drop_path_rate: float, **stage_cfg) -> None:
+        """``self.stages``: a ``stage_cls(width, depth, drop_paths,
+        downsample=..., **stage_cfg)`` for each of ``depths``, each but the
+        last downsampling, with :func:`stage_drop_paths`' rates."""
+        rates = stage_drop_paths(drop_path_rate, depths)
+        self.stages = nn.ModuleList(
+            stage_cls(self.num_features[i], depth, rates[i],
+                      downsample=i < self.num_stages - 1, **stage_cfg)
+            for i, depth in enumerate(depths))
 
     def _add_output_norms(self) -> None:
         """A LayerNorm ``norm{i}`` for each stage ``i`` in ``out_indices``."""

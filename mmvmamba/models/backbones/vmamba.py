@@ -350,18 +350,8 @@ class VMamba(VSSBackbone):
                           frozen_stages, norm_eval)
 
         self.patch_embed = PatchEmbed(in_channels, embed_dims)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            first = sum(depths[:i])
-            self.stages.append(
-                VSSStage(
-                    self.num_features[i],
-                    depth,
-                    drop_paths[first:first + depth],
-                    downsample=i < self.num_stages - 1,
-                    with_cp=with_cp,
-                    **ssm_cfg))
+        self._build_stages(VSSStage, depths, drop_path_rate, with_cp=with_cp,
+                           **ssm_cfg)
         self._add_output_norms()
         for module in self.modules():
             if isinstance(module, LayerNorm):

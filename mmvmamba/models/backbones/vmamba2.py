@@ -361,21 +361,9 @@ class VMamba2(VSSBackbone):
                           frozen_stages, norm_eval)
 
         self.patch_embed = ConvStem(in_channels, embed_dims)
-        drop_paths = torch.linspace(
-            0, drop_path_rate, sum(depths), device='cpu').tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            first = sum(depths[:i])
-            self.stages.append(
-                VSSStageV2(
-                    self.num_features[i],
-                    depth,
-                    drop_paths[first:first + depth],
-                    downsample=i < self.num_stages - 1,
-                    with_cp=with_cp,
-                    mlp_ratio=arch['mlp_ratio'],
-                    recompute_mlp=recompute_mlp,
-                    **ssm_cfg))
+        self._build_stages(VSSStageV2, depths, drop_path_rate,
+                           with_cp=with_cp, mlp_ratio=arch['mlp_ratio'],
+                           recompute_mlp=recompute_mlp, **ssm_cfg)
         self._add_output_norms()
 
         self.apply(init_linear_and_norm)
