@@ -224,6 +224,8 @@ def test_drop_path_rates_are_linear():
     (dict(out_indices=(4, )), r'out_indices must lie in \[0, 4\)'),
     (dict(out_indices=()), r'out_indices must be a stage index or a '
      r'non-empty sequence of them, got \[\]'),
+    (dict(out_indices=3.0), r'out_indices must be .*, got 3.0'),
+    (dict(out_indices=(1, '3')), r"out_indices must be .*, got \[1, '3'\]"),
     (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
     (dict(frozen_stages='2'), r"frozen_stages must be an int .*, got '2'"),
     (dict(arch=dict(embed_dims=0, depths=[1])),

@@ -471,8 +471,10 @@ def check_out_indices(out_indices: Union[int, Iterable[int]],
     from the end), each in ``[0, num_stages)``."""
     if _is_int(out_indices):
         out_indices = [out_indices]
-    out_indices = list(out_indices)
-    if not out_indices or not all(_is_int(i) for i in out_indices):
+    elif isinstance(out_indices, (list, tuple)):
+        out_indices = list(out_indices)
+    if not (isinstance(out_indices, list) and out_indices
+            and all(_is_int(i) for i in out_indices)):
         raise ValueError(f'out_indices must be a stage index or a non-empty '
                          f'sequence of them, got {out_indices!r}')
     out_indices = [i % num_stages if i < 0 else i for i in out_indices]
