@@ -227,10 +227,11 @@ def bench_detectors(args) -> list:
     print_table(
         title + '; GPU ms: kernels and copies of one step (torch.profiler), '
         'scan ms: the selective-scan kernels among them; backbone ms: the '
-        'backbone alone, forward and backward on the batch, and host ms the '
-        'host\'s time to enqueue that (near backbone ms: host-bound)',
+        'backbone alone, forward and backward on the batch, host ms the '
+        'host\'s time to enqueue that, busy ms its GPU time (near backbone '
+        'ms: GPU-bound)',
         ['model', 'input', 'params (M)', 'mode', 'ms/step', 'ms range',
-         'GPU ms', 'scan ms', 'backbone ms', 'host ms', 'img/s',
+         'GPU ms', 'scan ms', 'backbone ms', 'host ms', 'busy ms', 'img/s',
          'peak mem (GiB)', 'time / Swin', 'mem / Swin', 'scan'],
         [[
             r['model'], f'{r["shape"][0]}x{r["shape"][1]}',
@@ -240,6 +241,7 @@ def bench_detectors(args) -> list:
             _fmt(r['scan_ms'], '.1f'),
             _fmt(r['backbone_ms'], '.1f'),
             _fmt(r['backbone_host_ms'], '.1f'),
+            _fmt(r['backbone_gpu_ms'], '.1f'),
             _fmt(r['img_per_s'], '.2f'),
             _fmt(r['peak_gib'], '.2f'),
             _fmt(r['time_vs_swin'], '.2f'),

@@ -28,7 +28,7 @@ from mmengine.registry import DefaultScope
 
 from models import (CONFIG_DIR, build, load_config, model_label, quiet_logger,
                     scope_of)
-from timing import host_and_wall_ms, timed
+from timing import gpu_time, host_and_wall_ms, timed
 
 #: Training modes of :func:`time_train_step`.
 MODES = ('fp32', 'amp')
@@ -369,10 +369,13 @@ def time_backbone(model: nn.Module,
             there only).
 
     Returns:
-        dict: ``backbone_ms``, the median wall time of a step, and
+        dict: ``backbone_ms``, the median wall time of a step,
         ``backbone_host_ms``, the host's time to enqueue one
-        (:func:`timing.host_and_wall_ms`); both None when the GPU ran out
-        of memory.
+        (:func:`timing.host_and_wall_ms`), and ``backbone_gpu_ms``, the
+        GPU's busy time in one more step (:func:`timing.gpu_time`; None off
+        the GPU); all None when the GPU ran out of memory. A wall time near
+        the busy time means the GPU bounds the step; a host time near the
+        wall time alone does not tell (a full launch queue stalls the host).
     """
     inputs = model.data_preprocessor(data, True)['inputs']
     backbone = model.backbone
@@ -387,12 +390,14 @@ def time_backbone(model: nn.Module,
 
     try:
         host, wall = host_and_wall_ms(step, device, warmup, repeat)
+        busy = gpu_time(step, device)['gpu_ms']
     except torch.OutOfMemoryError:
-        host = wall = None
+        host = wall = busy = None
         torch.cuda.empty_cache()
     finally:
         model.zero_grad(set_to_none=True)
-    return dict(backbone_ms=wall, backbone_host_ms=host)
+    return dict(backbone_ms=wall, backbone_host_ms=host,
+                backbone_gpu_ms=busy)
 
 
 def merge_rounds(results: Sequence[dict], batch: int) -> dict:
@@ -408,7 +413,8 @@ def merge_rounds(results: Sequence[dict], batch: int) -> dict:
             return dict(result, round_ms=ms)
     merged = dict(results[-1], ms=statistics.median(ms), round_ms=ms)
     merged['img_per_s'] = batch * 1e3 / merged['ms']
-    for key in ('gpu_ms', 'scan_ms', 'backbone_ms', 'backbone_host_ms'):
+    for key in ('gpu_ms', 'scan_ms', 'backbone_ms', 'backbone_host_ms',
+                'backbone_gpu_ms'):
         values = [r[key] for r in results if r.get(key) is not None]
         merged[key] = statistics.median(values) if values else None
     peaks = [r['peak_gib'] for r in results if r['peak_gib'] is not None]
@@ -487,7 +493,8 @@ def benchmark(names: Sequence[str],
                     time_backbone(model, mode, data, device, warmup, repeat,
                                   dtype)
                     if result['status'] == 'ok' else
-                    dict(backbone_ms=None, backbone_host_ms=None))
+                    dict(backbone_ms=None, backbone_host_ms=None,
+                         backbone_gpu_ms=None))
                 results.setdefault(key, []).append(result)
                 ms = result['ms']
                 log(f'{prefix}{row["model"]}  {row["mode"]}  ' +

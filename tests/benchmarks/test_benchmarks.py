@@ -237,14 +237,16 @@ def test_rounds_merge_to_medians_and_the_largest_peak():
     ok = [
         dict(ms=ms, img_per_s=2e3 / ms, peak_gib=peak, gpu_ms=gpu,
              scan_ms=None, status='ok', loss=1., error=None,
-             backbone_ms=gpu / 2, backbone_host_ms=gpu / 4)
+             backbone_ms=gpu / 2, backbone_host_ms=gpu / 4,
+             backbone_gpu_ms=gpu / 5)
         for ms, peak, gpu in ((30., 2., 10.), (10., 3., 30.), (20., 1., 20.))
     ]
     row = detectors.merge_rounds(ok, batch=2)
     assert row['ms'] == 20. and row['round_ms'] == [30., 10., 20.]
     assert row['img_per_s'] == pytest.approx(100.)
     assert row['peak_gib'] == 3. and row['gpu_ms'] == 20.
-    assert (row['backbone_ms'], row['backbone_host_ms']) == (10., 5.)
+    assert (row['backbone_ms'], row['backbone_host_ms'],
+            row['backbone_gpu_ms']) == (10., 5., 4.)
     assert row['scan_ms'] is None and row['status'] == 'ok'
     oom = dict(ok[0], ms=None, img_per_s=None, status='OOM')
     row = detectors.merge_rounds([ok[0], oom, ok[1]], batch=2)
@@ -379,6 +381,7 @@ def test_benchmark_detectors_on_cpu(capsys, task, batch):
         # is the wall clock off the GPU
         assert 0 < row['backbone_ms'] < row['ms']
         assert row['backbone_host_ms'] == row['backbone_ms']
+        assert row['backbone_gpu_ms'] is None  # not profiled off the GPU
         assert math.isfinite(row['loss']) and row['loss'] > 0
         assert row['error'] is None
         assert row['peak_gib'] is None and row['mem_vs_swin'] is None
@@ -410,6 +413,7 @@ def test_benchmark_detectors_on_cpu(capsys, task, batch):
     assert table[names[1]][header.index('time / Swin')] == '1.00'
     for cells in table.values():  # no GPU: not profiled, one round
         assert cells[header.index('GPU ms')] == '-'
+        assert cells[header.index('busy ms')] == '-'
         assert cells[header.index('ms range')] == '-'
     if task == 'upernet':
         with pytest.raises(SystemExit):  # AmpOptimWrapper needs a GPU
