@@ -153,6 +153,48 @@ def _top_prefixes(keys) -> str:
     return ', '.join(dict.fromkeys(k.split('.')[0] + '.' for k in keys))
 
 
+_BLOCK_NORM = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.norm\.weight$')
+
+
+def _stage_layout(
+        state_dict: Dict[str, torch.Tensor]) -> List[Tuple[int, int]]:
+    """(blocks, width) of each stage, read from the blocks' norm weights;
+    empty when there are none."""
+    stages: Dict[int, Tuple[int, int]] = {}
+    for key, value in state_dict.items():
+        found = _BLOCK_NORM.match(key)
+        if found:
+            stage, block = int(found[1]), int(found[2])
+            blocks = max(stages.get(stage, (0, 0))[0], block + 1)
+            stages[stage] = (blocks, int(value.shape[0]))
+    return [stages[i] for i in sorted(stages)]
+
+
+def _arch_hint(model: torch.nn.Module,
+               state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """A line saying how the checkpoint's blocks and widths differ from the
+    model's (and which named ``arch`` they are), or None if they agree."""
+    theirs = _stage_layout(state_dict)
+    ours = _stage_layout(model.state_dict())
+    if not theirs or theirs == ours:
+        return None
+
+    def describe(layout):
+        return (f'blocks per stage {[b for b, _ in layout]}, widths '
+                f'{[w for _, w in layout]}')
+
+    depths, embed_dims = [b for b, _ in theirs], theirs[0][1]
+    names = [
+        name for name, arch in getattr(model, 'arch_zoo', {}).items()
+        if len(name) > 1 and arch['embed_dims'] == embed_dims
+        and list(arch['depths']) == depths
+    ]
+    named = f" (arch='{names[0]}')" if names else ''
+    return (f'  the checkpoint has {describe(theirs)}{named}; this model '
+            f'has {describe(ours)}: build the model with the checkpoint\'s '
+            'arch')
+
+
 def load_pretrained_backbone(model: torch.nn.Module,
                              checkpoint: str,
                              prefix: Optional[str] = None) -> None:
@@ -229,6 +271,9 @@ def load_pretrained_backbone(model: torch.nn.Module,
     ]
     if bad_missing or bad_unexpected or mismatched:
         lines = [f'{checkpoint} does not fit this VMamba:']
+        hint = _arch_hint(model, state_dict)
+        if hint:
+            lines.append(hint)
         if bad_missing:
             lines.append(f'  missing keys: {bad_missing[:20]}'
                          f'{" ..." if len(bad_missing) > 20 else ""}')

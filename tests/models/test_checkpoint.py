@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmvmamba.models import VMamba, convert_authors_state_dict
+from mmvmamba.models.checkpoint import _arch_hint
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 FIXTURE = osp.join(ROOT, 'tests', 'data',
@@ -283,3 +284,25 @@ def test_checkpoint_of_another_model(tmp_path, fixture):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match='holds a Tensor, not a checkpoint'):
         pretrained(path, fixture=fixture).init_weights()
+
+
+def test_another_arch_is_named(tmp_path):
+    """A checkpoint of other depths or widths: the error says what the
+    checkpoint holds, by stage, and which named arch that is."""
+    source = VMamba(dict(embed_dims=8, depths=[1, 1, 2, 1]))
+    torch.save({'state_dict': source.state_dict()}, tmp_path / 'deeper.pth')
+    model = VMamba(dict(embed_dims=8, depths=[1, 1, 1, 1]),
+                   init_cfg=dict(type='Pretrained',
+                                 checkpoint=str(tmp_path / 'deeper.pth')))
+    with pytest.raises(RuntimeError,
+                       match=r"the checkpoint has blocks per stage \[1, 1, "
+                       r"2, 1\], widths \[8, 16, 32, 64\]; this model has "
+                       r"blocks per stage \[1, 1, 1, 1\], widths \[8, 16, 32, "
+                       r"64\]: build the model with the checkpoint's arch"):
+        model.init_weights()
+    # the layout of VMamba-S's blocks is named
+    small = {f'stages.{i}.blocks.{j}.norm.weight': torch.empty(96 * 2**i)
+             for i, depth in enumerate([2, 2, 27, 2]) for j in range(depth)}
+    assert "(arch='small'); this model has" in _arch_hint(model, small)
+    # the same layout: nothing to say
+    assert _arch_hint(model, model.state_dict()) is None
