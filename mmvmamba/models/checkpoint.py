@@ -163,7 +163,7 @@ def _stage_layout(
     stages: Dict[int, Tuple[int, int]] = {}
     for key, value in state_dict.items():
         found = _BLOCK_NORM.match(key)
-        if found:
+        if found and isinstance(value, torch.Tensor) and value.dim() == 1:
             stage, block = int(found[1]), int(found[2])
             blocks = max(stages.get(stage, (0, 0))[0], block + 1)
             stages[stage] = (blocks, int(value.shape[0]))
