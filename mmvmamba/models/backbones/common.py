@@ -434,10 +434,10 @@ def check_arch_values(arch: Dict) -> None:
         raise ValueError(f"arch['ssm_ratio'] must be a number giving at "
                          f"least one inner channel (int(ssm_ratio * "
                          f"{arch['embed_dims']}) >= 1), got {ratio!r}")
-    if arch.get('dt_rank', 'auto') != 'auto':
-        if not (_is_int(arch['dt_rank']) and arch['dt_rank'] >= 1):
-            raise ValueError(f"arch['dt_rank'] must be 'auto' or a positive "
-                             f"int, got {arch['dt_rank']!r}")
+    dt_rank = arch.get('dt_rank', 'auto')
+    if dt_rank != 'auto' and not (_is_int(dt_rank) and dt_rank >= 1):
+        raise ValueError(f"arch['dt_rank'] must be 'auto' or a positive int, "
+                         f'got {dt_rank!r}')
     mlp_ratio = arch.get('mlp_ratio', 0)
     if not (_is_real(mlp_ratio) and mlp_ratio >= 0):
         raise ValueError(f"arch['mlp_ratio'] must be a number >= 0 (0: no "
