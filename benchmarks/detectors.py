@@ -346,15 +346,12 @@ def time_train_step(model: nn.Module,
     return result
 
 
-def time_backbone(model: nn.Module,
+def backbone_step(model: nn.Module,
                   mode: str,
                   data: dict,
                   device: torch.device,
-                  warmup: int = 5,
-                  repeat: int = 20,
-                  amp_dtype: Optional[str] = 'bfloat16'
-                  ) -> Dict[str, Optional[float]]:
-    """Time the backbone alone on the batch's preprocessed images: its
+                  amp_dtype: Optional[str] = 'bfloat16') -> Callable[[], None]:
+    """The backbone's training step on the batch's preprocessed images: its
     forward (under autocast in ``'amp'``), the sum of its outputs' means,
     the backward.
 
@@ -363,20 +360,14 @@ def time_backbone(model: nn.Module,
         mode (str): One of :data:`MODES`.
         data (dict): A batch of :func:`synthetic_batch`.
         device (torch.device): The model's device.
-        warmup (int): Untimed steps first.
-        repeat (int): Timed steps; medians are reported.
         amp_dtype (str, optional): Autocast's dtype in ``'amp'`` (read
             there only).
 
     Returns:
-        dict: ``backbone_ms``, the median wall time of a step,
-        ``backbone_host_ms``, the host's time to enqueue one
-        (:func:`timing.host_and_wall_ms`), and ``backbone_gpu_ms``, the
-        GPU's busy time in one more step (:func:`timing.gpu_time`; None off
-        the GPU); all None when the GPU ran out of memory. A wall time near
-        the busy time means the GPU bounds the step; a host time near the
-        wall time alone does not tell (a full launch queue stalls the host).
+        Callable: The step; the backbone is put in train mode.
     """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     inputs = model.data_preprocessor(data, True)['inputs']
     backbone = model.backbone
     backbone.train()  # some backbones' train() returns None
@@ -388,6 +379,34 @@ def time_backbone(model: nn.Module,
             outs = backbone(inputs)
         sum(out.float().mean() for out in outs).backward()
 
+    return step
+
+
+def time_backbone(model: nn.Module,
+                  mode: str,
+                  data: dict,
+                  device: torch.device,
+                  warmup: int = 5,
+                  repeat: int = 20,
+                  amp_dtype: Optional[str] = 'bfloat16'
+                  ) -> Dict[str, Optional[float]]:
+    """Time the backbone alone: the step of :func:`backbone_step`.
+
+    Args:
+        model, mode, data, device, amp_dtype: As :func:`backbone_step`'s.
+        warmup (int): Untimed steps first.
+        repeat (int): Timed steps; medians are reported.
+
+    Returns:
+        dict: ``backbone_ms``, the median wall time of a step,
+        ``backbone_host_ms``, the host's time to enqueue one
+        (:func:`timing.host_and_wall_ms`), and ``backbone_gpu_ms``, the
+        GPU's busy time in one more step (:func:`timing.gpu_time`; None off
+        the GPU); all None when the GPU ran out of memory. A wall time near
+        the busy time means the GPU bounds the step; a host time near the
+        wall time alone does not tell (a full launch queue stalls the host).
+    """
+    step = backbone_step(model, mode, data, device, amp_dtype)
     try:
         host, wall = host_and_wall_ms(step, device, warmup, repeat)
         busy = gpu_time(step, device)['gpu_ms']

@@ -1,28 +1,79 @@
-"""Where a classifier's GPU time goes: one profiled step, kernels grouped.
+"""Where a step's GPU time goes: one profiled step, kernels grouped.
 
     python benchmarks/profile_step.py vmamba2-t [--mode train-bf16]
         [--batch 128] [--size 224] [--top 25] [--by-op]
+    python benchmarks/profile_step.py mask-rcnn-vmamba-t [--mode fp32|amp]
+        [--amp-dtype float16] [--batch 2] [--top 25] [--by-op]
 
-Runs a few warm-up steps of ``--mode`` (a mode of ``benchmark.py
-throughput``), then profiles one step with ``torch.profiler`` (CUDA
-activity) and prints the step's GPU time against its wall time (a step far
-above its GPU time is bound by the host), the share of mmvmamba's scan
-kernels, and the ``--top`` kernels by GPU time, each with its calls and its
-share of the step's GPU time. ``--by-op`` groups the GPU time by the ATen
-op (or custom op) that launched the kernels, with its input shapes instead,
-which tells the copies, casts and elementwise ops of a step apart.
+A classifier (a name of ``benchmark.py throughput``, or a classifier config)
+runs a step of ``--mode`` (a mode of ``benchmark.py throughput``); a
+detector or segmentor (a name of ``benchmark.py detectors``) runs its
+backbone's training step alone, forward and backward, on the task's input
+(Mask R-CNN 800 x 1333, UperNet 512 x 512; ``--mode`` fp32 or amp, as
+``benchmark.py detectors``'s ``backbone ms`` column times it).
+
+After a few warm-up steps one step is profiled with ``torch.profiler``
+(CUDA activity). The script prints the step's GPU time against its wall
+time (a step far above its GPU time is bound by the host), the share of
+mmvmamba's scan kernels, the scan kernels by kind (full passes, segment
+summaries, the carries between segments, the N = 1 kernels), and the
+``--top`` kernels by GPU time, each with its calls and its share of the
+step's GPU time. ``--by-op`` groups the GPU time by the ATen op (or custom
+op) that launched the kernels, with its input shapes instead, which tells
+the copies, casts and elementwise ops of a step apart.
 """
 import argparse
+import re
 import time
+from typing import Callable, List, Sequence, Tuple
 
 import torch
-from models import build_classifier, model_label, tensor_forward
+from detectors import (DETECTOR_ZOO, TASKS, backbone_step, build_detector,
+                       load_detector_config, mode_label, synthetic_batch)
+from detectors import MODES as DETECTOR_MODES
+from models import build_classifier, model_label, scope_of, tensor_forward
 from timing import MODES, _step, device_kernels, print_table
 
+#: Kinds of mmvmamba's scan kernels, by a pattern of the kernel's name
+#: (the first that matches names the kind).
+SCAN_KINDS = (
+    ('forward summaries', r'scan_fwd_summary_kernel'),
+    ('backward summaries', r'scan_bwd_summary_kernel'),
+    ('carries between segments', r'scan_carry_kernel'),
+    ('forward, full passes', r'scan_fwd_kernel'),
+    ('backward, full passes', r'scan_bwd_kernel'),
+    ('N = 1 forward', r'n1_fwd_kernel'),
+    ('N = 1 backward', r'n1_bwd_kernel'),
+)
 
-def profile_step(name: str, mode: str, batch: int, size: int,
-                 warmup: int = 5, by_op: bool = False) -> dict:
-    """Profile one ``mode`` step of classifier ``name`` on the GPU.
+
+def scan_kinds(kernels: Sequence[Tuple[str, int, float]]
+               ) -> List[Tuple[str, int, float]]:
+    """The scan kernels of a profile by kind (:data:`SCAN_KINDS`).
+
+    Args:
+        kernels: ``(name, calls, ms)`` of each kernel.
+
+    Returns:
+        list: ``(kind, calls, ms)`` of the kinds that ran, in the order of
+        :data:`SCAN_KINDS`.
+    """
+    totals = {}
+    for name, calls, ms in kernels:
+        if 'mmvmamba::' not in name:
+            continue
+        for kind, pattern in SCAN_KINDS:
+            if re.search(pattern, name):
+                count, total = totals.get(kind, (0, 0.0))
+                totals[kind] = (count + calls, total + ms)
+                break
+    return [(kind, *totals[kind]) for kind, _ in SCAN_KINDS
+            if kind in totals]
+
+
+def profile(step: Callable[[], object], warmup: int = 5,
+            by_op: bool = False) -> dict:
+    """Profile one call of ``step`` on the GPU, after ``warmup`` calls.
 
     Returns:
         dict: ``wall_ms``, ``gpu_ms``, ``scan_ms`` and ``kernels``, a list of
@@ -30,12 +81,9 @@ def profile_step(name: str, mode: str, batch: int, size: int,
         ``(op and input shapes, calls, ms)``, the GPU time of the kernels
         each op launched itself.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
     device = torch.device('cuda')
-    model = tensor_forward(build_classifier(name, size).to(device),
-                           'mmpretrain', batch, (size, size))
-    step = _step(model, mode,
-                 torch.randn(batch, 3, size, size, device=device))
     for _ in range(warmup):
         step()
     torch.cuda.synchronize(device)
@@ -46,7 +94,7 @@ def profile_step(name: str, mode: str, batch: int, size: int,
     activities = [ProfilerActivity.CUDA]
     if by_op:
         activities.append(ProfilerActivity.CPU)
-    with profile(activities=activities, record_shapes=by_op) as prof:
+    with torch_profile(activities=activities, record_shapes=by_op) as prof:
         step()
         torch.cuda.synchronize(device)
     events = prof.key_averages()
@@ -69,31 +117,114 @@ def profile_step(name: str, mode: str, batch: int, size: int,
     return result
 
 
-def main(argv=None):
+def profile_step(name: str, mode: str, batch: int, size: int,
+                 warmup: int = 5, by_op: bool = False) -> dict:
+    """Profile one ``mode`` step of classifier ``name`` on the GPU: the
+    result of :func:`profile`."""
+    device = torch.device('cuda')
+    model = tensor_forward(build_classifier(name, size).to(device),
+                           'mmpretrain', batch, (size, size))
+    step = _step(model, mode,
+                 torch.randn(batch, 3, size, size, device=device))
+    return profile(step, warmup, by_op)
+
+
+def profile_backbone(name: str, mode: str, batch: int = 2,
+                     amp_dtype: str = 'bfloat16', warmup: int = 5,
+                     by_op: bool = False) -> dict:
+    """Profile one training step of detector ``name``'s backbone alone
+    (:func:`detectors.backbone_step`) on the GPU, on a synthetic batch at
+    its task's input: the result of :func:`profile`."""
+    device = torch.device('cuda')
+    cfg = load_detector_config(name)
+    model = build_detector(cfg, device)
+    scope = scope_of(cfg)
+    data = synthetic_batch(model, scope, batch, TASKS[scope][1])
+    step = backbone_step(model, mode, data, device, amp_dtype)
+    return profile(step, warmup, by_op)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; a mode, batch or size that does not fit the model
+    is an error."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('model', help='a classifier name of benchmark.py '
-                        'throughput, or a classifier config')
-    parser.add_argument('--mode', choices=MODES, default='train-bf16')
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--size', type=int, default=224)
+                        'throughput or a classifier config, or a detector '
+                        'name of benchmark.py detectors (its backbone)')
+    parser.add_argument(
+        '--mode', choices=MODES + DETECTOR_MODES,
+        help=f'a classifier: one of {MODES} (default train-bf16); a '
+        f'detector: one of {DETECTOR_MODES} (default fp32)')
+    parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'),
+                        help="a detector's autocast dtype in amp "
+                        '(default bfloat16)')
+    parser.add_argument('--batch', type=int,
+                        help='images a step (default 128 for a classifier, '
+                        '2 for a detector)')
+    parser.add_argument('--size', type=int,
+                        help="a classifier's input size (default 224)")
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--by-op', action='store_true',
                         help='also group the GPU time by the launching op '
                         'and its input shapes')
     args = parser.parse_args(argv)
+    args.detector = args.model in DETECTOR_ZOO
+    if args.detector:
+        args.mode = args.mode or 'fp32'
+        if args.mode not in DETECTOR_MODES:
+            parser.error(f"a detector's --mode is one of {DETECTOR_MODES}, "
+                         f'got {args.mode!r}')
+        if args.size is not None:
+            parser.error("--size is a classifier's: a detector runs at its "
+                         "task's input")
+        if args.amp_dtype is not None and args.mode != 'amp':
+            parser.error('--amp-dtype is for --mode amp')
+        args.amp_dtype = args.amp_dtype or 'bfloat16'
+        args.batch = 2 if args.batch is None else args.batch
+    else:
+        args.mode = args.mode or 'train-bf16'
+        if args.mode not in MODES:
+            parser.error(f"a classifier's --mode is one of {MODES}, got "
+                         f'{args.mode!r}')
+        if args.amp_dtype is not None:
+            parser.error("--amp-dtype is a detector's")
+        args.batch = 128 if args.batch is None else args.batch
+        args.size = 224 if args.size is None else args.size
+    for name in ('batch', 'size', 'top'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f'--{name} must be at least 1, got {value}')
     if not torch.cuda.is_available():
         parser.error('profile_step.py needs a GPU')
-    r = profile_step(args.model, args.mode, args.batch, args.size,
-                     by_op=args.by_op)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.detector:
+        r = profile_backbone(args.model, args.mode, args.batch,
+                             args.amp_dtype, by_op=args.by_op)
+        what = (f'{args.model} backbone, '
+                f'{mode_label(args.mode, args.amp_dtype)}, batch {args.batch}')
+    else:
+        r = profile_step(args.model, args.mode, args.batch, args.size,
+                         by_op=args.by_op)
+        what = (f'{model_label(args.model)}, {args.mode}, batch {args.batch} '
+                f'at {args.size}')
     gpu = r['gpu_ms']
     print_table(
-        f'{model_label(args.model)}, {args.mode}, batch {args.batch} at '
-        f'{args.size}, {torch.cuda.get_device_name()}: wall '
-        f'{r["wall_ms"]:.1f} ms, GPU {gpu:.1f} ms, scan kernels '
-        f'{r["scan_ms"]:.1f} ms ({100 * r["scan_ms"] / gpu:.0f}%)',
+        f'{what}, {torch.cuda.get_device_name()}: wall {r["wall_ms"]:.1f} '
+        f'ms, GPU {gpu:.1f} ms, scan kernels {r["scan_ms"]:.1f} ms '
+        f'({100 * r["scan_ms"] / gpu:.0f}%)',
         ['kernel', 'calls', 'ms', '% of GPU'],
         [[k[:90], calls, f'{ms:.2f}', f'{100 * ms / gpu:.1f}']
          for k, calls, ms in r['kernels'][:args.top]])
+    kinds = scan_kinds(r['kernels'])
+    if kinds:
+        print_table('the scan kernels by kind',
+                    ['kind', 'calls', 'ms', '% of GPU'],
+                    [[kind, calls, f'{ms:.2f}', f'{100 * ms / gpu:.1f}']
+                     for kind, calls, ms in kinds])
     if args.by_op:
         print_table(
             'by the op that launched the kernels (its input shapes)',
