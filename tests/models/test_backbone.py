@@ -1,4 +1,6 @@
 """The VMamba backbone: layout, sizes, options, registries and errors."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -251,6 +253,16 @@ def test_drop_path_rates_are_linear():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VMamba(**kwargs)
+
+
+@pytest.mark.parametrize('backbone', [VMamba, VMamba2])
+@pytest.mark.parametrize('shape', [(1, 3, 0, 8), (2, 3, 8, 0), (0, 3, 0, 0)])
+def test_images_of_no_pixels_are_refused(backbone, shape):
+    model = backbone(ARCH_OF[backbone])
+    with pytest.raises(ValueError, match=r'x must have images of at least '
+                       r'one pixel \(H, W >= 1\), got shape '
+                       + re.escape(str(shape))):
+        model(torch.zeros(shape))
 
 
 def test_bad_input():

@@ -590,6 +590,9 @@ class VSSBackbone(BaseModule):
             x, (None, self.in_channels, None, None),
             HALF_AND_FLOAT,
             labels='(batch, in_channels, H, W)')
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError('x must have images of at least one pixel (H, '
+                             f'W >= 1), got shape {tuple(x.shape)}')
         weight = next(self.patch_embed.parameters())
         if x.device != weight.device:
             raise ValueError(f'x is on {x.device} but the backbone\'s weights '
