@@ -353,7 +353,9 @@ def backbone_step(model: nn.Module,
                   amp_dtype: Optional[str] = 'bfloat16') -> Callable[[], None]:
     """The backbone's training step on the batch's preprocessed images: its
     forward (under autocast in ``'amp'``), the sum of its outputs' means,
-    the backward.
+    the backward. Each step first drops the gradients of the last
+    (``zero_grad(set_to_none=True)``, as mmengine's optimizer wrapper does
+    after its step), so that none are accumulated into.
 
     Args:
         model (nn.Module): From :func:`build_detector`, on ``device``.
@@ -374,6 +376,7 @@ def backbone_step(model: nn.Module,
     dtype = getattr(torch, amp_dtype) if mode == 'amp' else None
 
     def step():
+        backbone.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype,
                             enabled=dtype is not None):
             outs = backbone(inputs)

@@ -66,6 +66,41 @@ def test_needs_a_gpu(capsys):
     assert 'needs a GPU' in capsys.readouterr().err
 
 
+class _TinyDetector(torch.nn.Module):
+    """What backbone_step reads of a detector: a data preprocessor and a
+    backbone returning a tuple of maps."""
+
+    class Backbone(torch.nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return (self.conv(x), )
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = self.Backbone()
+
+    def data_preprocessor(self, data, training):
+        return dict(inputs=data['inputs'])
+
+
+def test_backbone_step_does_not_accumulate_gradients():
+    """Each step starts without gradients, as a training step after the
+    optimizer wrapper's zero_grad: the second step's equal the first's."""
+    torch.manual_seed(0)
+    model = _TinyDetector()
+    step = detectors.backbone_step(model, 'fp32',
+                                   dict(inputs=torch.randn(2, 3, 8, 8)),
+                                   torch.device('cpu'))
+    step()
+    first = model.backbone.conv.weight.grad.clone()
+    step()
+    assert torch.equal(model.backbone.conv.weight.grad, first)
+
+
 def test_backbone_step_refuses_an_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of .*'fp16'"):
         detectors.backbone_step(None, 'fp16', {}, torch.device('cpu'))
