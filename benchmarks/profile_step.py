@@ -23,7 +23,6 @@ op) that launched the kernels, with its input shapes instead, which tells
 the copies, casts and elementwise ops of a step apart.
 """
 import argparse
-import re
 import time
 from typing import Callable, List, Sequence, Tuple
 
@@ -32,41 +31,27 @@ from detectors import (DETECTOR_ZOO, TASKS, backbone_step, build_detector,
                        load_detector_config, mode_label, synthetic_batch)
 from detectors import MODES as DETECTOR_MODES
 from models import build_classifier, model_label, scope_of, tensor_forward
-from timing import MODES, _step, device_kernels, print_table
-
-#: Kinds of mmvmamba's scan kernels, by a pattern of the kernel's name
-#: (the first that matches names the kind).
-SCAN_KINDS = (
-    ('forward summaries', r'scan_fwd_summary_kernel'),
-    ('backward summaries', r'scan_bwd_summary_kernel'),
-    ('carries between segments', r'scan_carry_kernel'),
-    ('forward, full passes', r'scan_fwd_kernel'),
-    ('backward, full passes', r'scan_bwd_kernel'),
-    ('N = 1 forward', r'n1_fwd_kernel'),
-    ('N = 1 backward', r'n1_bwd_kernel'),
-)
-
+from timing import (MODES, SCAN_KINDS, _step, device_kernels, print_table,
+                    scan_kernel_kind)
 
 def scan_kinds(kernels: Sequence[Tuple[str, int, float]]
                ) -> List[Tuple[str, int, float]]:
-    """The scan kernels of a profile by kind (:data:`SCAN_KINDS`).
+    """The scan kernels of a profile by kind
+    (:func:`timing.scan_kernel_kind`).
 
     Args:
         kernels: ``(name, calls, ms)`` of each kernel.
 
     Returns:
         list: ``(kind, calls, ms)`` of the kinds that ran, in the order of
-        :data:`SCAN_KINDS`.
+        :data:`timing.SCAN_KINDS`.
     """
     totals = {}
     for name, calls, ms in kernels:
-        if 'mmvmamba::' not in name:
-            continue
-        for kind, pattern in SCAN_KINDS:
-            if re.search(pattern, name):
-                count, total = totals.get(kind, (0, 0.0))
-                totals[kind] = (count + calls, total + ms)
-                break
+        kind = scan_kernel_kind(name)
+        if kind is not None:
+            count, total = totals.get(kind, (0, 0.0))
+            totals[kind] = (count + calls, total + ms)
     return [(kind, *totals[kind]) for kind, _ in SCAN_KINDS
             if kind in totals]
 

@@ -81,6 +81,27 @@ def device_kernels(events: Sequence) -> List:
     ]
 
 
+#: Kinds of mmvmamba's CUDA scan kernels, by a pattern of the kernel's name
+#: (the first that matches names the kind).
+SCAN_KINDS = (
+    ('forward summaries', 'scan_fwd_summary_kernel'),
+    ('backward summaries', 'scan_bwd_summary_kernel'),
+    ('carries between segments', 'scan_carry_kernel'),
+    ('forward, full passes', 'scan_fwd_kernel'),
+    ('backward, full passes', 'scan_bwd_kernel'),
+    ('N = 1 forward', 'n1_fwd_kernel'),
+    ('N = 1 backward', 'n1_bwd_kernel'),
+)
+
+
+def scan_kernel_kind(name: str) -> Optional[str]:
+    """The kind (:data:`SCAN_KINDS`) of an mmvmamba scan kernel from its
+    name as the profiler reports it; None for any other kernel."""
+    if 'mmvmamba::' not in name:
+        return None
+    return next((kind for kind, part in SCAN_KINDS if part in name), None)
+
+
 def gpu_time(fn: Callable[[], object],
              device: torch.device) -> Dict[str, Optional[float]]:
     """GPU time of one call of ``fn``, summed over its kernels and copies.

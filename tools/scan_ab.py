@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'benchmarks'))
-from timing import measure  # noqa: E402
+from timing import measure, scan_kernel_kind  # noqa: E402
 
 # (C, H = W) of VMamba-T's stages at 224: d_inner = 2C, rank = ceil(C / 16).
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
@@ -278,13 +278,15 @@ def time_ops(batch, repeat, dtype=torch.float32, fused_only=False):
 
 
 def kernel_kind(name):
-    """``'summary'``, ``'carry'`` or ``'full'`` for a scan kernel's name,
-    None for any other kernel."""
-    if 'scan_cuda' not in name:
+    """``'summary'``, ``'carry'`` or ``'full'`` for a scan kernel's name
+    (of :func:`timing.scan_kernel_kind`'s kinds), None for any other
+    kernel."""
+    kind = scan_kernel_kind(name)
+    if kind is None:
         return None
-    if 'summary' in name:
+    if 'summaries' in kind:
         return 'summary'
-    return 'carry' if 'carry' in name else 'full'
+    return 'carry' if kind.startswith('carries') else 'full'
 
 
 def profiled_events(fn):

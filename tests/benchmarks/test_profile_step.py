@@ -19,6 +19,8 @@ def test_scan_kinds_group_the_scan_kernels():
         (FUSED.format('scan_fwd_kernel'), 4, 3.0),
         ('mmvmamba::scan_cuda::(anonymous namespace)::scan_carry_kernel', 28,
          1.25),
+        ('void mmvmamba::scan_cuda::(anonymous namespace)::n1_bwd_kernel'
+         '<float>(mmvmamba::scan_cuda::ScanParams)', 2, 0.5),
         ('void at::native::tensor_kernel_scan_innermost_dim<float>', 3, 9.0),
         ('_layer_norm_bwd_kernel', 38, 2.0),
     ]
@@ -28,6 +30,7 @@ def test_scan_kinds_group_the_scan_kernels():
         ('carries between segments', 28, 1.25),
         ('forward, full passes', 15, 6.5),
         ('backward, full passes', 13, 20.0),
+        ('N = 1 backward', 2, 0.5),
     ]
     assert profile_step.scan_kinds(kernels[-2:]) == []
 
