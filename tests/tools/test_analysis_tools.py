@@ -41,6 +41,24 @@ def test_erf_tool_writes_a_png_with_init_and_trained_maps(
     assert out.stat().st_size > 1000
 
 
+@pytest.mark.parametrize('tool, argv, message', [
+    (get_flops, ['vmamba-t', '--shape', '0', '224'],
+     '--shape H W must be at least 1 each, got 0 224'),
+    (erf, ['vmamba-t', '--out', 'x.png', '--num-images', '0'],
+     '--num-images must be at least 1, got 0'),
+    (erf, ['vmamba-t', '--out', 'x.png', '--size', '0'],
+     '--size must be at least 1, got 0'),
+    (erf, ['vmamba-t', '--out', 'x.png', '--batch-size', '-1'],
+     '--batch-size must be at least 1, got -1'),
+])
+def test_sizes_below_one_are_refused(tool, argv, message, capsys):
+    """No traceback from deep inside and no map of no images: the parser
+    names the argument."""
+    with pytest.raises(SystemExit):
+        tool.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_erf_helpers():
     images = erf.synthetic_images(3, 24, seed=1)
     assert images.shape == (3, 3, 24, 24)

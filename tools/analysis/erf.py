@@ -191,6 +191,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.checkpoint) != len(args.configs):
         parser.error('give one --checkpoint per CONFIG ("-" for none)')
+    for name in ('num_images', 'size', 'batch_size'):
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f'--{name.replace("_", "-")} must be at least 1, '
+                         f'got {value}')
     return args
 
 

@@ -39,7 +39,11 @@ def parse_args(argv=None):
     parser.add_argument('--table', action='store_true',
                         help='also print mmengine\'s per-module table '
                         '(paper convention)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.shape is not None and min(args.shape) < 1:
+        parser.error('--shape H W must be at least 1 each, got '
+                     f'{args.shape[0]} {args.shape[1]}')
+    return args
 
 
 def main(argv=None) -> dict:
