@@ -137,6 +137,28 @@ def test_check_losses_cli(tmp_path, capsys):
     assert check_tool.main([str(tmp_path / 'missing')]) == 1
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--iters', '0'], '--iters must be at least 1, got 0'),
+    (['--tol', '-0.1'], '--tol must be a finite number >= 0, got -0.1'),
+    (['--tol', 'nan'], '--tol must be a finite number >= 0, got nan'),
+    (['--tol', 'inf'], '--tol must be a finite number >= 0, got inf'),
+])
+def test_bad_iters_or_tolerance_are_parser_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(['a', 'b', *argv])
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match='must be'):
+        kwargs = dict(iters=1, tol=0.05)
+        kwargs[argv[0][2:]] = float(argv[1])
+        compare_series([], [], keys=['loss'], **kwargs)
+
+
+def test_negative_min_iters_is_a_parser_error(capsys):
+    with pytest.raises(SystemExit):
+        check_tool.parse_args(['run', '--min-iters', '-1'])
+    assert '--min-iters must be at least 0, got -1' in capsys.readouterr().err
+
+
 def test_compare_losses_tool(tmp_path, capsys):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     write_run(a, BASE)

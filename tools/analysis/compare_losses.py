@@ -196,6 +196,8 @@ def compare_series(a: Iterable[dict],
     """
     if iters < 1:
         raise ValueError(f'iters must be at least 1, got {iters}')
+    if not tol >= 0 or math.isinf(tol):
+        raise ValueError(f'tol must be a finite number >= 0, got {tol}')
     a, b = list(a), list(b)
     result = LossComparison(keys=list(keys), iters=iters, tol=tol)
     for key in keys:
@@ -239,7 +241,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--keys', nargs='+', default=['loss'],
         help='logged keys to compare (default: loss; all: every key '
         'holding "loss")')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error(f'--iters must be at least 1, got {args.iters}')
+    if not args.tol >= 0 or math.isinf(args.tol):
+        parser.error(f'--tol must be a finite number >= 0, got {args.tol}')
+    return args
 
 
 def main(argv=None) -> int:

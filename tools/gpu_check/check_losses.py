@@ -58,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--min-iters', type=int, default=0,
         help='also fail when fewer iterations of loss were logged')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.min_iters < 0:
+        parser.error(f'--min-iters must be at least 0, got {args.min_iters}')
+    return args
 
 
 def main(argv=None) -> int:
