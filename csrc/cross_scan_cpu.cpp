@@ -80,6 +80,12 @@ class Scratch {
   std::vector<float> buffer_;
 };
 
+// The map as the kernels read it: float32 or bfloat16 as it is, float16 as
+// its float32 upcast (exact).
+at::Tensor kernel_map(const at::Tensor& u) {
+  return (u.scalar_type() == at::kHalf ? u.to(at::kFloat) : u).contiguous();
+}
+
 // The arguments of one batch entry of the kernels; x_dbl float32 (see
 // cpu::CrossArgs).
 struct CrossCall {
@@ -124,7 +130,7 @@ FwdResult cross_scan_fwd_cpu(const at::Tensor& u_in, const at::Tensor& x_dbl_in,
                              int64_t width) {
   const CrossShape s = check_cross_scan_args(u_in, x_dbl_in, dt_weight_in,
                                              dt_bias_in, A_in, D_in, height, width);
-  const at::Tensor u = u_in.contiguous(),
+  const at::Tensor u = kernel_map(u_in),
                    x_dbl = x_dbl_in.to(at::kFloat).contiguous(),
                    dt_weight = dt_weight_in.contiguous(),
                    dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
@@ -164,7 +170,7 @@ CrossBwdResult cross_scan_bwd_cpu(
   const CrossShape s = check_cross_scan_args(u_in, x_dbl_in, dt_weight_in,
                                              dt_bias_in, A_in, D_in, height, width);
   check_cross_scan_grad_args(grad_in, u_in, checkpoints, s);
-  const at::Tensor dout = grad_in.contiguous(), u = u_in.contiguous(),
+  const at::Tensor dout = grad_in.contiguous(), u = kernel_map(u_in),
                    x_dbl = x_dbl_in.to(at::kFloat).contiguous(),
                    dt_weight = dt_weight_in.contiguous(),
                    dt_bias = dt_bias_in.contiguous(), A = A_in.contiguous(),
@@ -172,7 +178,7 @@ CrossBwdResult cross_scan_bwd_cpu(
   const auto f32 = u.options().dtype(at::kFloat);
   const int64_t L = s.height * s.width;
   if (u.numel() == 0) {
-    return {at::zeros(u.sizes(), u.options()),
+    return {at::zeros(u.sizes(), u_in.options()),
             at::zeros(x_dbl.sizes(), x_dbl_in.options()),
             at::zeros(dt_weight.sizes(), f32), at::zeros(dt_bias.sizes(), f32),
             at::zeros(A.sizes(), f32), at::zeros(D.sizes(), f32)};
@@ -224,8 +230,8 @@ CrossBwdResult cross_scan_bwd_cpu(
     }
   });
   at::Tensor dx = groups == 1 ? dx_groups[0] : dx_groups.sum(0);
-  return {du_dirs.sum(0).to(u.scalar_type()),
-          dx.view(x_dbl.sizes()).to(u.scalar_type()),
+  return {du_dirs.sum(0).to(u_in.scalar_type()),
+          dx.view(x_dbl.sizes()).to(u_in.scalar_type()),
           dweight.sum(0),
           dbias.sum(0),
           dA.sum(0),

@@ -144,8 +144,10 @@ CrossShape check_cross_scan_args(const at::Tensor& u, const at::Tensor& x_dbl,
                                  int64_t width) {
   TORCH_CHECK(u.is_cuda() || u.is_cpu(), "cross_scan: u is on ",
               u.device().str(), ", expected a CPU or CUDA tensor");
-  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16,
-              "cross_scan: u must be float32 or bfloat16, got ", u.scalar_type());
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kHalf ||
+                  u.scalar_type() == at::kBFloat16,
+              "cross_scan: u must be float32, float16 or bfloat16, got ",
+              u.scalar_type());
   TORCH_CHECK(u.dim() == 3, "cross_scan: u must be (batch, H*W, D), got shape ",
               shape_str(u));
   TORCH_CHECK(u.size(1) < kMaxCrossLength,

@@ -1,6 +1,6 @@
 // CUDA implementation of mmvmamba::cross_scan_fwd / _bwd: SS2D's fused
-// four-direction scan of one channels-last map (cross_layout.cuh), float32
-// and bfloat16. The host wrappers follow selective_scan.cu's pattern; N = 1
+// four-direction scan of one channels-last map (cross_layout.cuh), float32,
+// float16 and bfloat16. The host wrappers follow selective_scan.cu's pattern; N = 1
 // may run on the kernels of cross_scan_n1.cu (use_n1 decides per pass).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -59,6 +59,7 @@ ScanParams make_cross_params(const CrossShape& s, const at::Tensor& u,
 #define MMVMAMBA_DISPATCH_CROSS_TYPES(TYPE, NAME, ...)                \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 FwdResult cross_scan_fwd_cuda(const at::Tensor& u_in, const at::Tensor& x_dbl_in,

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -596,6 +597,7 @@ void launch_n1(ScanParams& p, bool backward) {
 }
 
 template void launch_n1<float>(ScanParams& p, bool backward);
+template void launch_n1<c10::Half>(ScanParams& p, bool backward);
 template void launch_n1<c10::BFloat16>(ScanParams& p, bool backward);
 
 }  // namespace scan_cuda

@@ -41,7 +41,8 @@ bool use_n1(const ScanParams& p, bool backward);
 
 // Runs the forward (y, checkpoints) or the backward (du, dx_dbl and the
 // parameters' gradients, all float32 accumulators zeroed by the caller) of
-// the fused op on the N = 1 kernels; T is float or c10::BFloat16.
+// the fused op on the N = 1 kernels; T is float, c10::Half or
+// c10::BFloat16.
 template <typename T>
 void launch_n1(ScanParams& p, bool backward);
 

@@ -305,8 +305,8 @@ def cross_scan_kernel(u: torch.Tensor, x_dbl: torch.Tensor,
     """SS2D's four-direction scan on the fused kernel (CUDA or CPU).
 
     Args:
-        u (Tensor): Channels-last map ``(batch, H*W, D)``, float32 or
-            bfloat16.
+        u (Tensor): Channels-last map ``(batch, H*W, D)``, float32,
+            float16 or bfloat16.
         x_dbl (Tensor): ``(batch, H*W, 4, R + 2N)`` of ``u``'s dtype: per
             position and scan order, the low-rank step size, B and C.
         dt_weight (Tensor): Float32 ``(4, D, R)``.

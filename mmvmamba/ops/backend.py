@@ -38,7 +38,7 @@ ENV_VARIABLE = 'MMVMAMBA_SCAN_BACKEND'
 #: Input dtypes the selective-scan kernels are instantiated for.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Input dtypes of the fused four-direction kernel.
-CROSS_DTYPES = (torch.float32, torch.bfloat16)
+CROSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: What ran, in words: keys of :class:`RecordScans`.
 LABELS = {

@@ -4,7 +4,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+HALF = (torch.float16, torch.bfloat16)
+HALF_AND_FLOAT = (torch.float32, ) + HALF + (torch.float64, )
 FLOAT = (torch.float32, torch.float64)
 
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import fused_unsupported_reason
-from .checks import (FLOAT, HALF_AND_FLOAT, check_bool, check_same_device,
-                     check_tensor)
+from .checks import (FLOAT, HALF, HALF_AND_FLOAT, check_bool,
+                     check_same_device, check_tensor)
 from .selective_scan import selective_scan
 
 #: The scan orders of SS2D (rows, columns, and both reversed); the fused
@@ -157,18 +157,18 @@ def _cross_selective_scan_fused(x, x_proj_weight, dt_projs_weight,
                                 silu=False):
     """The fused path on a channels-last map ``(batch, H, W, D)``.
 
-    The kernel computes in float32 from whatever it reads. A bfloat16 map
-    (autocast, or a bfloat16 model) is therefore passed as it is even for a
-    float32 scan: its upcast is exact, and so are those of its projections
-    and of the gradients coming back (rounded to bfloat16 once, as the
-    backward of an upcast does). The numerics are those of float32 inputs,
-    with half the bytes read and kept for the backward. With ``silu``, the
-    SiLU of ``x`` is taken first, by :class:`_SiLUCrossScan` when autograd
-    records.
+    The kernel computes in float32 from whatever it reads. A bfloat16 or
+    float16 map (autocast, or a half-precision model) is therefore passed as
+    it is even for a float32 scan: its upcast is exact, and so are those of
+    its projections and of the gradients coming back (rounded to the map's
+    dtype once, as the backward of an upcast does). The numerics are those
+    of float32 inputs, with half the bytes read and kept for the backward,
+    and no float32 copies. With ``silu``, the SiLU of ``x`` is taken first,
+    by :class:`_SiLUCrossScan` when autograd records.
     """
     batch, H, W, d_inner = x.shape
-    if x.dtype == torch.bfloat16 and scan_dtype == torch.float32:
-        scan_dtype = torch.bfloat16
+    if x.dtype in HALF and scan_dtype == torch.float32:
+        scan_dtype = x.dtype
     weight = x_proj_weight.reshape(-1, d_inner).to(x.dtype)
     params = (dt_projs_weight.float(), dt_projs_bias.float(),
               -torch.exp(A_logs.float()), Ds.float())

@@ -15,6 +15,7 @@ import torch
 
 from mmvmamba.models import VMamba
 from mmvmamba.ops import _ext, cross_selective_scan
+from mmvmamba.ops.backend import RecordScans
 
 cross_scan = importlib.import_module('mmvmamba.ops.cross_scan')
 
@@ -202,14 +203,15 @@ def test_non_contiguous_inputs():
         assert torch.equal(a, b)
 
 
-def test_bfloat16_inputs_read_as_their_float32_upcast():
-    """The kernels compute in float32 from bf16 u and x_dbl: the output is
-    that of their exact upcast, bit for bit, and the gradients that of the
-    upcast rounded to bfloat16."""
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs_read_as_their_float32_upcast(dtype):
+    """The kernels compute in float32 from half-precision u and x_dbl: the
+    output is that of their exact upcast, bit for bit, and the gradients
+    that of the upcast rounded to u's dtype."""
     for case in (CASES[0], CASES[1], CASES[6]):
         x, params = make_params(case)
         u, x_dbl, *rest = op_args(x, params)
-        u16, x_dbl16 = u.bfloat16(), x_dbl.bfloat16()
+        u16, x_dbl16 = u.to(dtype), x_dbl.to(dtype)
 
         def fwd_bwd(u, x_dbl):
             u = u.detach().requires_grad_()
@@ -223,13 +225,14 @@ def test_bfloat16_inputs_read_as_their_float32_upcast():
         y16, du16, dx16 = fwd_bwd(u16, x_dbl16)
         y32, du32, dx32 = fwd_bwd(u16.float(), x_dbl16.float())
         assert y16.dtype == torch.float32
-        assert du16.dtype == dx16.dtype == torch.bfloat16
+        assert du16.dtype == dx16.dtype == dtype
         assert torch.equal(y16, y32), case
-        assert torch.equal(du16, du32.bfloat16()), case
-        assert torch.equal(dx16, dx32.bfloat16()), case
-    with torch.no_grad():
+        assert torch.equal(du16, du32.to(dtype)), case
+        assert torch.equal(dx16, dx32.to(dtype)), case
+    with RecordScans() as scans, torch.no_grad():
         y = cross_selective_scan(x, **params, channels_last=True,
-                                 scan_dtype=torch.bfloat16)
+                                 scan_dtype=dtype)
+    assert scans.ran == ['fused-cpu']
     err = rel_err(y, reference(x, params)[0])
     assert 0 < err < 3e-2  # rounded inputs, float32 state
 
@@ -264,8 +267,9 @@ def test_bad_inputs_raise_clear_errors():
         fwd(u, x_dbl, *rest[:4], H + 1, W)
     with pytest.raises(RuntimeError, match='x_dbl must be'):
         fwd(u, x_dbl[..., :-1], *rest)
-    with pytest.raises(RuntimeError, match='u must be float32 or bfloat16'):
-        fwd(u.half(), x_dbl.half(), *rest)
+    with pytest.raises(RuntimeError,
+                       match='u must be float32, float16 or bfloat16'):
+        fwd(u.double(), x_dbl.double(), *rest)
     with pytest.raises(RuntimeError, match='x_dbl must be a Float tensor'):
         fwd(u, x_dbl.bfloat16(), *rest)
     with pytest.raises(RuntimeError, match='dt_bias must have shape'):
@@ -377,9 +381,8 @@ def test_fused_silu_equals_the_plain_graph_bitwise(case, mode):
     """SiLU inside the fused op: the outputs and every gradient of the plain
     graph (SiLU, then the op) bit for bit, in their dtypes, keeping the
     SiLU's output less (and its copy in the scan's dtype where that is
-    another: a bfloat16 scan of a float32 map, a float32 scan of a float16
-    map as under fp16 AMP; nothing less when only the map before it is
-    kept)."""
+    another: a bfloat16 scan of a float32 map; nothing less when only the
+    map before it is kept)."""
     y, grads, saved = silu_graphs(case, mode, silu_in_op=False)
     y_new, grads_new, saved_new = silu_graphs(case, mode, silu_in_op=True)
     assert y.dtype == y_new.dtype == torch.float32
@@ -390,7 +393,7 @@ def test_fused_silu_equals_the_plain_graph_bitwise(case, mode):
     map_dtype = SILU_MODES[mode][0]
     u_bytes = batch * H * W * d_inner * map_dtype.itemsize
     # with a scan in another dtype than the map, the op keeps a copy too
-    expected = {'bf16-scan': u_bytes * 3 // 2, 'fp16-map': u_bytes * 3,
+    expected = {'bf16-scan': u_bytes * 3 // 2,
                 'frozen-map': 0}.get(mode, u_bytes)
     assert saved - saved_new == expected
 

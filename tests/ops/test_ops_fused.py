@@ -381,8 +381,10 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.mmvmamba.cross_scan_fwd(*good[:6], H + 1, W)
     with pytest.raises(RuntimeError, match='x_dbl must be'):
         torch.ops.mmvmamba.cross_scan_fwd(u, x_dbl[..., :-1], *good[2:])
-    with pytest.raises(RuntimeError, match='u must be float32 or bfloat16'):
-        torch.ops.mmvmamba.cross_scan_fwd(u.half(), x_dbl.half(), *good[2:])
+    with pytest.raises(RuntimeError,
+                       match='u must be float32, float16 or bfloat16'):
+        torch.ops.mmvmamba.cross_scan_fwd(u.double(), x_dbl.double(),
+                                          *good[2:])
     with pytest.raises(RuntimeError, match='dt_bias must have shape'):
         torch.ops.mmvmamba.cross_scan_fwd(*good[:3], good[3][:, :-1],
                                           *good[4:])
