@@ -15,8 +15,8 @@ specialises (16, 15, 8, 4, 1), ranks up to 70 (the forward's step sizes on
 the tensor cores, rank rows past 64), kept decays, segments (forced with
 ``MMVMAMBA_SCAN_SEGMENT_CHUNKS``), its N = 1 kernels, empty batches and
 maps; and the VMamba-T / VMamba2-T backbones (LayerNorm, gate and depthwise
-convolution kernels) in float32 and under bfloat16 autocast. Exit status 1
-when a case fails, naming it.
+convolution kernels) in float32 and under bfloat16 autocast, VMamba-T also
+under float16 autocast. Exit status 1 when a case fails, naming it.
 """
 import argparse
 import contextlib
@@ -51,6 +51,7 @@ FUSED_CASES = [
     (2, 40, 11, 37, 4, 16, BF16, F32, {SEGMENT_ENV: '3'}),
     (2, 40, 11, 37, 20, 15, F32, F32, {SEGMENT_ENV: '2'}),
     (2, 40, 11, 37, 48, 16, F32, F32, {SEGMENT_ENV: '3'}),
+    (2, 40, 11, 37, 20, 16, F16, F32, {SEGMENT_ENV: '2'}),
     (1, 16, 24, 30, 2, 16, F32, F32, {}),
     (3, 33, 5, 7, 6, 1, F32, F32, {N1_ENV_VARIABLE: '1'}),
     (2, 200, 7, 7, 12, 1, BF16, F32, {N1_ENV_VARIABLE: '1'}),
@@ -71,6 +72,7 @@ PLAIN_CASES = [
 BACKBONE_CASES = [
     (VMamba, (2, 71, 103), None),
     (VMamba, (1, 64, 96), BF16),
+    (VMamba, (1, 64, 96), F16),
     (VMamba2, (2, 71, 103), None),
     (VMamba2, (1, 64, 96), BF16),
 ]
