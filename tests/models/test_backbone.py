@@ -219,11 +219,24 @@ def test_drop_path_rates_are_linear():
     assert rates == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
 
 
+def test_negative_out_indices_count_from_the_last_stage():
+    model = VMamba(dict(embed_dims=8, depths=[1, 1, 1, 1]),
+                   out_indices=(-4, -1))
+    assert model.out_indices == (0, 3)
+    outs = model(torch.randn(1, 3, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [(1, 8, 8, 8), (1, 64, 1, 1)]
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(arch='huge'), r'arch must be one of'),
     (dict(arch=dict(embed_dims=8)), r'missing \[\'depths\'\]'),
     (dict(arch=dict(embed_dims=8, depths=[1], width=3)), r'unknown'),
     (dict(out_indices=(4, )), r'out_indices must lie in \[0, 4\)'),
+    (dict(out_indices=(-5, )),
+     r'out_indices must lie in \[0, 4\) \(or \[-4, 0\) from the end\), '
+     r'got -5'),
+    (dict(out_indices=(3, -1)),
+     r'out_indices must name each stage once .*, got \(3, -1\)'),
     (dict(out_indices=()), r'out_indices must be a stage index or a '
      r'non-empty sequence of them, got \[\]'),
     (dict(out_indices=3.0), r'out_indices must be .*, got 3.0'),

@@ -431,6 +431,8 @@ def test_with_cp_saves_memory_for_backward():
      r"missing \['ssm_ratio', 'd_state', 'mlp_ratio'\]"),
     (dict(arch=dict(SMALL, heads=3)), r"unknown \['heads'\]"),
     (dict(out_indices=(4, )), r'out_indices must lie in \[0, 4\)'),
+    (dict(out_indices=(-5, )), r'out_indices must lie in .*, got -5'),
+    (dict(out_indices=[1, 1]), r'out_indices must name each stage once'),
     (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
     (dict(scan_dtype='float16'), r'scan_dtype must be one of'),
     (dict(arch=dict(SMALL, mlp_ratio=-1.0)),

@@ -467,8 +467,9 @@ def check_block_settings(drop_path_rate: float, **flags) -> None:
 
 def check_out_indices(out_indices: Union[int, Iterable[int]],
                       num_stages: int) -> Tuple[int, ...]:
-    """``out_indices`` as a tuple of stage indices (negative ones counted
-    from the end), each in ``[0, num_stages)``."""
+    """``out_indices`` as a tuple of distinct stage indices, each given in
+    ``[-num_stages, num_stages)`` (negative ones counted from the end) and
+    returned in ``[0, num_stages)``."""
     if _is_int(out_indices):
         out_indices = [out_indices]
     elif isinstance(out_indices, (list, tuple)):
@@ -477,12 +478,15 @@ def check_out_indices(out_indices: Union[int, Iterable[int]],
             and all(_is_int(i) for i in out_indices)):
         raise ValueError(f'out_indices must be a stage index or a non-empty '
                          f'sequence of them, got {out_indices!r}')
-    out_indices = [i % num_stages if i < 0 else i for i in out_indices]
     for i in out_indices:
-        if not 0 <= i < num_stages:
-            raise ValueError(f'out_indices must lie in [0, {num_stages}), '
-                             f'got {i}')
-    return tuple(out_indices)
+        if not -num_stages <= i < num_stages:
+            raise ValueError(f'out_indices must lie in [0, {num_stages}) '
+                             f'(or [-{num_stages}, 0) from the end), got {i}')
+    stages = [i + num_stages if i < 0 else i for i in out_indices]
+    if len(set(stages)) < len(stages):
+        raise ValueError(f'out_indices must name each stage once (a stage '
+                         f'has one output), got {tuple(out_indices)}')
+    return tuple(stages)
 
 
 def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
