@@ -18,6 +18,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 _NO_WEIGHTS_ONLY = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
+#: What ``mmengine.Config.fromfile`` reads.
+CONFIG_SUFFIXES = ('.py', '.yml', '.yaml', '.json')
 
 
 @contextmanager
@@ -61,10 +63,14 @@ def load_config(path: str,
         Config: The config, ready for :func:`build_runner`.
 
     Raises:
-        InputNotFoundError: If ``path`` names no file.
+        InputError: If ``path`` names no file, or a file that is not a
+            config (by its suffix).
     """
     if not osp.isfile(path):
-        raise InputNotFoundError(f'config: no file at {path!r}')
+        raise InputError(f'config: no file at {path!r}')
+    if osp.splitext(path)[1] not in CONFIG_SUFFIXES:
+        raise InputError(f'config: {path!r} is not a config file (one of '
+                         f'{", ".join(CONFIG_SUFFIXES)})')
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
@@ -86,7 +92,7 @@ def set_resume(cfg: Config, resume: Optional[str]) -> None:
     a checkpoint path; ``None`` leaves the config as it is.
 
     Raises:
-        InputNotFoundError: If the checkpoint path names no file.
+        InputError: If the checkpoint path names no file.
     """
     if resume is None:
         return
@@ -96,16 +102,17 @@ def set_resume(cfg: Config, resume: Optional[str]) -> None:
     cfg.load_from = None if resume == 'auto' else resume
 
 
-class InputNotFoundError(FileNotFoundError):
-    """A file the command line or the config names is not there; the
-    message says which and what to do (the tools print it, no traceback)."""
+class InputError(ValueError):
+    """A file the command line or the config names is not there, or not
+    what was expected; the message says which and what to do (the tools
+    print it, no traceback)."""
 
 
 def check_checkpoint(argument: str, path: str) -> None:
-    """Raise :class:`InputNotFoundError` unless ``path`` is a file (local
+    """Raise :class:`InputError` unless ``path`` is a file (local
     paths only; a URL or other backend is left to the loader)."""
     if '://' not in path and not osp.isfile(path):
-        raise InputNotFoundError(
+        raise InputError(
             f'{argument}: no checkpoint file at {path!r}'
             f'{" (it is a folder)" if osp.isdir(path) else ""}')
 
@@ -179,7 +186,7 @@ def check_data(cfg: Config, loaders: Sequence[str],
     ``ann_file`` (COCO's); remote paths (``s3://``...) are not checked.
 
     Raises:
-        InputNotFoundError: Naming each missing path and the config key
+        InputError: Naming each missing path and the config key
             that sets it, the layout the data set is expected in, and how to
             run on the synthetic data instead.
     """
@@ -217,7 +224,7 @@ def check_data(cfg: Config, loaders: Sequence[str],
         'at it with --cfg-options (e.g. '
         'train_dataloader.dataset.data_root=PATH). `bash tools/demo.sh` '
         'runs on synthetic data, with nothing to download.')
-    raise InputNotFoundError('\n'.join(message))
+    raise InputError('\n'.join(message))
 
 
 def enable_amp(cfg: Config) -> None:
@@ -292,6 +299,20 @@ def build_runner(cfg: Config) -> Runner:
     return runner
 
 
+class CfgOptionsAction(DictAction):
+    """mmengine's ``DictAction``, refusing an entry without ``=`` with a
+    parser error that names it (``DictAction`` fails on it with a
+    traceback)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for value in values:
+            key = value.partition('=')[0]
+            if '=' not in value or not key:
+                raise argparse.ArgumentError(
+                    self, f'expected KEY=VALUE entries, got {value!r}')
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--work-dir``, ``--cfg-options``, ``--launcher`` and
     ``--local-rank`` to a tool's parser."""
@@ -301,7 +322,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--cfg-options',
         nargs='+',
-        action=DictAction,
+        action=CfgOptionsAction,
         help='override config entries, key=value (e.g. '
         'model.backbone.init_cfg=None train_cfg.max_epochs=1); lists as '
         'key="[a,b]"')

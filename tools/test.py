@@ -19,7 +19,7 @@ import warnings
 # (four lines per run): nothing a user can act on.
 warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
 
-from runner_utils import (InputNotFoundError, add_common_args,  # noqa: E402
+from runner_utils import (InputError, add_common_args,  # noqa: E402
                           build_runner, check_checkpoint, check_data,
                           enable_show_dir, enable_tta, load_config,
                           set_local_rank)
@@ -51,7 +51,7 @@ def main() -> None:
         check_checkpoint('checkpoint', args.checkpoint)
         # before the runner, which makes the work dir and logs
         check_data(cfg, ['test_dataloader'], args.config)
-    except InputNotFoundError as error:
+    except InputError as error:
         sys.exit(f'{sys.argv[0]}: {error}')
     cfg.load_from = args.checkpoint
     if args.show_dir:

@@ -20,7 +20,7 @@ import warnings
 # (four lines per run): nothing a user can act on.
 warnings.filterwarnings('ignore', 'pkg_resources is deprecated', UserWarning)
 
-from runner_utils import (InputNotFoundError, add_common_args,  # noqa: E402
+from runner_utils import (InputError, add_common_args,  # noqa: E402
                           build_runner, check_data, enable_amp, load_config,
                           set_local_rank, set_resume)
 
@@ -56,7 +56,7 @@ def main() -> None:
             'val_dataloader') is not None
         check_data(cfg, ['train_dataloader'] +
                    (['val_dataloader'] if validating else []), args.config)
-    except InputNotFoundError as error:
+    except InputError as error:
         sys.exit(f'{sys.argv[0]}: {error}')
     if args.amp:
         enable_amp(cfg)

@@ -100,3 +100,30 @@ def test_test_tool_checks_checkpoint_and_data(tmp_path, monkeypatch):
 def test_missing_config(tmp_path, monkeypatch):
     message = run_tool(TRAIN, ['configs/nope.py'], tmp_path, monkeypatch)
     assert message.endswith("config: no file at 'configs/nope.py'")
+
+
+def test_a_file_that_is_not_a_config(tmp_path, monkeypatch):
+    (tmp_path / 'notes.txt').write_text('lr = 0.1\n')
+    message = run_tool(TRAIN, ['notes.txt'], tmp_path, monkeypatch)
+    assert message.endswith("config: 'notes.txt' is not a config file (one "
+                            'of .py, .yml, .yaml, .json)')
+
+
+@pytest.mark.parametrize('tool', [TRAIN, TEST])
+@pytest.mark.parametrize('entry', ['max_epochs', '=3'])
+def test_cfg_options_entry_without_key_and_value(tool, entry, tmp_path,
+                                                 monkeypatch, capsys):
+    """A parser error naming the entry (mmengine's DictAction raised a
+    ValueError from inside argparse)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', [
+        tool, DEMO_DET, *(['model.pth'] if tool == TEST else []),
+        '--cfg-options', 'train_cfg.max_epochs=1', entry
+    ])
+    monkeypatch.syspath_prepend(osp.dirname(tool))
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(tool, run_name='__main__')
+    assert exit_info.value.code == 2
+    assert (f'argument --cfg-options: expected KEY=VALUE entries, got '
+            f'{entry!r}') in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
