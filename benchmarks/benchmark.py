@@ -292,6 +292,38 @@ def bench_scan(args) -> list:
     return rows
 
 
+#: Sizes and counts of the subcommands, each at least its bound here.
+LOWER_BOUNDS = dict(size=1, batch=1, sizes=1, batch_per_size=1, det_size=1,
+                    seg_size=1, warmup=0, repeat=1)
+
+
+def check_args(parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> None:
+    """Refuse, as parser errors, a device torch has not got here and a size
+    or count below :data:`LOWER_BOUNDS` (they ended in tracebacks, or for
+    ``--repeat 0`` in the median of nothing)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            parser.error(f'--device {args.device}: torch sees no GPU here '
+                         '(run with --device cpu)')
+        if (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f'--device {args.device}: there are '
+                         f'{torch.cuda.device_count()} GPUs')
+    for name, bound in LOWER_BOUNDS.items():
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and min(values) < bound:
+            option = '--' + name.replace('_', '-')
+            shown = ' '.join(map(str, values))
+            parser.error(f'{option} must be at least {bound}, got {shown}')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='mode', required=True)
@@ -376,6 +408,7 @@ def main(argv=None):
     det.set_defaults(func=bench_detectors)
 
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.func is bench_throughput and args.batch_per_size and len(
             args.batch_per_size) != len(args.sizes):
         parser.error(f'--batch-per-size needs {len(args.sizes)} values, one '

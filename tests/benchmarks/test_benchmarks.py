@@ -541,3 +541,44 @@ def test_benchmark_has_no_undefined_names(path):
     """Code the CPU tests do not reach (GPU-only tables) reads no name its
     module lacks."""
     assert undefined_names(path) == []
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['models', '--device', 'cpu', '--size', '0'],
+     '--size must be at least 1, got 0'),
+    (['models', '--device', 'cpu', '--batch', '-1'],
+     '--batch must be at least 1, got -1'),
+    (['models', '--device', 'cpu', '--repeat', '0'],
+     '--repeat must be at least 1, got 0'),
+    (['scan', '--device', 'cpu', '--warmup', '-1'],
+     '--warmup must be at least 0, got -1'),
+    (['throughput', '--device', 'cpu', '--sizes', '224', '0'],
+     '--sizes must be at least 1, got 224 0'),
+    (['throughput', '--device', 'cpu', '--sizes', '32', '64',
+      '--batch-per-size', '2', '0'],
+     '--batch-per-size must be at least 1, got 2 0'),
+    (['detectors', '--device', 'cpu', '--det-size', '0', '32'],
+     '--det-size must be at least 1, got 0 32'),
+    (['detectors', '--device', 'cpu', '--seg-size', '0'],
+     '--seg-size must be at least 1, got 0'),
+    (['models', '--device', 'xpu'],
+     "--device must be cpu or cuda[:N], got 'xpu'"),
+    (['models', '--device', 'gpu0'],
+     "--device must be cpu or cuda[:N], got 'gpu0'"),
+    (['models', '--device', 'cuda:64'], '--device cuda:64: '),
+])
+def test_benchmark_refuses_bad_sizes_and_devices(argv, message, capsys):
+    """Parser errors naming the option (before: tracebacks from the models,
+    or the median of no timings for ``--repeat 0``)."""
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU error')
+def test_benchmark_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(['scan'])  # its default device
+    assert ('--device cuda: torch sees no GPU here (run with --device cpu)'
+            in capsys.readouterr().err)
