@@ -73,8 +73,8 @@ from scaling import batch_for
 from scan_timing import (CORE_SHAPES, D_STATE, FUSED_HEADER, HEADER,
                          format_fused_rows, format_rows, fused_rows,
                          kernel_rows)
-from timing import (MODES, device_name, measure, print_table, relative_to,
-                    time_mode)
+from timing import (MODES, check_cli_args, device_name, measure, print_table,
+                    relative_to, time_mode)
 
 from mmvmamba.ops import _ext
 from mmvmamba.ops.backend import LABELS
@@ -297,33 +297,6 @@ LOWER_BOUNDS = dict(size=1, batch=1, sizes=1, batch_per_size=1, det_size=1,
                     seg_size=1, warmup=0, repeat=1)
 
 
-def check_args(parser: argparse.ArgumentParser,
-               args: argparse.Namespace) -> None:
-    """Refuse, as parser errors, a device torch has not got here and a size
-    or count below :data:`LOWER_BOUNDS` (they ended in tracebacks, or for
-    ``--repeat 0`` in the median of nothing)."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ('cpu', 'cuda'):
-        parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            parser.error(f'--device {args.device}: torch sees no GPU here '
-                         '(run with --device cpu)')
-        if (device.index or 0) >= torch.cuda.device_count():
-            parser.error(f'--device {args.device}: there are '
-                         f'{torch.cuda.device_count()} GPUs')
-    for name, bound in LOWER_BOUNDS.items():
-        value = getattr(args, name, None)
-        values = value if isinstance(value, list) else [value]
-        if value is not None and min(values) < bound:
-            option = '--' + name.replace('_', '-')
-            shown = ' '.join(map(str, values))
-            parser.error(f'{option} must be at least {bound}, got {shown}')
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='mode', required=True)
@@ -408,7 +381,7 @@ def main(argv=None):
     det.set_defaults(func=bench_detectors)
 
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    check_cli_args(parser, args, LOWER_BOUNDS)
     if args.func is bench_throughput and args.batch_per_size and len(
             args.batch_per_size) != len(args.sizes):
         parser.error(f'--batch-per-size needs {len(args.sizes)} values, one '

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from model_flops import count_flops
 from models import MODEL_ZOO, build_classifier, model_label, tensor_forward
-from timing import MODES, device_name, time_mode
+from timing import MODES, check_cli_args, device_name, time_mode
 
 COLUMNS = ('model', 'size', 'params_m', 'gflops_paper', 'gflops_later',
            'batch', 'mode', 'ms', 'img_per_s', 'peak_gib', 'status',
@@ -221,7 +221,10 @@ def parse_args(argv=None):
     parser.add_argument('--from-csv', action='store_true',
                         help='only re-plot OUT_DIR/scaling.csv')
     parser.add_argument('--out-dir', required=True)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_cli_args(parser, args, dict(sizes=1, batch=1, max_batch=1, warmup=0,
+                                      repeat=1))
+    return args
 
 
 def main(argv=None) -> list:

@@ -14,8 +14,10 @@ ran; on request :func:`gpu_time` of one step, from ``torch.profiler``) and
 :func:`relative_to` the ratios of a table's rows to reference rows.
 :func:`module_settings` sets a module's attributes (an op's switch, launch
 settings) in a block, and :func:`switch_model_rows` times classifier steps
-with a module's switch off and on.
+with a module's switch off and on. :func:`check_cli_args` is the scripts'
+check of ``--device`` and of their sizes and counts.
 """
+import argparse
 import gc
 import statistics
 import time
@@ -410,3 +412,30 @@ def relative_to(rows: List[Dict], reference_of: Dict[str, str], key: str,
         ratios.append(row[key] / ref[key] if usable(row) and usable(ref)
                       else None)
     return ratios
+
+
+def check_cli_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   lower_bounds: Dict[str, int]) -> None:
+    """Refuse, as parser errors, an ``args.device`` that torch has not got
+    here and a size or count below its bound in ``lower_bounds`` (an int
+    or a list of them; absent or None arguments are skipped)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        parser.error(f'--device must be cpu or cuda[:N], got {args.device!r}')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            parser.error(f'--device {args.device}: torch sees no GPU here '
+                         '(run with --device cpu)')
+        if (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f'--device {args.device}: there are '
+                         f'{torch.cuda.device_count()} GPUs')
+    for name, bound in lower_bounds.items():
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and min(values) < bound:
+            option = '--' + name.replace('_', '-')
+            shown = ' '.join(map(str, values))
+            parser.error(f'{option} must be at least {bound}, got {shown}')

@@ -582,3 +582,19 @@ def test_benchmark_cuda_without_a_gpu(capsys):
         benchmark.main(['scan'])  # its default device
     assert ('--device cuda: torch sees no GPU here (run with --device cpu)'
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--sizes', '224', '0'], '--sizes must be at least 1, got 224 0'),
+    (['--batch', '0'], '--batch must be at least 1, got 0'),
+    (['--max-batch', '0'], '--max-batch must be at least 1, got 0'),
+    (['--device', 'tpu'], "--device must be cpu or cuda[:N], got 'tpu'"),
+])
+def test_scaling_refuses_bad_sizes_and_devices(flags, message, tmp_path,
+                                               capsys):
+    """Before: --sizes 0 divided by zero, --batch 0 ran at batch 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        scaling.main(['--device', 'cpu', *flags, '--out-dir', str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
