@@ -247,7 +247,9 @@ def enable_tta(cfg: Config) -> None:
     """Test with the config's ``tta_model`` and ``tta_pipeline``."""
     missing = [k for k in ('tta_model', 'tta_pipeline') if k not in cfg]
     if missing:
-        raise KeyError(f'--tta needs {" and ".join(missing)} in the config')
+        raise InputError(f'--tta needs {" and ".join(missing)} in the config '
+                         '(mmdet and mmseg configs of multi-scale testing '
+                         'set both)')
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
@@ -259,8 +261,8 @@ def enable_show_dir(cfg: Config, show_dir: str) -> None:
     folder by mmseg and mmpretrain)."""
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
-        raise KeyError('--show-dir needs default_hooks.visualization in the '
-                       'config')
+        raise InputError('--show-dir needs default_hooks.visualization in the '
+                         'config')
     kind = hook['type'].split('.')[-1]
     if kind == 'DetVisualizationHook':  # mmdet
         hook.update(draw=True, test_out_dir=show_dir)
@@ -270,7 +272,9 @@ def enable_show_dir(cfg: Config, show_dir: str) -> None:
     elif kind == 'VisualizationHook':  # mmpretrain
         hook.update(enable=True, out_dir=show_dir)
     else:
-        raise ValueError(f'--show-dir does not know {hook["type"]}')
+        raise InputError(f'--show-dir does not know {hook["type"]} (it '
+                         'draws with DetVisualizationHook, '
+                         'SegVisualizationHook or VisualizationHook)')
 
 
 def build_runner(cfg: Config) -> Runner:

@@ -51,13 +51,13 @@ def main() -> None:
         check_checkpoint('checkpoint', args.checkpoint)
         # before the runner, which makes the work dir and logs
         check_data(cfg, ['test_dataloader'], args.config)
+        if args.show_dir:
+            enable_show_dir(cfg, args.show_dir)
+        if args.tta:
+            enable_tta(cfg)
     except InputError as error:
         sys.exit(f'{sys.argv[0]}: {error}')
     cfg.load_from = args.checkpoint
-    if args.show_dir:
-        enable_show_dir(cfg, args.show_dir)
-    if args.tta:
-        enable_tta(cfg)
     runner = build_runner(cfg)
     runner.test()
 

@@ -127,3 +127,25 @@ def test_cfg_options_entry_without_key_and_value(tool, entry, tmp_path,
     assert (f'argument --cfg-options: expected KEY=VALUE entries, got '
             f'{entry!r}') in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('hooks, option, message', [
+    ('dict()', '--tta', '--tta needs tta_model and tta_pipeline in the '
+     'config'),
+    ('dict()', '--show-dir', '--show-dir needs default_hooks.visualization '
+     'in the config'),
+    ("dict(visualization=dict(type='MyHook'))", '--show-dir',
+     '--show-dir does not know MyHook'),
+])
+def test_test_options_the_config_cannot_serve(hooks, option, message,
+                                              tmp_path, monkeypatch):
+    """One message, not a KeyError's traceback."""
+    (tmp_path / 'plain.py').write_text(
+        "default_scope = 'mmdet'\n"
+        "test_dataloader = dict(dataset=dict(type='CocoDataset'))\n"
+        f'default_hooks = {hooks}\n')
+    (tmp_path / 'model.pth').write_bytes(b'')
+    args = ['plain.py', 'model.pth', option]
+    if option == '--show-dir':
+        args.append('shown')
+    assert message in run_tool(TEST, args, tmp_path, monkeypatch)
