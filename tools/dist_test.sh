@@ -14,6 +14,8 @@ checkpoint=$2
 gpus=$3
 shift 3
 tools="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$tools/launch_checks.sh"
+require_count GPUS "$gpus"
 PYTHONPATH="$tools/..${PYTHONPATH:+:$PYTHONPATH}" \
 python -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \

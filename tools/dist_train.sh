@@ -13,6 +13,8 @@ config=$1
 gpus=$2
 shift 2
 tools="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$tools/launch_checks.sh"
+require_count GPUS "$gpus"
 PYTHONPATH="$tools/..${PYTHONPATH:+:$PYTHONPATH}" \
 python -m torch.distributed.run \
     --nnodes="${NNODES:-1}" \

@@ -24,6 +24,10 @@ gpus=${GPUS:-8}
 gpus_per_node=${GPUS_PER_NODE:-8}
 read -r -a srun_args <<< "${SRUN_ARGS:-}"
 tools="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$tools/launch_checks.sh"
+require_count GPUS "$gpus"
+require_count GPUS_PER_NODE "$gpus_per_node"
+require_count CPUS_PER_TASK "${CPUS_PER_TASK:-5}"
 PYTHONPATH="$tools/..${PYTHONPATH:+:$PYTHONPATH}" \
 srun --partition="$partition" \
     --job-name="$job_name" \
