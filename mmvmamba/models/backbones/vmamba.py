@@ -293,7 +293,8 @@ class VMamba(VSSBackbone):
             and ``dt_rank`` ('auto' = ceil(C / 16)). Defaults to 'tiny'.
         in_channels (int): Input channels. Defaults to 3.
         out_indices (Sequence[int] | int): Stages whose outputs are returned,
-            each after its own LayerNorm. Defaults to (3, ).
+            each after its own LayerNorm, in stage order (distinct; -1 is
+            the last). Defaults to (3, ).
         drop_path_rate (float): Stochastic depth, linear from 0 over all
             blocks. Defaults to 0.2.
         frozen_stages (int): Freeze the patch embedding and stages

@@ -289,7 +289,8 @@ class VMamba2(VSSBackbone):
         in_channels (int): Input channels. Defaults to 3.
         out_indices (Sequence[int] | int): Stages whose outputs are returned,
             each after its own LayerNorm, taken before the stage's
-            downsample. Defaults to (3, ).
+            downsample, in stage order (distinct; -1 is the last). Defaults
+            to (3, ).
         drop_path_rate (float): Stochastic depth, linear from 0 over all
             blocks. Defaults to 0.2.
         frozen_stages (int): Freeze the stem (0) and stages
