@@ -80,7 +80,8 @@ def selective_scan_reference(u: torch.Tensor,
         dt = F.softplus(dt)
     u_c = u.to(compute)
 
-    steps = math.ceil(math.sqrt(length))
+    # (one step for L = 0: no chunks, an empty result)
+    steps = max(1, math.ceil(math.sqrt(length)))
     chunks = math.ceil(length / steps)
     pad = chunks * steps - length
 

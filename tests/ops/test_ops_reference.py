@@ -105,6 +105,19 @@ def test_reference_gradcheck():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_reference_of_an_empty_sequence(dtype):
+    """L = 0 gives an empty output and zero gradients (the chunk count
+    divided by zero); float64 runs on the reference whatever the backend."""
+    args = random_scan_inputs(2, 2, 3, 4, 0, dtype=dtype, seed=7)
+    inputs = [v.requires_grad_() for v in args.values()]
+    with use_backend('reference'):
+        y = selective_scan(**args, delta_softplus=True)
+    assert y.shape == (2, 6, 0) and y.dtype == dtype
+    y.sum().backward()
+    assert all(v.grad is not None and not v.grad.any() for v in inputs)
+
+
 def test_front_door_uses_reference_when_forced():
     args = random_scan_inputs(1, 2, 3, 4, 10, dtype=torch.float32, seed=4)
     with use_backend('reference'), RecordScans() as scans:
