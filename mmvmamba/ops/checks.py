@@ -50,10 +50,14 @@ def check_tensor(name: str,
                          f'{dtype_name(value.dtype)}')
 
 
-def check_bool(name: str, value) -> None:
-    """Check that a flag is a bool (a string such as ``'no'`` is not)."""
+def check_bool(name: str, value, optional: bool = False) -> None:
+    """Check that a flag is a bool (a string such as ``'no'`` is not), or
+    None where ``optional``."""
+    if optional and value is None:
+        return
     if not isinstance(value, bool):
-        raise ValueError(f'{name} must be a bool, got {value!r}')
+        kind = 'None or a bool' if optional else 'a bool'
+        raise ValueError(f'{name} must be {kind}, got {value!r}')
 
 
 def check_same_device(**tensors) -> None:

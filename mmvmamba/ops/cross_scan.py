@@ -264,6 +264,7 @@ def cross_selective_scan(x: torch.Tensor,
     """
     check_bool('channels_last', channels_last)
     check_bool('silu', silu)
+    check_bool('fused', fused, optional=True)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         check_tensor(
             'x', x, (None, None, None, None), HALF_AND_FLOAT,

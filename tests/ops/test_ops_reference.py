@@ -217,6 +217,11 @@ def test_cross_selective_scan_bad_options():
         cross_selective_scan(x, *params, scan_dtype=torch.int8)
     with pytest.raises(ValueError, match='channels_last must be a bool'):
         cross_selective_scan(x, *params, channels_last='yes')
+    # 0 is not False: it took the fused kernel
+    for fused in (0, 'no'):
+        with pytest.raises(ValueError, match=r'fused must be None or a '
+                           f'bool, got {fused!r}'):
+            cross_selective_scan(x, *params, fused=fused)
     with pytest.raises(ValueError, match=r'x must have shape \(batch, H, W, '
                        r'D\)'):
         cross_selective_scan(x[0], *params, channels_last=True)
