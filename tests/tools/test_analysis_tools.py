@@ -59,6 +59,52 @@ def test_sizes_below_one_are_refused(tool, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--device', 'cuda:99'], '--device cuda:99: '),
+    (['--checkpoint', 'none.pth'], "--checkpoint: no file at 'none.pth'"),
+    (['--images', 'none'], "--images must be a folder of images, got 'none'"),
+    (['--out', 'erf.txt'], "--out must be a .png file, got 'erf.txt'"),
+    (['--out', 'maps.png'], "--out 'maps.png' is a folder"),
+])
+def test_erf_arguments_are_checked_first(argv, message, tmp_path,
+                                         monkeypatch, capsys):
+    """A parser error naming the argument, not a traceback after the
+    first maps (or a PNG written elsewhere than asked)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'maps.png').mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        erf.parse_args(['vmamba-t', '--out', 'erf.png', *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_erf_inputs_that_cannot_be_read(tmp_path, resnet_config):
+    """One line naming the file, and no PNG."""
+    out = str(tmp_path / 'erf.png')
+    args = ['--out', out, '--num-images', '1', '--size', '32']
+    with pytest.raises(SystemExit, match="^erf.py: 'nope.py' is neither a "
+                       'config file nor one of'):
+        erf.main(['nope.py', *args])
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'images' / 'a.png').write_text('not an image')
+    with pytest.raises(SystemExit,
+                       match='^erf.py: .*a.png is not an image that can be '
+                       'read$'):
+        erf.main([resnet_config, *args, '--images', str(tmp_path / 'images')])
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(SystemExit, match='^erf.py: --checkpoint .*empty.pth '
+                       'is not a PyTorch checkpoint'):
+        erf.main([resnet_config, *args, '--checkpoint',
+                  str(tmp_path / 'empty.pth')])
+    assert not osp.exists(out)
+
+
+def test_get_flops_unknown_config():
+    with pytest.raises(SystemExit, match="^get_flops.py: 'vmamba-x' is "
+                       'neither a config file nor one of'):
+        get_flops.main(['vmamba-x'])
+
+
 def test_erf_helpers():
     images = erf.synthetic_images(3, 24, seed=1)
     assert images.shape == (3, 3, 24, 24)

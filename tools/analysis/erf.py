@@ -41,6 +41,7 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(REPO, 'benchmarks'))  # models.py: named models
 from models import (last_stage_backbone, load_backbone_weights,  # noqa: E402
                     load_config)
+from timing import check_cli_args  # noqa: E402
 
 DECADES = 4
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -74,7 +75,11 @@ def load_images(folder: str, num: int, size: int) -> torch.Tensor:
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     batch = []
     for name in names:
-        img = mmcv.imread(osp.join(folder, name), channel_order='rgb')
+        img = mmcv.imread(osp.join(folder, name))
+        if img is None:
+            raise ValueError(f'{osp.join(folder, name)} is not an image '
+                             'that can be read')
+        img = mmcv.bgr2rgb(img)
         img = mmcv.imrescale(img, size / min(img.shape[:2]))
         top = (img.shape[0] - size) // 2
         left = (img.shape[1] - size) // 2
@@ -191,19 +196,30 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.checkpoint and len(args.checkpoint) != len(args.configs):
         parser.error('give one --checkpoint per CONFIG ("-" for none)')
-    for name in ('num_images', 'size', 'batch_size'):
-        value = getattr(args, name)
-        if value < 1:
-            parser.error(f'--{name.replace("_", "-")} must be at least 1, '
-                         f'got {value}')
+    check_cli_args(parser, args, dict(num_images=1, size=1, batch_size=1))
+    for path in args.checkpoint:
+        if path != '-' and not osp.isfile(path):
+            parser.error(f'--checkpoint: no file at {path!r}')
+    if args.images is not None and not osp.isdir(args.images):
+        parser.error(f'--images must be a folder of images, got '
+                     f'{args.images!r}')
+    if not args.out.lower().endswith('.png'):
+        parser.error(f'--out must be a .png file, got {args.out!r}')
+    if osp.isdir(args.out):
+        parser.error(f'--out {args.out!r} is a folder; name the .png file')
     return args
 
 
 def main(argv=None) -> list:
     args = parse_args(argv)
     device = torch.device(args.device)
+    try:  # every input is read before the first map is computed
+        cfgs = [load_config(config) for config in args.configs]
+        if args.images:
+            images = load_images(args.images, args.num_images, args.size)
+    except (OSError, ValueError) as error:
+        sys.exit(f'erf.py: {error}')
     if args.images:
-        images = load_images(args.images, args.num_images, args.size)
         source = f'{len(images)} images of {args.images}'
     else:
         images = synthetic_images(args.num_images, args.size, args.seed)
@@ -211,8 +227,7 @@ def main(argv=None) -> list:
     images = images.to(device)
     checkpoints = args.checkpoint or ['-'] * len(args.configs)
     maps = []
-    for config, checkpoint in zip(args.configs, checkpoints):
-        cfg = load_config(config)
+    for config, cfg, checkpoint in zip(args.configs, cfgs, checkpoints):
         name = osp.splitext(osp.basename(config))[0]
         states = [('init', None)]
         if checkpoint != '-':
@@ -221,7 +236,10 @@ def main(argv=None) -> list:
             torch.manual_seed(args.seed)
             backbone = last_stage_backbone(cfg)
             if path:
-                print(load_backbone_weights(backbone, path))
+                try:
+                    print(load_backbone_weights(backbone, path))
+                except (OSError, ValueError, RuntimeError) as error:
+                    sys.exit(f'erf.py: --checkpoint {error}')
             erf = effective_receptive_field(backbone.to(device), images,
                                             args.batch_size)
             ratios = high_contribution_ratio(erf)

@@ -48,7 +48,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except FileNotFoundError as error:
+        sys.exit(f'get_flops.py: {error}')
     scope = scope_of(cfg)
     shape = tuple(args.shape or DEFAULT_SHAPES.get(scope, (224, 224)))
     model = tensor_forward(build(cfg.model, scope), scope, 1, shape)
