@@ -153,6 +153,39 @@ def test_bad_iters_or_tolerance_are_parser_errors(argv, message, capsys):
         compare_series([], [], keys=['loss'], **kwargs)
 
 
+def test_keys_that_were_never_logged_fail(tmp_path, capsys):
+    """A key asked for and never logged is a problem, not a pass over
+    nothing."""
+    good = read_scalars(write_run(str(tmp_path / 'a'), BASE))
+    assert check_losses(good, keys=['loss_typo']) == [
+        'loss_typo was never logged (the logged losses: loss, loss_cls)']
+    assert check_tool.main([str(tmp_path / 'a'), '--keys', 'loss_typo']) == 1
+    assert 'loss_typo was never logged' in capsys.readouterr().out
+    # no loss in either run: --keys all has nothing to compare
+    write_run(str(tmp_path / 'b'), [])
+    run = str(tmp_path / 'b')
+    assert tool.main([run, run, '--keys', 'all']) == 1
+    assert 'FAIL: --keys all: neither run logged a loss' in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tool.parse_args(['a', 'b', '--keys', 'all', 'loss'])
+    assert '--keys all stands alone, got all loss' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('line', ['5', '[1, 2]', '"loss"'])
+def test_a_line_that_is_not_a_record_is_an_error(line, tmp_path, capsys):
+    """A message naming the file and the line, not a TypeError."""
+    good = write_run(str(tmp_path / 'a'), BASE)
+    bad = tmp_path / 'bad.json'
+    bad.write_text(json.dumps(dict(step=1, loss=1.0)) + '\n' + line + '\n')
+    with pytest.raises(ValueError, match='line 2 is not a JSON object'):
+        read_scalars(str(bad))
+    assert tool.main([good, str(bad)]) == 2
+    assert 'bad.json: line 2 is not a JSON object' in capsys.readouterr().err
+    assert check_tool.main([str(bad)]) == 1
+    assert 'line 2 is not a JSON object' in capsys.readouterr().out
+
+
 def test_negative_min_iters_is_a_parser_error(capsys):
     with pytest.raises(SystemExit):
         check_tool.parse_args(['run', '--min-iters', '-1'])

@@ -70,7 +70,11 @@ def find_scalars(path: str) -> str:
 
 def read_scalars(path: str) -> List[dict]:
     """The records of a run's scalars log (see :func:`find_scalars` for
-    ``path``), in file order. ``NaN`` and ``Infinity`` parse as floats."""
+    ``path``), in file order. ``NaN`` and ``Infinity`` parse as floats.
+
+    Raises:
+        ValueError: A line that is not a JSON object.
+    """
     records = []
     with open(find_scalars(path)) as f:
         for number, line in enumerate(f, 1):
@@ -78,10 +82,15 @@ def read_scalars(path: str) -> List[dict]:
             if not line:
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f'{path}: line {number} is not JSON '
                                  f'({error})') from None
+            if not isinstance(record, dict):
+                raise ValueError(f'{path}: line {number} is not a JSON '
+                                 f'object (a record of mmengine\'s '
+                                 f'scalars.json), got {line[:40]!r}')
+            records.append(record)
     return records
 
 
@@ -244,6 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error(f'--iters must be at least 1, got {args.iters}')
+    if 'all' in args.keys and len(args.keys) > 1:
+        parser.error(f'--keys all stands alone, got {" ".join(args.keys)}')
     if not args.tol >= 0 or math.isinf(args.tol):
         parser.error(f'--tol must be a finite number >= 0, got {args.tol}')
     return args
@@ -261,6 +272,9 @@ def main(argv=None) -> int:
     keys = args.keys
     if keys == ['all']:
         keys = sorted(set(loss_keys(records[0])) | set(loss_keys(records[1])))
+        if not keys:
+            print('FAIL: --keys all: neither run logged a loss')
+            return 1
     result = compare_series(*records, keys=keys, iters=args.iters,
                             tol=args.tol)
     print(result.table())

@@ -25,15 +25,20 @@ def check_losses(records: Iterable[dict],
                  keys: Optional[Sequence[str]] = None,
                  min_iters: int = 0) -> List[str]:
     """Problems of one run's losses: a NaN or infinite value of ``keys``
-    (default: :func:`loss_keys`), or fewer than ``min_iters`` logged
-    iterations of ``loss``. An empty list when all is well."""
+    (default: :func:`loss_keys`) or one of ``keys`` never logged, or fewer
+    than ``min_iters`` logged iterations of ``loss``. An empty list when all
+    is well."""
     records = list(records)
     keys = loss_keys(records) if keys is None else list(keys)
     problems = []
     if not keys:
         problems.append('no loss was logged')
     for key in keys:
-        bad = [(s, v) for s, v in sorted(series(records, key).items())
+        values = series(records, key)
+        if not values:
+            problems.append(f'{key} was never logged (the logged losses: '
+                            f'{", ".join(loss_keys(records)) or "none"})')
+        bad = [(s, v) for s, v in sorted(values.items())
                if not math.isfinite(v)]
         if bad:
             shown = ', '.join(f'step {s}: {v}' for s, v in bad[:5])
