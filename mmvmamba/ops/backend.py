@@ -183,7 +183,8 @@ def choose_scan_backend(u: torch.Tensor, A: torch.Tensor) -> str:
 
 
 def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
-                             scan_dtype: torch.dtype) -> Optional[str]:
+                             scan_dtype: torch.dtype,
+                             dt_rank: int = 1) -> Optional[str]:
     """Say why the fused four-direction kernel (CUDA or CPU) cannot run
     SS2D's core.
 
@@ -192,6 +193,7 @@ def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
         length (int): ``H * W``.
         d_state (int): State size N.
         scan_dtype (torch.dtype): Dtype of the scan's inputs.
+        dt_rank (int): Rank R of the step sizes' projection. Defaults to 1.
 
     Returns:
         str | None: The reason, or None if the fused kernel can run it.
@@ -207,6 +209,10 @@ def fused_unsupported_reason(x: torch.Tensor, length: int, d_state: int,
     if x.numel() == 0:
         return f'the map of shape {tuple(x.shape)} is empty'
     limits = _ext.LIMITS
+    if d_state < 1:
+        return f'd_state N={d_state} < 1'
+    if dt_rank < 1:
+        return f'dt_rank R={dt_rank} < 1'
     if d_state > limits.cross_max_d_state:
         return f'd_state N={d_state} > {limits.cross_max_d_state}'
     if scan_dtype not in CROSS_DTYPES:

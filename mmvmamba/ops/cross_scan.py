@@ -279,7 +279,8 @@ def cross_selective_scan(x: torch.Tensor,
         raise ValueError(f'scan_dtype must be one of float32, bfloat16, '
                          f'float16, float64 or None, got {scan_dtype!r}')
     reason = fused_unsupported_reason(x, x_chw.shape[2] * x_chw.shape[3],
-                                      A_logs.shape[1], scan_dtype)
+                                      A_logs.shape[1], scan_dtype,
+                                      dt_projs_weight.shape[2])
     if fused and reason is not None:
         raise ValueError(f'fused=True, but the fused kernel cannot run: '
                          f'{reason}')

@@ -116,6 +116,10 @@ def test_fused_reasons_off_the_gpu():
     assert reason is None
     assert fused_unsupported_reason(x, 16, 17, torch.float32) == \
         'd_state N=17 > 16'
+    assert fused_unsupported_reason(x, 16, 0, torch.float32) == \
+        'd_state N=0 < 1'
+    assert fused_unsupported_reason(x, 16, 16, torch.float32, 0) == \
+        'dt_rank R=0 < 1'
     assert fused_unsupported_reason(x, 16, 16, torch.float64) == \
         'scan dtype float64'
     with use_backend('reference'):

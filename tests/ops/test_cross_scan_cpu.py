@@ -287,6 +287,22 @@ def test_bad_inputs_raise_clear_errors():
         bwd(y, u, x_dbl, *rest, torch.zeros(3))
 
 
+@pytest.mark.parametrize('rank,d_state', [(0, 4), (2, 0)])
+def test_no_rank_or_state_takes_the_unfused_path(rank, d_state):
+    """R = 0 or N = 0, which the fused kernel refuses, run unfused (were
+    the kernel's RuntimeError under the default fused=None)."""
+    x = torch.randn(2, 8, 3, 5)
+    params = (torch.randn(4, rank + 2 * d_state, 8), torch.randn(4, 8, rank),
+              torch.randn(4, 8), torch.randn(32, d_state), torch.randn(32))
+    with RecordScans() as scans:
+        y = cross_selective_scan(x, *params)
+    assert not any(key.startswith('fused') for key in scans.ran)
+    assert torch.equal(y, cross_selective_scan(x, *params, fused=False))
+    with pytest.raises(ValueError, match=r'fused=True, but the fused kernel '
+                       r'cannot run: (d_state N|dt_rank R)=0 < 1'):
+        cross_selective_scan(x, *params, fused=True)
+
+
 @pytest.mark.parametrize('size', [(64, 64), (70, 45)])
 def test_backbone_fused_on_and_off_agree(size, monkeypatch):
     """VMamba's outputs and parameter gradients on the fused CPU kernels
