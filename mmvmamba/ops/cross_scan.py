@@ -1,4 +1,5 @@
 """The four-direction scan of SS2D: cross scan, cross merge and the core."""
+import numbers
 from typing import Optional
 
 import torch
@@ -44,7 +45,10 @@ def cross_merge(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """
     # (sizes may be traced: tensors under jit, SymInts under compile)
     for name, size in (('H', H), ('W', W)):
-        if isinstance(size, int) and size < 0:
+        if isinstance(size, bool) or not isinstance(
+                size, (numbers.Integral, torch.SymInt, torch.Tensor)):
+            raise ValueError(f'{name} must be an int, got {size!r}')
+        if isinstance(size, numbers.Integral) and size < 0:
             raise ValueError(f'{name} must be >= 0, got {size}')
     check_tensor('y', y, (None, NUM_DIRECTIONS, None, H * W),
                  labels='(batch, 4, C, H*W)')

@@ -287,6 +287,10 @@ def test_cross_ops_bad_input():
     # (-3) * (-5) is y's 15 positions, but no map's
     with pytest.raises(ValueError, match=r'H must be >= 0, got -3'):
         cross_merge(torch.randn(1, 4, 3, 15), -3, -5)
+    # were reshape's TypeError, and '2' * 3 positions = '222'
+    for H in (2.0, '2', True):
+        with pytest.raises(ValueError, match=f'H must be an int, got {H!r}'):
+            cross_merge(torch.randn(1, 4, 3, 6), H, 3)
     x = torch.randn(1, 4, 3, 3)
     with pytest.raises(ValueError, match=r'x_proj_weight must have shape'):
         cross_selective_scan(x, torch.randn(4, 6, 4), torch.randn(4, 4, 1),
