@@ -699,7 +699,12 @@ def gated_layer_norm(x: torch.Tensor,
 
     Returns:
         Tensor: ``x``'s shape.
+
+    Raises:
+        ValueError: ``z`` is not a tensor of ``x``'s shape (it would
+            broadcast).
     """
+    check_tensor('z', z, tuple(x.shape))
     if out_dtype is None:
         out_dtype = autocast_dtype(x, AUTOCAST_DEVICE_TYPES)
     if out_dtype is None:

@@ -741,6 +741,19 @@ def test_gated_falls_back_to_aten_ops(monkeypatch):
                              F.silu(z)).half())
 
 
+@pytest.mark.parametrize('z,match', [
+    (torch.randn(48), r'z must have shape \(2, 5, 48\), got \(48,\)'),
+    (torch.randn(3, 2, 5, 48), r'z must have shape \(2, 5, 48\)'),
+    (None, 'z must be a torch.Tensor, got NoneType'),
+])
+def test_gated_refuses_a_z_not_of_x_shape(z, match):
+    """A z that broadcasts against x gave a map of another shape, or x's
+    shape from one gate row for all (was taken silently)."""
+    x, w = torch.randn(2, 5, 48), torch.randn(48)
+    with pytest.raises(ValueError, match=match):
+        ln.gated_layer_norm(x, z, w, w)
+
+
 @pytest.mark.parametrize('make', [
     lambda: (torch.randn(3, 5, 96), torch.randn(96), torch.randn(96)),
     lambda: (torch.randn(3, 96, 5).transpose(1, 2), torch.randn(96), None),
