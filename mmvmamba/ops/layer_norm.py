@@ -44,8 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import (autocast_dtype, autograd_records, check_same_device,
-                     check_tensor, forward_only_reason)
+from .checks import (autocast_dtype, autograd_records, check_bool,
+                     check_same_device, check_tensor, forward_only_reason)
 
 try:
     import triton
@@ -881,6 +881,8 @@ class LayerNorm(nn.LayerNorm):
                  linear_input: bool = False,
                  triton_when_recorded: bool = False,
                  **kwargs):
+        check_bool('linear_input', linear_input)
+        check_bool('triton_when_recorded', triton_when_recorded)
         super().__init__(*args, **kwargs)
         self.linear_input = linear_input
         self.triton_when_recorded = triton_when_recorded

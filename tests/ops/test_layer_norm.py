@@ -817,6 +817,11 @@ def test_layer_norm_module_is_nn_layer_norm():
                                              wide.bias))
     with pytest.raises(RuntimeError):
         ln.LayerNorm(95)(x)  # F.layer_norm's own error
+    # 'no' was taken for True
+    for flag in ('linear_input', 'triton_when_recorded'):
+        with pytest.raises(ValueError, match=f"{flag} must be a bool, got "
+                           "'no'"):
+            ln.LayerNorm(96, **{flag: 'no'})
 
 
 def test_replace_layer_norms():
