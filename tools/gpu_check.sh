@@ -96,8 +96,6 @@ for task in "${tasks[@]}"; do
     [[ "$task" == det || "$task" == seg ]] ||
         { echo "unknown task '$task' (det or seg)" >&2; exit 2; }
 done
-mkdir -p "$work_arg" || exit 2
-work="$(cd "$work_arg" && pwd)"
 
 ITERS="${ITERS:-200}"
 FP32_ITERS="${FP32_ITERS:-20}"
@@ -120,14 +118,6 @@ done
 SCALING_ITERS="${SCALING_ITERS:-150}"
 SCALING_FIRST="${SCALING_FIRST:-50}"
 SCALING_LAST="${SCALING_LAST:-$SCALING_ITERS}"
-for name in SCALING_ITERS SCALING_FIRST SCALING_LAST LONG_ITERS LONG_EPOCHS; do
-    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
-        { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
-done
-((LONG_ITERS % LONG_EPOCHS == 0)) ||
-    { echo "LONG_EPOCHS ($LONG_EPOCHS) must divide LONG_ITERS ($LONG_ITERS)" >&2; exit 2; }
-((SCALING_FIRST <= SCALING_LAST && SCALING_LAST <= SCALING_ITERS)) ||
-    { echo "need SCALING_FIRST ($SCALING_FIRST) <= SCALING_LAST ($SCALING_LAST) <= SCALING_ITERS ($SCALING_ITERS)" >&2; exit 2; }
 TOL="${TOL:-0.05}"
 NUM_WORKERS="${NUM_WORKERS:-2}"
 export PORT="${PORT:-29500}"
@@ -136,9 +126,36 @@ COCO_SIZE="${COCO_SIZE:-800}"
 ADE_SIZE="${ADE_SIZE:-512}"
 VERBOSE="${VERBOSE:-0}"
 SMOKE_CPU="${SMOKE_CPU:-0}"
+PREFLIGHT_TIMEOUT="${PREFLIGHT_TIMEOUT:-300}"
+for name in ITERS FP32_ITERS COMPARE_ITERS SCALING_ITERS SCALING_FIRST \
+    SCALING_LAST LONG_ITERS LONG_EPOCHS COCO_SIZE ADE_SIZE PREFLIGHT_TIMEOUT \
+    PORT; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "$name must be a positive integer, got '${!name}'" >&2; exit 2; }
+done
+[[ "$NUM_WORKERS" =~ ^[0-9]+$ ]] ||
+    { echo "NUM_WORKERS must be an integer >= 0, got '$NUM_WORKERS'" >&2; exit 2; }
+[[ "$TOL" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] ||
+    { echo "TOL must be a number >= 0 (e.g. 0.05), got '$TOL'" >&2; exit 2; }
+[[ -z "$WARMUP" || "$WARMUP" == keep || "$WARMUP" == off ]] ||
+    { echo "WARMUP must be keep or off (or unset), got '$WARMUP'" >&2; exit 2; }
+for name in VERBOSE SMOKE_CPU; do
+    [[ "${!name}" == 0 || "${!name}" == 1 ]] ||
+        { echo "$name must be 0 or 1, got '${!name}'" >&2; exit 2; }
+done
+((LONG_ITERS % LONG_EPOCHS == 0)) ||
+    { echo "LONG_EPOCHS ($LONG_EPOCHS) must divide LONG_ITERS ($LONG_ITERS)" >&2; exit 2; }
+((SCALING_FIRST <= SCALING_LAST && SCALING_LAST <= SCALING_ITERS)) ||
+    { echo "need SCALING_FIRST ($SCALING_FIRST) <= SCALING_LAST ($SCALING_LAST) <= SCALING_ITERS ($SCALING_ITERS)" >&2; exit 2; }
 DET_CONFIG="${DET_CONFIG:-configs/mask_rcnn_vmamba_t_1x_coco.py}"
 SEG_CONFIG="${SEG_CONFIG:-configs/upernet_vmamba_t_512x512_160k_ade20k.py}"
 read -r -a extra_opts <<< "${EXTRA_OPTS:-}"
+for name in DET_CONFIG SEG_CONFIG; do  # paths from the checkout's root
+    (cd "$repo" && [[ -f "${!name}" ]]) ||
+        { echo "$name: no config file at '${!name}'" >&2; exit 2; }
+done
+mkdir -p "$work_arg" || exit 2  # after the checks: nothing written before
+work="$(cd "$work_arg" && pwd)"
 
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
@@ -389,7 +406,7 @@ command -v python > /dev/null || { echo "no 'python' on PATH" >&2; exit 2; }
 echo "python: $(command -v python)"
 # each stage says when it starts, so that a hang shows where (a timeout of
 # PREFLIGHT_TIMEOUT seconds stops it)
-if ! timeout "${PREFLIGHT_TIMEOUT:-300}" python - "$need_gpus" "${tasks[*]}" "$need_hint" <<'EOF'
+if ! timeout "$PREFLIGHT_TIMEOUT" python - "$need_gpus" "${tasks[*]}" "$need_hint" <<'EOF'
 import sys
 
 print('preflight: importing torch', flush=True)

@@ -221,6 +221,43 @@ def test_cli_prints_the_options(configs, capsys):
                         '--data-root', ROOT])
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['train', 'seg', '--iters', '0'], '--iters must be at least 1, got 0'),
+    (['train', 'seg', '--batch-size', '0'],
+     '--batch-size must be at least 1, got 0'),
+    (['train', 'det', '--global-batch', '0'],
+     '--global-batch must be at least 1, got 0'),
+    (['train', 'det', '--global-batch', '3'],
+     '--global-batch (3) must be a multiple of --batch-size (2)'),
+    (['train', 'det', '--mode', 'long', '--epochs', '0'],
+     '--epochs must be at least 1, got 0'),
+    (['test', 'det', '--workers', '-1'], '--workers must be at least 0, '
+     'got -1'),
+    (['test', 'det', '--config', 'none.py'],
+     "--config: no config file at 'none.py'"),
+    (['verify', '--configs', CONFIGS['det'], 'none.py'],
+     "--configs: no config file at 'none.py'"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    """Parser errors naming the option (were options of no images or
+    iterations, a global batch silently taken as the batch, or a
+    traceback)."""
+    if argv[0] != 'verify':
+        argv = argv + ['--data-root', ROOT]
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_epochs_that_do_not_divide():
+    with pytest.raises(SystemExit,
+                       match=r'^cfg_options.py: epochs must be a positive '
+                       r'divisor of iters \(200\), got 3$'):
+        gpu_check.main(['train', 'seg', '--mode', 'long', '--epochs', '3',
+                        '--data-root', ROOT])
+
+
 def first_sample(dataset, seed):
     np.random.seed(seed)
     random.seed(seed)
@@ -339,6 +376,40 @@ def test_script_arguments(tmp_path):
                       LONG_EPOCHS='3')
     assert proc.returncode == 2
     assert 'LONG_EPOCHS (3) must divide LONG_ITERS (1000)' in proc.stdout
+
+
+@pytest.mark.parametrize('name, value, expected', [
+    ('ITERS', '0', 'a positive integer'),
+    ('FP32_ITERS', 'x', 'a positive integer'),
+    ('COMPARE_ITERS', '-1', 'a positive integer'),
+    ('COCO_SIZE', '0', 'a positive integer'),
+    ('ADE_SIZE', '1.5', 'a positive integer'),
+    ('PORT', 'http', 'a positive integer'),
+    ('PREFLIGHT_TIMEOUT', '0', 'a positive integer'),
+    ('NUM_WORKERS', '-1', 'an integer >= 0'),
+    ('TOL', '-0.1', 'a number >= 0 (e.g. 0.05)'),
+    ('TOL', 'abc', 'a number >= 0 (e.g. 0.05)'),
+    ('WARMUP', 'on', 'keep or off (or unset)'),
+    ('VERBOSE', 'yes', '0 or 1'),
+    ('SMOKE_CPU', 'true', '0 or 1'),
+])
+def test_script_environment(tmp_path, name, value, expected):
+    """Refused before the preflight and before the work dir is made
+    (were found only by the step they break, after the preflight, or
+    never)."""
+    proc = run_script('single', str(tmp_path / 'w'), **{name: value})
+    assert proc.returncode == 2, proc.stdout
+    assert f"{name} must be {expected}, got '{value}'" in proc.stdout
+    assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('name, value', [('DET_CONFIG', 'none.py'),
+                                         ('SEG_CONFIG', 'configs')])
+def test_script_configs_must_be_files(tmp_path, name, value):
+    proc = run_script('single', str(tmp_path / 'w'), **{name: value})
+    assert proc.returncode == 2, proc.stdout
+    assert f"{name}: no config file at '{value}'" in proc.stdout
+    assert not (tmp_path / 'w').exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='a GPU is present')

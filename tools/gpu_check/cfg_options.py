@@ -378,7 +378,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser('verify')
     p.add_argument('--configs', nargs='+', default=sorted(CONFIGS.values()))
     p.add_argument('--data-root', default='data/gpu_check')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    bounds = dict(workers=0, iters=1, batch_size=1, global_batch=1, epochs=1)
+    for name, bound in bounds.items():
+        value = getattr(args, name, None)
+        if value is not None and value < bound:
+            parser.error(f'--{name.replace("_", "-")} must be at least '
+                         f'{bound}, got {value}')
+    if args.command == 'train' and args.global_batch is not None and (
+            args.global_batch % args.batch_size):
+        parser.error(f'--global-batch ({args.global_batch}) must be a '
+                     f'multiple of --batch-size ({args.batch_size})')
+    verify = args.command == 'verify'
+    option = '--configs' if verify else '--config'
+    for path in args.configs if verify else [getattr(args, 'config', None)]:
+        if path is not None and not osp.isfile(path):
+            parser.error(f'{option}: no config file at {path!r}')
+    return args
 
 
 def main(argv=None) -> int:
@@ -403,10 +419,13 @@ def main(argv=None) -> int:
     if task_of(cfg) != args.task:
         raise SystemExit(f'{cfg.filename} is not a {args.task} config')
     if args.command == 'train':
-        options = train_options(cfg, args.data_root, args.mode, args.iters,
-                                args.batch_size, args.global_batch,
-                                workers=args.workers, warmup=args.warmup,
-                                epochs=args.epochs)
+        try:
+            options = train_options(cfg, args.data_root, args.mode,
+                                    args.iters, args.batch_size,
+                                    args.global_batch, workers=args.workers,
+                                    warmup=args.warmup, epochs=args.epochs)
+        except ValueError as error:  # --epochs, or a changed config
+            raise SystemExit(f'cfg_options.py: {error}')
     else:
         options = eval_options(cfg, args.data_root, workers=args.workers)
     apply_options(cfg, options)
