@@ -253,6 +253,11 @@ def test_negative_out_indices_count_from_the_last_stage():
     (dict(arch=dict(embed_dims=8, depths=[1], ssm_ratio=0.1)),
      r"arch\['ssm_ratio'\] must be a number giving at least one inner "
      r'channel \(int\(ssm_ratio \* 8\) >= 1\), got 0.1'),
+    # were int()'s ValueError and OverflowError
+    (dict(arch=dict(embed_dims=8, depths=[1], ssm_ratio=float('nan'))),
+     r"arch\['ssm_ratio'\] must be a number giving .*, got nan"),
+    (dict(arch=dict(embed_dims=8, depths=[1], ssm_ratio=float('inf'))),
+     r"arch\['ssm_ratio'\] must be a number giving .*, got inf"),
     (dict(arch=dict(embed_dims=8, depths=[1], dt_rank=0)),
      r"arch\['dt_rank'\] must be 'auto' or a positive int, got 0"),
     (dict(in_channels=0), r'in_channels must be a positive int, got 0'),

@@ -436,7 +436,15 @@ def test_with_cp_saves_memory_for_backward():
     (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
     (dict(scan_dtype='float16'), r'scan_dtype must be one of'),
     (dict(arch=dict(SMALL, mlp_ratio=-1.0)),
-     r"arch\['mlp_ratio'\] must be a number >= 0 \(0: no MLP\), got -1.0"),
+     r"arch\['mlp_ratio'\] must be 0 \(no MLP\) or a number giving at "
+     r'least one hidden channel \(int\(mlp_ratio \* 16\) >= 1\), got -1.0'),
+    # an MLP of no hidden channel (fc2's bias alone), and OverflowError
+    (dict(arch=dict(SMALL, mlp_ratio=0.05)),
+     r"arch\['mlp_ratio'\] must be 0 .*, got 0.05"),
+    (dict(arch=dict(SMALL, mlp_ratio=float('inf'))),
+     r"arch\['mlp_ratio'\] must be 0 .*, got inf"),
+    (dict(arch=dict(SMALL, ssm_ratio=float('nan'))),
+     r"arch\['ssm_ratio'\] must be a number giving .*, got nan"),
     (dict(arch=dict(SMALL, depths=[1, 0, 1, 1])), r"arch\['depths'\]"),
     (dict(arch=dict(SMALL, d_state=0)), r"arch\['d_state'\]"),
     (dict(drop_path_rate=1.5), r'drop_path_rate must be a number in'),

@@ -420,7 +420,7 @@ def check_arch_values(arch: Dict) -> None:
     ``depths`` a non-empty list of positive ints, and where given
     ``d_state`` a positive int, ``ssm_ratio`` a number giving at least one
     inner channel, ``dt_rank`` ``'auto'`` or a positive int, ``mlp_ratio``
-    a number of at least 0."""
+    0 or a number giving at least one hidden channel (the ratios finite)."""
     check_positive_int("arch['embed_dims']", arch['embed_dims'])
     depths = arch['depths']
     if not (isinstance(depths, (list, tuple)) and depths
@@ -430,7 +430,8 @@ def check_arch_values(arch: Dict) -> None:
     if 'd_state' in arch:
         check_positive_int("arch['d_state']", arch['d_state'])
     ratio = arch.get('ssm_ratio', 1)
-    if not (_is_real(ratio) and int(ratio * arch['embed_dims']) >= 1):
+    if not (_is_real(ratio) and math.isfinite(ratio)
+            and int(ratio * arch['embed_dims']) >= 1):
         raise ValueError(f"arch['ssm_ratio'] must be a number giving at "
                          f"least one inner channel (int(ssm_ratio * "
                          f"{arch['embed_dims']}) >= 1), got {ratio!r}")
@@ -439,9 +440,11 @@ def check_arch_values(arch: Dict) -> None:
         raise ValueError(f"arch['dt_rank'] must be 'auto' or a positive int, "
                          f'got {dt_rank!r}')
     mlp_ratio = arch.get('mlp_ratio', 0)
-    if not (_is_real(mlp_ratio) and mlp_ratio >= 0):
-        raise ValueError(f"arch['mlp_ratio'] must be a number >= 0 (0: no "
-                         f'MLP), got {mlp_ratio!r}')
+    if not (_is_real(mlp_ratio) and math.isfinite(mlp_ratio) and
+            (mlp_ratio == 0 or int(mlp_ratio * arch['embed_dims']) >= 1)):
+        raise ValueError(f"arch['mlp_ratio'] must be 0 (no MLP) or a number "
+                         f"giving at least one hidden channel (int(mlp_ratio "
+                         f"* {arch['embed_dims']}) >= 1), got {mlp_ratio!r}")
 
 
 def stage_drop_paths(drop_path_rate: float,
