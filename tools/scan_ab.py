@@ -442,6 +442,23 @@ def main(argv=None):
     p.add_argument('--dtype', choices=['float32', 'bfloat16'],
                    default='bfloat16', help="the fused scan's input dtype")
     args = parser.parse_args(argv)
+    for name, bound in dict(batch=1, repeat=1, segment_chunks=0).items():
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and min(values) < bound:
+            parser.error(f'--{name.replace("_", "-")} must be at least '
+                         f'{bound}, got {" ".join(map(str, values))}')
+    if args.mode == 'profile' and not all(0 <= s < len(STAGES)
+                                          for s in args.stages):
+        parser.error(f'--stages must be 0 .. {len(STAGES) - 1}, got '
+                     f'{" ".join(map(str, args.stages))}')
+    if args.mode == 'compare':
+        if len(args.paths) < 3:
+            parser.error('compare needs the reference, its rerun and at '
+                         'least one more file')
+        missing = [p for p in args.paths if not os.path.isfile(p)]
+        if missing:
+            parser.error(f'compare: no file at {", ".join(missing)}')
     if args.mode == 'ranks':
         if not 0 <= args.stage < len(STAGES):
             parser.error(f'--stage must be 0 .. {len(STAGES) - 1}, got '
@@ -456,9 +473,6 @@ def main(argv=None):
     if args.mode == 'save':
         save(args.path)
     elif args.mode == 'compare':
-        if len(args.paths) < 3:
-            parser.error('compare needs the reference, its rerun and at least '
-                         'one more file')
         return compare(args.paths)
     elif args.mode == 'time':
         time_ops(args.batch, args.repeat, getattr(torch, args.dtype),

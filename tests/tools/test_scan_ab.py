@@ -83,6 +83,35 @@ def test_ranks_arguments(scan_ab, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('args, message', [
+    (['time', '--batch', '0'], '--batch must be at least 1, got 0'),
+    (['time', '--repeat', '0'], '--repeat must be at least 1, got 0'),
+    (['ranks', '--repeat', '-1'], '--repeat must be at least 1, got -1'),
+    (['profile', '--batch', '0'], '--batch must be at least 1, got 0'),
+    (['profile', '--stages', '0', '4'], '--stages must be 0 .. 3, got 0 4'),
+    (['segments', '--segment-chunks', '0', '-4'],
+     '--segment-chunks must be at least 0, got 0 -4'),
+])
+def test_sizes_and_counts_are_checked_before_the_gpu(scan_ab, capsys, args,
+                                                      message):
+    """Parser errors naming the option (were the median of no times or
+    an IndexError on the GPU)."""
+    with pytest.raises(SystemExit) as exit_info:
+        scan_ab.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_needs_files(scan_ab, capsys, tmp_path):
+    (tmp_path / 'a.pt').write_bytes(b'')
+    with pytest.raises(SystemExit) as exit_info:
+        scan_ab.main(['compare', str(tmp_path / 'a.pt'), str(tmp_path),
+                      str(tmp_path / 'c.pt')])
+    assert exit_info.value.code == 2
+    assert f'compare: no file at {tmp_path}, {tmp_path}/c.pt' in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize('size', ['100', '16', '0'])
 def test_profile_size_must_be_a_multiple_of_32(scan_ab, capsys, size):
     with pytest.raises(SystemExit):
