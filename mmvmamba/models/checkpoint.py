@@ -1,4 +1,5 @@
 """The authors' checkpoint keys, and strict loading of converted weights."""
+import os
 import os.path as osp
 import pickle
 import re
@@ -195,6 +196,15 @@ def _arch_hint(model: torch.nn.Module,
             'arch')
 
 
+def _check_weights(checkpoint: str, what: str, weights) -> None:
+    """``weights`` (``what`` of the file ``checkpoint``) must be a dict
+    keyed by parameter names."""
+    if not (isinstance(weights, dict)
+            and all(isinstance(key, str) for key in weights)):
+        raise ValueError(f'{checkpoint}: {what} must be a dict of weights '
+                         f'by name (str keys), got {weights!r:.80}')
+
+
 def load_pretrained_backbone(model: torch.nn.Module,
                              checkpoint: str,
                              prefix: Optional[str] = None) -> None:
@@ -215,6 +225,10 @@ def load_pretrained_backbone(model: torch.nn.Module,
         prefix (str, optional): Keep only keys with this prefix, stripped
             (``'backbone.'`` for converted classifier checkpoints).
     """
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f'checkpoint must be a path, got {checkpoint!r}')
+    if prefix is not None and not isinstance(prefix, str):
+        raise ValueError(f'prefix must be a str or None, got {prefix!r}')
     if not osp.isfile(checkpoint):
         raise FileNotFoundError(
             f'pretrained VMamba weights not found at {checkpoint!r}. Make '
@@ -227,7 +241,9 @@ def load_pretrained_backbone(model: torch.nn.Module,
                          'a checkpoint dict (state_dict or model weights)')
     if 'state_dict' in ckpt:
         state_dict = ckpt['state_dict']
+        _check_weights(checkpoint, "its 'state_dict'", state_dict)
     elif 'model' in ckpt:
+        _check_weights(checkpoint, "its 'model'", ckpt['model'])
         try:
             state_dict, _ = convert_authors_state_dict(ckpt['model'])
         except KeyError:
@@ -238,6 +254,7 @@ def load_pretrained_backbone(model: torch.nn.Module,
         prefix = None
     else:
         state_dict = ckpt
+        _check_weights(checkpoint, 'the checkpoint', state_dict)
     if prefix:
         all_keys = list(state_dict)
         state_dict = OrderedDict((k[len(prefix):], v)
@@ -256,6 +273,11 @@ def load_pretrained_backbone(model: torch.nn.Module,
             f'{f" under {prefix!r}" if prefix else ""}: is it the '
             'checkpoint of another model? Its keys: '
             f'{_some(state_dict, 5)}; a VMamba\'s: {_some(own, 3)}')
+    not_tensors = [k for k, v in state_dict.items()
+                   if k in own and not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f'{checkpoint}: the values of {_some(not_tensors)} '
+                         'are not tensors')
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmvmamba.models import VMamba, convert_authors_state_dict
-from mmvmamba.models.checkpoint import _arch_hint
+from mmvmamba.models.checkpoint import _arch_hint, load_pretrained_backbone
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 FIXTURE = osp.join(ROOT, 'tests', 'data',
@@ -284,6 +284,32 @@ def test_checkpoint_of_another_model(tmp_path, fixture):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match='holds a Tensor, not a checkpoint'):
         pretrained(path, fixture=fixture).init_weights()
+
+
+def test_malformed_checkpoint_or_arguments(tmp_path, fixture):
+    """Each named (were a TypeError, AttributeError or KeyError from inside
+    the loading)."""
+    model = VMamba(dict(embed_dims=8, depths=[1, 1]), out_indices=(1, ))
+    weights = model.state_dict()
+    path = tmp_path / 'model.pth'
+    torch.save({'state_dict': weights}, path)
+    with pytest.raises(ValueError, match='prefix must be a str or None, '
+                       'got 3'):
+        pretrained(path, prefix=3, fixture=fixture).init_weights()
+    with pytest.raises(ValueError, match='checkpoint must be a path, got '
+                       'None'):
+        VMamba(init_cfg=dict(type='Pretrained')).init_weights()
+    for saved, what in ((dict(state_dict=[1, 2]), "its 'state_dict'"),
+                        (dict(model=None), "its 'model'"),
+                        ({1: torch.zeros(1)}, 'the checkpoint')):
+        torch.save(saved, path)
+        with pytest.raises(ValueError, match=f'model.pth: {what} must be a '
+                           r'dict of weights by name \(str keys\)'):
+            load_pretrained_backbone(model, str(path))
+    torch.save(dict(weights, **{'patch_embed.proj.weight': 3}), path)
+    with pytest.raises(ValueError, match=r'model.pth: the values of '
+                       r'patch_embed\.proj\.weight are not tensors'):
+        load_pretrained_backbone(model, str(path))
 
 
 def test_another_arch_is_named(tmp_path):

@@ -564,7 +564,7 @@ class VSSBackbone(BaseModule):
         """Load ``init_cfg``'s pretrained weights strictly, if any."""
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_pretrained_backbone(self, cfg['checkpoint'],
+            load_pretrained_backbone(self, cfg.get('checkpoint'),
                                      cfg.get('prefix'))
             self._is_init = True
             return
