@@ -60,6 +60,15 @@ def check_bool(name: str, value, optional: bool = False) -> None:
         raise ValueError(f'{name} must be {kind}, got {value!r}')
 
 
+def check_float_dtype(name: str, value) -> None:
+    """Check that a dtype argument is None or a floating-point dtype (a
+    string such as ``'float16'`` is not)."""
+    if value is not None and not (isinstance(value, torch.dtype)
+                                  and value.is_floating_point):
+        raise ValueError(f'{name} must be None or a floating-point '
+                         f'torch.dtype, got {value!r}')
+
+
 def check_same_device(**tensors) -> None:
     """Check that all given (non-None) tensors lie on one device."""
     devices = {n: t.device for n, t in tensors.items() if t is not None}

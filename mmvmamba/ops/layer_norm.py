@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .checks import (autocast_dtype, autograd_records, check_bool,
-                     check_same_device, check_tensor, forward_only_reason)
+                     check_float_dtype, check_same_device, check_tensor,
+                     forward_only_reason)
 
 try:
     import triton
@@ -622,6 +623,7 @@ def layer_norm(x: torch.Tensor,
     Returns:
         Tensor: ``x``'s shape.
     """
+    check_float_dtype('out_dtype', out_dtype)
     if unsupported_reason(x, weight, bias) is not None or (
             torch.compiler.is_compiling()
             and (not COMPILE_OPS or _INTERPRETED)):
@@ -705,6 +707,7 @@ def gated_layer_norm(x: torch.Tensor,
             broadcast).
     """
     check_tensor('z', z, tuple(x.shape))
+    check_float_dtype('out_dtype', out_dtype)
     if out_dtype is None:
         out_dtype = autocast_dtype(x, AUTOCAST_DEVICE_TYPES)
     if out_dtype is None:
@@ -834,6 +837,7 @@ def add_layer_norm(x: torch.Tensor,
         tuple[Tensor, Tensor]: The sum and its norm, of ``x``'s shape
         (contiguous where the kernel ran).
     """
+    check_float_dtype('out_dtype', out_dtype)
     if add_unsupported_reason(x, update, weight, bias, out_dtype) is not None:
         total = x + update
         return total, layer_norm(total, weight, bias, eps, out_dtype)

@@ -754,6 +754,20 @@ def test_gated_refuses_a_z_not_of_x_shape(z, match):
         ln.gated_layer_norm(x, z, w, w)
 
 
+@pytest.mark.parametrize('call', [
+    lambda x, dtype: ln.layer_norm(x, out_dtype=dtype),
+    lambda x, dtype: ln.gated_layer_norm(x, x, out_dtype=dtype),
+    lambda x, dtype: ln.add_layer_norm(x, x, out_dtype=dtype),
+])
+@pytest.mark.parametrize('dtype', ['float16', torch.int32, torch.bool, 16])
+def test_out_dtype_must_be_a_floating_dtype(call, dtype):
+    """A string was read as a device ('Invalid device string'), an integer
+    or bool dtype took the norm's values cast to it, silently."""
+    with pytest.raises(ValueError, match=r'out_dtype must be None or a '
+                       r'floating-point torch.dtype, got '):
+        call(torch.randn(2, 5, 48), dtype)
+
+
 @pytest.mark.parametrize('make', [
     lambda: (torch.randn(3, 5, 96), torch.randn(96), torch.randn(96)),
     lambda: (torch.randn(3, 96, 5).transpose(1, 2), torch.randn(96), None),
