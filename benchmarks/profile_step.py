@@ -31,8 +31,8 @@ from detectors import (DETECTOR_ZOO, TASKS, backbone_step, build_detector,
                        load_detector_config, mode_label, synthetic_batch)
 from detectors import MODES as DETECTOR_MODES
 from models import build_classifier, model_label, scope_of, tensor_forward
-from timing import (MODES, SCAN_KINDS, _step, device_kernels, print_table,
-                    scan_kernel_kind)
+from timing import (MODES, SCAN_KINDS, _step, check_lower_bounds,
+                    device_kernels, print_table, scan_kernel_kind)
 
 def scan_kinds(kernels: Sequence[Tuple[str, int, float]]
                ) -> List[Tuple[str, int, float]]:
@@ -175,10 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--amp-dtype is a detector's")
         args.batch = 128 if args.batch is None else args.batch
         args.size = 224 if args.size is None else args.size
-    for name in ('batch', 'size', 'top'):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f'--{name} must be at least 1, got {value}')
+    check_lower_bounds(parser, args, dict(batch=1, size=1, top=1))
     if not torch.cuda.is_available():
         parser.error('profile_step.py needs a GPU')
     return args

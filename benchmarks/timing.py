@@ -15,7 +15,8 @@ ran; on request :func:`gpu_time` of one step, from ``torch.profiler``) and
 :func:`module_settings` sets a module's attributes (an op's switch, launch
 settings) in a block, and :func:`switch_model_rows` times classifier steps
 with a module's switch off and on. :func:`check_cli_args` is the scripts'
-check of ``--device`` and of their sizes and counts.
+check of ``--device`` and (:func:`check_lower_bounds`) of their sizes and
+counts.
 """
 import argparse
 import gc
@@ -414,11 +415,25 @@ def relative_to(rows: List[Dict], reference_of: Dict[str, str], key: str,
     return ratios
 
 
+def check_lower_bounds(parser: argparse.ArgumentParser,
+                       args: argparse.Namespace,
+                       lower_bounds: Dict[str, int]) -> None:
+    """Refuse, as a parser error, a size or count of ``args`` below its
+    bound in ``lower_bounds`` (an int or a list of them; absent or None
+    arguments are skipped)."""
+    for name, bound in lower_bounds.items():
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and min(values) < bound:
+            option = '--' + name.replace('_', '-')
+            shown = ' '.join(map(str, values))
+            parser.error(f'{option} must be at least {bound}, got {shown}')
+
+
 def check_cli_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                    lower_bounds: Dict[str, int]) -> None:
     """Refuse, as parser errors, an ``args.device`` that torch has not got
-    here and a size or count below its bound in ``lower_bounds`` (an int
-    or a list of them; absent or None arguments are skipped)."""
+    here, then what :func:`check_lower_bounds` refuses."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -432,10 +447,4 @@ def check_cli_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if (device.index or 0) >= torch.cuda.device_count():
             parser.error(f'--device {args.device}: there are '
                          f'{torch.cuda.device_count()} GPUs')
-    for name, bound in lower_bounds.items():
-        value = getattr(args, name, None)
-        values = value if isinstance(value, list) else [value]
-        if value is not None and min(values) < bound:
-            option = '--' + name.replace('_', '-')
-            shown = ' '.join(map(str, values))
-            parser.error(f'{option} must be at least {bound}, got {shown}')
+    check_lower_bounds(parser, args, lower_bounds)

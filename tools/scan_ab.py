@@ -54,7 +54,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'benchmarks'))
-from timing import measure, scan_kernel_kind  # noqa: E402
+from timing import (check_lower_bounds, measure,  # noqa: E402
+                    scan_kernel_kind)
 
 # (C, H = W) of VMamba-T's stages at 224: d_inner = 2C, rank = ceil(C / 16).
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))
@@ -442,12 +443,8 @@ def main(argv=None):
     p.add_argument('--dtype', choices=['float32', 'bfloat16'],
                    default='bfloat16', help="the fused scan's input dtype")
     args = parser.parse_args(argv)
-    for name, bound in dict(batch=1, repeat=1, segment_chunks=0).items():
-        value = getattr(args, name, None)
-        values = value if isinstance(value, list) else [value]
-        if value is not None and min(values) < bound:
-            parser.error(f'--{name.replace("_", "-")} must be at least '
-                         f'{bound}, got {" ".join(map(str, values))}')
+    check_lower_bounds(parser, args,
+                       dict(batch=1, repeat=1, segment_chunks=0))
     if args.mode == 'profile' and not all(0 <= s < len(STAGES)
                                           for s in args.stages):
         parser.error(f'--stages must be 0 .. {len(STAGES) - 1}, got '
