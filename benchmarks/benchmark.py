@@ -214,7 +214,8 @@ def bench_detectors(args) -> list:
     rows = detectors.benchmark(
         args.models, args.modes, device, args.batch, args.det_size,
         (args.seg_size, args.seg_size), args.warmup, args.repeat,
-        args.amp_dtype, args.rounds, log=lambda line: print(line, flush=True))
+        args.amp_dtype, args.rounds, log=lambda line: print(line, flush=True),
+        merge_groups=args.merge_param_groups)
     for key, out in (('ms', 'time_vs_swin'), ('peak_gib', 'mem_vs_swin')):
         for row, ratio in zip(
                 rows, relative_to(rows, detectors.REFERENCE_OF, key)):
@@ -224,6 +225,8 @@ def bench_detectors(args) -> list:
         f'step), batch {args.batch}', device, args)
     if args.rounds > 1:
         title += f'; median of {args.rounds} rounds, models in turn'
+    title += ('; every model\'s param groups merged' if
+              args.merge_param_groups else '; each config\'s param groups')
     print_table(
         title + '; GPU ms: kernels and copies of one step (torch.profiler), '
         'scan ms: the selective-scan kernels among them; backbone ms: the '
@@ -378,6 +381,12 @@ def main(argv=None):
     det.add_argument('--rounds', type=int, default=1,
                      help='time all models this many times, in turn '
                      '(medians over the rounds)')
+    det.add_argument('--merge-param-groups', action='store_true',
+                     help='build every model\'s optimizer with mmvmamba\'s '
+                     'MergedGroupsOptimWrapperConstructor (one param group '
+                     'per setting), as mmvmamba\'s configs do, instead of '
+                     'its config\'s constructor (mmdet\'s and mmseg\'s Swin: '
+                     'one group per parameter)')
     det.set_defaults(func=bench_detectors)
 
     args = parser.parse_args(argv)

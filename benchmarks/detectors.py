@@ -245,10 +245,14 @@ def synthetic_batch(model: nn.Module, scope: str, batch: int,
 
 
 def optim_wrapper_cfg(cfg: Config, mode: str,
-                      amp_dtype: str = 'bfloat16') -> dict:
+                      amp_dtype: str = 'bfloat16',
+                      merge_groups: bool = False) -> dict:
     """The config's optim_wrapper as ``OptimWrapper`` or ``AmpOptimWrapper``.
 
-    The optimizer and its paramwise settings stay the config's.
+    The optimizer and its paramwise settings stay the config's; with
+    ``merge_groups`` its param groups are built by mmvmamba's
+    ``MergedGroupsOptimWrapperConstructor`` (one group per setting), as
+    mmvmamba's configs do, whatever the config's constructor.
     """
     if mode not in MODES:
         raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -260,18 +264,21 @@ def optim_wrapper_cfg(cfg: Config, mode: str,
             type='AmpOptimWrapper', dtype=amp_dtype, loss_scale='dynamic')
     else:
         wrapper['type'] = 'OptimWrapper'
+    if merge_groups:
+        wrapper['constructor'] = 'MergedGroupsOptimWrapperConstructor'
     return wrapper
 
 
 def build_train_optim_wrapper(model: nn.Module,
                               cfg: Config,
                               mode: str,
-                              amp_dtype: str = 'bfloat16') -> OptimWrapper:
+                              amp_dtype: str = 'bfloat16',
+                              merge_groups: bool = False) -> OptimWrapper:
     """The optim wrapper of :func:`optim_wrapper_cfg` for ``model``."""
     # the paramwise constructor logs every parameter's options
     with DefaultScope.overwrite_default_scope(scope_of(cfg)), quiet_logger():
-        return build_optim_wrapper(model,
-                                   optim_wrapper_cfg(cfg, mode, amp_dtype))
+        return build_optim_wrapper(
+            model, optim_wrapper_cfg(cfg, mode, amp_dtype, merge_groups))
 
 
 def mode_label(mode: str, amp_dtype: Optional[str] = 'bfloat16') -> str:
@@ -288,7 +295,8 @@ def time_train_step(model: nn.Module,
                     device: torch.device,
                     warmup: int = 5,
                     repeat: int = 20,
-                    amp_dtype: str = 'bfloat16') -> Dict[str, Optional[float]]:
+                    amp_dtype: str = 'bfloat16',
+                    merge_groups: bool = False) -> Dict[str, Optional[float]]:
     """Time ``model.train_step(data, optim_wrapper)`` in one mode.
 
     A fresh optim wrapper of the config (:func:`optim_wrapper_cfg`) takes
@@ -309,6 +317,8 @@ def time_train_step(model: nn.Module,
         warmup (int): Untimed steps first.
         repeat (int): Timed steps; the median is reported.
         amp_dtype (str): ``'bfloat16'`` or ``'float16'`` for ``'amp'``.
+        merge_groups (bool): Param groups merged whatever the config's
+            constructor (:func:`optim_wrapper_cfg`).
 
     Returns:
         dict: As :func:`timing.timed` with ``profile``
@@ -321,7 +331,8 @@ def time_train_step(model: nn.Module,
     last = {}
 
     def make_step() -> Callable[[], None]:
-        optim_wrapper = build_train_optim_wrapper(model, cfg, mode, amp_dtype)
+        optim_wrapper = build_train_optim_wrapper(model, cfg, mode, amp_dtype,
+                                                  merge_groups)
 
         def step():
             last['loss'] = model.train_step(data, optim_wrapper)['loss']
@@ -454,7 +465,8 @@ def benchmark(names: Sequence[str],
               repeat: int = 20,
               amp_dtypes: Sequence[str] = ('bfloat16', ),
               rounds: int = 1,
-              log: Callable[[str], None] = print) -> List[dict]:
+              log: Callable[[str], None] = print,
+              merge_groups: bool = False) -> List[dict]:
     """Time the training step of each model in each mode.
 
     With several ``rounds`` the models take turns, each rebuilt every round,
@@ -475,6 +487,10 @@ def benchmark(names: Sequence[str],
             as a mode of its own.
         rounds (int): Times the whole set is timed. Defaults to 1.
         log (Callable): Called with a line per measurement.
+        merge_groups (bool): Every model's param groups merged
+            (:func:`optim_wrapper_cfg`), so that baselines whose configs
+            give each parameter a group step their optimizer as mmvmamba's
+            configs do. Defaults to False (each config's own).
 
     Returns:
         list[dict]: One row per model and mode: ``model``, ``task``,
@@ -510,7 +526,7 @@ def benchmark(names: Sequence[str],
                         batch=batch)
                 row = rows[key]
                 result = time_train_step(model, cfg, mode, data, device,
-                                         warmup, repeat, dtype)
+                                         warmup, repeat, dtype, merge_groups)
                 result.update(
                     time_backbone(model, mode, data, device, warmup, repeat,
                                   dtype)

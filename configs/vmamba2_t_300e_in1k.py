@@ -36,6 +36,7 @@ train_dataloader = dict(batch_size=128)
 # The authors' rule (utils/optimizer.py): no decay for 1-D parameters and
 # biases; everything else decays.
 optim_wrapper = dict(
+    constructor='MergedGroupsOptimWrapperConstructor',
     paramwise_cfg=dict(
         _delete_=True,
         norm_decay_mult=0.0,

@@ -30,6 +30,7 @@ model = dict(
 # No decay on norms, biases and 1-D parameters (Swin's rule), nor on the
 # scan's A_logs, which the authors mark _no_weight_decay.
 optim_wrapper = dict(
+    constructor='MergedGroupsOptimWrapperConstructor',
     paramwise_cfg=dict(
         _delete_=True,
         norm_decay_mult=0.0,

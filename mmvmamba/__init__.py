@@ -2,8 +2,10 @@
 
 ``import mmvmamba`` (or ``custom_imports=dict(imports=['mmvmamba'])`` in a
 config) registers the ``VMamba`` and ``VMamba2`` backbones in mmengine's root
-registry, and the ``MeanLossAcrossRanksHook`` and ``RandomStateHook``
-(:mod:`mmvmamba.engine`) in its root ``HOOKS``.
+registry, the ``MeanLossAcrossRanksHook`` and ``RandomStateHook``
+(:mod:`mmvmamba.engine`) in its root ``HOOKS``, and the
+``MergedGroupsOptimWrapperConstructor`` in its root
+``OPTIM_WRAPPER_CONSTRUCTORS``.
 """
 from . import engine, models, ops
 from .version import __version__

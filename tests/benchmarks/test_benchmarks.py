@@ -201,6 +201,33 @@ def test_optim_wrapper_modes():
         detectors.time_train_step(None, cfg, 'amp', {}, torch.device('cpu'))
 
 
+def test_merge_param_groups_for_every_model():
+    """mmvmamba's configs merge their param groups; with merge_groups the
+    Swin baseline's (one group per parameter in mmseg's config) are merged
+    too, with the same options per parameter."""
+    cfg = detectors.load_detector_config('upernet-vmamba-t')
+    assert cfg.optim_wrapper.constructor == (
+        'MergedGroupsOptimWrapperConstructor')
+    swin = detectors.load_detector_config('upernet-swin-t')
+    assert 'constructor' not in swin.optim_wrapper
+    merged = detectors.optim_wrapper_cfg(swin, 'amp', 'float16', True)
+    assert merged['constructor'] == 'MergedGroupsOptimWrapperConstructor'
+    assert merged['paramwise_cfg'] == swin.optim_wrapper.paramwise_cfg
+    model = detectors.build_detector(swin, torch.device('cpu')).backbone
+    own, joined = (detectors.build_train_optim_wrapper(model, swin, 'fp32',
+                                                       merge_groups=merge)
+                   for merge in (False, True))
+    params = list(model.parameters())
+    assert len(own.optimizer.param_groups) == len(params)
+    assert 1 < len(joined.optimizer.param_groups) <= 4
+
+    def options(wrapper):
+        return {id(p): (g['lr'], g['weight_decay'])
+                for g in wrapper.optimizer.param_groups for p in g['params']}
+
+    assert options(joined) == options(own)
+
+
 def test_ratios_to_reference_rows():
     rows = [
         dict(model='a', mode='x', ms=6., status='ok'),

@@ -19,6 +19,7 @@ param_scheduler = [
 ]
 optim_wrapper = dict(
     type='OptimWrapper',
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(
         _delete_=True,
         type='AdamW',

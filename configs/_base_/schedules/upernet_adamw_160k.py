@@ -8,6 +8,7 @@ _base_ = [
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(
         type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
     paramwise_cfg=_base_.paramwise_cfg)
