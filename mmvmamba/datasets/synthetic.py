@@ -27,6 +27,8 @@ import json
 import math
 import os
 import os.path as osp
+import shutil
+import tempfile
 from typing import Dict, List, Sequence, Tuple
 
 import cv2
@@ -67,6 +69,18 @@ ADE_INDEX = dict(
 SYNTHETIC_ADE_CLASSES = tuple(
     sorted(ADE_INDEX, key=lambda name: ADE_INDEX[name]))
 ADE_OTHER = 0  # "other" pixels of ADE annotations, ignored in training
+
+# The two data sets' folders under ``--out``, and the file that marks each
+# as written here (a folder without it is never replaced).
+DATASET_DIRS = ('coco', 'ADEChallengeData2016')
+MARKER = '.mmvmamba_synthetic'
+MIN_SIZE = 32  # the backbones' largest stride
+
+
+def _imwrite(path: str, image: np.ndarray, params: Sequence[int] = ()):
+    """``cv2.imwrite`` that raises where it would return False."""
+    if not cv2.imwrite(path, image, list(params)):
+        raise OSError(f'could not write the image {path}')
 
 
 def textured_background(rng: np.random.Generator, height: int,
@@ -171,8 +185,8 @@ def write_coco(root: str, rng: np.random.Generator, split: str, num: int,
     for img_id in range(first_id, first_id + num):
         image, objects = coco_image(rng, size, max_objects)
         file_name = f'{img_id:012d}.jpg'
-        cv2.imwrite(osp.join(img_dir, file_name), image,
-                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        _imwrite(osp.join(img_dir, file_name), image,
+                 [cv2.IMWRITE_JPEG_QUALITY, 95])
         images.append(
             dict(id=img_id, file_name=file_name, width=size, height=size))
         for obj in objects:
@@ -282,10 +296,10 @@ def write_ade(root: str, rng: np.random.Generator, split: str, num: int,
     for i in range(1, num + 1):
         image, label = ade_scene(rng, size)
         stem = f'ADE_{tag}_{i:08d}'
-        cv2.imwrite(
+        _imwrite(
             osp.join(img_dir, stem + '.jpg'), image,
             [cv2.IMWRITE_JPEG_QUALITY, 95])
-        cv2.imwrite(osp.join(ann_dir, stem + '.png'), label)
+        _imwrite(osp.join(ann_dir, stem + '.png'), label)
 
 
 def constant_prediction_miou(ade_root: str,
@@ -318,6 +332,13 @@ def generate(out: str,
              ade_size: int = 128) -> None:
     """Write both data sets under ``out``; deterministic given ``seed``.
 
+    They are written to a temporary folder inside ``out`` and moved into
+    place once complete, each replacing the folder of an earlier run (no
+    file of that run is left), so a failed or interrupted run leaves the
+    earlier data sets as they were. A ``coco`` or ``ADEChallengeData2016``
+    folder that this function did not write is never replaced
+    (``FileExistsError``).
+
     Args:
         out (str): Output folder (``coco/`` and ``ADEChallengeData2016/``).
         seed (int): Seed of everything drawn.
@@ -327,20 +348,70 @@ def generate(out: str,
         ade_train, ade_val (int): Number of segmentation images per split.
         ade_size (int): Side of the (square) segmentation images.
     """
+    check_generate_args(
+        seed=seed, coco_train=coco_train, coco_val=coco_val,
+        coco_size=coco_size, max_objects=max_objects, ade_train=ade_train,
+        ade_val=ade_val, ade_size=ade_size)
+    if osp.exists(out) and not osp.isdir(out):
+        raise NotADirectoryError(f'out must be a folder, got the file {out}')
+    for name in DATASET_DIRS:
+        target = osp.join(out, name)
+        if osp.exists(target) and not osp.isfile(osp.join(target, MARKER)):
+            raise FileExistsError(
+                f'{target} exists and was not written by this generator (no '
+                f'{MARKER} in it); not replacing it: remove it or choose '
+                'another out')
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix='.synthetic-', dir=out)
+    try:
+        _write_datasets(staging, seed, coco_train, coco_val, coco_size,
+                        max_objects, ade_train, ade_val, ade_size)
+        for name in DATASET_DIRS:
+            target = osp.join(out, name)
+            if osp.exists(target):
+                os.rename(target, osp.join(staging, name + '.old'))
+            os.rename(osp.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_generate_args(flags: bool = False, **args) -> None:
+    """Raise ``ValueError`` naming the first argument of :func:`generate`
+    out of range (as its command-line flag with ``flags``): ``seed`` a
+    non-negative int, the image counts and ``max_objects`` positive ints,
+    the sizes ints of at least :data:`MIN_SIZE`."""
+    lowest = dict(seed=0, coco_size=MIN_SIZE, ade_size=MIN_SIZE)
+    for name, value in args.items():
+        low = lowest.get(name, 1)
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or value < low):
+            label = '--' + name.replace('_', '-') if flags else name
+            raise ValueError(f'{label} must be an int of at least {low}, '
+                             f'got {value!r}')
+
+
+def _write_datasets(root: str, seed: int, coco_train: int, coco_val: int,
+                    coco_size: int, max_objects: int, ade_train: int,
+                    ade_val: int, ade_size: int) -> None:
+    """Both data sets under ``root``, each with its :data:`MARKER`."""
     # One independent stream per split, so a split's images do not depend
     # on how many images the other splits have.
     streams = np.random.SeedSequence(seed).spawn(4)
     rngs = [np.random.default_rng(s) for s in streams]
-    coco = osp.join(out, 'coco')
+    coco = osp.join(root, 'coco')
     write_coco(coco, rngs[0], 'train', coco_train, coco_size, max_objects, 1)
     write_coco(coco, rngs[1], 'val', coco_val, coco_size, max_objects,
                1_000_001)
-    ade = osp.join(out, 'ADEChallengeData2016')
+    ade = osp.join(root, 'ADEChallengeData2016')
     write_ade(ade, rngs[2], 'training', ade_train, ade_size)
     write_ade(ade, rngs[3], 'validation', ade_val, ade_size)
+    for name in DATASET_DIRS:
+        with open(osp.join(root, name, MARKER), 'w') as f:
+            f.write('written by python -m mmvmamba.datasets.synthetic\n')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; out-of-range values stop it with a usage error."""
     parser = argparse.ArgumentParser(
         description='Write small synthetic COCO and ADE20K data sets.')
     parser.add_argument('--out', default='data/synthetic', help='output dir')
@@ -352,7 +423,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--ade-train', type=int, default=200)
     parser.add_argument('--ade-val', type=int, default=50)
     parser.add_argument('--ade-size', type=int, default=128)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        check_generate_args(
+            flags=True, **{k: v
+                           for k, v in vars(args).items() if k != 'out'})
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def main(argv=None) -> None:

@@ -170,3 +170,77 @@ def test_running_the_generator_module_does_not_warn(tmp_path):
     ], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ''
+
+
+def _count(root, *parts):
+    return len(os.listdir(osp.join(root, *parts)))
+
+
+def test_a_new_run_replaces_the_last_one_whole(tmp_path):
+    out = str(tmp_path / 'data')
+    generate(out, seed=0, **SMALL)
+    fewer = dict(SMALL, coco_train=2, ade_val=1)
+    generate(out, seed=1, **fewer)
+    assert _count(out, 'coco', 'train2017') == 2
+    assert _count(out, 'ADEChallengeData2016', 'images', 'validation') == 1
+    assert _count(out, 'ADEChallengeData2016', 'annotations',
+                  'validation') == 1
+    generate(str(tmp_path / 'fresh'), seed=1, **fewer)
+    for name in ('coco', 'ADEChallengeData2016'):
+        assert tree_digest(osp.join(out, name)) == tree_digest(
+            str(tmp_path / 'fresh' / name))
+    assert sorted(os.listdir(out)) == ['ADEChallengeData2016', 'coco']
+
+
+def test_a_failed_run_leaves_the_last_one(tmp_path, monkeypatch):
+    out = str(tmp_path / 'data')
+    generate(out, seed=0, **SMALL)
+    before = tree_digest(out)
+    written = []
+
+    def imwrite(path, image, params=()):
+        written.append(path)
+        return len(written) < 5  # the fifth image fails
+
+    monkeypatch.setattr(cv2, 'imwrite', imwrite)
+    with pytest.raises(OSError, match='could not write the image'):
+        generate(out, seed=1, **SMALL)
+    assert tree_digest(out) == before
+    assert sorted(os.listdir(out)) == ['ADEChallengeData2016', 'coco']
+
+
+def test_other_folders_are_not_replaced(tmp_path):
+    coco = tmp_path / 'coco'
+    coco.mkdir()
+    (coco / 'mine.json').write_text('{}')
+    with pytest.raises(FileExistsError, match='not written by this'):
+        generate(str(tmp_path), seed=0, **SMALL)
+    assert os.listdir(str(coco)) == ['mine.json']
+    assert sorted(os.listdir(str(tmp_path))) == ['coco']
+    with pytest.raises(NotADirectoryError, match='out must be a folder'):
+        generate(str(coco / 'mine.json'), seed=0, **SMALL)
+
+
+@pytest.mark.parametrize('name,value', [('coco_train', 0), ('ade_val', -1),
+                                        ('coco_size', 31), ('ade_size', 2.5),
+                                        ('max_objects', 0), ('seed', -1),
+                                        ('coco_val', True)])
+def test_bad_arguments_are_named(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f'^{name} must be an int'):
+        generate(str(tmp_path / 'data'), **dict(SMALL, **{name: value}))
+    assert not osp.exists(str(tmp_path / 'data'))
+
+
+def test_bad_flags_are_named(tmp_path):
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(
+        p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
+    proc = subprocess.run([
+        sys.executable, '-m', 'mmvmamba.datasets.synthetic', '--out',
+        str(tmp_path / 'data'), '--ade-size', '16'
+    ], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert '--ade-size must be an int of at least 32, got 16' in proc.stderr
+    assert not osp.exists(str(tmp_path / 'data'))
