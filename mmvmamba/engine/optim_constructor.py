@@ -4,8 +4,14 @@ mmseg and mmpretrain configs find it under their own scopes)."""
 from typing import List, Optional, Union
 
 import torch.nn as nn
-from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from torch.optim import Optimizer
+
+
+def _options(group: dict) -> dict:
+    """A param group's options: every key but ``'params'``."""
+    return {k: v for k, v in group.items() if k != 'params'}
 
 
 def merge_param_groups(groups: List[dict]) -> List[dict]:
@@ -27,14 +33,36 @@ def merge_param_groups(groups: List[dict]) -> List[dict]:
         if not isinstance(group, dict) or 'params' not in group:
             raise TypeError('groups must be dicts with a "params" list, '
                             f'got {group!r}')
-        options = {k: v for k, v in group.items() if k != 'params'}
+        options = _options(group)
         for target in merged:
-            if {k: v for k, v in target.items() if k != 'params'} == options:
+            if _options(target) == options:
                 target['params'].extend(group['params'])
                 break
         else:
             merged.append(dict(options, params=list(group['params'])))
     return merged
+
+
+def check_state_groups(optimizer: Optimizer, state_dict: dict) -> None:
+    """Refuse, saying how to resume it, an optimizer state whose param
+    groups are not ``optimizer``'s (a ``load_state_dict`` pre-hook).
+
+    A run saved with mmengine's default constructor (one group per
+    parameter) resumes with it: ``--cfg-options
+    optim_wrapper.constructor=DefaultOptimWrapperConstructor``.
+
+    Raises:
+        ValueError: The state has another number of groups.
+    """
+    saved = len(state_dict.get('param_groups', []))
+    groups = len(optimizer.param_groups)
+    if saved != groups:
+        raise ValueError(
+            f'the optimizer state to load has {saved} param groups, this '
+            f'optimizer {groups} (MergedGroupsOptimWrapperConstructor: one '
+            'per setting); a run saved with one group per parameter resumes '
+            'with --cfg-options '
+            'optim_wrapper.constructor=DefaultOptimWrapperConstructor')
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -52,8 +80,9 @@ class MergedGroupsOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     weight decay as with the default constructor, and the updates are the
     same; parameter schedulers scale every group alike.
 
-    A checkpoint's optimizer state holds the groups it was saved with, so a
-    run saved with one of the two constructors resumes with that one.
+    A checkpoint's optimizer state holds its groups: a run saved with one
+    group per parameter (mmengine's default constructor, these configs
+    before) resumes with that one (:func:`check_state_groups` says so).
 
     Use it in a config as
     ``optim_wrapper = dict(constructor='MergedGroupsOptimWrapperConstructor',
@@ -73,4 +102,13 @@ class MergedGroupsOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             return
         own: List[dict] = []
         super().add_params(own, module, prefix, is_dcn_module)
+        self._merged = True
         params.extend(merge_param_groups(own))
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        self._merged = False
+        optim_wrapper = super().__call__(model)
+        if self._merged:
+            optim_wrapper.optimizer.register_load_state_dict_pre_hook(
+                check_state_groups)
+        return optim_wrapper

@@ -1,5 +1,6 @@
 """MergedGroupsOptimWrapperConstructor: mmengine's paramwise rules, one
 param group per setting, the same learning rates, decays and updates."""
+import copy
 import glob
 import os.path as osp
 
@@ -186,3 +187,28 @@ def test_training_configs_use_it():
         assert wrapper.get('constructor') == (
             'MergedGroupsOptimWrapperConstructor'), path
     assert found >= 20
+
+
+def test_a_state_of_other_groups_is_refused_with_the_remedy():
+    """A run saved with one group per parameter resumes with the default
+    constructor, which the error names; the merged optimizer's own state
+    loads."""
+    torch.manual_seed(0)
+    model = _Net()
+    per_param = _build(model, 'DefaultOptimWrapperConstructor')
+    merged = _build(model, 'MergedGroupsOptimWrapperConstructor')
+    for wrapper in (per_param, merged):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        wrapper.step()
+    before = copy.deepcopy(merged.state_dict())
+    with pytest.raises(ValueError, match='optim_wrapper.constructor='
+                       'DefaultOptimWrapperConstructor'):
+        merged.load_state_dict(per_param.state_dict())
+    assert str(merged.state_dict()) == str(before)  # left as it was
+    again = _build(_Net(), 'MergedGroupsOptimWrapperConstructor')
+    again.load_state_dict(merged.state_dict())
+    assert [len(g['params']) for g in again.optimizer.param_groups] == [
+        len(g['params']) for g in merged.optimizer.param_groups
+    ]
+    assert all(s['step'] == 1 for s in again.optimizer.state.values())
