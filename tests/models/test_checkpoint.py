@@ -332,3 +332,39 @@ def test_another_arch_is_named(tmp_path):
     assert "(arch='small'); this model has" in _arch_hint(model, small)
     # the same layout: nothing to say
     assert _arch_hint(model, model.state_dict()) is None
+
+
+def test_pretrained_in_an_init_cfg_list(fixture, tmp_path):
+    """A Pretrained entry of a list loads strictly too, after the list's
+    other initialisers; without it they apply as in mmengine."""
+    ones = dict(type='Constant', val=1.0, layer='Linear')
+    model = VMamba(small_arch(fixture), init_cfg=[
+        ones, dict(type='Pretrained', checkpoint=FIXTURE)])
+    model.init_weights()
+    weights = fixture['model']
+    torch.testing.assert_close(model.stages[1].downsample.reduction.weight,
+                               weights['layers.1.downsample.reduction.weight'],
+                               rtol=0, atol=0)
+    # a strict load: an authors' key the model lacks is an error, not a
+    # warning of mmengine's non-strict loader
+    bad = dict(fixture, model=dict(fixture['model'], extra=torch.zeros(1)))
+    extra = str(tmp_path / 'extra.pth')
+    torch.save(bad, extra)
+    with pytest.raises((KeyError, ValueError), match='extra'):
+        VMamba(small_arch(fixture),
+               init_cfg=[ones, dict(type='Pretrained',
+                                    checkpoint=extra)]).init_weights()
+    plain = VMamba(small_arch(fixture), init_cfg=[ones])
+    plain.init_weights()
+    assert (plain.stages[1].downsample.reduction.weight == 1).all()
+
+
+@pytest.mark.parametrize('init_cfg', [
+    'Pretrained', 5, dict(checkpoint='x.pth'), [dict(type='Constant', val=1),
+                                                'x'],
+    [dict(type='Pretrained', checkpoint='a.pth'),
+     dict(type='Pretrained', checkpoint='b.pth')]
+])
+def test_bad_init_cfg_is_named(fixture, init_cfg):
+    with pytest.raises(ValueError, match='init_cfg'):
+        VMamba(small_arch(fixture), init_cfg=init_cfg)

@@ -507,6 +507,13 @@ def freeze(modules: Iterable[nn.Module]) -> None:
             param.requires_grad = False
 
 
+def _init_entries(init_cfg) -> list:
+    """``init_cfg`` as a list of its entries (none for None)."""
+    if isinstance(init_cfg, (list, tuple)):
+        return list(init_cfg)
+    return [] if init_cfg is None else [init_cfg]
+
+
 class VSSBackbone(BaseModule):
     """The frame of the VMamba and VMamba2 backbones around their stages:
     argument checks, output norms, frozen stages, ``norm_eval``, pretrained
@@ -517,7 +524,25 @@ class VSSBackbone(BaseModule):
     ``downsample``, None on the last stage: :meth:`_build_stages`), then
     calls :meth:`_add_output_norms` and :meth:`_freeze_stages`, in that
     order (the order of the state dict's keys).
+
+    ``init_cfg``: None, a dict with a ``type`` or a list of them, at most one
+    of type ``Pretrained`` (loaded strictly by
+    :func:`~mmvmamba.models.checkpoint.load_pretrained_backbone`, after the
+    others, as mmengine orders them).
     """
+
+    def __init__(self, init_cfg: Union[dict, List[dict], None] = None):
+        entries = _init_entries(init_cfg)
+        if (not isinstance(init_cfg, (dict, list, tuple, type(None)))
+                or not all(isinstance(c, dict) and 'type' in c
+                           for c in entries)):
+            raise ValueError('init_cfg must be a dict with a "type", a list '
+                             f'of them or None, got {init_cfg!r}')
+        pretrained = [c for c in entries if c['type'] == 'Pretrained']
+        if len(pretrained) > 1:
+            raise ValueError('init_cfg may hold one Pretrained entry, got '
+                             f'{len(pretrained)}: {pretrained!r}')
+        super().__init__(init_cfg=init_cfg)
 
     def _set_outputs(self, in_channels: int, embed_dims: int, num_stages: int,
                      out_indices: Union[int, Iterable[int]],
@@ -561,14 +586,25 @@ class VSSBackbone(BaseModule):
             self.add_module(f'norm{i}', LayerNorm(self.num_features[i]))
 
     def init_weights(self) -> None:
-        """Load ``init_cfg``'s pretrained weights strictly, if any."""
+        """Load ``init_cfg``'s pretrained weights strictly, if any, after
+        mmengine's initialisation by its other entries (none: the loaded
+        weights replace every parameter)."""
         cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_pretrained_backbone(self, cfg.get('checkpoint'),
-                                     cfg.get('prefix'))
-            self._is_init = True
+        entries = _init_entries(cfg)
+        pretrained = [c for c in entries if c['type'] == 'Pretrained']
+        if not pretrained:
+            super().init_weights()
             return
-        super().init_weights()
+        others = [c for c in entries if c['type'] != 'Pretrained']
+        if others:
+            self.init_cfg = others
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = cfg
+        load_pretrained_backbone(self, pretrained[0].get('checkpoint'),
+                                 pretrained[0].get('prefix'))
+        self._is_init = True
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:

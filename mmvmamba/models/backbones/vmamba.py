@@ -314,9 +314,11 @@ class VMamba(VSSBackbone):
             them: less activation memory, the same results, much
             less recomputation than ``with_cp`` (see :class:`SS2D`).
             Defaults to True.
-        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...,
-            prefix='backbone.')`` loads converted weights strictly (see
-            :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`).
+        init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
+            checkpoint=..., prefix='backbone.')`` loads converted weights
+            strictly (see
+            :func:`mmvmamba.models.checkpoint.load_pretrained_backbone`);
+            in a list, after mmengine's other initialisers.
 
     Returns (forward):
         tuple[Tensor]: ``(B, C_i, H_i, W_i)`` for each index in
