@@ -236,6 +236,22 @@ def test_bad_inputs_are_clear_errors(tmp_path, fixture):
     refused(tmp_path / 'gated.pth', r'with a gate')
 
 
+def test_destination_must_be_a_writable_file_path(tmp_path):
+    folder = tmp_path / 'weights'
+    folder.mkdir()
+    result = run(FIXTURE, folder)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.startswith(f'error: DST {folder} is a folder')
+    assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == [
+        'weights'
+    ]
+    # a file where a folder of DST should be: the OS's words, no traceback
+    (tmp_path / 'file').write_text('')
+    result = run(FIXTURE, tmp_path / 'file' / 'out.pth')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.startswith('error: [Errno'), result.stderr
+
+
 def test_existing_destination_survives_a_failed_write(tmp_path, converter,
                                                      monkeypatch):
     dst = tmp_path / 'out.pth'

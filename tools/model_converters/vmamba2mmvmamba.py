@@ -180,6 +180,9 @@ def convert(src: str, dst: str, ema: bool = False) -> dict:
     """Convert ``src`` to ``dst``; returns the written checkpoint."""
     if not osp.isfile(src):
         raise ConversionError(f'{src}: no such file')
+    if osp.isdir(dst):
+        raise ConversionError(f'DST {dst} is a folder; give the path of the '
+                              'file to write')
     if osp.exists(dst) and osp.samefile(src, dst):
         raise ConversionError(f'DST is SRC ({src}); write elsewhere')
     print(f'loading {src} with torch.load(weights_only=False): the '
@@ -210,9 +213,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.ema)
-    except (ConversionError, KeyError, ValueError, FileNotFoundError) as err:
+    except (ConversionError, KeyError, ValueError) as err:
         message = err.args[0] if err.args else repr(err)
         sys.exit(f'error: {message}')
+    except OSError as err:  # the file system's, as it words them
+        sys.exit(f'error: {err}')
 
 
 if __name__ == '__main__':
