@@ -404,7 +404,7 @@ def test_benchmark_detectors_on_cpu(capsys, task, batch):
     for row in rows:
         assert row['status'] == 'ok' and row['batch'] == batch
         assert math.isfinite(row['ms']) and row['ms'] > 0
-        # the backbone alone (one untimed-warm-up step each: no order of
+        # the backbone alone (one cold step each, no warm-up: no order of
         # the two times is reliable on a busy CPU); the host's clock is
         # the wall clock off the GPU
         assert math.isfinite(row['backbone_ms']) and row['backbone_ms'] > 0
