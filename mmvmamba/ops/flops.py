@@ -24,6 +24,7 @@ Two conventions for the scan itself (``D`` = all four directions' channels):
   ``9 * B*L*D*N + B*L*D``.
 """
 import inspect
+import numbers
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -95,6 +96,15 @@ def scan_flops(batch: int, length: int, channels: int, d_state: int,
     Returns:
         int: FLOPs (multiply-adds counted once).
     """
+    sizes = dict(batch=batch, length=length, channels=channels,
+                 d_state=d_state)
+    for name, value in sizes.items():
+        if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                or value < 0):
+            raise ValueError(f'{name} must be a non-negative int, got '
+                             f'{value!r}')
+    if not isinstance(with_D, bool):
+        raise ValueError(f'with_D must be a bool, got {with_D!r}')
     bldn = batch * length * channels * d_state
     skip = batch * length * channels if with_D else 0
     if convention == 'paper':

@@ -15,6 +15,17 @@ def test_scan_flops_conventions():
     assert scan_flops(1, 10, 8, 16, False, 'later') == 9 * 1280
     with pytest.raises(ValueError, match='convention'):
         scan_flops(1, 1, 1, 1, convention='fvcore')
+    assert scan_flops(0, 10, 8, 16) == 0  # an empty batch costs nothing
+
+
+@pytest.mark.parametrize('index,value', [(0, -1), (1, 2.5), (2, '8'),
+                                         (3, True), (4, 1)])
+def test_scan_flops_refuses_bad_sizes(index, value):
+    args = [2, 10, 8, 16, True]
+    args[index] = value
+    name = ['batch', 'length', 'channels', 'd_state', 'with_D'][index]
+    with pytest.raises(ValueError, match=f'^{name} must be'):
+        scan_flops(*args)
 
 
 def probe_ran() -> bool:
