@@ -25,6 +25,7 @@ Example::
 import argparse
 import json
 import math
+import numbers
 import os
 import os.path as osp
 import shutil
@@ -383,8 +384,8 @@ def check_generate_args(flags: bool = False, **args) -> None:
     lowest = dict(seed=0, coco_size=MIN_SIZE, ade_size=MIN_SIZE)
     for name, value in args.items():
         low = lowest.get(name, 1)
-        if (isinstance(value, bool) or not isinstance(value, int)
-                or value < low):
+        if (isinstance(value, bool)
+                or not isinstance(value, numbers.Integral) or value < low):
             label = '--' + name.replace('_', '-') if flags else name
             raise ValueError(f'{label} must be an int of at least {low}, '
                              f'got {value!r}')

@@ -231,6 +231,12 @@ def test_bad_arguments_are_named(tmp_path, name, value):
     assert not osp.exists(str(tmp_path / 'data'))
 
 
+def test_numpy_ints_are_ints(tmp_path):
+    generate(str(tmp_path / 'data'), seed=np.int64(0),
+             **dict(SMALL, coco_train=np.int32(2)))
+    assert _count(str(tmp_path / 'data'), 'coco', 'train2017') == 2
+
+
 def test_bad_flags_are_named(tmp_path):
     import subprocess
     import sys
