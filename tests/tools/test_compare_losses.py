@@ -135,6 +135,9 @@ def test_check_losses_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'FAIL' in out and 'loss is not finite' in out
     assert check_tool.main([str(tmp_path / 'missing')]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f'FAIL no scalars log at {tmp_path / "missing"}')
+    assert out.count(str(tmp_path / 'missing')) == 1  # named once
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             path = find_scalars(run)
             records = read_scalars(path)
         except (OSError, ValueError) as error:
-            print(f'FAIL {run}: {error}')
+            print(f'FAIL {error}')  # the message names the path
             failed = True
             continue
         problems = check_losses(records, args.keys, args.min_iters)
