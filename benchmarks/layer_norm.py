@@ -73,6 +73,19 @@ pass's floor (x and the update read, the sum and the norm written) and
 whether both give the same sum and norm. With ``--models``, inference
 steps (the ``infer-*`` modes) with ``vmamba.ADD_NORM_ON_TRITON`` off and
 on (it changes VMamba v1 alone).
+
+``--detectors``: instead, the fp32 training step of detector backbones at
+batch 2 (``benchmark.py detectors``' backbone step, its default input), on
+``F.layer_norm`` in training, on Triton for both passes, and on Triton for
+the patch embedding's and the first two stages' norms only (the large
+maps); the settings timed in turn in one process for ``--rounds`` rounds
+(the host's time moves by up to 25% between processes): median host and
+wall ms and the GPU's busy ms. Where the host bounds the step (UperNet),
+the norms' host cost shows; where the GPU does (Mask R-CNN in fp32), their
+GPU time::
+
+    python benchmarks/layer_norm.py --detectors upernet-vmamba-t \
+        mask-rcnn-vmamba-t
 """
 import argparse
 import itertools
@@ -83,9 +96,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from scan_timing import copy_bandwidth
-from timing import (MODES, device_name, measure, module_settings,
-                    print_floor_table, print_table, switch_model_rows,
-                    time_mode)
+from timing import (MODES, device_name, gpu_time, host_and_wall_ms, measure,
+                    module_settings, print_floor_table, print_table,
+                    switch_model_rows, time_mode)
 
 from mmvmamba.models.backbones import common, vmamba
 from mmvmamba.ops import layer_norm as ln
@@ -298,6 +311,82 @@ def model_rows(names, modes, batch: int, warmup: int,
         del model
         torch.cuda.empty_cache()
     return rows
+
+
+#: Which of a detector backbone's LayerNorms run Triton in training in each
+#: setting of :func:`detector_rows` (the others ``F.layer_norm``), by the
+#: norm's name in the backbone.
+DETECTOR_NORM_SETTINGS = {
+    'aten': lambda name: False,
+    'triton': lambda name: True,
+    'triton-early': lambda name: name.startswith(
+        ('patch_embed.', 'stages.0.', 'stages.1.')),
+}
+
+
+def detector_rows(names: Sequence[str], device: torch.device,
+                  rounds: int = 3, warmup: int = 3,
+                  repeat: int = 10) -> List[Dict]:
+    """fp32 backbone training steps of detectors at batch 2 with the norms
+    of each :data:`DETECTOR_NORM_SETTINGS` setting, timed in turn.
+
+    Returns:
+        list[dict]: One a model and setting: ``model``, ``norms`` (the
+        setting), ``triton`` (norms on Triton in training), ``host_ms`` and
+        ``wall_ms`` (medians over the rounds of :func:`host_and_wall_ms`),
+        ``busy_ms`` (:func:`gpu_time`; None off a GPU).
+    """
+    import detectors
+    rows = []
+    for name in names:
+        cfg = detectors.load_detector_config(name)
+        scope = detectors.scope_of(cfg)
+        model = detectors.build_detector(cfg, device)
+        data = detectors.synthetic_batch(model, scope, 2,
+                                         detectors.TASKS[scope][1])
+        step = detectors.backbone_step(model, 'fp32', data, device)
+        norms = {n: m for n, m in model.backbone.named_modules()
+                 if isinstance(m, ln.LayerNorm)}
+        built = {n: m.triton_when_recorded for n, m in norms.items()}
+
+        def use(setting):
+            on = DETECTOR_NORM_SETTINGS[setting]
+            for norm_name, module in norms.items():
+                module.triton_when_recorded = on(norm_name)
+
+        times = {setting: [] for setting in DETECTOR_NORM_SETTINGS}
+        for _ in range(rounds):
+            for setting in DETECTOR_NORM_SETTINGS:
+                use(setting)
+                times[setting].append(
+                    host_and_wall_ms(step, device, warmup, repeat))
+        for setting, pairs in times.items():
+            use(setting)
+            rows.append(dict(
+                model=name, norms=setting,
+                triton=sum(m.triton_when_recorded for m in norms.values()),
+                host_ms=statistics.median(h for h, _ in pairs),
+                wall_ms=statistics.median(w for _, w in pairs),
+                busy_ms=gpu_time(step, device)['gpu_ms']))
+        for norm_name, module in norms.items():
+            module.triton_when_recorded = built[norm_name]
+        del model, data, step
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_detector_table(rows: List[Dict], rounds: int) -> None:
+    """The table of :func:`detector_rows`."""
+    print_table(
+        'Detector backbones, fp32 training step at batch 2: LayerNorms on '
+        'F.layer_norm (aten), on Triton (triton) or on Triton for the patch '
+        'embedding and stages 0-1 (triton-early) in training; medians of '
+        f'{rounds} rounds, the settings in turn',
+        ['model', 'norms', 'on Triton', 'host ms', 'wall ms', 'busy ms'],
+        [[r['model'], r['norms'], r['triton'], _fmt(r['host_ms'], '.1f'),
+          _fmt(r['wall_ms'], '.1f'), _fmt(r['busy_ms'], '.2f')]
+         for r in rows])
 
 
 #: VMamba-T's gate per stage at 224: (H, W, E = 2C, C).
@@ -700,12 +789,25 @@ def main(argv=None):
     parser.add_argument('--gate', action='store_true',
                         help="time SS2D's output stage with the gate's "
                         'backward on ATen and on Triton instead')
+    parser.add_argument('--detectors', nargs='+', metavar='NAME',
+                        help='time these detectors\' backbone steps with '
+                        'the norms on ATen and Triton in training instead '
+                        '(names of benchmark.py detectors)')
+    parser.add_argument('--rounds', type=int, default=3,
+                        help='rounds of --detectors')
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f'--rounds must be at least 1, got {args.rounds}')
     if not torch.cuda.is_available():
         parser.error('layer_norm.py needs a GPU')
     if ln.TRITON_IMPORT_ERROR:
         parser.error(ln.TRITON_IMPORT_ERROR)
     device = torch.device('cuda')
+    if args.detectors:
+        rows = detector_rows(args.detectors, device, args.rounds,
+                             args.warmup, args.repeat)
+        print_detector_table(rows, args.rounds)
+        return rows
     if args.host:
         return print_host_table(device, args.repeat)
     if args.add_norm:

@@ -316,3 +316,47 @@ def test_small_host_run_on_the_gpu(capsys):
     rows = bench.main(['--host', '--repeat', '2'])
     assert len(rows) == 6 and all(r['us'] > 0 for r in rows)
     assert 'x F.layer_norm' in capsys.readouterr().out
+
+
+def test_detector_rows_switch_the_norms_in_turn(monkeypatch, capsys):
+    """Each setting times the step with its norms on Triton in training
+    (the early ones: the patch embedding's and stages 0-1's), the settings
+    in turn each round; the norms are left as built."""
+    import detectors
+    seen = []
+
+    def host_and_wall_ms(step, device, warmup, repeat):
+        seen.append(sorted(n for n, m in norms.items()
+                           if m.triton_when_recorded))
+        return float(len(seen)), float(len(seen)) + 0.5
+
+    built_step = detectors.backbone_step
+
+    def backbone_step(model, mode, data, device):
+        norms.update((n, m) for n, m in model.backbone.named_modules()
+                     if isinstance(m, ln.LayerNorm))
+        built.update((n, m.triton_when_recorded) for n, m in norms.items())
+        return built_step(model, mode, data, device)
+
+    norms, built = {}, {}
+    monkeypatch.setattr(bench, 'host_and_wall_ms', host_and_wall_ms)
+    monkeypatch.setattr(detectors, 'backbone_step', backbone_step)
+    monkeypatch.setattr(detectors, 'TASKS',
+                        dict(detectors.TASKS,
+                             mmseg=(detectors.TASKS['mmseg'][0], (64, 64))))
+    rows = bench.detector_rows(['upernet-vmamba-t'], torch.device('cpu'),
+                               rounds=2, warmup=0, repeat=1)
+    early = sorted(n for n in norms
+                   if n.startswith(('patch_embed.', 'stages.0.', 'stages.1.')))
+    assert 0 < len(early) < len(norms)
+    assert seen == [[], sorted(norms), early] * 2
+    assert [(r['norms'], r['triton']) for r in rows] == [
+        ('aten', 0), ('triton', len(norms)), ('triton-early', len(early))]
+    # medians over the rounds: calls 1 and 4, 2 and 5, 3 and 6
+    assert [r['host_ms'] for r in rows] == [2.5, 3.5, 4.5]
+    assert [r['wall_ms'] for r in rows] == [3.0, 4.0, 5.0]
+    assert all(r['busy_ms'] is None for r in rows)  # no GPU
+    assert {n: m.triton_when_recorded for n, m in norms.items()} == built
+    bench.print_detector_table(rows, 2)
+    out = capsys.readouterr().out
+    assert 'triton-early' in out and 'medians of 2 rounds' in out
