@@ -84,7 +84,7 @@ wall ms and the GPU's busy ms. Where the host bounds the step (UperNet),
 the norms' host cost shows; where the GPU does (Mask R-CNN in fp32), their
 GPU time::
 
-    python benchmarks/layer_norm.py --detectors upernet-vmamba-t \
+    python benchmarks/layer_norm.py --detectors upernet-vmamba-t \\
         mask-rcnn-vmamba-t
 """
 import argparse
