@@ -74,6 +74,7 @@ def convert_authors_state_dict(
 
     Raises:
         KeyError: If a key matches none of the known names.
+        TypeError: ``state_dict`` is not a dict of tensors by str keys.
     """
     if authors_version(state_dict) == 'v2':
         return convert_authors_v2_state_dict(state_dict)
@@ -343,6 +344,20 @@ _V2_FINAL_NORM = r'^(?:classifier\.)?norm\.(weight|bias)$'
 _V2_LINEAR2D = re.compile(r'\.(?:in_proj|out_proj|fc1|fc2)\.weight$')
 
 
+def check_state_dict(state_dict) -> None:
+    """Raise ``TypeError`` unless ``state_dict`` is a dict of tensors by
+    str keys, naming the first key or value that is not."""
+    if not isinstance(state_dict, dict):
+        raise TypeError('state_dict must be a dict of tensors by name, got '
+                        f'{type(state_dict).__name__}')
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f'state_dict keys must be str, got {key!r}')
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f'state_dict[{key!r}] must be a tensor, got '
+                            f'{type(value).__name__}')
+
+
 def authors_version(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     """Which of the authors' VSSM families a state dict holds, by its keys.
 
@@ -352,6 +367,7 @@ def authors_version(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
         ``patch_embed.proj`` or ``patch_embed.0`` conv), or None when the
         keys are not the authors' (no ``layers.N.blocks.M.`` keys).
     """
+    check_state_dict(state_dict)
     keys = set(state_dict)
     if not any(re.match(r'layers\.\d+\.blocks\.\d+\.', k) for k in keys):
         return None
@@ -379,7 +395,9 @@ def convert_authors_v2_state_dict(
 
     Raises:
         KeyError: If a key matches none of the names of VMamba2.
+        TypeError: ``state_dict`` is not a dict of tensors by str keys.
     """
+    check_state_dict(state_dict)
     stages = [int(m.group(1)) for k in state_dict
               for m in [re.match(r'layers\.(\d+)\.', k)] if m]
     final_norm = f'norm{max(stages, default=3)}.' + r'\1'

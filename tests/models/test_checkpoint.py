@@ -368,3 +368,21 @@ def test_pretrained_in_an_init_cfg_list(fixture, tmp_path):
 def test_bad_init_cfg_is_named(fixture, init_cfg):
     with pytest.raises(ValueError, match='init_cfg'):
         VMamba(small_arch(fixture), init_cfg=init_cfg)
+
+
+@pytest.mark.parametrize('state_dict, message', [
+    (None, 'state_dict must be a dict of tensors by name, got NoneType'),
+    ([('patch_embed.proj.weight', torch.zeros(1))], 'got list'),
+    ({1: torch.zeros(1)}, 'state_dict keys must be str, got 1'),
+    ({'layers.0.blocks.0.ln_1.weight': 0.5},
+     r"state_dict\['layers.0.blocks.0.ln_1.weight'\] must be a tensor, "
+     'got float'),
+])
+def test_conversion_refuses_what_is_not_a_state_dict(state_dict, message):
+    from mmvmamba.models.checkpoint import (authors_version,
+                                            convert_authors_v2_state_dict)
+    for convert in (convert_authors_state_dict, convert_authors_v2_state_dict,
+                    authors_version):
+        with pytest.raises(TypeError, match=message):
+            convert(state_dict)
+

@@ -205,6 +205,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, fixture):
     refused(empty, r'empty\.pth is not a PyTorch checkpoint')
     torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
     refused(tmp_path / 'tensor.pth', r'holds a Tensor, not a checkpoint')
+    torch.save(dict(model={0: torch.zeros(3)}), tmp_path / 'int_keys.pth')
+    refused(tmp_path / 'int_keys.pth', r'no model or state_dict entry')
 
     # another model's checkpoints
     other = tmp_path / 'deit.pth'

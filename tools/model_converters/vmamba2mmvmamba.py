@@ -45,7 +45,8 @@ class ConversionError(Exception):
 
 def is_state_dict(value) -> bool:
     return (isinstance(value, dict) and len(value) > 0
-            and all(isinstance(v, torch.Tensor) for v in value.values()))
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                    for k, v in value.items()))
 
 
 def describe(state_dict: Dict[str, torch.Tensor]) -> str:
