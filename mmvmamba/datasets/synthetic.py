@@ -25,7 +25,6 @@ Example::
 import argparse
 import json
 import math
-import numbers
 import os
 import os.path as osp
 import shutil
@@ -34,6 +33,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from mmvmamba.ops.checks import is_int
 
 # (name, COCO category id, shape, BGR colour); sorted by category id, which
 # is also the label order mmdet's CocoDataset gives them.
@@ -384,8 +385,7 @@ def check_generate_args(flags: bool = False, **args) -> None:
     lowest = dict(seed=0, coco_size=MIN_SIZE, ade_size=MIN_SIZE)
     for name, value in args.items():
         low = lowest.get(name, 1)
-        if (isinstance(value, bool)
-                or not isinstance(value, numbers.Integral) or value < low):
+        if not (is_int(value) and value >= low):
             label = '--' + name.replace('_', '-') if flags else name
             raise ValueError(f'{label} must be an int of at least {low}, '
                              f'got {value!r}')

@@ -1,5 +1,6 @@
 """Checks shared by the ops: of arguments (clear ``ValueError`` s, never a
 crash), and whether autograd records a call."""
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -7,6 +8,11 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 HALF_AND_FLOAT = (torch.float32, ) + HALF + (torch.float64, )
 FLOAT = (torch.float32, torch.float64)
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -24,13 +24,13 @@ Two conventions for the scan itself (``D`` = all four directions' channels):
   ``9 * B*L*D*N + B*L*D``.
 """
 import inspect
-import numbers
 from typing import Any, List, Optional, Tuple
 
 import torch
 from mmengine.analysis.jit_handles import get_shape
 from torch.overrides import TorchFunctionMode
 
+from .checks import check_bool, is_int
 from .selective_scan import selective_scan_reference
 
 PROBE_OP = 'mmvmamba::selective_scan_flops_probe'
@@ -99,12 +99,10 @@ def scan_flops(batch: int, length: int, channels: int, d_state: int,
     sizes = dict(batch=batch, length=length, channels=channels,
                  d_state=d_state)
     for name, value in sizes.items():
-        if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                or value < 0):
+        if not (is_int(value) and value >= 0):
             raise ValueError(f'{name} must be a non-negative int, got '
                              f'{value!r}')
-    if not isinstance(with_D, bool):
-        raise ValueError(f'with_D must be a bool, got {with_D!r}')
+    check_bool('with_D', with_D)
     bldn = batch * length * channels * d_state
     skip = batch * length * channels if with_D else 0
     if convention == 'paper':

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmvmamba.ops import NUM_DIRECTIONS, LayerNorm
 from mmvmamba.ops.checks import (HALF_AND_FLOAT, check_bool, check_tensor,
-                                 dtype_name)
+                                 dtype_name, is_int)
 from mmvmamba.ops import layer_norm as ln
 from mmvmamba.ops.layer_norm import gated_layer_norm, norm_dtype
 from ..checkpoint import load_pretrained_backbone
@@ -401,17 +401,13 @@ def parse_arch(arch: Union[str, Dict], zoo: Dict[str, Dict],
     return dict(arch)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_positive_int(name: str, value) -> None:
     """``value`` must be an int of at least 1."""
-    if not (_is_int(value) and value >= 1):
+    if not (is_int(value) and value >= 1):
         raise ValueError(f'{name} must be a positive int, got {value!r}')
 
 
@@ -424,7 +420,7 @@ def check_arch_values(arch: Dict) -> None:
     check_positive_int("arch['embed_dims']", arch['embed_dims'])
     depths = arch['depths']
     if not (isinstance(depths, (list, tuple)) and depths
-            and all(_is_int(d) and d >= 1 for d in depths)):
+            and all(is_int(d) and d >= 1 for d in depths)):
         raise ValueError(f"arch['depths'] must be a non-empty list of "
                          f'positive ints (blocks per stage), got {depths!r}')
     if 'd_state' in arch:
@@ -436,7 +432,7 @@ def check_arch_values(arch: Dict) -> None:
                          f"least one inner channel (int(ssm_ratio * "
                          f"{arch['embed_dims']}) >= 1), got {ratio!r}")
     dt_rank = arch.get('dt_rank', 'auto')
-    if dt_rank != 'auto' and not (_is_int(dt_rank) and dt_rank >= 1):
+    if dt_rank != 'auto' and not (is_int(dt_rank) and dt_rank >= 1):
         raise ValueError(f"arch['dt_rank'] must be 'auto' or a positive int, "
                          f'got {dt_rank!r}')
     mlp_ratio = arch.get('mlp_ratio', 0)
@@ -473,12 +469,12 @@ def check_out_indices(out_indices: Union[int, Iterable[int]],
     """``out_indices`` as a tuple of distinct stage indices, each given in
     ``[-num_stages, num_stages)`` (negative ones counted from the end) and
     returned in ``[0, num_stages)``."""
-    if _is_int(out_indices):
+    if is_int(out_indices):
         out_indices = [out_indices]
     elif isinstance(out_indices, (list, tuple)):
         out_indices = list(out_indices)
     if not (isinstance(out_indices, list) and out_indices
-            and all(_is_int(i) for i in out_indices)):
+            and all(is_int(i) for i in out_indices)):
         raise ValueError(f'out_indices must be a stage index or a non-empty '
                          f'sequence of them, got {out_indices!r}')
     for i in out_indices:
@@ -494,7 +490,7 @@ def check_out_indices(out_indices: Union[int, Iterable[int]],
 
 def check_frozen_stages(frozen_stages: int, num_stages: int) -> None:
     """``frozen_stages`` must lie in ``[-1, num_stages]``."""
-    if not (_is_int(frozen_stages) and -1 <= frozen_stages <= num_stages):
+    if not (is_int(frozen_stages) and -1 <= frozen_stages <= num_stages):
         raise ValueError(f'frozen_stages must be an int in [-1, '
                          f'{num_stages}], got {frozen_stages!r}')
 
@@ -512,6 +508,12 @@ def _init_entries(init_cfg) -> list:
     if isinstance(init_cfg, (list, tuple)):
         return list(init_cfg)
     return [] if init_cfg is None else [init_cfg]
+
+
+def _split_pretrained(entries: list) -> Tuple[list, list]:
+    """``init_cfg``'s entries of type ``Pretrained``, and the others."""
+    pretrained = [c for c in entries if c['type'] == 'Pretrained']
+    return pretrained, [c for c in entries if c['type'] != 'Pretrained']
 
 
 class VSSBackbone(BaseModule):
@@ -538,7 +540,7 @@ class VSSBackbone(BaseModule):
                            for c in entries)):
             raise ValueError('init_cfg must be a dict with a "type", a list '
                              f'of them or None, got {init_cfg!r}')
-        pretrained = [c for c in entries if c['type'] == 'Pretrained']
+        pretrained, _ = _split_pretrained(entries)
         if len(pretrained) > 1:
             raise ValueError('init_cfg may hold one Pretrained entry, got '
                              f'{len(pretrained)}: {pretrained!r}')
@@ -590,12 +592,10 @@ class VSSBackbone(BaseModule):
         mmengine's initialisation by its other entries (none: the loaded
         weights replace every parameter)."""
         cfg = self.init_cfg
-        entries = _init_entries(cfg)
-        pretrained = [c for c in entries if c['type'] == 'Pretrained']
+        pretrained, others = _split_pretrained(_init_entries(cfg))
         if not pretrained:
             super().init_weights()
             return
-        others = [c for c in entries if c['type'] != 'Pretrained']
         if others:
             self.init_cfg = others
             try:
