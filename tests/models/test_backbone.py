@@ -219,6 +219,34 @@ def test_drop_path_rates_are_linear():
     assert rates == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_drop_path_add_is_the_residual_sum_in_one_pass(dtype):
+    """DropPath.add(residual, branch) is ``residual + drop_path(branch)``:
+    the same per-sample masks for the same seed, the scale applied in
+    float32 (a bfloat16 branch is not rounded after its scaling), in one
+    addcmul; the residual's gradient passes through, the branch's is
+    scaled. In eval (or at rate 0) it is the plain sum."""
+    from mmvmamba.models.backbones.common import DropPath
+    drop = DropPath(0.3).train()
+    residual = torch.randn(6, 5, 7, 8, requires_grad=True)
+    branch = torch.randn(6, 5, 7, 8, dtype=dtype, requires_grad=True)
+    torch.manual_seed(3)
+    out = drop.add(residual, branch)
+    torch.manual_seed(3)
+    kept = drop(torch.ones(6, 1, 1, 1)) * 0.7  # the masks, 0 or 1
+    assert kept.unique().tolist() in ([0., 1.], [1.], [0.])
+    scale = kept.double() / 0.7
+    expected = residual.double() + branch.double() * scale
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(out)
+    d_residual, d_branch = torch.autograd.grad(out, (residual, branch), grad)
+    assert torch.equal(d_residual, grad)
+    torch.testing.assert_close(d_branch, (grad.double() * scale).to(dtype))
+    drop.eval()
+    assert torch.equal(drop.add(residual, branch), residual + branch)
+
+
 def test_negative_out_indices_count_from_the_last_stage():
     model = VMamba(dict(embed_dims=8, depths=[1, 1, 1, 1]),
                    out_indices=(-4, -1))
@@ -532,3 +560,46 @@ def test_split_in_proj_matches_the_whole_product(monkeypatch, variant):
     with torch.no_grad():  # nothing recorded: the whole product
         ss2d(x)
     assert dense[-1] is False
+
+
+class _SubclassedConv(nn.Conv2d):
+    """A subclass may change the forward: PatchEmbed calls the module."""
+
+
+@pytest.mark.parametrize('variant',
+                         ['plain', 'odd size', 'hooked', 'subclass',
+                          'overlapping'])
+def test_patch_embed_product_matches_the_conv(variant):
+    """PatchEmbed runs its stride-4 conv as the product of the flattened
+    patches with the conv's weight: output (channels-last, contiguous) and
+    the gradients of the weight, bias and input are the conv's. A forward
+    hook on proj, a subclass of nn.Conv2d or a conv that is not one output
+    a patch (here overlapping windows) is called as the module."""
+    from mmvmamba.models.backbones.vmamba import PatchEmbed
+    torch.manual_seed(0)
+    embed = PatchEmbed(3, 8)
+    if variant == 'subclass':
+        embed.proj = _SubclassedConv(3, 8, 4, stride=4)
+    elif variant == 'overlapping':
+        embed.proj = nn.Conv2d(3, 8, 4, stride=2)
+    calls = []
+    if variant == 'hooked':
+        embed.proj.register_forward_hook(lambda *_: calls.append('hook'))
+    forward = embed.proj.forward
+    embed.proj.forward = lambda t: calls.append('forward') or forward(t)
+    size = (10, 13) if variant == 'odd size' else (16, 12)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    out = embed(x)
+    padded = torch.nn.functional.pad(x, (0, -size[1] % 4, 0, -size[0] % 4))
+    expected = embed.norm(embed.proj._conv_forward(
+        padded, embed.proj.weight, embed.proj.bias).permute(0, 2, 3, 1))
+    assert out.shape == expected.shape
+    assert calls == {'plain': [], 'odd size': [], 'hooked': ['forward', 'hook']
+                     }.get(variant, ['forward'])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    wrt = (x, embed.proj.weight, embed.proj.bias)
+    for got, want in zip(torch.autograd.grad(out, wrt, grad),
+                         torch.autograd.grad(expected, wrt, grad)):
+        # float32 sums in another order (measured: at most 3.4e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)

@@ -46,6 +46,20 @@ class DropPath(nn.Module):
         mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
         return x * mask.bernoulli_(keep) / keep
 
+    def add(self, residual: torch.Tensor,
+            branch: torch.Tensor) -> torch.Tensor:
+        """``residual + self(branch)`` in one pass over the map (one
+        ``addcmul`` with the per-sample scale, kept in at least float32),
+        where :meth:`forward` and the add take three; up to rounding."""
+        if self.is_identity:
+            return residual + branch
+        keep = 1 - self.drop_prob
+        scale = torch.empty((branch.shape[0], ) + (1, ) * (branch.dim() - 1),
+                            dtype=torch.promote_types(branch.dtype,
+                                                      torch.float32),
+                            device=branch.device)
+        return torch.addcmul(residual, branch, scale.bernoulli_(keep) / keep)
+
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
 

@@ -173,13 +173,20 @@ class VSSBlock(CheckpointedBlock):
         return self.drop_path(self.ss2d(normed))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.branch(self.norm(x))
+        return self.drop_path.add(x, self.ss2d(self.norm(x)))
 
 
 class PatchEmbed(nn.Module):
     """4x4 patch embedding: conv (stride 4) -> channels-last -> LayerNorm.
 
     The input is zero-padded at the bottom and right to a multiple of 4.
+    Where ``proj`` is a plain ``nn.Conv2d`` without forward hooks (and no
+    global ones are set), the conv runs as what it is, a matrix product of
+    the flattened 4x4 patches with its weight: channels-last out, and on
+    the GPU a fraction of cuDNN's time under autocast (its weight gradient
+    with 3 input channels; docs/benchmarks.md). Same parameters, outputs up
+    to float32 rounding (cuDNN's float32 convs may round to TF32, the
+    product does not).
     """
 
     def __init__(self, in_channels: int, embed_dims: int, patch_size: int = 4):
@@ -189,15 +196,34 @@ class PatchEmbed(nn.Module):
             in_channels, embed_dims, patch_size, stride=patch_size)
         self.norm = LayerNorm(embed_dims)
 
+    def _is_patch_conv(self, proj: nn.Module) -> bool:
+        """Whether ``proj`` is the conv this module built: one output a
+        non-overlapping patch, nothing else (a plain ``nn.Conv2d``)."""
+        p = self.patch_size
+        return (type(proj) is nn.Conv2d and proj.kernel_size == (p, p)
+                and proj.stride == (p, p) and proj.padding == (0, 0)
+                and proj.dilation == (1, 1) and proj.groups == 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, C_in, H, W)`` -> ``(B, ceil(H/4), ceil(W/4), C)``."""
         p = self.patch_size
         x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))
+        proj = self.proj
+        if (self._is_patch_conv(proj) and not _has_forward_hooks(proj)
+                and not _global_forward_hooks()):
+            batch, channels, height, width = x.shape
+            patches = x.reshape(batch, channels, height // p, p, width // p,
+                                p).permute(0, 2, 4, 1, 3, 5)
+            patches = patches.reshape(batch, height // p, width // p,
+                                      channels * p * p)
+            # the weight's (out, in, kh, kw) order flattens as the patches
+            weight = proj.weight.reshape(proj.out_channels, -1)
+            return self.norm(F.linear(patches, weight, proj.bias))
         if x.is_cuda:
             # cuDNN then writes a channels-last map, whose permutation the
             # norm reads as contiguous rows (its Triton kernel)
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(proj(x).permute(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Module):

@@ -208,9 +208,9 @@ class VSSBlockV2(CheckpointedBlock):
         self.with_cp = with_cp
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ss2d(self.norm(x)))
+        x = self.drop_path.add(x, self.ss2d(self.norm(x)))
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = self.drop_path.add(x, self.mlp(self.norm2(x)))
         return x
 
 
