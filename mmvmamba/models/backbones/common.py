@@ -48,17 +48,21 @@ class DropPath(nn.Module):
 
     def add(self, residual: torch.Tensor,
             branch: torch.Tensor) -> torch.Tensor:
-        """``residual + self(branch)`` in one pass over the map (one
-        ``addcmul`` with the per-sample scale, kept in at least float32),
-        where :meth:`forward` and the add take three; up to rounding."""
+        """``residual + self(branch)``, up to rounding: the per-sample scale
+        (in at least float32) and the sum in one ``addcmul`` over the map,
+        where :meth:`forward` and an add take three passes. The branch is
+        first cast to the sum's dtype: one kernel of mixed dtypes runs
+        slower than the cast and a kernel of one dtype (docs/benchmarks.md).
+        """
         if self.is_identity:
             return residual + branch
         keep = 1 - self.drop_prob
+        dtype = torch.promote_types(residual.dtype, branch.dtype)
         scale = torch.empty((branch.shape[0], ) + (1, ) * (branch.dim() - 1),
-                            dtype=torch.promote_types(branch.dtype,
-                                                      torch.float32),
+                            dtype=torch.promote_types(dtype, torch.float32),
                             device=branch.device)
-        return torch.addcmul(residual, branch, scale.bernoulli_(keep) / keep)
+        return torch.addcmul(residual, branch.to(dtype),
+                             scale.bernoulli_(keep) / keep)
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
