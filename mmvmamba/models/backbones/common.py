@@ -39,12 +39,17 @@ class DropPath(nn.Module):
         """Whether :meth:`forward` returns its input (eval, or rate 0)."""
         return self.drop_prob == 0. or not self.training
 
+    def _mask(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A kept (1) or dropped (0) sample of ``like``'s batch, broadcast
+        over its other dimensions, in ``dtype``."""
+        mask = torch.empty((like.shape[0], ) + (1, ) * (like.dim() - 1),
+                           dtype=dtype, device=like.device)
+        return mask.bernoulli_(1 - self.drop_prob)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_identity:
             return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.dim() - 1))
-        return x * mask.bernoulli_(keep) / keep
+        return x * self._mask(x, x.dtype) / (1 - self.drop_prob)
 
     def add(self, residual: torch.Tensor,
             branch: torch.Tensor) -> torch.Tensor:
@@ -56,13 +61,10 @@ class DropPath(nn.Module):
         """
         if self.is_identity:
             return residual + branch
-        keep = 1 - self.drop_prob
         dtype = torch.promote_types(residual.dtype, branch.dtype)
-        scale = torch.empty((branch.shape[0], ) + (1, ) * (branch.dim() - 1),
-                            dtype=torch.promote_types(dtype, torch.float32),
-                            device=branch.device)
+        mask = self._mask(branch, torch.promote_types(dtype, torch.float32))
         return torch.addcmul(residual, branch.to(dtype),
-                             scale.bernoulli_(keep) / keep)
+                             mask / (1 - self.drop_prob))
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'

@@ -113,8 +113,7 @@ class SS2D(nn.Module):
         proj = self.in_proj
         if (SPLIT_IN_PROJ and type(proj) is nn.Linear
                 and autograd_records(x, proj.weight, proj.bias)
-                and not _has_forward_hooks(proj)
-                and not _global_forward_hooks()):
+                and _call_runs_forward_only(proj)):
             biases = (None, None) if proj.bias is None else proj.bias.chunk(2)
             return tuple(
                 F.linear(x, weight, bias)
@@ -209,8 +208,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         x = F.pad(x, (0, -x.shape[3] % p, 0, -x.shape[2] % p))
         proj = self.proj
-        if (self._is_patch_conv(proj) and not _has_forward_hooks(proj)
-                and not _global_forward_hooks()):
+        if self._is_patch_conv(proj) and _call_runs_forward_only(proj):
             batch, channels, height, width = x.shape
             patches = x.reshape(batch, channels, height // p, p, width // p,
                                 p).permute(0, 2, 4, 1, 3, 5)
@@ -258,6 +256,13 @@ def _global_forward_hooks() -> bool:
     """Whether forward hooks are registered for all modules."""
     return bool(nn_module._global_forward_hooks
                 or nn_module._global_forward_pre_hooks)
+
+
+def _call_runs_forward_only(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its ``forward`` and nothing more (no
+    forward hooks of its own or global ones), so that a caller may compute
+    what it computes another way."""
+    return not (_has_forward_hooks(module) or _global_forward_hooks())
 
 
 class VSSStage(BlockStage):
