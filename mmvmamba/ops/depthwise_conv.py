@@ -116,9 +116,32 @@ def unsupported_reason(conv: nn.Conv2d, x: torch.Tensor) -> Optional[str]:
     return forward_only_reason(x, conv.weight, conv.bias)
 
 
+class _ChannelBias(torch.autograd.Function):
+    """``x + bias`` over the last dimension of a channels-last map, in
+    ``x``'s dtype (as autocast's conv adds it); the bias's gradient as one
+    product of the gradient's ``(rows, C)`` view with a vector of ones
+    (ATen's column reduction read a stage-0 map about 4x slower on an H200;
+    docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.bias_dtype = bias.dtype
+        return x + bias.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            rows = grad.reshape(-1, grad.shape[-1])
+            grad_bias = (rows.new_ones(1, rows.shape[0]) @ rows).view(-1)
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad, grad_bias
+
+
 def depthwise_conv_nhwc(conv: nn.Conv2d,
                         x: torch.Tensor,
-                        silu: bool = False) -> torch.Tensor:
+                        silu: bool = False,
+                        module_call: bool = True) -> torch.Tensor:
     """``conv`` (a depthwise ``nn.Conv2d``) on the channels-last map ``x``.
 
     Args:
@@ -128,6 +151,11 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
             stride along C).
         silu (bool): Return ``SiLU(conv(x))`` (taken in float32 before the
             rounding, where the kernel runs). Defaults to False.
+        module_call (bool): Where the kernel does not run, call ``conv``
+            (its hooks run). False: its parameters through ``F.conv2d``
+            without the bias, which :class:`_ChannelBias` adds, so that the
+            bias's gradient is one matrix-vector product instead of ATen's
+            reduction. Defaults to True.
 
     Returns:
         Tensor: ``(B, H, W, C)``, in the dtype of ``conv``'s result
@@ -139,8 +167,15 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
     check_tensor('x', x, (None, None, None, conv.in_channels), HALF_AND_FLOAT,
                  '(B, H, W, in_channels)')
     check_bool('silu', silu)
+    check_bool('module_call', module_call)
     if unsupported_reason(conv, x) is not None:
-        out = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x.permute(0, 3, 1, 2)
+        if module_call or conv.bias is None:
+            out = conv(x).permute(0, 2, 3, 1)
+        else:
+            out = _ChannelBias.apply(
+                conv._conv_forward(x, conv.weight, None).permute(0, 2, 3, 1),
+                conv.bias)
         return F.silu(out) if silu else out
     dtype = autocast_dtype(x, AUTOCAST_DEVICE_TYPES) or x.dtype
     batch, height, width, channels = x.shape

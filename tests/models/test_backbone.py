@@ -603,3 +603,42 @@ def test_patch_embed_product_matches_the_conv(variant):
                          torch.autograd.grad(expected, wrt, grad)):
         # float32 sums in another order (measured: at most 3.4e-6)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('variant', ['plain', 'hooked', 'subclass'])
+def test_ss2d_conv_bias_apart_matches_the_module(monkeypatch, variant):
+    """SS2D hands its depthwise conv to ``depthwise_conv_nhwc`` with
+    ``module_call=False`` (the bias added apart, its gradient a product with
+    ones) unless calling the module would run more: a forward hook on it,
+    or a subclass of nn.Conv2d. Outputs and every gradient are the module
+    call's."""
+    from mmvmamba.models.backbones import vmamba
+    torch.manual_seed(0)
+    ss2d = SS2D(8, d_state=4)
+    if variant == 'subclass':
+        old = ss2d.conv2d
+        ss2d.conv2d = _SubclassedConv(old.in_channels, old.out_channels,
+                                      old.kernel_size, padding=old.padding,
+                                      groups=old.groups)
+    calls = []
+    if variant == 'hooked':
+        ss2d.conv2d.register_forward_hook(lambda *_: calls.append('hook'))
+    conv = vmamba.depthwise_conv_nhwc
+    module_calls = []
+
+    def spy(module, x, module_call=True, **kw):
+        module_calls.append(module_call)
+        return conv(module, x, module_call=module_call or forced, **kw)
+
+    monkeypatch.setattr(vmamba, 'depthwise_conv_nhwc', spy)
+    x = torch.randn(2, 5, 7, 8, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 8)
+    results = []
+    for forced in (True, False):
+        out = ss2d(x)
+        wrt = (x, *ss2d.parameters())
+        results.append((out, *torch.autograd.grad(out, wrt, grad)))
+    assert module_calls == [variant != 'plain'] * 2
+    assert calls == (['hook', 'hook'] if variant == 'hooked' else [])
+    for module, apart in zip(*results):
+        torch.testing.assert_close(apart, module, rtol=1e-5, atol=1e-6)

@@ -159,6 +159,8 @@ def test_bad_input():
         dw.depthwise_conv_nhwc(conv, torch.randn(5, 6, 8))
     with pytest.raises(ValueError, match='silu must be a bool'):
         dw.depthwise_conv_nhwc(conv, torch.randn(1, 5, 6, 8), silu='yes')
+    with pytest.raises(ValueError, match='module_call must be a bool'):
+        dw.depthwise_conv_nhwc(conv, torch.randn(1, 5, 6, 8), module_call=1)
     with pytest.raises(ValueError, match='conv must be an nn.Conv2d, got '
                        'Linear'):
         dw.depthwise_conv_nhwc(nn.Linear(8, 8), torch.randn(1, 5, 6, 8))
@@ -181,6 +183,30 @@ def test_falls_back_to_the_module(monkeypatch):
     grads = torch.autograd.grad(out.sum(), (x, conv.weight))
     again = torch.autograd.grad(expected.sum(), (x, conv.weight))
     assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('bias', [True, False])
+def test_module_call_false_adds_the_bias_apart(dtype, bias):
+    """module_call=False: F.conv2d without the bias, then the bias added
+    and its gradient summed as a product with ones; the module's values and
+    gradients (x, weight, bias) up to rounding, without calling it (no hook
+    runs). Without a bias, the module runs."""
+    torch.manual_seed(0)
+    conv = make_conv(12, bias=bias).to(dtype).requires_grad_(True)
+    x = in_proj_half((2, 5, 7, 12), dtype=dtype).requires_grad_()
+    counter = CountConvs(conv)
+    out = dw.depthwise_conv_nhwc(conv, x, silu=True, module_call=False)
+    assert counter.calls == (0 if bias else 1)
+    expected = F.silu(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, expected, **tol)
+    grad = torch.randn_like(out)
+    wrt = (x, *conv.parameters())
+    for got, want in zip(torch.autograd.grad(out, wrt, grad),
+                         torch.autograd.grad(expected, wrt, grad)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
 
 
 @needs_cuda

@@ -127,7 +127,13 @@ class SS2D(nn.Module):
         # it; else in the scan's op, which keeps the map before it
         silu_in_conv = not autograd_records(x, self.conv2d.weight,
                                             self.conv2d.bias)
-        x = depthwise_conv_nhwc(self.conv2d, x, silu=silu_in_conv)
+        conv = self.conv2d
+        # the conv's parameters without the module where calling it runs
+        # nothing more (its bias's gradient is then a faster product)
+        module_call = (type(conv) is not nn.Conv2d or _has_forward_hooks(conv)
+                       or _global_forward_hooks())
+        x = depthwise_conv_nhwc(conv, x, silu=silu_in_conv,
+                                module_call=module_call)
         y = cross_selective_scan(
             x,
             self.x_proj_weight,
