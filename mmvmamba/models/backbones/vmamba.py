@@ -130,8 +130,8 @@ class SS2D(nn.Module):
         conv = self.conv2d
         # the conv's parameters without the module where calling it runs
         # nothing more (its bias's gradient is then a faster product)
-        module_call = (type(conv) is not nn.Conv2d or _has_forward_hooks(conv)
-                       or _global_forward_hooks())
+        module_call = not (type(conv) is nn.Conv2d
+                           and _call_runs_forward_only(conv))
         x = depthwise_conv_nhwc(conv, x, silu=silu_in_conv,
                                 module_call=module_call)
         y = cross_selective_scan(
