@@ -18,6 +18,7 @@ from mmvmamba.ops.checks import (HALF_AND_FLOAT, check_bool, check_tensor,
                                  dtype_name, is_int)
 from mmvmamba.ops import layer_norm as ln
 from mmvmamba.ops.layer_norm import gated_layer_norm, norm_dtype
+from mmvmamba.ops.scaled_add import scaled_add
 from ..checkpoint import load_pretrained_backbone
 
 SCAN_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
@@ -54,17 +55,17 @@ class DropPath(nn.Module):
     def add(self, residual: torch.Tensor,
             branch: torch.Tensor) -> torch.Tensor:
         """``residual + self(branch)``, up to rounding: the per-sample scale
-        (in at least float32) and the sum in one ``addcmul`` over the map,
-        where :meth:`forward` and an add take three passes. The branch is
-        first cast to the sum's dtype: one kernel of mixed dtypes runs
-        slower than the cast and a kernel of one dtype (docs/benchmarks.md).
-        """
+        (in at least float32) and the sum in one pass over the map
+        (:func:`~mmvmamba.ops.scaled_add.scaled_add`: a float32 residual
+        and a half-precision branch on its kernel, else the branch cast to
+        the sum's dtype and one ``addcmul``), where :meth:`forward` and an
+        add take three."""
         if self.is_identity:
             return residual + branch
         dtype = torch.promote_types(residual.dtype, branch.dtype)
         mask = self._mask(branch, torch.promote_types(dtype, torch.float32))
-        return torch.addcmul(residual, branch.to(dtype),
-                             mask / (1 - self.drop_prob))
+        return scaled_add(residual, branch,
+                          (mask / (1 - self.drop_prob)).view(-1))
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'
