@@ -6,7 +6,9 @@ the oracle in tests), and :mod:`mmvmamba.ops.flops` holds the scan's cost
 model for FLOP counters. :class:`LayerNorm` (:mod:`mmvmamba.ops.layer_norm`)
 is the backbones' ``nn.LayerNorm`` on Triton kernels, and
 :func:`depthwise_conv_nhwc` (:mod:`mmvmamba.ops.depthwise_conv`) SS2D's
-depthwise convolution of a channels-last map.
+depthwise convolution of a channels-last map, and
+:func:`~mmvmamba.ops.scaled_add.scaled_add` the blocks' residual sum under
+stochastic depth.
 """
 from .cross_scan import (NUM_DIRECTIONS, cross_merge, cross_scan,
                          cross_selective_scan)
