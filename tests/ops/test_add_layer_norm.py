@@ -17,7 +17,8 @@ from torch.overrides import TorchFunctionMode
 from mmvmamba.models import VMamba
 from mmvmamba.models.backbones import vmamba
 from mmvmamba.ops import layer_norm as ln
-from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
+from triton_marks import (INTERPRETED, interpreted, interpreter_test,
+                          needs_cuda, needs_triton)
 
 #: A VMamba with stages of 2, 1, 3 and 1 blocks: 3 fused add + norm pairs.
 ARCH = dict(embed_dims=16, depths=[2, 1, 3, 1])
@@ -219,11 +220,7 @@ class TestInterpreted:
                                            atol=1e-5 * scale)
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
-def test_kernel_in_triton_interpreter(run_interpreted):
-    """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
-    run_interpreted(__file__, 'TestInterpreted', 43)
+test_kernel_in_triton_interpreter = interpreter_test(__file__, 43)
 
 
 # ---------------------------------------------------------------------------

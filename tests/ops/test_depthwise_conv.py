@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmvmamba.ops import depthwise_conv as dw
-from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
+from triton_marks import (interpreted, interpreter_test, needs_cuda,
+                          needs_triton)
 
 
 def make_conv(channels, k=3, bias=True, device='cpu'):
@@ -110,11 +111,7 @@ class TestInterpreted:
         assert_close_to(out, reference(rounded, x), 2**-7)
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
-def test_kernel_in_triton_interpreter(run_interpreted):
-    """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
-    run_interpreted(__file__, 'TestInterpreted', 7)
+test_kernel_in_triton_interpreter = interpreter_test(__file__, 7)
 
 
 @needs_triton

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from mmvmamba.ops import layer_norm as ln
-from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
+from triton_marks import (INTERPRETED, interpreted, interpreter_test,
+                          needs_cuda, needs_triton)
 
 
 class RecordFallbacks(TorchFunctionMode):
@@ -555,11 +556,7 @@ class TestInterpreted:
                                                      norm.bias))
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
-def test_kernels_in_triton_interpreter(run_interpreted):
-    """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
-    run_interpreted(__file__, 'TestInterpreted', 30)
+test_kernels_in_triton_interpreter = interpreter_test(__file__, 30)
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 
 from mmvmamba.models.backbones.common import DropPath
 from mmvmamba.ops import scaled_add as sa
-from triton_marks import INTERPRETED, interpreted, needs_cuda, needs_triton
+from triton_marks import (interpreted, interpreter_test, needs_cuda,
+                          needs_triton)
 
 
 def inputs(shape, dtype, device='cpu', kept=(1., 0.)):
@@ -126,11 +127,7 @@ class TestInterpreted:
                                    atol=1e-6)
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
-def test_kernel_in_triton_interpreter(run_interpreted):
-    """Run :class:`TestInterpreted` in a process with TRITON_INTERPRET=1."""
-    run_interpreted(__file__, 'TestInterpreted', 6)
+test_kernel_in_triton_interpreter = interpreter_test(__file__, 6)
 
 
 @needs_triton

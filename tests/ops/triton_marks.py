@@ -1,6 +1,8 @@
 """Skip marks of the tests of mmvmamba's Triton kernels: whether Triton is
 importable, whether the kernels run in Triton's interpreter (set
-``TRITON_INTERPRET=1`` before Triton is imported) or on a CUDA GPU."""
+``TRITON_INTERPRET=1`` before Triton is imported) or on a CUDA GPU; and
+:func:`interpreter_test`, the test that runs a file's interpreted tests in a
+process of their own."""
 import os
 
 import pytest
@@ -19,3 +21,19 @@ needs_cuda = pytest.mark.skipif(
     INTERPRETED or not torch.cuda.is_available()
     or TRITON_IMPORT_ERROR is not None,
     reason='needs a CUDA GPU and compiled Triton kernels')
+
+
+def interpreter_test(path: str, min_passed: int,
+                     node: str = 'TestInterpreted'):
+    """A test that runs ``path::node`` in a fresh pytest process with
+    ``TRITON_INTERPRET=1`` (conftest's ``run_interpreted``: at least
+    ``min_passed`` pass, none fails); skipped without Triton and inside the
+    interpreter. Assign it to a ``test_*`` name of the test file."""
+
+    @needs_triton
+    @pytest.mark.skipif(INTERPRETED, reason='already in the interpreter')
+    def test(run_interpreted):
+        run_interpreted(path, node, min_passed)
+
+    test.__doc__ = f'Run :class:`{node}` in a process with TRITON_INTERPRET=1.'
+    return test
