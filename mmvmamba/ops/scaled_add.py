@@ -28,6 +28,8 @@ TRITON_DEVICE_TYPES = ('cuda', )
 #: Elements a program, and its warps.
 BLOCK = 4096
 NUM_WARPS = 8
+#: Most programs a sample (the grid's second dimension, CUDA's limit).
+MAX_BLOCKS_PER_SAMPLE = 65535
 
 if triton is not None:
 
@@ -101,6 +103,9 @@ def unsupported_reason(residual: torch.Tensor, branch: torch.Tensor,
                 f'batch of residual\'s shape {tuple(residual.shape)}')
     if not (residual.is_contiguous() and branch.is_contiguous()):
         return 'residual and branch are not both contiguous'
+    if triton.cdiv(branch[0].numel(), BLOCK) > MAX_BLOCKS_PER_SAMPLE:
+        return (f'a sample of {branch[0].numel()} elements needs more than '
+                f'{MAX_BLOCKS_PER_SAMPLE} programs of {BLOCK}')
     if (scale.shape != (residual.shape[0], ) or scale.dtype != torch.float32
             or not scale.is_contiguous()):
         return (f'scale of shape {tuple(scale.shape)} and {scale.dtype} is '

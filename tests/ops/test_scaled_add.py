@@ -148,6 +148,10 @@ def test_unsupported_reasons(kernel_on_cpu):
                                                       scale[:1])
     with patch.object(torch.compiler, 'is_compiling', lambda: True):
         assert 'torch.compile' in reason(residual, branch, scale)
+    with patch.object(sa, 'MAX_BLOCKS_PER_SAMPLE', 2), \
+            patch.object(sa, 'BLOCK', 4):
+        assert reason(residual, branch, scale) == (
+            'a sample of 12 elements needs more than 2 programs of 4')
 
 
 def test_off_the_kernel_it_is_addcmul():
