@@ -253,22 +253,13 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs forward hooks of its own."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _global_forward_hooks() -> bool:
-    """Whether forward hooks are registered for all modules."""
-    return bool(nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks)
-
-
 def _call_runs_forward_only(module: nn.Module) -> bool:
     """Whether calling ``module`` runs its ``forward`` and nothing more (no
     forward hooks of its own or global ones), so that a caller may compute
     what it computes another way."""
-    return not (_has_forward_hooks(module) or _global_forward_hooks())
+    return not (module._forward_hooks or module._forward_pre_hooks
+                or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
 
 
 class VSSStage(BlockStage):
@@ -296,9 +287,9 @@ class VSSStage(BlockStage):
         parameters are gathered only where gradients are on)."""
         return ADD_NORM_ON_TRITON and all(
             isinstance(block.norm, LayerNorm) and block.drop_path.is_identity
-            and not _has_forward_hooks(block)
-            and not _has_forward_hooks(block.norm)
-            for block in self.blocks) and not _global_forward_hooks() and not (
+            and _call_runs_forward_only(block)
+            and _call_runs_forward_only(block.norm)
+            for block in self.blocks) and not (
                 torch.is_grad_enabled()
                 and (autograd_records(x)
                      or autograd_records(*self.blocks.parameters())))
