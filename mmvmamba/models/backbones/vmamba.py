@@ -66,8 +66,8 @@ class SS2D(nn.Module):
             ``out_proj``'s input in the backward instead of keeping them for
             it (:class:`~.common.RecomputedOutput`: the float32 norm output,
             SiLU(z) and the bf16 gated map, 2 float32 maps of ``d_inner``
-            channels under bf16 autocast). Same results.
-            Defaults to True.
+            channels under bf16 autocast). Same results; on a GPU also the
+            faster setting (docs/memory.md). Defaults to True.
     """
     scan_dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
