@@ -27,12 +27,14 @@ import time
 from typing import Callable, List, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 from detectors import (DETECTOR_ZOO, TASKS, backbone_step, build_detector,
                        load_detector_config, mode_label, synthetic_batch)
 from detectors import MODES as DETECTOR_MODES
 from models import build_classifier, model_label, scope_of, tensor_forward
 from timing import (MODES, SCAN_KINDS, _step, check_lower_bounds,
                     device_kernels, print_table, scan_kernel_kind)
+
 
 def scan_kinds(kernels: Sequence[Tuple[str, int, float]]
                ) -> List[Tuple[str, int, float]]:
@@ -102,37 +104,44 @@ def profile(step: Callable[[], object], warmup: int = 5,
     return result
 
 
-def profile_step(name: str, mode: str, batch: int, size: int,
-                 warmup: int = 5, by_op: bool = False) -> dict:
-    """Profile one ``mode`` step of classifier ``name`` on the GPU: the
-    result of :func:`profile`."""
-    device = torch.device('cuda')
-    model = tensor_forward(build_classifier(name, size).to(device),
-                           'mmpretrain', batch, (size, size))
-    step = _step(model, mode,
-                 torch.randn(batch, 3, size, size, device=device))
-    return profile(step, warmup, by_op)
+def build_step(args: argparse.Namespace,
+               device: torch.device) -> Tuple[nn.Module, Callable[[], None]]:
+    """The model and the step that the arguments of
+    :func:`add_step_arguments` name (after :func:`resolve_step_arguments`):
+    a classifier's ``--mode`` step on random images, or a detector's
+    backbone alone, forward and backward (:func:`detectors.backbone_step`),
+    on a synthetic batch at its task's input.
+
+    Returns:
+        tuple: The model (a classifier in :func:`models.tensor_forward`'s
+        wrapper, or the whole detector) and the step, on ``device``.
+    """
+    if args.detector:
+        cfg = load_detector_config(args.model)
+        model = build_detector(cfg, device)
+        scope = scope_of(cfg)
+        data = synthetic_batch(model, scope, args.batch, TASKS[scope][1])
+        return model, backbone_step(model, args.mode, data, device,
+                                    args.amp_dtype)
+    size = args.size
+    model = tensor_forward(build_classifier(args.model, size).to(device),
+                           'mmpretrain', args.batch, (size, size))
+    return model, _step(model, args.mode,
+                        torch.randn(args.batch, 3, size, size, device=device))
 
 
-def profile_backbone(name: str, mode: str, batch: int = 2,
-                     amp_dtype: str = 'bfloat16', warmup: int = 5,
-                     by_op: bool = False) -> dict:
-    """Profile one training step of detector ``name``'s backbone alone
-    (:func:`detectors.backbone_step`) on the GPU, on a synthetic batch at
-    its task's input: the result of :func:`profile`."""
-    device = torch.device('cuda')
-    cfg = load_detector_config(name)
-    model = build_detector(cfg, device)
-    scope = scope_of(cfg)
-    data = synthetic_batch(model, scope, batch, TASKS[scope][1])
-    step = backbone_step(model, mode, data, device, amp_dtype)
-    return profile(step, warmup, by_op)
+def step_label(args: argparse.Namespace) -> str:
+    """What :func:`build_step` runs, in words."""
+    if args.detector:
+        return (f'{args.model} backbone, '
+                f'{mode_label(args.mode, args.amp_dtype)}, batch {args.batch}')
+    return (f'{model_label(args.model)}, {args.mode}, batch {args.batch} at '
+            f'{args.size}')
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line; a mode, batch or size that does not fit the model
-    is an error."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and its step: a name, ``--mode``, ``--amp-dtype``,
+    ``--batch`` and ``--size``."""
     parser.add_argument('model', help='a classifier name of benchmark.py '
                         'throughput or a classifier config, or a detector '
                         'name of benchmark.py detectors (its backbone)')
@@ -148,11 +157,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         '2 for a detector)')
     parser.add_argument('--size', type=int,
                         help="a classifier's input size (default 224)")
-    parser.add_argument('--top', type=int, default=25)
-    parser.add_argument('--by-op', action='store_true',
-                        help='also group the GPU time by the launching op '
-                        'and its input shapes')
-    args = parser.parse_args(argv)
+
+
+def resolve_step_arguments(parser: argparse.ArgumentParser,
+                           args: argparse.Namespace) -> None:
+    """Fill the defaults that follow the model (``args.detector`` says
+    which kind it is); a mode, batch or size that does not fit the model
+    is an error."""
     args.detector = args.model in DETECTOR_ZOO
     if args.detector:
         args.mode = args.mode or 'fp32'
@@ -175,7 +186,21 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--amp-dtype is a detector's")
         args.batch = 128 if args.batch is None else args.batch
         args.size = 224 if args.size is None else args.size
-    check_lower_bounds(parser, args, dict(batch=1, size=1, top=1))
+    check_lower_bounds(parser, args, dict(batch=1, size=1))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; a mode, batch or size that does not fit the model
+    is an error."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_step_arguments(parser)
+    parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--by-op', action='store_true',
+                        help='also group the GPU time by the launching op '
+                        'and its input shapes')
+    args = parser.parse_args(argv)
+    resolve_step_arguments(parser, args)
+    check_lower_bounds(parser, args, dict(top=1))
     if not torch.cuda.is_available():
         parser.error('profile_step.py needs a GPU')
     return args
@@ -183,16 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.detector:
-        r = profile_backbone(args.model, args.mode, args.batch,
-                             args.amp_dtype, by_op=args.by_op)
-        what = (f'{args.model} backbone, '
-                f'{mode_label(args.mode, args.amp_dtype)}, batch {args.batch}')
-    else:
-        r = profile_step(args.model, args.mode, args.batch, args.size,
-                         by_op=args.by_op)
-        what = (f'{model_label(args.model)}, {args.mode}, batch {args.batch} '
-                f'at {args.size}')
+    r = profile(build_step(args, torch.device('cuda'))[1], by_op=args.by_op)
+    what = step_label(args)
     gpu = r['gpu_ms']
     print_table(
         f'{what}, {torch.cuda.get_device_name()}: wall {r["wall_ms"]:.1f} '
