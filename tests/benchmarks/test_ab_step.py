@@ -134,6 +134,23 @@ def test_cuda_without_a_gpu_is_an_error(capsys):
     assert 'torch sees no GPU here' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('name, index', [('cuda', None), ('cuda:1', 1),
+                                          ('cpu', None)])
+@pytest.mark.parametrize('detector', [True, False])
+def test_prepare_device_sets_an_index_only_where_named(
+        name, index, detector, monkeypatch):
+    """``set_device`` takes no index-less device (the first GPU run of the
+    script failed there); cuDNN's autotuner is off for detectors only."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'set_device', calls.append)
+    # the opposite of what a GPU's step sets
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', detector)
+    ab_step.prepare_device(torch.device(name), detector)
+    assert [c.index for c in calls] == ([] if index is None else [index])
+    assert torch.backends.cudnn.benchmark == (
+        detector if name == 'cpu' else not detector)
+
+
 def test_a_tiny_classifier_on_the_cpu(tiny_config, capsys):
     """The whole command: a table row a setting, every round's time."""
     times = ab_step.main([
