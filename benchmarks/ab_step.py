@@ -36,6 +36,7 @@ import os
 import statistics
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Iterator, List, NamedTuple, Tuple
+from unittest.mock import patch
 
 import torch
 import torch.nn as nn
@@ -82,20 +83,6 @@ def parse_setting(text: str) -> Setting:
 
 
 @contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """Set the environment variable ``name`` in a block (restored after)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
-
-
-@contextmanager
 def _model_attribute(model: nn.Module, name: str,
                      value: object) -> Iterator[None]:
     """Set attribute ``name`` of every submodule of ``model`` that has it
@@ -124,7 +111,7 @@ def applied(setting: Setting, model: nn.Module) -> Iterator[None]:
     with ExitStack() as stack:
         for target, name, value in setting.changes:
             if target == 'env':
-                stack.enter_context(_environment(name, value))
+                stack.enter_context(patch.dict(os.environ, {name: value}))
             elif target == 'model':
                 stack.enter_context(_model_attribute(model, name, value))
             else:
