@@ -184,6 +184,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.setting = [parse_setting(s) for s in args.setting]
     except ValueError as error:
         parser.error(f'--setting: {error}')
+    for setting in args.setting:
+        for target, name, _ in setting.changes:
+            if target in ('env', 'model'):
+                continue
+            try:
+                module = importlib.import_module(target)
+            except ImportError as error:
+                parser.error(f'--setting {setting.label!r}: cannot import '
+                             f'{target!r} ({error})')
+            if not hasattr(module, name):
+                parser.error(f'--setting {setting.label!r}: {target} has '
+                             f'no attribute {name!r}')
     labels = [s.label for s in args.setting]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
@@ -196,6 +208,13 @@ def main(argv=None) -> Dict[str, List[float]]:
     device = torch.device(args.device)
     prepare_device(device, args.detector)
     model, step = build_step(args, device)
+    for setting in args.setting:  # a model attribute the model lacks
+        try:
+            with applied(setting, model):
+                pass
+        except AttributeError as error:
+            raise SystemExit(f'ab_step.py: error: --setting '
+                             f'{setting.label!r}: {error}') from None
     if device.type == 'cuda':
         what = 'busy GPU ms (kernels and copies of one step)'
 

@@ -120,6 +120,10 @@ def test_compare_alternates_the_settings_each_round(monkeypatch):
     (['mask-rcnn-vmamba-t', '--setting', 'a', '--size', '64'],
      "--size is a classifier's"),
     (['vmamba-t'], 'the following arguments are required: --setting'),
+    (['vmamba-t', '--setting', 'a=no_such_module_here:X=1'],
+     "--setting 'a': cannot import 'no_such_module_here'"),
+    (['vmamba-t', '--setting', 'a=mmvmamba.ops.layer_norm:NO_SUCH=1'],
+     "--setting 'a': mmvmamba.ops.layer_norm has no attribute 'NO_SUCH'"),
 ])
 def test_a_bad_command_line_is_an_error(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -166,3 +170,12 @@ def test_a_tiny_classifier_on_the_cpu(tiny_config, capsys):
     rows = [line.split() for line in out.splitlines()[-2:]]
     assert rows[0][0] == 'main' and rows[0][-1] == '1.000'
     assert rows[1][:2] == ['kept', 'gate']
+
+
+def test_a_model_attribute_the_model_lacks_stops_before_timing(tiny_config):
+    argv = [tiny_config, '--device', 'cpu', '--mode', 'infer-fp32',
+            '--batch', '1', '--size', '32', '--setting', 'main', '--setting',
+            'typo=model:recompute_gates=False']
+    with pytest.raises(SystemExit, match="--setting 'typo': no module of "
+                       "the model has an attribute 'recompute_gates'"):
+        ab_step.main(argv)
