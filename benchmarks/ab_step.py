@@ -16,7 +16,10 @@ The model and its step are those of ``profile_step.py`` (a classifier's
 - ``MODULE:NAME=VALUE``: an attribute of an importable module (an op's
   switch or launch constant), VALUE a Python literal;
 - ``model:NAME=VALUE``: that attribute of every submodule of the model that
-  has it (``recompute_gate`` of VMamba's SS2D, ...);
+  has it (``recompute_gate`` of VMamba's SS2D, ...); ``model[PATTERN]:``
+  of those whose qualified name matches the ``fnmatch`` pattern
+  (``model[*stages.[123].*]:triton_when_recorded=False``: the norms of
+  VMamba's last three stages on ATen in training);
 - ``env:VAR=TEXT``: an environment variable (the CUDA scans read
   ``MMVMAMBA_SCAN_SEGMENT_CHUNKS`` at each call).
 
@@ -31,11 +34,13 @@ on for a classifier (as ``benchmark.py throughput``).
 """
 import argparse
 import ast
+import fnmatch
 import importlib
 import os
 import statistics
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Dict, Iterator, List, NamedTuple, Tuple
+from typing import (Callable, Dict, Iterator, List, NamedTuple, Optional,
+                    Tuple)
 from unittest.mock import patch
 
 import torch
@@ -48,7 +53,8 @@ from timing import (check_cli_args, device_name, gpu_time, measure,
 
 class Setting(NamedTuple):
     """A labelled set of changes: ``(target, name, value)`` each, target
-    ``'env'``, ``'model'`` or a module's import path."""
+    ``'env'``, ``'model'``, ``'model[PATTERN]'`` or a module's import
+    path."""
     label: str
     changes: Tuple[Tuple[str, str, object], ...]
 
@@ -82,19 +88,31 @@ def parse_setting(text: str) -> Setting:
     return Setting(label.strip(), tuple(changes))
 
 
+def _model_pattern(target: str) -> Optional[str]:
+    """The module-name pattern of a ``model`` or ``model[PATTERN]`` target
+    (``'*'`` for the first), None for another target."""
+    if target == 'model':
+        return '*'
+    if target.startswith('model[') and target.endswith(']'):
+        return target[len('model['):-1]
+    return None
+
+
 @contextmanager
-def _model_attribute(model: nn.Module, name: str,
+def _model_attribute(model: nn.Module, pattern: str, name: str,
                      value: object) -> Iterator[None]:
     """Set attribute ``name`` of every submodule of ``model`` that has it
-    (restored after).
+    and whose qualified name matches ``pattern`` (restored after).
 
     Raises:
-        AttributeError: If no submodule has it.
+        AttributeError: If no such submodule has it.
     """
-    owners = [m for m in model.modules() if hasattr(m, name)]
+    owners = [m for qualified, m in model.named_modules()
+              if fnmatch.fnmatchcase(qualified, pattern) and hasattr(m, name)]
     if not owners:
-        raise AttributeError(f'no module of the model has an attribute '
-                             f'{name!r} to set')
+        where = '' if pattern == '*' else f' named like {pattern!r}'
+        raise AttributeError(f'no module of the model{where} has an '
+                             f'attribute {name!r} to set')
     saved = [getattr(m, name) for m in owners]
     try:
         for m in owners:
@@ -112,8 +130,10 @@ def applied(setting: Setting, model: nn.Module) -> Iterator[None]:
         for target, name, value in setting.changes:
             if target == 'env':
                 stack.enter_context(patch.dict(os.environ, {name: value}))
-            elif target == 'model':
-                stack.enter_context(_model_attribute(model, name, value))
+            elif _model_pattern(target) is not None:
+                stack.enter_context(
+                    _model_attribute(model, _model_pattern(target), name,
+                                     value))
             else:
                 module = importlib.import_module(target)
                 stack.enter_context(module_settings(module, **{name: value}))
@@ -164,8 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_step_arguments(parser)
     parser.add_argument(
         '--setting', action='append', required=True,
-        help='LABEL[=TARGET:NAME=VALUE;...] (TARGET: a module, model or '
-        'env); repeat for each setting, the first is the baseline')
+        help='LABEL[=TARGET:NAME=VALUE;...] (TARGET: a module, model, '
+        'model[PATTERN] or env); repeat for each setting, the first is the '
+        'baseline')
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=2,
                         help='untimed steps under a setting before its '
@@ -186,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f'--setting: {error}')
     for setting in args.setting:
         for target, name, _ in setting.changes:
-            if target in ('env', 'model'):
+            if target == 'env' or _model_pattern(target) is not None:
                 continue
             try:
                 module = importlib.import_module(target)

@@ -72,9 +72,20 @@ def test_applied_sets_every_change_and_undoes_it(monkeypatch):
     assert state(model) == (before[0], 'old', before[2])
 
 
+def test_a_model_pattern_picks_modules_by_qualified_name():
+    model = two_blocks()  # modules '0', '1', '2'
+    setting = ab_step.parse_setting('last=model[2]:recompute_gate=False')
+    assert setting.changes == (('model[2]', 'recompute_gate', False), )
+    with ab_step.applied(setting, model):
+        assert state(model)[2] == [True, False]
+    assert state(model)[2] == [True, True]
+
+
 @pytest.mark.parametrize('text, message', [
     ('x=model:no_such_switch=1', "no module of the model has an attribute "
      "'no_such_switch'"),
+    ('x=model[1]:recompute_gate=1', "no module of the model named like '1' "
+     "has an attribute 'recompute_gate'"),
     ('x=mmvmamba.ops.layer_norm:NO_SUCH=1', 'has no attribute'),
 ])
 def test_a_change_with_nothing_to_set_is_an_error(text, message):
