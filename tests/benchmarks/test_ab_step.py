@@ -190,3 +190,17 @@ def test_a_model_attribute_the_model_lacks_stops_before_timing(tiny_config):
     with pytest.raises(SystemExit, match="--setting 'typo': no module of "
                        "the model has an attribute 'recompute_gates'"):
         ab_step.main(argv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+@pytest.mark.parametrize('device', ['cuda', 'cuda:0'])
+def test_a_tiny_classifier_on_the_gpu(tiny_config, device, capsys):
+    """The GPU path: busy ms from the profiler, for a device with and
+    without an index."""
+    times = ab_step.main([
+        tiny_config, '--device', device, '--mode', 'train-bf16', '--batch',
+        '2', '--size', '32', '--rounds', '1', '--warmup', '1', '--setting',
+        'main', '--setting', 'kept gate=model:recompute_gate=False'
+    ])
+    assert all(len(t) == 1 and t[0] > 0 for t in times.values())
+    assert 'busy GPU ms' in capsys.readouterr().out
