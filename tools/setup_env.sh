@@ -116,8 +116,9 @@ fi
 # it); skipped when this checkout, setup.py, pyproject.toml and csrc/ are
 # unchanged since the last install and the extension loads. It stops when a
 # C++ compiler is there but mmvmamba._C does not load.
-check_extension() {  # from outside the checkout: the installed package
-    (cd / && python -c 'import sys; from mmvmamba.ops._ext import check_extension; sys.exit(check_extension("setup_env"))')
+check_extension() {  # the installed package: from outside the checkout,
+    # without a PYTHONPATH that could name another checkout's mmvmamba
+    (cd / && env -u PYTHONPATH python -c 'import sys; from mmvmamba.ops._ext import check_extension; sys.exit(check_extension("setup_env"))')
 }
 if [[ -f "$repo/setup.py" ]]; then
     project_stamp="$env_dir/.mmvmamba-project"
