@@ -113,14 +113,10 @@ def _model_attribute(model: nn.Module, pattern: str, name: str,
         where = '' if pattern == '*' else f' named like {pattern!r}'
         raise AttributeError(f'no module of the model{where} has an '
                              f'attribute {name!r} to set')
-    saved = [getattr(m, name) for m in owners]
-    try:
+    with ExitStack() as stack:
         for m in owners:
-            setattr(m, name, value)
+            stack.enter_context(module_settings(m, **{name: value}))
         yield
-    finally:
-        for m, old in zip(owners, saved):
-            setattr(m, name, old)
 
 
 @contextmanager
@@ -130,10 +126,9 @@ def applied(setting: Setting, model: nn.Module) -> Iterator[None]:
         for target, name, value in setting.changes:
             if target == 'env':
                 stack.enter_context(patch.dict(os.environ, {name: value}))
-            elif _model_pattern(target) is not None:
+            elif (pattern := _model_pattern(target)) is not None:
                 stack.enter_context(
-                    _model_attribute(model, _model_pattern(target), name,
-                                     value))
+                    _model_attribute(model, pattern, name, value))
             else:
                 module = importlib.import_module(target)
                 stack.enter_context(module_settings(module, **{name: value}))

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from types import ModuleType
 from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
-                    Tuple)
+                    Tuple, Union)
 
 import torch
 import torch.nn as nn
@@ -322,9 +322,10 @@ def time_mode(model: nn.Module, mode: str, batch: int, size: int,
 
 
 @contextmanager
-def module_settings(module: ModuleType, **values) -> Iterator[None]:
-    """Set attributes of ``module`` in a block (restored after, errors
-    too).
+def module_settings(module: Union[ModuleType, object],
+                    **values) -> Iterator[None]:
+    """Set attributes of ``module`` (a Python module, or any object such
+    as an ``nn.Module``) in a block (restored after, errors too).
 
     Raises:
         AttributeError: If ``module`` has no attribute of one of the names
@@ -332,8 +333,8 @@ def module_settings(module: ModuleType, **values) -> Iterator[None]:
     """
     missing = sorted(name for name in values if not hasattr(module, name))
     if missing:
-        raise AttributeError(f'{module.__name__} has no attribute(s) '
-                             f'{missing} to set')
+        owner = getattr(module, '__name__', type(module).__name__)
+        raise AttributeError(f'{owner} has no attribute(s) {missing} to set')
     saved = {name: getattr(module, name) for name in values}
     try:
         for name, value in values.items():
