@@ -22,7 +22,9 @@ floor and ATen's time over Triton's.
 
 ``--sweep``: also times the Triton kernels at other launch settings
 (elements per tile, warps, backward programs per SM) and prints the fastest
-for each row, to tune :func:`mmvmamba.ops.layer_norm.launch_config`.
+for each row, to tune :func:`mmvmamba.ops.layer_norm.launch_config` (forward
+rows) and :func:`~mmvmamba.ops.layer_norm.backward_launch_config` (forward
+and backward rows: the backward's setting, the forward's at its own).
 
 ``--models``: classifier steps (``benchmark.py throughput``'s modes and
 names) with the backbones' norms made ``nn.LayerNorm``, as they are
@@ -250,14 +252,16 @@ def fastest_launch(step: Callable[[], None], config_name: str,
 
 def sweep_launch(x, weight, bias, backward: bool, warmup: int,
                  repeat: int) -> Optional[str]:
-    """The fastest launch setting of the Triton kernels for this row:
-    elements per tile x warps, then (backward) programs per SM at the
-    fastest of those (:func:`fastest_launch`)."""
+    """The fastest launch setting of the Triton kernel this row tunes (the
+    forward's, or with ``backward`` the backward's): elements per tile x
+    warps, then (backward) programs per SM at the fastest of those
+    (:func:`fastest_launch`)."""
     channels = x.shape[-1]
     return fastest_launch(
-        make_step(ln.layer_norm, x, weight, bias, backward), 'launch_config',
-        channels, (2048, 4096, 8192), backward, f'C={channels}', x.device,
-        warmup, repeat)
+        make_step(ln.layer_norm, x, weight, bias, backward),
+        'backward_launch_config' if backward else 'launch_config', channels,
+        (2048, 4096, 8192), backward, f'C={channels}', x.device, warmup,
+        repeat)
 
 
 #: The norm settings of :func:`model_rows`: (class, triton_when_recorded).

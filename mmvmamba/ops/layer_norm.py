@@ -71,6 +71,10 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Elements of a program's tile (rows x C padded to a power of two) when C
 #: is small: the row block is TILE_ELEMENTS // padded C.
 TILE_ELEMENTS = 4096
+#: The same for the backward without the gate: half the forward's tile (4
+#: warps a program where C <= 2048, the same elements a thread) measured
+#: faster in VMamba-T's training steps (docs/ops.md).
+BACKWARD_TILE_ELEMENTS = 2048
 #: Programs per SM of the backward, each looping over row blocks and writing
 #: one partial sum of the weight and bias gradients.
 BACKWARD_PROGRAMS_PER_SM = 4
@@ -262,35 +266,54 @@ if triton is not None:
                      tl.sum(db_sum, axis=0), mask=col_mask)
 
 
-def launch_config(channels: int) -> Tuple[int, int, int]:
-    """Block shape and warps of both kernels for C = ``channels``.
+def launch_config(channels: int,
+                  tile_elements: Optional[int] = None) -> Tuple[int, int, int]:
+    """Block shape and warps of the forward kernel for C = ``channels``.
+
+    Args:
+        channels (int): C.
+        tile_elements (int, optional): Elements of a program's tile when C
+            is small. Defaults to :data:`TILE_ELEMENTS`.
 
     Returns:
         tuple[int, int, int]: ``(block_c, block_rows, num_warps)``: C padded
         to a power of two (at least 16), the rows of a program's tile
-        (:data:`TILE_ELEMENTS` elements when C is small, one row from 4096
-        up) and 8 warps a 4096-element tile (16 elements a thread), 16 for
-        8192.
+        (``tile_elements`` when C is small, one row from there up) and one
+        warp a 512 elements of it (16 elements a thread), 4 to 16.
     """
+    if tile_elements is None:
+        tile_elements = TILE_ELEMENTS
     block_c = max(16, 1 << (channels - 1).bit_length())
-    block_rows = max(1, TILE_ELEMENTS // block_c)
+    block_rows = max(1, tile_elements // block_c)
     num_warps = min(16, max(4, block_rows * block_c // 512))
     return block_c, block_rows, num_warps
 
 
-def gate_backward_launch_config(channels: int) -> Tuple[int, int, int, int]:
-    """Launch setting of the backward kernel with the gate (more live values
-    a row than without) for C = ``channels``: :data:`GATE_BACKWARD_LAUNCH`'s
-    for C padded to a power of two, else :func:`launch_config`'s at
-    :data:`BACKWARD_PROGRAMS_PER_SM`.
+def backward_launch_config(channels: int) -> Tuple[int, int, int, int]:
+    """Launch setting of the backward kernel without the gate for C =
+    ``channels``: :func:`launch_config`'s at :data:`BACKWARD_TILE_ELEMENTS`,
+    and :data:`BACKWARD_PROGRAMS_PER_SM`.
 
     Returns:
         tuple[int, int, int, int]: ``(block_c, block_rows, num_warps,
         programs_per_sm)``.
     """
-    block_c, block_rows, num_warps = launch_config(channels)
+    return launch_config(channels, BACKWARD_TILE_ELEMENTS) + (
+        BACKWARD_PROGRAMS_PER_SM, )
+
+
+def gate_backward_launch_config(channels: int) -> Tuple[int, int, int, int]:
+    """Launch setting of the backward kernel with the gate (more live values
+    a row than without) for C = ``channels``: :data:`GATE_BACKWARD_LAUNCH`'s
+    for C padded to a power of two, else :func:`backward_launch_config`'s.
+
+    Returns:
+        tuple[int, int, int, int]: ``(block_c, block_rows, num_warps,
+        programs_per_sm)``.
+    """
+    block_c = max(16, 1 << (channels - 1).bit_length())
     if block_c not in GATE_BACKWARD_LAUNCH:
-        return block_c, block_rows, num_warps, BACKWARD_PROGRAMS_PER_SM
+        return backward_launch_config(channels)
     tile, num_warps, per_sm = GATE_BACKWARD_LAUNCH[block_c]
     return block_c, max(1, tile // block_c), num_warps, per_sm
 
@@ -406,12 +429,9 @@ def _launch_backward(grad_rows: torch.Tensor, x_rows: torch.Tensor,
     need_z = need_z and gated
     need_weight = need_weight and weight is not None
     need_bias = need_bias and bias is not None
-    if gated:
-        block_c, block_rows, num_warps, per_sm = gate_backward_launch_config(
-            channels)
-    else:
-        block_c, block_rows, num_warps = launch_config(channels)
-        per_sm = BACKWARD_PROGRAMS_PER_SM
+    config = (gate_backward_launch_config
+              if gated else backward_launch_config)(channels)
+    block_c, block_rows, num_warps, per_sm = config
     programs = _backward_programs(triton.cdiv(n_rows, block_rows), per_sm,
                                   x_rows.device)
     f32 = dict(dtype=torch.float32, device=x_rows.device)

@@ -307,6 +307,20 @@ class TestInterpreted:
             check_against_float64(y, x, w, b, 1e-5, dtype)
         assert record.calls == 0  # the Triton path ran
 
+    @pytest.mark.parametrize('tile', [256, 8192])
+    def test_backward_tile_of_its_own(self, tile, monkeypatch, reported_seed):
+        # the backward's row blocks (2 or 64 rows of C = 96 padded to 128)
+        # differ from the forward's (32): each pass covers every row once
+        monkeypatch.setattr(ln, 'BACKWARD_TILE_ELEMENTS', tile)
+        configs = []
+        config = ln.backward_launch_config
+        monkeypatch.setattr(ln, 'backward_launch_config',
+                            lambda c: configs.append(config(c)) or configs[-1])
+        x, w, b = make_inputs((3, 23, 96), torch.float32, torch.float32)
+        check_against_float64(ln.layer_norm(x, w, b, 1e-5), x, w, b, 1e-5,
+                              torch.float32)
+        assert [rows for _, rows, _, _ in configs] == [tile // 128]
+
     @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
     def test_unrecorded_calls_skip_the_function(self, dtype, monkeypatch,
                                                 reported_seed):
@@ -556,11 +570,26 @@ class TestInterpreted:
                                                      norm.bias))
 
 
-test_kernels_in_triton_interpreter = interpreter_test(__file__, 30)
+test_kernels_in_triton_interpreter = interpreter_test(__file__, 32)
 
 
 # ---------------------------------------------------------------------------
 # The choice of path, dtypes, the module (no kernel runs here)
+
+
+def test_backward_launch_config(monkeypatch):
+    """The backward without the gate tiles by BACKWARD_TILE_ELEMENTS, the
+    forward by TILE_ELEMENTS; the gate's backward falls back to the
+    former for widths GATE_BACKWARD_LAUNCH does not list."""
+    monkeypatch.setattr(ln, 'TILE_ELEMENTS', 4096)
+    monkeypatch.setattr(ln, 'BACKWARD_TILE_ELEMENTS', 2048)
+    monkeypatch.setattr(ln, 'BACKWARD_PROGRAMS_PER_SM', 4)
+    assert ln.launch_config(96) == (128, 32, 8)
+    assert ln.backward_launch_config(96) == (128, 16, 4, 4)
+    assert ln.backward_launch_config(768) == (1024, 2, 4, 4)
+    assert ln.backward_launch_config(3000) == (4096, 1, 8, 4)
+    monkeypatch.setattr(ln, 'GATE_BACKWARD_LAUNCH', {})
+    assert ln.gate_backward_launch_config(96) == (128, 16, 4, 4)
 
 
 def test_gate_backward_launch_config(monkeypatch):
@@ -571,8 +600,8 @@ def test_gate_backward_launch_config(monkeypatch):
     monkeypatch.setattr(ln, 'GATE_BACKWARD_LAUNCH', {256: (2048, 16, 2)})
     assert ln.gate_backward_launch_config(192) == (256, 8, 16, 2)
     assert ln.gate_backward_launch_config(256) == (256, 8, 16, 2)
-    assert ln.gate_backward_launch_config(384) == ln.launch_config(384) + (
-        ln.BACKWARD_PROGRAMS_PER_SM, )
+    assert ln.gate_backward_launch_config(384) == \
+        ln.backward_launch_config(384)
     monkeypatch.setattr(ln, 'GATE_BACKWARD_LAUNCH', {512: (256, 4, 8)})
     assert ln.gate_backward_launch_config(384) == (512, 1, 4, 8)
 
