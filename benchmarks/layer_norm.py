@@ -22,9 +22,10 @@ floor and ATen's time over Triton's.
 
 ``--sweep``: also times the Triton kernels at other launch settings
 (elements per tile, warps, backward programs per SM) and prints the fastest
-for each row, to tune :func:`mmvmamba.ops.layer_norm.launch_config` (forward
-rows) and :func:`~mmvmamba.ops.layer_norm.backward_launch_config` (forward
-and backward rows: the backward's setting, the forward's at its own).
+for each row: the forward's (:func:`mmvmamba.ops.layer_norm.launch_config`)
+on forward rows, the backward's
+(:func:`mmvmamba.ops.layer_norm.backward_launch_config`, the forward at its
+own) on forward+backward rows.
 
 ``--models``: classifier steps (``benchmark.py throughput``'s modes and
 names) with the backbones' norms made ``nn.LayerNorm``, as they are
@@ -216,7 +217,7 @@ def fastest_launch(step: Callable[[], None], config_name: str,
     Returns:
         str, optional: The fastest setting and its time, None if none ran.
     """
-    block_c = max(16, 1 << (channels - 1).bit_length())
+    block_c = ln.padded_channels(channels)
     # a setting with programs per SM in it (the gate's) takes per_sm there
     per_sm_in_config = len(getattr(ln, config_name)(channels)) == 4
     results = []

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .checks import (HALF_AND_FLOAT, autocast_dtype, check_bool, check_tensor,
                      forward_only_reason)
-from .layer_norm import TRITON_IMPORT_ERROR, tl, triton
+from .layer_norm import TRITON_IMPORT_ERROR, padded_channels, tl, triton
 
 #: Device types whose tensors take the kernel (tests add 'cpu' to run it in
 #: Triton's interpreter).
@@ -187,7 +187,7 @@ def depthwise_conv_nhwc(conv: nn.Conv2d,
     x = x.to(dtype)
     out = torch.empty((batch, height, width, channels), dtype=dtype,
                       device=x.device)
-    block_c = min(MAX_BLOCK_C, max(16, 1 << (channels - 1).bit_length()))
+    block_c = min(MAX_BLOCK_C, padded_channels(channels))
     block_w = min(max(1, TILE_ELEMENTS // block_c),
                   1 << (width - 1).bit_length())
     grid = (batch * height, triton.cdiv(width, block_w),

@@ -266,6 +266,11 @@ if triton is not None:
                      tl.sum(db_sum, axis=0), mask=col_mask)
 
 
+def padded_channels(channels: int) -> int:
+    """C padded to a power of two, at least 16: a program's row width."""
+    return max(16, 1 << (channels - 1).bit_length())
+
+
 def launch_config(channels: int,
                   tile_elements: Optional[int] = None) -> Tuple[int, int, int]:
     """Block shape and warps of the forward kernel for C = ``channels``.
@@ -276,14 +281,15 @@ def launch_config(channels: int,
             is small. Defaults to :data:`TILE_ELEMENTS`.
 
     Returns:
-        tuple[int, int, int]: ``(block_c, block_rows, num_warps)``: C padded
-        to a power of two (at least 16), the rows of a program's tile
-        (``tile_elements`` when C is small, one row from there up) and one
-        warp a 512 elements of it (16 elements a thread), 4 to 16.
+        tuple[int, int, int]: ``(block_c, block_rows, num_warps)``:
+        :func:`padded_channels`, the rows of a program's tile
+        (``tile_elements`` when C is small, one row from there up) and a
+        warp for each 512 elements of the tile (16 elements a thread), 4 to
+        16 warps.
     """
     if tile_elements is None:
         tile_elements = TILE_ELEMENTS
-    block_c = max(16, 1 << (channels - 1).bit_length())
+    block_c = padded_channels(channels)
     block_rows = max(1, tile_elements // block_c)
     num_warps = min(16, max(4, block_rows * block_c // 512))
     return block_c, block_rows, num_warps
@@ -311,7 +317,7 @@ def gate_backward_launch_config(channels: int) -> Tuple[int, int, int, int]:
         tuple[int, int, int, int]: ``(block_c, block_rows, num_warps,
         programs_per_sm)``.
     """
-    block_c = max(16, 1 << (channels - 1).bit_length())
+    block_c = padded_channels(channels)
     if block_c not in GATE_BACKWARD_LAUNCH:
         return backward_launch_config(channels)
     tile, num_warps, per_sm = GATE_BACKWARD_LAUNCH[block_c]
