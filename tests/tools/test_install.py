@@ -1,17 +1,19 @@
 """The install a new user makes builds ``mmvmamba._C``, whatever pip runs it.
 
-A fresh virtualenv holds pip 23.2.1 (what a Python 3.11 venv ships) and
-setuptools 80.10.2 (whose ``setup.py develop`` hands the work to a second,
-isolated pip), and no package index (``PIP_NO_INDEX=1``); this environment's
-torch and mmengine are visible through a ``.pth`` file. A copy of the
+A fresh virtualenv holds one of :data:`TOOLCHAINS` (pip and setuptools:
+what a Python 3.11 venv ships with setuptools 80.10.2, whose ``setup.py
+develop`` hands the work to a second, isolated pip; Ubuntu 24.04's pip with
+setuptools 81, as on the project's GPU machines; the newest of both when
+this was written), and no package index (``PIP_NO_INDEX=1``); this
+environment's torch and mmengine are visible through a ``.pth`` file. A copy of the
 checkout installed with ``pip install --no-deps --no-build-isolation -e``,
 then without ``-e``, must build the extension (CPU kernels only,
 ``MMVMAMBA_WITH_CUDA=0``, to keep it short) and load it from outside the
 checkout; without torch the install must fail, saying why.
 
-The two wheels are downloaded once (PyPI) into ``~/.cache/mmvmamba/
-install-test-wheels``; the test is skipped when that cache is empty and
-cannot be filled.
+The wheels are downloaded once (PyPI) into ``~/.cache/mmvmamba/
+install-test-wheels``; a toolchain's tests are skipped when that cache lacks
+its wheels and cannot fill them.
 """
 import glob
 import json
@@ -26,7 +28,8 @@ import pytest
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CACHE = osp.join(osp.expanduser('~'), '.cache', 'mmvmamba',
                  'install-test-wheels')
-PINS = {'pip': '23.2.1', 'setuptools': '80.10.2'}
+#: (pip, setuptools) versions of the fresh venvs.
+TOOLCHAINS = [('23.2.1', '80.10.2'), ('24.0', '81.0.0'), ('26.3', '84.2.1')]
 
 pytestmark = pytest.mark.slow
 
@@ -47,26 +50,27 @@ print(json.dumps(dict(package=mmvmamba.__file__, library=C.__file__,
 """
 
 
-def cached_wheels():
-    """Paths of the pinned pip and setuptools wheels, downloaded if absent."""
+def cached_wheels(pins):
+    """Paths of the wheels of ``pins`` ({name: version}), downloaded if
+    absent."""
 
     def find():
         return {
             name: glob.glob(osp.join(CACHE, f'{name}-{version}-*.whl'))
-            for name, version in PINS.items()
+            for name, version in pins.items()
         }
 
     found = find()
     if not all(found.values()):
         os.makedirs(CACHE, exist_ok=True)
-        pins = [f'{name}=={version}' for name, version in PINS.items()]
+        specs = [f'{name}=={version}' for name, version in pins.items()]
         proc = subprocess.run([
             sys.executable, '-m', 'pip', 'download', '--no-deps',
-            '--only-binary', ':all:', '--dest', CACHE, *pins
+            '--only-binary', ':all:', '--dest', CACHE, *specs
         ], capture_output=True, text=True)
         found = find()
         if proc.returncode or not all(found.values()):
-            pytest.skip(f'{CACHE} lacks {pins} and pip could not download '
+            pytest.skip(f'{CACHE} lacks {specs} and pip could not download '
                         f'them: {proc.stderr[-500:]}')
     return {name: paths[0] for name, paths in found.items()}
 
@@ -101,10 +105,12 @@ def copy_checkout(dst):
                                       'checkpoints'))
 
 
-@pytest.fixture(scope='module')
-def venv(tmp_path_factory):
-    """A venv with the pinned pip and setuptools, nothing else."""
-    wheels = cached_wheels()
+@pytest.fixture(scope='module', params=TOOLCHAINS,
+                ids=lambda pins: 'pip{}-setuptools{}'.format(*pins))
+def venv(request, tmp_path_factory):
+    """A venv with one toolchain's pip and setuptools, nothing else."""
+    pins = dict(zip(('pip', 'setuptools'), request.param))
+    wheels = cached_wheels(pins)
     root = tmp_path_factory.mktemp('install')
     env_dir = root / 'venv'
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip',
@@ -116,8 +122,9 @@ def venv(tmp_path_factory):
     ], str(root), clean_env())
     assert code == 0, out
     code, out = run([python, '-m', 'pip', 'list'], str(root), clean_env())
-    assert code == 0 and 'pip 23.2.1' in ' '.join(out.split()), out
-    assert 'setuptools 80.10.2' in ' '.join(out.split()), out
+    assert code == 0, out
+    for name, version in pins.items():
+        assert f'{name} {version}' in ' '.join(out.split()), out
     site = subprocess.check_output(
         [python, '-c', 'import sysconfig; print(sysconfig.get_paths()'
          '["purelib"])'], text=True).strip()
