@@ -51,8 +51,9 @@ def two_blocks():
 
 
 def state(model):
-    return (ln.TRITON_DEVICE_TYPES, os.environ.get(ENV),
-            [m.recompute_gate for m in model.modules() if isinstance(m, Block)])
+    gates = [m.recompute_gate for m in model.modules()
+             if isinstance(m, Block)]
+    return ln.TRITON_DEVICE_TYPES, os.environ.get(ENV), gates
 
 
 def test_applied_sets_every_change_and_undoes_it(monkeypatch):

@@ -594,9 +594,8 @@ def test_backward_launch_config(monkeypatch):
 
 def test_gate_backward_launch_config(monkeypatch):
     """The gate's backward takes its width's entry of GATE_BACKWARD_LAUNCH
-    (C padded to a power of two), else launch_config's setting at the
-    norm's programs per SM; programs are per_sm a CUDA SM, at most one a
-    row block."""
+    (C padded to a power of two), else the plain backward's setting;
+    programs are per_sm a CUDA SM, at most one a row block."""
     monkeypatch.setattr(ln, 'GATE_BACKWARD_LAUNCH', {256: (2048, 16, 2)})
     assert ln.gate_backward_launch_config(192) == (256, 8, 16, 2)
     assert ln.gate_backward_launch_config(256) == (256, 8, 16, 2)

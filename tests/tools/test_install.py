@@ -5,8 +5,8 @@ what a Python 3.11 venv ships with setuptools 80.10.2, whose ``setup.py
 develop`` hands the work to a second, isolated pip; Ubuntu 24.04's pip with
 setuptools 81, as on the project's GPU machines; the newest of both when
 this was written), and no package index (``PIP_NO_INDEX=1``); this
-environment's torch and mmengine are visible through a ``.pth`` file. A copy of the
-checkout installed with ``pip install --no-deps --no-build-isolation -e``,
+environment's torch and mmengine are visible through a ``.pth`` file. A
+copy of the checkout installed with ``pip install --no-deps --no-build-isolation -e``,
 then without ``-e``, must build the extension (CPU kernels only,
 ``MMVMAMBA_WITH_CUDA=0``, to keep it short) and load it from outside the
 checkout; without torch the install must fail, saying why.
@@ -28,8 +28,12 @@ import pytest
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CACHE = osp.join(osp.expanduser('~'), '.cache', 'mmvmamba',
                  'install-test-wheels')
-#: (pip, setuptools) versions of the fresh venvs.
-TOOLCHAINS = [('23.2.1', '80.10.2'), ('24.0', '81.0.0'), ('26.3', '84.2.1')]
+#: The pip and setuptools versions of each fresh venv.
+TOOLCHAINS = [
+    {'pip': '23.2.1', 'setuptools': '80.10.2'},
+    {'pip': '24.0', 'setuptools': '81.0.0'},
+    {'pip': '26.3', 'setuptools': '84.2.1'},
+]
 
 pytestmark = pytest.mark.slow
 
@@ -106,10 +110,10 @@ def copy_checkout(dst):
 
 
 @pytest.fixture(scope='module', params=TOOLCHAINS,
-                ids=lambda pins: 'pip{}-setuptools{}'.format(*pins))
+                ids=lambda pins: '-'.join(map(''.join, pins.items())))
 def venv(request, tmp_path_factory):
     """A venv with one toolchain's pip and setuptools, nothing else."""
-    pins = dict(zip(('pip', 'setuptools'), request.param))
+    pins = request.param
     wheels = cached_wheels(pins)
     root = tmp_path_factory.mktemp('install')
     env_dir = root / 'venv'
